@@ -1,0 +1,221 @@
+"""Configurations of UniCode (arXiv 2403.09072) and the image special tokens.
+
+The special tokens are defined here once; the text LM of stage 0, the processor and the MLLM all
+read them from this module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from transformers import PreTrainedConfig
+
+# The only place these strings are spelled. `<image>` marks where the processor expands an input
+# image into placeholders; `<boi>`/`<eoi>` bracket a generated image's code ids.
+IMAGE_TOKEN = "<image>"
+BOI_TOKEN = "<boi>"
+EOI_TOKEN = "<eoi>"
+IMAGE_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
+
+QUANTIZERS = ("vq", "rq", "hq")
+PARADIGMS = ("frozen", "dual", "iterative")
+BLEND_SCHEDULES = ("ramp", "constant")
+NORM_HANDLINGS = ("normalize", "none")
+
+# HQ: one top code and the 2x2 block of bottom codes beneath it (PAPER.md "Visual tokenizer").
+HQ_DEPTH = 5
+
+
+class UniCodeVisualTokenizerConfig(PreTrainedConfig):
+    r"""Configuration of [`UniCodeVisualTokenizer`]: a VQGAN-style encoder/decoder whose codebook is
+    `codebook_size` rows of an LLM's input-embedding table.
+
+    Args:
+        image_size (`int`): square input resolution in pixels.
+        in_channels (`int`): image channels (3 for RGB).
+        base_channels (`int`): width of the first conv stage (`ch` in VQGAN).
+        channel_multipliers (`list[int]`): width multiplier per stage; each stage but the last halves
+            the resolution, so the latent grid is `image_size / 2 ** (len(channel_multipliers) - 1)`.
+        num_res_blocks (`int`): residual blocks per stage.
+        attention_resolutions (`list[int]`): feature-map sizes at which self-attention is used.
+        z_channels (`int`): channels of the latent before the 1x1 projection to `code_dim`.
+        dropout (`float`): dropout in residual blocks.
+        quantizer (`str`): `"vq"` (one code per position), `"rq"` (`depth` residual levels with the
+            shared codebook) or `"hq"` (a top grid at half the latent resolution plus a bottom grid
+            on the residual; 5 codes per top position).
+        depth (`int`): residual levels for `"rq"`; forced to 1 for `"vq"` and 5 for `"hq"`.
+        codebook_size (`int`): K, the number of LLM vocabulary rows used as visual codes.
+        code_dim (`int`): the code vector width, equal to the LLM's hidden size.
+        codebook_token_ids (`list[int]`, *optional*): the K vocabulary ids whose embedding rows are
+            the codebook, in code order. `None` until chosen (`select_codebook_rows`); encode/decode
+            then return/accept code indices 0..K-1 in their place.
+        codebook_selection (`dict`, *optional*): how the rows were chosen (rule, threshold), recorded
+            for reproducibility.
+        store_codebook (`bool`): whether this module owns a K x `code_dim` codebook parameter. A
+            standalone tokenizer does; inside the MLLM it does not, and reads the LLM's rows.
+        paradigm (`str`): how the unified codebook is learned — `"frozen"` (the LLM rows, fixed),
+            `"dual"` (alternating copies between tokenizer and LLM) or `"iterative"` (EMA k-means
+            pulled toward the LLM rows, the paper's choice).
+        ema_decay (`float`), ema_eps (`float`): EMA k-means statistics (released code: 0.99, 1e-5).
+        blend_schedule (`str`): the ratio r of C <- (1 - r) C_ema + r C_llm. `"ramp"`: r rises
+            linearly 0 -> 1 over the first `1 - blend_tail_fraction` of training, then stays 1
+            (released code). `"constant"`: r = 1 - `blend_lambda` (the paper's C' = λC + (1-λ)C_llm),
+            then a tail at r = 1.
+        blend_lambda (`float`): λ of the constant schedule.
+        blend_tail_fraction (`float`): final fraction of stage I with r = 1, so the codebook ends
+            equal to the LLM rows.
+        dead_code_threshold (`float`): EMA count below which a code is restarted from a batch
+            feature (0 disables). Affects only the EMA estimate, never the LLM rows.
+        dual_sync_interval (`int`): `"dual"`: steps between codebook exchanges with the LLM.
+        commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
+        norm_handling (`str`): `"normalize"` puts features and codebook on a common scale — each
+            feature vector L2-normalised to length `code_norm`, the codebook multiplied by one
+            scalar so its mean row norm is `code_norm` (rows keep their relative norms, as the LLM's
+            tokens do). `"none"` compares raw vectors.
+        code_norm (`float`, *optional*): the common length; `None` means sqrt(`code_dim`), i.e. unit
+            RMS per channel for the decoder.
+    """
+
+    model_type = "unicode_vq"
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_multipliers: Sequence[int] = (1, 2, 2, 4),
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (),
+        z_channels: int = 64,
+        dropout: float = 0.0,
+        quantizer: str = "rq",
+        depth: int = 2,
+        codebook_size: int = 1024,
+        code_dim: int = 256,
+        codebook_token_ids: Optional[Sequence[int]] = None,
+        codebook_selection: Optional[dict] = None,
+        store_codebook: bool = True,
+        paradigm: str = "iterative",
+        ema_decay: float = 0.99,
+        ema_eps: float = 1e-5,
+        blend_schedule: str = "ramp",
+        blend_lambda: float = 0.99,
+        blend_tail_fraction: float = 0.1,
+        dead_code_threshold: float = 0.0,
+        dual_sync_interval: int = 100,
+        commitment_beta: float = 0.25,
+        norm_handling: str = "normalize",
+        code_norm: Optional[float] = None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.base_channels = int(base_channels)
+        self.channel_multipliers = [int(m) for m in channel_multipliers]
+        self.num_res_blocks = int(num_res_blocks)
+        self.attention_resolutions = [int(r) for r in attention_resolutions]
+        self.z_channels = int(z_channels)
+        self.dropout = float(dropout)
+        self.quantizer = quantizer
+        self.depth = {"vq": 1, "hq": HQ_DEPTH}.get(quantizer, depth)
+        self.codebook_size = int(codebook_size)
+        self.code_dim = int(code_dim)
+        self.codebook_token_ids = None if codebook_token_ids is None else [int(i) for i in codebook_token_ids]
+        self.codebook_selection = codebook_selection
+        self.store_codebook = bool(store_codebook)
+        self.paradigm = paradigm
+        self.ema_decay = float(ema_decay)
+        self.ema_eps = float(ema_eps)
+        self.blend_schedule = blend_schedule
+        self.blend_lambda = float(blend_lambda)
+        self.blend_tail_fraction = float(blend_tail_fraction)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.dual_sync_interval = int(dual_sync_interval)
+        self.commitment_beta = float(commitment_beta)
+        self.norm_handling = norm_handling
+        self.code_norm = None if code_norm is None else float(code_norm)
+        self.initializer_range = float(initializer_range)
+        super().__init__(**kwargs)
+        self.validate_fields()
+
+    # -- derived geometry -------------------------------------------------------------------
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per code-grid cell (HQ's top grid is half the latent grid)."""
+        latent = 2 ** (len(self.channel_multipliers) - 1)
+        return latent * 2 if self.quantizer == "hq" else latent
+
+    @property
+    def latent_grid_size(self) -> int:
+        """Side of the encoder's feature grid (HQ: its bottom grid)."""
+        return self.image_size // 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def code_grid_size(self) -> int:
+        """ĥ = ŵ: side of the code map (B, ĥ, ŵ, D)."""
+        return self.image_size // self.downsampling_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        """ĥ·ŵ·D: length of an image's flattened code sequence."""
+        return self.code_grid_size**2 * self.depth
+
+    @property
+    def effective_code_norm(self) -> float:
+        return self.code_norm if self.code_norm is not None else float(self.code_dim) ** 0.5
+
+    def validate_fields(self) -> None:
+        """Raise a `ValueError` naming the field and the fix for any inconsistent setting."""
+
+        def choice(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; use one of {list(allowed)}")
+
+        choice("quantizer", self.quantizer, QUANTIZERS)
+        choice("paradigm", self.paradigm, PARADIGMS)
+        choice("blend_schedule", self.blend_schedule, BLEND_SCHEDULES)
+        choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
+        if self.quantizer == "rq" and int(self.depth) < 1:
+            raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
+        if not self.channel_multipliers:
+            raise ValueError("channel_multipliers must list at least one stage, e.g. [1, 2, 2, 4]")
+        for name in ("image_size", "in_channels", "base_channels", "z_channels", "codebook_size", "code_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.image_size % self.downsampling_factor:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by the downsampling factor "
+                f"{self.downsampling_factor} of channel_multipliers={self.channel_multipliers} with "
+                f"quantizer={self.quantizer!r}; use a multiple of {self.downsampling_factor} or fewer stages"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0.0 <= self.blend_lambda <= 1.0:
+            raise ValueError(f"blend_lambda={self.blend_lambda} must be in [0, 1]")
+        if not 0.0 <= self.blend_tail_fraction < 1.0:
+            raise ValueError(f"blend_tail_fraction={self.blend_tail_fraction} must be in [0, 1)")
+        if self.dual_sync_interval < 1:
+            raise ValueError(f"dual_sync_interval={self.dual_sync_interval} must be >= 1")
+        if self.code_norm is not None and self.code_norm <= 0:
+            raise ValueError(f"code_norm={self.code_norm} must be positive, or None for sqrt(code_dim)")
+        ids = self.codebook_token_ids
+        if ids is not None:
+            if len(ids) != self.codebook_size:
+                raise ValueError(
+                    f"codebook_token_ids has {len(ids)} ids but codebook_size={self.codebook_size}; "
+                    "give exactly one vocabulary id per code"
+                )
+            if len(set(ids)) != len(ids):
+                raise ValueError("codebook_token_ids contains repeated ids; each code needs its own vocabulary row")
+            if min(ids) < 0:
+                raise ValueError("codebook_token_ids contains negative ids; vocabulary ids start at 0")
+
+
+__all__ = [
+    "UniCodeVisualTokenizerConfig",
+    "IMAGE_TOKEN",
+    "BOI_TOKEN",
+    "EOI_TOKEN",
+    "IMAGE_SPECIAL_TOKENS",
+]

@@ -1,0 +1,41 @@
+"""Named presets: YAML files under `configuration/`, found in a source checkout or installed.
+
+`configuration/` is data, not a package (PyPI has a different top-level `configuration`), so
+`setup.py` installs it under `<prefix>/share/unicode-mllm/configuration`.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def configuration_dir() -> Path:
+    """The `configuration/` folder: beside this package in a checkout (also editable installs),
+    else under the install prefix."""
+    candidates = [Path(__file__).resolve().parent.parent / "configuration"]
+    for prefix in {sys.prefix, sysconfig.get_path("data")}:
+        candidates.append(Path(prefix) / "share" / "unicode-mllm" / "configuration")
+    for candidate in candidates:
+        if (candidate / "models").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "configuration/ not found in " + ", ".join(map(str, candidates)) + "; reinstall unicode-mllm"
+    )
+
+
+def list_presets(kind: str = "models") -> list[str]:
+    return sorted(p.stem for p in (configuration_dir() / kind).glob("*.yaml"))
+
+
+def load_preset(name: str, kind: str = "models") -> dict[str, Any]:
+    """The preset `name` of `kind` (`models`, later `recipes`, `accelerate`) as a dict."""
+    path = configuration_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"preset={name!r} is not a {kind} preset; choose one of {list_presets(kind)}")
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
