@@ -39,3 +39,11 @@ def load_preset(name: str, kind: str = "models") -> dict[str, Any]:
         raise ValueError(f"preset={name!r} is not a {kind} preset; choose one of {list_presets(kind)}")
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
+
+
+def vision_tokenizer_config(preset: str | dict, **overrides):
+    """`UniCodeVisualTokenizerConfig` of a model preset (by name or as loaded), with overrides."""
+    from modeling_unicode import UniCodeVisualTokenizerConfig
+
+    data = load_preset(preset) if isinstance(preset, str) else preset
+    return UniCodeVisualTokenizerConfig(**{**data["vision_tokenizer"], **overrides})

@@ -1,0 +1,456 @@
+"""The unified codebook: row selection, code-map layout, nearest-code search, VQ/RQ/HQ quantizers
+and the three ways of learning the codebook (UniCode, arXiv 2403.09072, Sec. 3 and Fig. 1).
+
+The codebook is never owned by the quantizer: every lookup takes it as an argument, so a standalone
+visual tokenizer passes its own K x H parameter and the MLLM passes its LLM's embedding rows — one
+codebook, stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_unicode import HQ_DEPTH, UniCodeVisualTokenizerConfig
+
+# Bound on the (rows x K) float32 score block of one nearest-code chunk: 64 MiB keeps the search's
+# extra memory flat whatever the batch, while a block this large still runs the GEMM at full speed.
+NEAREST_CODE_CHUNK_BYTES = 64 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Codebook rows: which vocabulary ids are visual codes
+# ----------------------------------------------------------------------------------------------
+def non_code_token_ids(tokenizer) -> set[int]:
+    """Ids that must never be visual codes: every special token and every added token.
+
+    `all_special_ids` is not enough: Gemma's tokenizer has thousands of `added_tokens_decoder`
+    entries that are not in it, and an added token's row was never trained as ordinary text.
+    """
+    excluded = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    excluded.update(int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {}).keys())
+    return excluded
+
+
+def select_codebook_rows(
+    embedding_weight: torch.Tensor,
+    codebook_size: int,
+    tokenizer=None,
+    excluded_token_ids: Iterable[int] = (),
+    norm_quantile: float = 0.25,
+) -> tuple[list[int], dict]:
+    """Choose the K vocabulary ids whose embedding rows form the unified codebook.
+
+    All usable rows when K equals their number; otherwise the released code's rule — the K rows of
+    smallest L2 norm among rows at or above a norm threshold — with the threshold taken as a
+    quantile of the usable rows' norms rather than the absolute 1.0 tuned for Vicuna (a freshly
+    initialised small LM has row norms near 0.3, so 1.0 would exclude every row).
+
+    Returns the ids in ascending order (code k <-> ids[k]) and a record of the rule for the config.
+    """
+    if embedding_weight.dim() != 2:
+        raise ValueError(f"embedding_weight must be the (vocab_size, hidden_size) table, got shape {tuple(embedding_weight.shape)}")
+    vocab_rows = embedding_weight.shape[0]
+    limit = vocab_rows if tokenizer is None else min(vocab_rows, len(tokenizer))
+    excluded = set(int(i) for i in excluded_token_ids)
+    if tokenizer is not None:
+        excluded |= non_code_token_ids(tokenizer)
+    usable = torch.tensor([i for i in range(limit) if i not in excluded], dtype=torch.long)
+    if codebook_size > usable.numel():
+        raise ValueError(
+            f"codebook_size={codebook_size} exceeds the {usable.numel()} usable vocabulary rows "
+            f"(vocabulary {limit}, {limit - usable.numel()} special/added tokens excluded); use a smaller "
+            "codebook_size or an LLM with a larger vocabulary"
+        )
+    if codebook_size == usable.numel():
+        return usable.tolist(), {"rule": "all_usable_rows", "usable_rows": int(usable.numel())}
+    norms = embedding_weight.detach()[usable].float().norm(dim=1)
+    threshold = float(torch.quantile(norms, norm_quantile)) if norms.numel() > 1 else 0.0
+    order = torch.argsort(norms, stable=True)
+    first_above = int((norms[order] < threshold).sum())
+    # Too few rows above the threshold: slide down so K rows still fit, nearest the threshold.
+    start = min(first_above, usable.numel() - codebook_size)
+    chosen = usable[order[start : start + codebook_size]].sort().values
+    record = {
+        "rule": "smallest_norm_above_quantile",
+        "norm_quantile": norm_quantile,
+        "norm_threshold": threshold,
+        "usable_rows": int(usable.numel()),
+    }
+    return chosen.tolist(), record
+
+
+def token_ids_to_code_indices(token_ids: torch.Tensor, codebook_token_ids: Optional[torch.Tensor], argument: str = "codes") -> torch.Tensor:
+    """Vocabulary ids -> code indices 0..K-1; a `ValueError` names any id that is not a code."""
+    if codebook_token_ids is None:
+        return token_ids
+    sorted_ids, order = codebook_token_ids.sort()
+    position = torch.searchsorted(sorted_ids, token_ids).clamp_(max=sorted_ids.numel() - 1)
+    valid = sorted_ids[position] == token_ids
+    if not bool(valid.all()):
+        bad = token_ids[~valid].unique()[:5].tolist()
+        raise ValueError(
+            f"{argument} contains ids that are not visual codes, e.g. {bad}; every id must be one of the "
+            "config's codebook_token_ids (take codes from `encode` or from a code-constrained `generate`)"
+        )
+    return order[position]
+
+
+def code_indices_to_token_ids(indices: torch.Tensor, codebook_token_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Code indices 0..K-1 -> vocabulary ids (identity before rows are chosen)."""
+    return indices if codebook_token_ids is None else codebook_token_ids[indices]
+
+
+def embedding_rows(embedding: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """The LLM's input embeddings of `token_ids`, as the LLM itself sees them.
+
+    Called through the module so scaled embeddings (Gemma multiplies by sqrt(hidden) inside
+    forward) are what the visual tokenizer sees too.
+    """
+    return embedding(token_ids)
+
+
+@torch.no_grad()
+def write_embedding_rows(embedding: nn.Module, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """Inverse of `embedding_rows`: set the rows so the embedding module outputs `rows` (dual paradigm)."""
+    scale = getattr(embedding, "embed_scale", None)
+    values = rows.to(embedding.weight.dtype)
+    if scale is not None:
+        values = values / torch.as_tensor(scale, dtype=values.dtype, device=values.device)
+    embedding.weight[token_ids.to(embedding.weight.device)] = values.to(embedding.weight.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Code-map layout: (B, ĥ, ŵ, D) and its flattened order — owned here, used everywhere
+# ----------------------------------------------------------------------------------------------
+def flatten_code_map(codes: torch.Tensor) -> torch.Tensor:
+    """(B, ĥ, ŵ, D) -> (B, ĥ·ŵ·D): raster order over positions, then depth within a position.
+
+    Every code sequence the LLM reads or writes uses this order, so a position's D codes are
+    adjacent and an image can be cut into whole rows of positions.
+    """
+    if codes.dim() != 4:
+        raise ValueError(f"codes must have shape (batch, height, width, depth), got {tuple(codes.shape)}")
+    return codes.reshape(codes.shape[0], -1)
+
+
+def unflatten_code_map(sequence: torch.Tensor, grid_size: int, depth: int) -> torch.Tensor:
+    """(B, ĥ·ŵ·D) -> (B, ĥ, ŵ, D); inverse of `flatten_code_map`."""
+    expected = grid_size * grid_size * depth
+    if sequence.dim() != 2 or sequence.shape[1] != expected:
+        raise ValueError(
+            f"a flattened code sequence must have shape (batch, {expected}) = (batch, {grid_size}x{grid_size}x{depth}), "
+            f"got {tuple(sequence.shape)}"
+        )
+    return sequence.reshape(sequence.shape[0], grid_size, grid_size, depth)
+
+
+def hq_pack(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """HQ codes -> code map: top (B, h, w) + bottom (B, 2h, 2w) -> (B, h, w, 5) with depth order
+    [top, bottom(0,0), bottom(0,1), bottom(1,0), bottom(1,1)], the 2x2 block under each top code.
+
+    The released code grouped bottom codes in 1x4 raster strips instead, which separates a top
+    code from the bottom codes it actually refines (PAPER.md).
+    """
+    b, h, w = top.shape
+    if bottom.shape != (b, 2 * h, 2 * w):
+        raise ValueError(f"bottom codes must have shape {(b, 2 * h, 2 * w)} for top {(b, h, w)}, got {tuple(bottom.shape)}")
+    blocks = bottom.reshape(b, h, 2, w, 2).permute(0, 1, 3, 2, 4).reshape(b, h, w, 4)
+    return torch.cat([top.unsqueeze(-1), blocks], dim=-1)
+
+
+def hq_unpack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `hq_pack`: (B, h, w, 5) -> top (B, h, w), bottom (B, 2h, 2w)."""
+    b, h, w, d = codes.shape
+    if d != HQ_DEPTH:
+        raise ValueError(f"HQ code maps have depth {HQ_DEPTH} (top + 2x2 bottom), got depth {d}")
+    bottom = codes[..., 1:].reshape(b, h, w, 2, 2).permute(0, 1, 3, 2, 4).reshape(b, 2 * h, 2 * w)
+    return codes[..., 0], bottom
+
+
+# ----------------------------------------------------------------------------------------------
+# Nearest-code search
+# ----------------------------------------------------------------------------------------------
+def nearest_code(
+    vectors: torch.Tensor,
+    codebook: torch.Tensor,
+    codebook_sq_norms: Optional[torch.Tensor] = None,
+    chunk_bytes: int = NEAREST_CODE_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Index of the nearest codebook row (L2) for each of the N vectors (N, H) -> (N,).
+
+    argmin_k |x - c_k|^2 = argmin_k (|c_k|^2 - 2 x.c_k): one `addmm` per chunk of rows and an argmin,
+    so the N x K distance matrix never exists at once and the cost is the GEMM.
+    """
+    if vectors.dim() != 2 or codebook.dim() != 2 or vectors.shape[1] != codebook.shape[1]:
+        raise ValueError(f"nearest_code needs vectors (N, H) and codebook (K, H), got {tuple(vectors.shape)} and {tuple(codebook.shape)}")
+    vectors = vectors.detach()
+    codebook = codebook.detach().to(vectors.dtype)
+    if codebook_sq_norms is None:
+        codebook_sq_norms = codebook.pow(2).sum(dim=1)
+    codebook_sq_norms = codebook_sq_norms.to(vectors.dtype).unsqueeze(0)
+    codebook_t = codebook.t()
+    num_codes = codebook.shape[0]
+    rows_per_chunk = max(1, chunk_bytes // (num_codes * vectors.element_size()))
+    out = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
+    for start in range(0, vectors.shape[0], rows_per_chunk):
+        block = vectors[start : start + rows_per_chunk]
+        scores = torch.addmm(codebook_sq_norms, block, codebook_t, beta=1.0, alpha=-2.0)
+        torch.argmin(scores, dim=1, out=out[start : start + rows_per_chunk])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantizer
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class QuantizerOutput:
+    """What a quantizer forward returns.
+
+    quantized: decoder-side features (B, H, latent, latent), straight-through to the encoder.
+    indices: code map of code indices 0..K-1, (B, ĥ, ŵ, D).
+    commitment_loss: β-weighted commitment term.
+    code_counts / code_sums: per-code assignment counts (K,) and feature sums (K, H) in codebook
+        units, the sufficient statistics of the EMA k-means update; None unless requested.
+    """
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    commitment_loss: torch.Tensor
+    code_counts: Optional[torch.Tensor] = None
+    code_sums: Optional[torch.Tensor] = None
+
+
+def usage_statistics(code_counts: torch.Tensor) -> tuple[float, float]:
+    """(fraction of codes used, perplexity of the code distribution) from assignment counts."""
+    total = code_counts.sum()
+    if total <= 0:
+        return 0.0, 0.0
+    probs = code_counts.float() / total
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return float((code_counts > 0).float().mean()), float(entropy.exp())
+
+
+class UniCodeQuantizer(nn.Module):
+    """Stacked quantization with a shared, externally owned codebook.
+
+    - `vq`: one code per latent position.
+    - `rq`: D levels; level l quantizes what levels < l left over, all with the same codebook
+      (RQ-VAE, Lee et al. 2022), so every level's code is an LLM token.
+    - `hq`: a top code per 2x2 block of the latent grid (on the block average) and a bottom code per
+      latent position on the residual (HQ-VAE lineage); 5 codes per top position.
+
+    Norm handling (`normalize`, the released code's idea): features are L2-normalised to a fixed
+    length and the codebook is multiplied by one scalar with the same mean row length, so the
+    encoder cannot drift in scale away from the LLM's rows and the rows keep their relative norms.
+    """
+
+    def __init__(self, config: UniCodeVisualTokenizerConfig):
+        super().__init__()
+        self.kind = config.quantizer
+        self.depth = config.depth
+        self.commitment_beta = config.commitment_beta
+        self.normalize = config.norm_handling == "normalize"
+        self.code_norm = config.effective_code_norm
+
+    def codebook_scale(self, codebook: torch.Tensor) -> torch.Tensor:
+        """Scalar s mapping codebook rows into feature space: decoder input = row x s."""
+        if not self.normalize:
+            return codebook.new_ones(())
+        return (self.code_norm / codebook.detach().float().norm(dim=1).mean().clamp_min(1e-12)).to(codebook.dtype)
+
+    def prepare_features(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.normalize:
+            return features
+        return F.normalize(features, dim=1) * self.code_norm
+
+    def forward(self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False) -> QuantizerOutput:
+        """features (B, H, latent, latent) -> QuantizerOutput."""
+        z = self.prepare_features(features)
+        scale = self.codebook_scale(codebook)
+        scaled_codebook = codebook.to(z.dtype) * scale
+        sq_norms = scaled_codebook.detach().pow(2).sum(dim=1)
+        # Each level's (input vectors, chosen indices), for the EMA statistics.
+        assignments: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            b, h, gh, gw = x.shape
+            flat = x.permute(0, 2, 3, 1).reshape(-1, h)
+            idx = nearest_code(flat, scaled_codebook, sq_norms)
+            assignments.append((flat.detach(), idx))
+            q = scaled_codebook[idx].reshape(b, gh, gw, h).permute(0, 3, 1, 2)
+            return q, idx.reshape(b, gh, gw)
+
+        partials = []  # partial reconstructions, for the commitment loss
+        if self.kind == "hq":
+            top_q, top_idx = quantize(F.avg_pool2d(z, 2))
+            upsampled = F.interpolate(top_q, scale_factor=2, mode="nearest")
+            bottom_q, bottom_idx = quantize(z - upsampled)
+            quantized = upsampled + bottom_q
+            partials = [upsampled, quantized]
+            indices = hq_pack(top_idx, bottom_idx)
+        else:
+            quantized = torch.zeros_like(z)
+            level_indices = []
+            for _ in range(self.depth):
+                q, idx = quantize(z - quantized)
+                quantized = quantized + q
+                partials.append(quantized)
+                level_indices.append(idx)
+            indices = torch.stack(level_indices, dim=-1)
+
+        # Commit the encoder to every partial sum (RQ-VAE), so early levels alone are meaningful.
+        commitment = sum(F.mse_loss(z, p.detach()) for p in partials) / len(partials)
+        output = QuantizerOutput(
+            quantized=z + (quantized - z).detach(),  # straight-through estimator
+            indices=indices,
+            commitment_loss=self.commitment_beta * commitment,
+        )
+        if return_statistics:
+            num_codes, dim = codebook.shape
+            counts = torch.zeros(num_codes, dtype=torch.float32, device=z.device)
+            sums = torch.zeros(num_codes, dim, dtype=torch.float32, device=z.device)
+            for vectors, idx in assignments:
+                counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+                sums.index_add_(0, idx, vectors.float())
+            output.code_counts = counts
+            output.code_sums = sums / scale.float()  # back to codebook units
+        return output
+
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Code map of indices (B, ĥ, ŵ, D) -> decoder-side features (B, H, latent, latent)."""
+        scaled_codebook = codebook * self.codebook_scale(codebook)
+        if self.kind == "hq":
+            top, bottom = hq_unpack(indices)
+            top_q = scaled_codebook[top].permute(0, 3, 1, 2)
+            bottom_q = scaled_codebook[bottom].permute(0, 3, 1, 2)
+            return F.interpolate(top_q, scale_factor=2, mode="nearest") + bottom_q
+        return scaled_codebook[indices].sum(dim=3).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning the unified codebook: the three paradigms
+# ----------------------------------------------------------------------------------------------
+def blend_ratio(config: UniCodeVisualTokenizerConfig, step: int, total_steps: int) -> float:
+    """r of C <- (1 - r) C_ema + r C_llm at `step` (0-based) of `total_steps`.
+
+    `ramp` (released code): r grows linearly to exactly 1 at the end of the ramp, then a tail at 1.
+    `constant` (paper, C' = λC + (1-λ)C_llm): r = 1 - λ, then the same tail, so both schedules end
+    with the codebook equal to the LLM rows.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1")
+    ramp_steps = max(1, int(round(total_steps * (1.0 - config.blend_tail_fraction))))
+    if step + 1 >= ramp_steps:
+        return 1.0
+    if config.blend_schedule == "ramp":
+        return (step + 1) / ramp_steps
+    return 1.0 - config.blend_lambda
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+class UniCodeCodebookTrainer(nn.Module):
+    """Training-time state and update rule of the unified codebook (not part of a saved model).
+
+    - `frozen`: the codebook stays the LLM's rows; no update.
+    - `iterative` (paper's choice): EMA k-means on the assigned features (decay 0.99, Laplace
+      smoothing eps 1e-5, as released), then C <- (1 - r) C_ema + r C_llm — language drives the
+      codebook one way, LLM -> tokenizer. At r = 1 the codebook IS the LLM rows, bit for bit.
+    - `dual`: the tokenizer learns its own EMA codebook; every `dual_sync_interval` steps the
+      trainer writes it into the LLM (`write_embedding_rows`) and, after the LLM's text steps,
+      reads the rows back (`load_llm_rows`).
+
+    Cluster statistics are summed over processes before the update, so every rank computes the same
+    codebook from the same numbers.
+    """
+
+    def __init__(self, config: UniCodeVisualTokenizerConfig, codebook: torch.Tensor):
+        super().__init__()
+        self.paradigm = config.paradigm
+        self.decay = config.ema_decay
+        self.eps = config.ema_eps
+        self.dead_code_threshold = config.dead_code_threshold
+        # Start as if every code had been seen once at its current value, so unseen codes decay
+        # toward nothing but keep their row (sum / size stays equal to the row).
+        self.register_buffer("ema_cluster_size", torch.ones(codebook.shape[0], dtype=torch.float32, device=codebook.device))
+        self.register_buffer("ema_code_sum", codebook.detach().float().clone())
+
+    @torch.no_grad()
+    def update(
+        self,
+        codebook: torch.Tensor,
+        code_counts: torch.Tensor,
+        code_sums: torch.Tensor,
+        llm_rows: Optional[torch.Tensor] = None,
+        ratio: float = 0.0,
+        restart_candidates: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Update `codebook` (K, H) in place from one step's statistics."""
+        if self.paradigm == "frozen":
+            return
+        counts, sums = code_counts.float().clone(), code_sums.float().clone()
+        _all_reduce_sum(counts, sums)
+        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.ema_code_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        if self.dead_code_threshold > 0 and restart_candidates is not None:
+            self._restart_dead_codes(restart_candidates)
+        total = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.eps) / (total + codebook.shape[0] * self.eps) * total
+        ema_codebook = self.ema_code_sum / smoothed.unsqueeze(1)
+        if self.paradigm == "iterative":
+            if llm_rows is None:
+                raise ValueError("the iterative paradigm needs llm_rows (the LLM's embeddings of codebook_token_ids)")
+            if ratio >= 1.0:
+                codebook.copy_(llm_rows.detach().to(codebook.dtype))  # exact: the codebook is unified
+                return
+            ema_codebook = (1.0 - ratio) * ema_codebook + ratio * llm_rows.detach().float()
+        codebook.copy_(ema_codebook.to(codebook.dtype))
+
+    def _restart_dead_codes(self, candidates: torch.Tensor) -> None:
+        """Re-seed codes whose EMA count fell below the threshold from batch features (in codebook
+        units). Rank 0's draw is broadcast so all ranks restart identically."""
+        dead = (self.ema_cluster_size < self.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0 or candidates.numel() == 0:
+            return
+        pick = torch.randint(0, candidates.shape[0], (dead.numel(),), device=candidates.device)
+        replacement = candidates[pick].float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(replacement, src=0)
+        self.ema_code_sum[dead] = replacement
+        self.ema_cluster_size[dead] = 1.0
+
+    @torch.no_grad()
+    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor) -> None:
+        """Dual paradigm: take the LLM's rows back as the codebook and restart the EMA from them."""
+        codebook.copy_(llm_rows.detach().to(codebook.dtype))
+        self.ema_code_sum.copy_(codebook.float() * self.ema_cluster_size.unsqueeze(1))
+
+
+__all__ = [
+    "select_codebook_rows",
+    "non_code_token_ids",
+    "token_ids_to_code_indices",
+    "code_indices_to_token_ids",
+    "embedding_rows",
+    "write_embedding_rows",
+    "flatten_code_map",
+    "unflatten_code_map",
+    "hq_pack",
+    "hq_unpack",
+    "nearest_code",
+    "usage_statistics",
+    "QuantizerOutput",
+    "UniCodeQuantizer",
+    "UniCodeCodebookTrainer",
+    "blend_ratio",
+]

@@ -1,0 +1,238 @@
+"""Unified-codebook quantizers: row selection, layout, nearest-code search, RQ/HQ, paradigms."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models
+
+from modeling_unicode import (
+    UniCodeCodebookTrainer,
+    UniCodeQuantizer,
+    UniCodeVisualTokenizerConfig,
+    blend_ratio,
+    embedding_rows,
+    flatten_code_map,
+    hq_pack,
+    hq_unpack,
+    nearest_code,
+    select_codebook_rows,
+    token_ids_to_code_indices,
+    unflatten_code_map,
+    write_embedding_rows,
+)
+
+
+def brute_force_nearest(vectors, codebook):
+    distances = torch.cdist(vectors.double(), codebook.double())
+    return distances.argmin(dim=1)
+
+
+@pytest.mark.parametrize("dim,num_codes", [(256, 16384), (4096, 32000)])
+def test_nearest_code_matches_float64_brute_force(dim, num_codes):
+    generator = torch.Generator().manual_seed(dim)
+    codebook = torch.randn(num_codes, dim, generator=generator)
+    vectors = torch.randn(48, dim, generator=generator)
+    # A small chunk budget forces several chunks, so the chunk boundaries are exercised too.
+    ours = nearest_code(vectors, codebook, chunk_bytes=num_codes * 4 * 7)
+    assert torch.equal(ours, brute_force_nearest(vectors, codebook))
+
+
+def test_nearest_code_finds_exact_members():
+    codebook = torch.randn(300, 32)
+    picks = torch.randint(0, 300, (50,))
+    assert torch.equal(nearest_code(codebook[picks], codebook), picks)
+
+
+def make_quantizer(kind, depth=1, dim=16, **kw):
+    config = UniCodeVisualTokenizerConfig(quantizer=kind, depth=depth, code_dim=dim, codebook_size=64, **kw)
+    return config, UniCodeQuantizer(config)
+
+
+def test_rq_residual_norm_decreases_level_by_level():
+    torch.manual_seed(0)
+    _, quantizer = make_quantizer("rq", depth=4, dim=8, norm_handling="none")
+    codebook = torch.randn(512, 8)
+    features = torch.randn(4, 8, 6, 6)
+    out = quantizer(features, codebook)
+    residual = features.clone()
+    norms = [residual.norm()]
+    for level in range(4):
+        residual = residual - codebook[out.indices[..., level]].permute(0, 3, 1, 2)
+        norms.append(residual.norm())
+    assert all(later < earlier for earlier, later in zip(norms, norms[1:])), norms
+    # The straight-through value equals the sum of the chosen rows.
+    assert torch.allclose(out.quantized, features - residual, atol=1e-5)
+
+
+def test_hq_layout_groups_the_2x2_block_under_each_top_code():
+    top = torch.arange(2 * 3 * 3).reshape(2, 3, 3)
+    bottom = torch.arange(2 * 6 * 6).reshape(2, 6, 6) + 1000
+    codes = hq_pack(top, bottom)
+    assert codes.shape == (2, 3, 3, 5)
+    # Top position (1, 2) owns bottom pixels rows 2-3, cols 4-5, in raster order.
+    assert codes[0, 1, 2].tolist() == [top[0, 1, 2], bottom[0, 2, 4], bottom[0, 2, 5], bottom[0, 3, 4], bottom[0, 3, 5]]
+    back_top, back_bottom = hq_unpack(codes)
+    assert torch.equal(back_top, top) and torch.equal(back_bottom, bottom)
+    flat = flatten_code_map(codes)
+    assert flat[0, :5].tolist() == codes[0, 0, 0].tolist()  # a position's codes are adjacent
+    assert torch.equal(unflatten_code_map(flat, 3, 5), codes)
+
+
+def test_hq_quantizer_reconstructs_from_its_code_map():
+    torch.manual_seed(1)
+    _, quantizer = make_quantizer("hq", dim=8)
+    codebook = torch.randn(64, 8)
+    out = quantizer(torch.randn(2, 8, 8, 8), codebook)
+    assert out.indices.shape == (2, 4, 4, 5)
+    assert torch.allclose(quantizer.lookup(out.indices, codebook), out.quantized, atol=1e-5)
+
+
+def test_layout_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="batch, 8"):
+        unflatten_code_map(torch.zeros(1, 7, dtype=torch.long), 2, 2)
+    with pytest.raises(ValueError, match="depth 5"):
+        hq_unpack(torch.zeros(1, 2, 2, 4, dtype=torch.long))
+
+
+def word_level_tokenizer(num_words=200):
+    vocab = {f"w{i}": i for i in range(num_words)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")))
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "eos_token": "</s>"})
+    tokenizer.add_tokens(["<extra_1>", "<extra_2>"])  # added, not special: still never codes
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def test_special_and_added_tokens_are_never_codes():
+    tokenizer = word_level_tokenizer()
+    table = torch.randn(len(tokenizer), 16)
+    # Give the special/added rows the most "attractive" norms so a careless rule would pick them.
+    banned = sorted(tokenizer.added_tokens_decoder)
+    table[banned] = table[banned] / table[banned].norm(dim=1, keepdim=True)
+    ids, record = select_codebook_rows(table, codebook_size=150, tokenizer=tokenizer, excluded_token_ids=[0])
+    assert len(ids) == 150 and len(set(ids)) == 150
+    assert not set(ids) & (set(banned) | {0})
+    assert record["rule"] == "smallest_norm_above_quantile"
+    all_ids, record = select_codebook_rows(table, codebook_size=len(tokenizer) - len(banned) - 1, tokenizer=tokenizer, excluded_token_ids=[0])
+    assert record["rule"] == "all_usable_rows" and not set(all_ids) & set(banned)
+
+
+def test_smallest_norm_rule_and_too_large_codebook():
+    norms = torch.linspace(0.1, 1.0, 100)
+    table = torch.nn.functional.normalize(torch.randn(100, 8), dim=1) * norms.unsqueeze(1)
+    ids, record = select_codebook_rows(table, codebook_size=10, norm_quantile=0.5)
+    chosen_norms = table[ids].norm(dim=1)
+    assert chosen_norms.min() >= record["norm_threshold"] - 1e-6
+    assert chosen_norms.max() <= sorted(table.norm(dim=1).tolist())[60]
+    with pytest.raises(ValueError, match="codebook_size=101 exceeds"):
+        select_codebook_rows(table, codebook_size=101)
+
+
+def test_token_ids_to_code_indices_round_trip_and_rejects_non_codes():
+    token_ids = torch.tensor([7, 3, 11, 42])
+    assert token_ids_to_code_indices(torch.tensor([42, 7, 3]), token_ids).tolist() == [3, 0, 1]
+    with pytest.raises(ValueError, match="not visual codes.*5"):
+        token_ids_to_code_indices(torch.tensor([3, 5]), token_ids)
+
+
+def statistics(quantizer, codebook, features):
+    out = quantizer(features, codebook, return_statistics=True)
+    return out.code_counts, out.code_sums
+
+
+def test_frozen_codebook_is_bit_identical_after_updates():
+    config, quantizer = make_quantizer("rq", depth=2, paradigm="frozen")
+    codebook = torch.randn(64, 16)
+    before = codebook.clone()
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    for _ in range(5):
+        counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
+        trainer.update(codebook, counts, sums, llm_rows=before, ratio=0.3)
+    assert torch.equal(codebook, before)
+
+
+def test_iterative_update_matches_hand_computation():
+    config, quantizer = make_quantizer("vq", paradigm="iterative", ema_decay=0.9, ema_eps=1e-5, norm_handling="none")
+    codebook = torch.randn(64, 16)
+    llm_rows = torch.randn(64, 16)
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    features = torch.randn(2, 16, 4, 4)
+    counts, sums = statistics(quantizer, codebook, features)
+    # Hand: assignment counts/sums, EMA from (size 1, sum = row), Laplace smoothing, blend r=0.25.
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 16)
+    assign = torch.cdist(flat.double(), codebook.double()).argmin(1)
+    hand_counts = torch.bincount(assign, minlength=64).float()
+    hand_sums = torch.zeros(64, 16).index_add_(0, assign, flat)
+    assert torch.equal(counts, hand_counts) and torch.allclose(sums, hand_sums, atol=1e-5)
+    size = 0.9 * torch.ones(64) + 0.1 * hand_counts
+    total_sum = 0.9 * codebook + 0.1 * hand_sums
+    n = size.sum()
+    smoothed = (size + 1e-5) / (n + 64 * 1e-5) * n
+    expected = 0.75 * total_sum / smoothed.unsqueeze(1) + 0.25 * llm_rows
+    trainer.update(codebook, counts, sums, llm_rows=llm_rows, ratio=0.25)
+    assert torch.allclose(codebook, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["ramp", "constant"])
+def test_schedules_end_bit_identical_to_llm_rows(schedule):
+    config, quantizer = make_quantizer("rq", depth=2, paradigm="iterative", blend_schedule=schedule, blend_lambda=0.9)
+    codebook = torch.randn(64, 16)
+    llm_rows = torch.randn(64, 16) * 0.3
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    total = 20
+    ratios = [blend_ratio(config, step, total) for step in range(total)]
+    for ratio in ratios:
+        counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
+        trainer.update(codebook, counts, sums, llm_rows=llm_rows, ratio=ratio)
+    assert ratios[-1] == 1.0 and ratios[0] < 1.0
+    if schedule == "ramp":
+        assert all(a <= b for a, b in zip(ratios, ratios[1:]))
+    else:
+        assert ratios[0] == pytest.approx(0.1)
+    assert torch.equal(codebook, llm_rows)
+
+
+def test_dual_writes_and_reads_rows_of_a_real_llama_embedding_table():
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    embedding = llama.get_input_embeddings()
+    token_ids = torch.arange(100, 164)
+    config, quantizer = make_quantizer("vq", paradigm="dual")
+    codebook = embedding_rows(embedding, token_ids).detach().clone()
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    untouched = embedding.weight[:100].detach().clone()
+    for _ in range(3):
+        counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
+        trainer.update(codebook, counts, sums)
+    assert not torch.equal(codebook, embedding_rows(embedding, token_ids))  # the tokenizer learned on its own
+    write_embedding_rows(embedding, token_ids, codebook)
+    assert torch.equal(embedding.weight[token_ids], codebook)
+    assert torch.equal(embedding.weight[:100], untouched)  # text rows untouched
+    with torch.no_grad():  # the LLM trains on text and moves the rows...
+        embedding.weight[token_ids] += 0.01
+    trainer.load_llm_rows(codebook, embedding_rows(embedding, token_ids))  # ...and they come back
+    assert torch.equal(codebook, embedding.weight[token_ids])
+    assert torch.allclose(trainer.ema_code_sum / trainer.ema_cluster_size.unsqueeze(1), codebook, atol=1e-6)
+
+
+def test_scaled_embeddings_round_trip_through_write_and_read():
+    class ScaledEmbedding(torch.nn.Embedding):
+        def __init__(self, *args, embed_scale=4.0):
+            super().__init__(*args)
+            self.embed_scale = embed_scale
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    embedding = ScaledEmbedding(50, 8)
+    ids = torch.tensor([3, 9, 20])
+    rows = torch.randn(3, 8)
+    write_embedding_rows(embedding, ids, rows)
+    assert torch.allclose(embedding_rows(embedding, ids), rows, atol=1e-6)
+
+
+def test_usage_statistics_count_codes():
+    from modeling_unicode import usage_statistics
+
+    usage, perplexity = usage_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    assert usage == 0.5 and perplexity == pytest.approx(2.0)
