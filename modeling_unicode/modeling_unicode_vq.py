@@ -181,6 +181,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     codes (`torch.LongTensor` of shape `(batch, ĥ, ŵ, D)`): the code map, as vocabulary ids.
     reconstruction_loss, commitment_loss (`torch.FloatTensor`): the two terms of `loss`.
     code_counts (`torch.FloatTensor` of shape `(K,)`), code_sums (`(K, H)`): EMA statistics of this batch.
+    code_features (`torch.FloatTensor` of shape `(N, H)`): first-level inputs in codebook units (dead-code restarts).
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
     """
 
@@ -191,6 +192,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     commitment_loss: Optional[torch.FloatTensor] = None
     code_counts: Optional[torch.FloatTensor] = None
     code_sums: Optional[torch.FloatTensor] = None
+    code_features: Optional[torch.FloatTensor] = None
     codebook_usage: Optional[float] = None
     perplexity: Optional[float] = None
 
@@ -355,6 +357,7 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             commitment_loss=quantized.commitment_loss,
             code_counts=quantized.code_counts,
             code_sums=quantized.code_sums,
+            code_features=quantized.features,
             codebook_usage=usage,
             perplexity=perplexity,
         )

@@ -217,6 +217,8 @@ class QuantizerOutput:
     commitment_loss: β-weighted commitment term.
     code_counts / code_sums: per-code assignment counts (K,) and feature sums (K, H) in codebook
         units, the sufficient statistics of the EMA k-means update; None unless requested.
+    features: the first level's input vectors (N, H) in codebook units, candidates for restarting
+        dead codes; None unless requested.
     """
 
     quantized: torch.Tensor
@@ -224,6 +226,7 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
     code_counts: Optional[torch.Tensor] = None
     code_sums: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
 
 
 def usage_statistics(code_counts: torch.Tensor) -> tuple[float, float]:
@@ -320,6 +323,7 @@ class UniCodeQuantizer(nn.Module):
                 sums.index_add_(0, idx, vectors.float())
             output.code_counts = counts
             output.code_sums = sums / scale.float()  # back to codebook units
+            output.features = assignments[0][0].float() / scale.float()
         return output
 
     def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

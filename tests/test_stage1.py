@@ -1,0 +1,133 @@
+"""Stage I: paradigms end unified, resume is bit-identical, two ranks agree, bad input is named."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.stage1 import CorruptCheckpointError, StageIArguments, StageITrainer
+from training.text_lm import load_text_lm, packed_blocks
+
+from stage1_fixtures import make_tiny_llm, tiny_images, tiny_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_tiny_llm(tmp_path_factory.mktemp("llm"))
+
+
+def make_trainer(out, llm_dir, steps=6, paradigm="iterative", quantizer="rq", codebook_size=128, **kw):
+    args = StageIArguments(output_dir=str(out), llm_path=str(llm_dir), paradigm=paradigm, quantizer=quantizer,
+                           codebook_size=codebook_size, max_steps=steps, batch_size=4, warmup_steps=2, log_every=2,
+                           sample_every=0, checkpoint_every=kw.pop("checkpoint_every", 0), eval_images=8,
+                           vision_overrides=tiny_overrides(), **kw)
+    images = tiny_images()
+    blocks = packed_blocks(tokenizer, ["the red circle is at the top left"] * 50, 16)
+    return StageITrainer(args, images, images[:8], text_blocks=blocks)
+
+
+@pytest.mark.parametrize("paradigm", ["frozen", "dual", "iterative"])
+def test_every_paradigm_ends_with_the_codebook_equal_to_the_llm_rows(tmp_path, llm_dir, paradigm):
+    trainer = make_trainer(tmp_path, llm_dir, paradigm=paradigm)
+    start = trainer.unwrapped.codebook.clone()
+    metrics = trainer.train()
+    assert metrics["unified"] and metrics["steps"] == 6
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    tokenizer_model = AutoModel.from_pretrained(tmp_path / "vision_tokenizer")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm" if paradigm == "dual" else llm_dir)
+    ids = torch.tensor(tokenizer_model.config.codebook_token_ids)
+    assert torch.equal(tokenizer_model.codebook, llm.get_input_embeddings()(ids))
+    if paradigm == "frozen":
+        assert torch.equal(tokenizer_model.codebook, start)
+    if paradigm == "dual":
+        # The dual run really alternated: the LLM was trained on text and now holds the visual codebook.
+        assert not torch.equal(tokenizer_model.codebook, start)
+        assert any("llm_text_loss" in json.loads(line) for line in (tmp_path / "stage1" / "log.jsonl").read_text().splitlines())
+    assert (tmp_path / "stage1" / "samples" / "final.png").is_file()
+    assert json.loads((tmp_path / "stage1" / "metrics.json").read_text())["psnr"] > 0
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, llm_dir):
+    straight = make_trainer(tmp_path / "a", llm_dir, steps=6, gan_weight=0.1)
+    straight.train()
+    first = make_trainer(tmp_path / "b", llm_dir, steps=6, gan_weight=0.1, checkpoint_every=3)
+    for _ in range(3):
+        first.train_step()
+    first.save_checkpoint()
+    del first  # "crash"
+    resumed = make_trainer(tmp_path / "b", llm_dir, steps=6, gan_weight=0.1, checkpoint_every=3)
+    resumed.train(resume=True)
+    a = straight.unwrapped.state_dict()
+    b = resumed.unwrapped.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_corrupt_checkpoint_on_resume_is_named(tmp_path, llm_dir):
+    trainer = make_trainer(tmp_path, llm_dir, steps=4)
+    trainer.train_step()
+    checkpoint = trainer.save_checkpoint()
+    (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CorruptCheckpointError, match="step-0000001.*delete that folder"):
+        make_trainer(tmp_path, llm_dir, steps=4).train(resume=True)
+
+
+def test_partial_checkpoint_is_never_resumed_from(tmp_path, llm_dir):
+    trainer = make_trainer(tmp_path, llm_dir, steps=4)
+    trainer.train_step()
+    trainer.save_checkpoint()
+    partial = tmp_path / "stage1" / "checkpoints" / "step-0000003"
+    partial.mkdir()  # a crash mid-write: no COMPLETE marker
+    from training.stage1 import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "stage1" / "checkpoints").name == "step-0000001"
+
+
+def test_bad_inputs_are_named(tmp_path, llm_dir):
+    args = dict(output_dir=str(tmp_path), llm_path=str(llm_dir), max_steps=2, batch_size=4)
+    images = tiny_images()
+    with pytest.raises(ValueError, match="hidden size 32 but preset 'tiny' has code_dim=256"):
+        StageITrainer(StageIArguments(**args, vision_overrides={**tiny_overrides(), "code_dim": 256}), images, images)
+    with pytest.raises(ValueError, match="codebook_size=5000 exceeds the .* usable vocabulary rows"):
+        StageITrainer(StageIArguments(**args, codebook_size=5000, vision_overrides=tiny_overrides()), images, images)
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        StageITrainer(StageIArguments(**args, codebook_size=64, vision_overrides=tiny_overrides()), images[:0], images)
+    with pytest.raises(ValueError, match="perceptual_weight > 0 needs LPIPS"):
+        StageITrainer(StageIArguments(**args, codebook_size=64, perceptual_weight=1.0, vision_overrides=tiny_overrides()), images, images)
+
+
+WORKER = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from stage1_fixtures import tiny_images, tiny_overrides
+from training.stage1 import StageIArguments, StageITrainer
+args = StageIArguments(output_dir=sys.argv[1], llm_path=sys.argv[2], codebook_size=128, max_steps=50, batch_size=8,
+                       sample_every=0, checkpoint_every=0, vision_overrides=tiny_overrides(dead_code_threshold=0.9))
+trainer = StageITrainer(args, tiny_images(), tiny_images()[:8])
+for _ in range(4):
+    trainer.train_step()  # mid-run: r < 1, so the codebook is the EMA blend, not yet the LLM rows
+rank = trainer.accelerator.process_index
+torch.save({"world_size": dist.get_world_size(), "codebook": trainer.unwrapped.codebook.detach().clone(),
+            "encoder": trainer.unwrapped.encoder.conv_in.weight.detach().clone()}, f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path), str(llm_dir), str(REPO / "tests")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
+    assert torch.equal(ranks[0]["encoder"], ranks[1]["encoder"])

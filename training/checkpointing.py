@@ -1,0 +1,44 @@
+"""Atomic folder writes: nothing a crash leaves behind can be mistaken for a finished result.
+
+Every stage writes its output (an HF folder, a training checkpoint) into `<name>.tmp-<pid>` beside
+the destination and renames it into place only when complete; a `COMPLETE` marker inside lets
+readers tell a finished folder from one copied by hand or left by an older version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `destination` in one rename."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        (temporary / COMPLETE_MARKER).write_text("ok\n")
+        if destination.exists():
+            # Two renames keep a complete copy on disk at every instant.
+            previous = destination.with_name(f"{destination.name}.old-{os.getpid()}")
+            os.replace(destination, previous)
+            os.replace(temporary, destination)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, destination)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()

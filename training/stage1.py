@@ -1,0 +1,478 @@
+"""Stage I: train the visual tokenizer with the unified codebook (UniCode Sec. 3, Fig. 1).
+
+A plain accelerate loop rather than `Trainer`: the codebook is updated by its paradigm's rule (not
+by the optimizer) between steps, `dual` interleaves LLM text steps, and the adversarial term has its
+own optimizer. The same code runs on 1 CPU, 1 GPU or several processes (`accelerate launch`).
+
+Outputs (DESIGN.md run folder): `<out>/vision_tokenizer/` (HF folder; its codebook equals the
+LLM rows of `codebook_token_ids` bit for bit), `<out>/llm/` for `dual` (the LLM the codebook was
+written into), `<out>/stage1/` (checkpoints, `log.jsonl`, `samples/*.png`, `metrics.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from modeling_unicode import (
+    UniCodeCodebookTrainer,
+    UniCodeVisualTokenizer,
+    blend_ratio,
+    embedding_rows,
+    select_codebook_rows,
+    usage_statistics,
+    write_embedding_rows,
+)
+
+from .checkpointing import atomic_directory, is_complete
+from .presets import load_preset, vision_tokenizer_config
+
+
+@dataclass
+class StageIArguments:
+    """Everything a stage-I run depends on; saved with each checkpoint and the final metrics."""
+
+    output_dir: str
+    llm_path: str
+    preset: str = "tiny"
+    paradigm: Optional[str] = None  # None: the preset's
+    quantizer: Optional[str] = None
+    depth: Optional[int] = None
+    codebook_size: Optional[int] = None
+    max_steps: int = 1000
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    adam_betas: tuple = (0.5, 0.9)
+    max_grad_norm: float = 1.0
+    bf16: bool = True  # bf16 autocast for the convolutions; the quantizer stays in float32
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    eval_images: int = 256
+    # Dual paradigm: LLM text steps per exchange, and their learning rate.
+    dual_text_steps: int = 5
+    dual_text_learning_rate: float = 1e-3
+    # Adversarial PatchGAN term (hinge, adaptive weight) — off when 0.
+    gan_weight: float = 0.0
+    gan_start_step: int = 0
+    # Perceptual (LPIPS) term — needs LPIPS weights, which do not ship offline.
+    perceptual_weight: float = 0.0
+    vision_overrides: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def images_to_uint8(images, image_size: int, argument: str = "dataset") -> torch.Tensor:
+    """A sequence of PIL images -> (N, 3, S, S) uint8, kept in memory so a step is a slice."""
+    from PIL import Image
+
+    out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{argument}[{i}]['image'] must be a PIL image, got {type(image).__name__}")
+        if image.size != (image_size, image_size):
+            raise ValueError(
+                f"{argument}[{i}] is {image.size[0]}x{image.size[1]} pixels but the tokenizer's image_size is "
+                f"{image_size}; build the dataset at image_size={image_size}"
+            )
+        out[i] = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def to_pixel_values(batch_uint8: torch.Tensor) -> torch.Tensor:
+    return batch_uint8.float().div_(127.5).sub_(1.0)
+
+
+def batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The global batch of `step`: a function of (seed, step) alone, so a resumed run sees exactly the
+    batches an uninterrupted one would."""
+    per_epoch = max(1, num_examples // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial term (VQGAN's PatchGAN, hinge loss, adaptive weight)
+# ----------------------------------------------------------------------------------------------
+class PatchDiscriminator(torch.nn.Module):
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        blocks = [torch.nn.Conv2d(channels, width, 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+        current = width
+        for i in range(1, layers):
+            nxt = width * min(2**i, 8)
+            blocks += [torch.nn.Conv2d(current, nxt, 4, 2, 1), torch.nn.GroupNorm(math.gcd(32, nxt), nxt), torch.nn.LeakyReLU(0.2)]
+            current = nxt
+        blocks += [torch.nn.Conv2d(current, 1, 4, 1, 1)]
+        self.net = torch.nn.Sequential(*blocks)
+
+    def forward(self, images):
+        return self.net(images)
+
+
+def adaptive_gan_weight(reconstruction_loss, generator_loss, last_layer) -> torch.Tensor:
+    """VQGAN: balance the GAN gradient against the reconstruction gradient at the decoder's last layer."""
+    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    # numpy/python states as JSON bytes: `torch.load(weights_only=True)` accepts tensors, not ndarrays.
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    others = {"numpy": [kind, keys.tolist(), position, has_gauss, gauss], "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "others": torch.tensor(list(json.dumps(others).encode()), dtype=torch.uint8)}
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    others = json.loads(bytes(state["others"].tolist()).decode())
+    kind, keys, position, has_gauss, gauss = others["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss = others["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
+    """The newest COMPLETE checkpoint; partial folders (a crash mid-write) are never chosen."""
+    done = [p for p in checkpoint_root.glob("step-*") if p.is_dir() and is_complete(p)]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+class CorruptCheckpointError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+class StageITrainer:
+    def __init__(self, args: StageIArguments, train_images, eval_images, text_blocks: Optional[torch.Tensor] = None):
+        from accelerate import Accelerator
+
+        from .text_lm import load_text_lm
+
+        self.args = args
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.out = Path(args.output_dir)
+        self.work = self.out / "stage1"
+        self.work.mkdir(parents=True, exist_ok=True)
+
+        self.llm, self.text_tokenizer = load_text_lm(args.llm_path)
+        self.llm.to(self.device)
+        preset = load_preset(args.preset)
+        overrides = {k: v for k, v in {"paradigm": args.paradigm, "quantizer": args.quantizer, "depth": args.depth,
+                                        "codebook_size": args.codebook_size}.items() if v is not None}
+        overrides.update(args.vision_overrides)
+        probe = vision_tokenizer_config(preset, **overrides)
+        hidden = self.llm.get_input_embeddings().weight.shape[1]
+        if hidden != probe.code_dim:
+            raise ValueError(
+                f"the LLM at llm_path={args.llm_path!r} has hidden size {hidden} but preset {args.preset!r} has "
+                f"code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so set "
+                f"vision_tokenizer.code_dim={hidden} (or pick the preset made for this LLM)"
+            )
+        ids, selection = select_codebook_rows(self.llm.get_input_embeddings().weight, probe.codebook_size, self.text_tokenizer)
+        self.config = vision_tokenizer_config(preset, **overrides, codebook_token_ids=ids, codebook_selection=selection)
+        self.token_ids = torch.tensor(ids, device=self.device)
+
+        torch.manual_seed(args.seed)
+        model = UniCodeVisualTokenizer(self.config).to(self.device)
+        with torch.no_grad():
+            model.codebook.copy_(self.llm_rows())  # every paradigm starts from the LLM's rows
+        self.codebook_trainer = UniCodeCodebookTrainer(self.config, model.codebook).to(self.device)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=tuple(args.adam_betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+        self.discriminator = self.disc_optimizer = None
+        if args.perceptual_weight > 0:
+            raise ValueError(
+                "perceptual_weight > 0 needs LPIPS weights, which are not available offline here; "
+                "set perceptual_weight=0 (the default) or train where LPIPS weights can be loaded"
+            )
+        if args.gan_weight > 0:
+            discriminator = PatchDiscriminator(self.config.in_channels).to(self.device)
+            disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate, betas=tuple(args.adam_betas))
+            self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
+
+        self.text_blocks = text_blocks
+        self.text_optimizer = None
+        if self.config.paradigm == "dual":
+            if text_blocks is None or len(text_blocks) == 0:
+                raise ValueError("paradigm='dual' trains the LLM on text between exchanges: pass text_blocks (token blocks)")
+            self.text_optimizer = torch.optim.AdamW(self.llm.parameters(), lr=args.dual_text_learning_rate)
+
+        if len(train_images) == 0:
+            raise ValueError("the training dataset is empty; build the Shapes world (or your dataset) with at least one image")
+        if len(train_images) < args.batch_size:
+            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}")
+        if args.batch_size % self.accelerator.num_processes:
+            raise ValueError(f"batch_size={args.batch_size} must divide evenly over {self.accelerator.num_processes} processes")
+        self.train_images = train_images
+        self.eval_images = eval_images[: args.eval_images]
+        self.step = 0
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warmup = max(1, self.args.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.args.max_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    @property
+    def unwrapped(self) -> UniCodeVisualTokenizer:
+        return self.accelerator.unwrap_model(self.model)
+
+    def llm_rows(self) -> torch.Tensor:
+        with torch.no_grad():
+            return embedding_rows(self.llm.get_input_embeddings(), self.token_ids).float()
+
+    def _autocast(self):
+        enabled = self.args.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        args, model = self.args, self.model
+        indices = batch_indices(len(self.train_images), self.step, args.batch_size, args.seed)
+        share = args.batch_size // self.accelerator.num_processes
+        local = indices[self.accelerator.process_index * share : (self.accelerator.process_index + 1) * share]
+        pixel_values = to_pixel_values(self.train_images[local]).to(self.device)
+        ratio = blend_ratio(self.config, self.step, args.max_steps)
+        model.train()
+        with self._autocast():
+            out = model(pixel_values, return_statistics=True)
+        loss = out.loss
+        logs = {}
+        if self.discriminator is not None and self.step >= args.gan_start_step:
+            last_layer = self.unwrapped.decoder.conv_out.weight
+            with self._autocast():
+                generator_loss = -self.discriminator(out.reconstruction).mean()
+            weight = adaptive_gan_weight(out.reconstruction_loss, generator_loss, last_layer)
+            # Released code: the adversarial pull fades as the codebook is handed to the LLM.
+            gan_scale = args.gan_weight * (1.0 - 0.9 * ratio)
+            loss = loss + gan_scale * weight * generator_loss
+            logs["generator_loss"] = float(generator_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if args.max_grad_norm:
+            self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.discriminator is not None and self.step >= args.gan_start_step:
+            with self._autocast():
+                real = self.discriminator(pixel_values)
+                fake = self.discriminator(out.reconstruction.detach())
+            disc_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(disc_loss)
+            self.disc_optimizer.step()
+            logs["discriminator_loss"] = float(disc_loss)
+
+        codebook = self.unwrapped.codebook
+        llm_rows = self.llm_rows() if self.config.paradigm == "iterative" else None
+        self.codebook_trainer.update(codebook.data, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=ratio,
+                                     restart_candidates=out.code_features)
+        if self.config.paradigm == "dual" and (self.step + 1) % self.config.dual_sync_interval == 0:
+            logs.update(self.dual_exchange())
+        mse = float(out.reconstruction_loss.detach())
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": float(loss.detach()),
+            "reconstruction_mse": mse,
+            "commitment": float(out.commitment_loss),
+            "psnr": psnr_from_mse(mse),
+            "usage": out.codebook_usage,
+            "perplexity": out.perplexity,
+            "blend_ratio": ratio,
+            "lr": self.scheduler.get_last_lr()[0],
+            **logs,
+        }
+
+    def dual_exchange(self) -> dict:
+        """Dual alternating training: codebook -> LLM rows, M text steps, LLM rows -> codebook.
+
+        Every rank runs the same text steps on the same blocks (seeded by the step), so the LLM, and
+        thus the codebook read back, stays identical across processes without a second DDP wrapper.
+        """
+        codebook = self.unwrapped.codebook
+        embedding = self.llm.get_input_embeddings()
+        write_embedding_rows(embedding, self.token_ids, codebook.data)
+        self.llm.train()
+        generator = torch.Generator().manual_seed(self.args.seed * 7919 + self.step)
+        losses = []
+        for _ in range(self.args.dual_text_steps):
+            pick = torch.randint(0, len(self.text_blocks), (min(8, len(self.text_blocks)),), generator=generator)
+            blocks = self.text_blocks[pick].to(self.device)
+            loss = self.llm(input_ids=blocks, labels=blocks).loss
+            self.text_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.text_optimizer.step()
+            losses.append(float(loss))
+        self.llm.eval()
+        self.codebook_trainer.load_llm_rows(codebook.data, self.llm_rows())
+        return {"llm_text_loss": sum(losses) / len(losses)}
+
+    # -- evaluation, samples -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.unwrapped.eval()
+        counts = torch.zeros(self.config.codebook_size, device=self.device)
+        squared_error, pixels = 0.0, 0
+        psnrs = []
+        for start in range(0, len(self.eval_images), 64):
+            pixel_values = to_pixel_values(self.eval_images[start : start + 64]).to(self.device)
+            with self._autocast():
+                out = model(pixel_values, return_statistics=True)
+            counts += out.code_counts
+            reconstruction = out.reconstruction.float().clamp(-1, 1)
+            per_image = (reconstruction - pixel_values).pow(2).mean(dim=(1, 2, 3))
+            psnrs.extend(psnr_from_mse(float(m)) for m in per_image)
+        usage, perplexity = usage_statistics(counts)
+        return {"psnr": float(np.mean(psnrs)), "usage": usage, "perplexity": perplexity, "images": len(psnrs)}
+
+    @torch.no_grad()
+    def save_samples(self, name: str, count: int = 8) -> Path:
+        from PIL import Image
+
+        model = self.unwrapped.eval()
+        originals = to_pixel_values(self.eval_images[:count]).to(self.device)
+        with self._autocast():
+            reconstruction = model(originals, return_statistics=False).reconstruction.float()
+        rows = [originals, reconstruction.clamp(-1, 1)]
+        grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 2S, count*S)
+        path = self.work / "samples" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((grid.permute(1, 2, 0).cpu() + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(path)
+        return path
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Optional[Path]:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        root = self.work / "checkpoints"
+        target = root / f"step-{self.step:07d}"
+        with atomic_directory(target) as staging:
+            save_model(self.unwrapped, str(staging / "model.safetensors"))
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "codebook_trainer": self.codebook_trainer.state_dict(),
+                "rng": _rng_state(),
+                "step": self.step,
+            }
+            if self.discriminator is not None:
+                state["discriminator"] = self.accelerator.unwrap_model(self.discriminator).state_dict()
+                state["disc_optimizer"] = self.disc_optimizer.state_dict()
+            if self.text_optimizer is not None:
+                save_model(self.llm, str(staging / "llm.safetensors"))
+                state["text_optimizer"] = self.text_optimizer.state_dict()
+            torch.save(state, staging / "training_state.pt")
+            (staging / "arguments.json").write_text(json.dumps(asdict(self.args), indent=2))
+        for old in sorted(root.glob("step-*"), key=lambda p: p.name)[: -self.args.keep_checkpoints]:
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path / "training_state.pt", map_location=self.device, weights_only=True)
+            load_model(self.unwrapped, str(path / "model.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.codebook_trainer.load_state_dict(state["codebook_trainer"])
+            if self.discriminator is not None:
+                self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
+                self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            if self.text_optimizer is not None:
+                load_model(self.llm, str(path / "llm.safetensors"), device=str(self.device))
+                self.text_optimizer.load_state_dict(state["text_optimizer"])
+            _restore_rng(state["rng"])
+            self.step = int(state["step"])
+        except Exception as error:  # noqa: BLE001 - any failure here means the checkpoint is unusable
+            raise CorruptCheckpointError(
+                f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); delete that folder to resume "
+                "from the previous checkpoint, or start without --resume"
+            ) from error
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        args = self.args
+        if resume:
+            checkpoint = latest_checkpoint(self.work / "checkpoints")
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+        log_path = self.work / "log.jsonl"
+        started = time.perf_counter()
+        progress = tqdm(total=args.max_steps, initial=self.step, desc=f"stage I ({self.config.paradigm}, {self.config.quantizer})",
+                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        while self.step < args.max_steps:
+            record = self.train_step()
+            progress.update(1)
+            if self.step % args.log_every == 0 or self.step == args.max_steps:
+                progress.set_postfix(psnr=f"{record['psnr']:.1f}", usage=f"{record['usage']:.2f}", r=f"{record['blend_ratio']:.2f}")
+                if self.accelerator.is_main_process:
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+            if self.accelerator.is_main_process and args.sample_every and self.step % args.sample_every == 0:
+                self.save_samples(f"step-{self.step:07d}")
+            if args.checkpoint_every and self.step % args.checkpoint_every == 0 and self.step < args.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, seconds: float) -> dict:
+        codebook = self.unwrapped.codebook
+        if self.config.paradigm == "dual":
+            # Dual ends by handing the codebook to the LLM, which is saved beside the tokenizer.
+            write_embedding_rows(self.llm.get_input_embeddings(), self.token_ids, codebook.data)
+        with torch.no_grad():
+            codebook.copy_(self.llm_rows())
+        unified = bool(torch.equal(codebook, self.llm_rows()))
+        if not unified:
+            raise RuntimeError("stage I ended with a codebook different from the LLM rows; this is a bug")
+        metrics = {**self.evaluate(), "train_seconds": seconds, "steps": self.step, "unified": unified,
+                   "paradigm": self.config.paradigm, "quantizer": self.config.quantizer, "depth": self.config.depth,
+                   "codebook_size": self.config.codebook_size, "world_size": self.accelerator.num_processes}
+        self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            self.save_samples("final")
+            with atomic_directory(self.out / "vision_tokenizer") as staging:
+                self.unwrapped.save_pretrained(staging)
+            if self.config.paradigm == "dual":
+                with atomic_directory(self.out / "llm") as staging:
+                    self.llm.save_pretrained(staging)
+                    self.text_tokenizer.save_pretrained(staging)
+            (self.work / "metrics.json").write_text(json.dumps({**metrics, "arguments": asdict(self.args)}, indent=2))
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def psnr_from_mse(mse: float, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
+    return float("inf") if mse <= 0 else 10.0 * math.log10(peak_to_peak**2 / mse)

@@ -1,0 +1,184 @@
+"""Stage 0: a small causal LM and its BPE tokenizer, standing in for Vicuna in presets that have no
+pretrained LLM (`tiny`).
+
+The unified codebook needs K rows of the LLM's OWN vocabulary (an `add_tokens` entry is never a
+code: it was never trained as text). A BPE trained on the Shapes captions alone stops at a few
+hundred entries, so the tokenizer is trained on Shapes text plus English prose that ships with
+every Python: the standard library's docstrings (~135k words), which take it to the preset's
+vocabulary size.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+from modeling_unicode import IMAGE_SPECIAL_TOKENS
+
+from .checkpointing import atomic_directory, is_complete
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
+
+
+def stdlib_docstrings() -> list[str]:
+    """English prose available offline on any machine: docstrings of the stdlib's top-level modules,
+    in a fixed file order so the corpus is the same on every machine with this Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    texts.append(doc)
+    return texts
+
+
+def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with `vocab_size` entries of its own, plus the pad/bos/eos and image tokens."""
+    special = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *IMAGE_SPECIAL_TOKENS.values()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer)
+    if tokenizer.get_vocab_size() < vocab_size:
+        raise ValueError(
+            f"the text corpus only supports a {tokenizer.get_vocab_size()}-entry BPE vocabulary, below "
+            f"text_model.vocab_size={vocab_size}; add text or lower vocab_size"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=dict(IMAGE_SPECIAL_TOKENS),
+        model_max_length=None,
+    )
+
+
+def llama_config(text_model: dict, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The preset's `text_model` section as a LlamaConfig. Embeddings are tied to the LM head: the
+    codebook rows the LM reads are then exactly the rows it writes images with."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_model["hidden_size"],
+        intermediate_size=text_model["intermediate_size"],
+        num_hidden_layers=text_model["num_hidden_layers"],
+        num_attention_heads=text_model["num_attention_heads"],
+        num_key_value_heads=text_model.get("num_key_value_heads", text_model["num_attention_heads"]),
+        max_position_embeddings=text_model.get("max_position_embeddings", 512),
+        tie_word_embeddings=text_model.get("tie_word_embeddings", True),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def packed_blocks(tokenizer, texts: Sequence[str], block_size: int) -> torch.Tensor:
+    """Concatenate `<s> text </s>` and cut into equal blocks (causal LM pre-training packing)."""
+    ids: list[int] = []
+    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend([tokenizer.bos_token_id, *encoded, tokenizer.eos_token_id])
+    usable = len(ids) // block_size * block_size
+    if usable == 0:
+        raise ValueError(f"the text corpus has {len(ids)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(ids[:usable]).reshape(-1, block_size)
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def train_text_lm(
+    output_dir: str | Path,
+    text_model: dict,
+    domain_texts: Sequence[str],
+    max_steps: int = 300,
+    batch_size: int = 16,
+    block_size: int = 128,
+    learning_rate: float = 3e-3,
+    domain_repeats: Optional[int] = None,
+    seed: int = 0,
+) -> Path:
+    """Train the tokenizer and the LM; write an HF folder `AutoModelForCausalLM`/`AutoTokenizer` load.
+
+    `domain_texts` (Shapes captions and answers) are what the LM must be good at later; the stdlib
+    prose gives the tokenizer its vocabulary and the LM some general text. A finished folder is
+    reused, so re-running a pipeline skips this stage.
+    """
+    output_dir = Path(output_dir)
+    if is_complete(output_dir):
+        return output_dir
+    if not domain_texts:
+        raise ValueError("domain_texts is empty; pass the dataset's captions/answers as training text")
+    english = stdlib_docstrings()
+    tokenizer = train_text_tokenizer([*english, *domain_texts], text_model["vocab_size"])
+    if domain_repeats is None:
+        # Weight the domain text to about as many words as the general prose.
+        domain_words = max(1, sum(len(t.split()) for t in domain_texts))
+        domain_repeats = max(1, math.ceil(sum(len(t.split()) for t in english) / domain_words))
+    blocks = packed_blocks(tokenizer, [*english, *list(domain_texts) * domain_repeats], block_size)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(text_model, tokenizer))
+    with atomic_directory(output_dir) as staging:
+        args = TrainingArguments(
+            output_dir=str(staging / "trainer"),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, max_steps // 20),
+            weight_decay=0.01,
+            logging_steps=max(1, max_steps // 10),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            seed=seed,
+            dataloader_num_workers=0,
+        )
+        Trainer(model=model, args=args, train_dataset=_Blocks(blocks)).train()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(staging / "trainer", ignore_errors=True)
+    return output_dir
+
+
+def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Any causal LM folder or repo id (stage-0 output, Gemma, Vicuna...) and its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
