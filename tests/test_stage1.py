@@ -28,6 +28,7 @@ def make_trainer(out, llm_dir, steps=6, paradigm="iterative", quantizer="rq", co
                            sample_every=0, checkpoint_every=kw.pop("checkpoint_every", 0), eval_images=8,
                            vision_overrides=tiny_overrides(), **kw)
     images = tiny_images()
+    _, tokenizer = load_text_lm(llm_dir)
     blocks = packed_blocks(tokenizer, ["the red circle is at the top left"] * 50, 16)
     return StageITrainer(args, images, images[:8], text_blocks=blocks)
 
