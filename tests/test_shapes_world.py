@@ -1,0 +1,150 @@
+"""Shapes world generator: determinism, splits, rendering, captions, questions."""
+
+import datasets
+import numpy as np
+import pytest
+
+from training.data import shapes
+from training.data.shapes import (
+    CAPTION_TEMPLATES, COLORS, HELD_OUT_PAIRS, SHAPES, TRAIN_PAIRS, build_shapes_world, canonical_objects,
+    captions_for_scene, color_shape_pairs, make_example, questions_for_scene, render_scene, sample_scene,
+    scene_from_caption, scene_from_json, shape_coverage, text_corpus,
+)
+
+
+def _raw(dataset_dict):
+    """Every split with undecoded image bytes, for byte comparison."""
+    return {name: split.cast_column("image", datasets.Image(decode=False)).to_dict() for name, split in dataset_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_shapes_world(num_train=40, num_val=8, num_test=8, num_compositional=12, seed=0)
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(world):
+    again = build_shapes_world(num_train=40, num_val=8, num_test=8, num_compositional=12, seed=0)
+    assert _raw(world) == _raw(again)
+    other = build_shapes_world(num_train=40, num_val=8, num_test=8, num_compositional=12, seed=1)
+    first, second = _raw(world)["train"], _raw(other)["train"]
+    assert first["scene"] != second["scene"]
+    assert sum(a["bytes"] != b["bytes"] for a, b in zip(first["image"], second["image"])) > 30
+
+
+def test_one_example_regenerates_alone(world):
+    row = world["test"].cast_column("image", datasets.Image(decode=False))[5]
+    example = make_example(0, "test", 5)
+    assert example["scene"] == row["scene"] and example["captions"] == row["captions"]
+    # The Image feature stores PNG; decode both sides and compare pixels exactly.
+    assert np.array_equal(np.asarray(world["test"][5]["image"]), np.asarray(example["image"]))
+
+
+def test_splits_schema_and_features(world):
+    assert list(world) == ["train", "validation", "test", "compositional"]
+    assert [len(world[s]) for s in world] == [40, 8, 8, 12]
+    features = world["train"].features
+    assert isinstance(features["image"], datasets.Image)
+    row = world["train"][0]
+    assert row["image"].size == (64, 64) and row["image"].mode == "RGB"
+    assert len(row["captions"]) == len(CAPTION_TEMPLATES)
+    assert {"question", "answer", "type"} == set(row["questions"][0])
+    mapped = world["validation"].map(lambda r: {"n": len(scene_from_json(r["scene"])["objects"])})
+    assert all(1 <= n <= 3 for n in mapped["n"])
+
+
+def test_compositional_split_shares_no_colour_shape_pair_with_train():
+    big = build_shapes_world(num_train=300, num_val=50, num_test=50, num_compositional=100, seed=3)
+    seen = {split: set().union(*(color_shape_pairs(s) for s in big[split]["scene"])) for split in big}
+    assert seen["compositional"] and not seen["compositional"] & seen["train"]
+    assert seen["compositional"] <= set(HELD_OUT_PAIRS)
+    for split in ("train", "validation", "test"):
+        assert seen[split] <= set(TRAIN_PAIRS)
+    # Every colour and every shape is still learned in train, only the pairs are new.
+    assert {c for c, _ in seen["train"]} == set(COLORS) and {s for _, s in seen["train"]} == set(SHAPES)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+def test_render_sizes_and_non_overlap(size):
+    rng = np.random.default_rng(size)
+    for _ in range(10):
+        scene = sample_scene(rng, size)
+        image = render_scene(scene)
+        assert image.size == (size, size)
+        box = (0, 0, size, size)
+        masks = [shape_coverage(o["shape"], o["center"], o["radius"], box) > 0 for o in scene["objects"]]
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                assert not (masks[i] & masks[j]).any()
+        assert len({(o["color"], o["shape"]) for o in scene["objects"]}) == len(scene["objects"])
+
+
+def test_render_is_anti_aliased_on_a_white_background():
+    scene = {"image_size": 64, "objects": [{"shape": "circle", "color": "red", "size": "large", "position": "center"}]}
+    pixels = np.asarray(render_scene(scene)).reshape(-1, 3)
+    colours = {tuple(p) for p in pixels}
+    assert (255, 255, 255) in colours and COLORS["red"] in colours
+    assert len(colours) > 5  # edge pixels are blends, not two flat colours
+
+
+def test_captions_round_trip_to_the_scene():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        scene = sample_scene(rng, 64)
+        captions = captions_for_scene(scene)
+        assert len(set(captions)) == len(CAPTION_TEMPLATES)
+        for caption in captions:
+            assert canonical_objects(scene_from_caption(caption)) == canonical_objects(scene)
+
+
+def test_scene_from_caption_rejects_text_it_cannot_ground():
+    with pytest.raises(ValueError, match="caption"):
+        scene_from_caption("a red circle")  # no size, no position
+    with pytest.raises(TypeError):
+        scene_from_caption(3)
+
+
+def test_questions_answer_correctly_on_a_hand_made_scene():
+    scene = {"image_size": 64, "objects": [
+        {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
+        {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
+    ]}
+    kinds = set()
+    for seed in range(40):
+        for qa in questions_for_scene(scene, np.random.default_rng(seed)):
+            kinds.add(qa["type"])
+            q, a = qa["question"], qa["answer"]
+            if q == "How many shapes are there?":
+                assert a == "2"
+            if q.startswith("Is the red circle to the left of the blue square"):
+                assert a == "yes"
+            if q.startswith("Is the red circle to the right of"):
+                assert a == "no"
+            if q == "What shape is in the bottom right?":
+                assert a == "square"
+            if q == "Where is the red circle?":
+                assert a == "top left"
+            if q == "How many blue shapes are there?":
+                assert a == "1"
+            if q == "How many green shapes are there?":
+                assert a == "0"
+            if q.startswith("Is there a "):
+                present = q[len("Is there a "):-1] in ("red circle", "blue square")
+                assert a == ("yes" if present else "no")
+    assert kinds == set(shapes.QUESTION_TYPES)
+
+
+def test_text_corpus_contains_captions_and_qa(world):
+    lines = list(text_corpus(world["train"]))
+    assert world["train"][0]["captions"][0] in lines
+    assert any(line.startswith("Question: ") and " Answer: " in line for line in lines)
+    sampled = list(text_corpus(num_scenes=5, seed=0))
+    assert len(sampled) > 5 * len(CAPTION_TEMPLATES)
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="image_size"):
+        build_shapes_world(num_train=1, image_size=16)
+    with pytest.raises(ValueError, match="split"):
+        make_example(0, "training", 0)
+    with pytest.raises(ValueError, match="num_train"):
+        build_shapes_world(num_train=-1)

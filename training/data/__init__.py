@@ -1,0 +1,27 @@
+"""Data sources: the Shapes world (procedural, exact scene graphs), its scene parser, offline
+real images (Fashion-MNIST, scikit-image samples) and adapters for Hugging Face datasets."""
+
+from .scene_parser import degrade_image, parse_scene
+from .shapes import (
+    CAPTION_TEMPLATES,
+    COLORS,
+    POSITIONS,
+    QUESTION_TEMPLATES,
+    QUESTION_TYPES,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    ShapesWorldConfig,
+    build_shapes_world,
+    canonical_objects,
+    caption_for_scene,
+    captions_for_scene,
+    load_shapes_world,
+    make_example,
+    questions_for_scene,
+    render_scene,
+    sample_scene,
+    scene_from_caption,
+    scene_request,
+    text_corpus,
+)
