@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: install test test-slow bench clean
+.PHONY: install test test-slow bench tokenizer clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
+
+# Stage 0 + stage I of the tiny preset on the Shapes world; re-running reuses finished work.
+tokenizer: install
+	$(VENV)/bin/unicode-mllm train-text --preset tiny --output outputs/tiny
+	$(VENV)/bin/unicode-mllm train-tokenizer --preset tiny --output outputs/tiny --resume
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
