@@ -69,6 +69,11 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     preset, recipe = load_preset(args.preset), _recipe(args.preset)
     stage1, data = recipe.get("stage1", {}), recipe.get("data", {})
     output = Path(args.output)
+    from .checkpointing import is_complete
+
+    if args.resume and is_complete(output / "vision_tokenizer"):
+        print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
+        return 0
     llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / "text_lm")
     if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / "text_lm").is_dir():
         raise SystemExit(f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
