@@ -30,6 +30,7 @@ TRAIN = [
     "tqdm",
     "pyyaml",
     "scipy",
+    "scikit-image",  # training.data.real_images: the bundled sample images
 ]
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]

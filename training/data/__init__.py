@@ -1,6 +1,14 @@
 """Data sources: the Shapes world (procedural, exact scene graphs), its scene parser, offline
 real images (Fashion-MNIST, scikit-image samples) and adapters for Hugging Face datasets."""
 
+from .real_images import (
+    FASHION_MNIST_LABELS,
+    fashion_mnist_available,
+    load_caption_dataset,
+    load_conversation_dataset,
+    load_fashion_mnist,
+    load_skimage_images,
+)
 from .scene_parser import degrade_image, parse_scene
 from .shapes import (
     CAPTION_TEMPLATES,
