@@ -32,7 +32,6 @@ from modeling_unicode import (
     blend_ratio,
     embedding_rows,
     select_codebook_rows,
-    usage_statistics,
     write_embedding_rows,
 )
 
@@ -97,6 +96,11 @@ def images_to_uint8(images, image_size: int, argument: str = "dataset") -> torch
 
 def to_pixel_values(batch_uint8: torch.Tensor) -> torch.Tensor:
     return batch_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8_images(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, C, H, W) floats -> (B, H, W, C) uint8, rounding as an image file would."""
+    return ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
 
 
 def batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -340,20 +344,22 @@ class StageITrainer:
     # -- evaluation, samples -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """PSNR (on 8-bit reconstructions, as images are seen) and codebook usage on the validation
+        images, through the project's `evaluate` metric modules."""
+        from .metrics import load_metric
+
         model = self.unwrapped.eval()
-        counts = torch.zeros(self.config.codebook_size, device=self.device)
-        squared_error, pixels = 0.0, 0
-        psnrs = []
+        originals, reconstructions, codes = [], [], []
         for start in range(0, len(self.eval_images), 64):
-            pixel_values = to_pixel_values(self.eval_images[start : start + 64]).to(self.device)
+            batch = self.eval_images[start : start + 64]
             with self._autocast():
-                out = model(pixel_values, return_statistics=True)
-            counts += out.code_counts
-            reconstruction = out.reconstruction.float().clamp(-1, 1)
-            per_image = (reconstruction - pixel_values).pow(2).mean(dim=(1, 2, 3))
-            psnrs.extend(psnr_from_mse(float(m)) for m in per_image)
-        usage, perplexity = usage_statistics(counts)
-        return {"psnr": float(np.mean(psnrs)), "usage": usage, "perplexity": perplexity, "images": len(psnrs)}
+                out = model(to_pixel_values(batch).to(self.device), return_statistics=False)
+            originals.extend(batch.permute(0, 2, 3, 1).numpy())
+            reconstructions.extend(to_uint8_images(out.reconstruction).numpy())
+            codes.extend(out.codes.reshape(len(batch), -1).cpu().tolist())
+        psnr = load_metric("psnr").compute(predictions=reconstructions, references=originals)["psnr"]
+        usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=self.config.codebook_size)
+        return {"psnr": psnr, "usage": usage["usage"], "perplexity": usage["perplexity"], "images": len(originals)}
 
     @torch.no_grad()
     def save_samples(self, name: str, count: int = 8) -> Path:
@@ -367,7 +373,7 @@ class StageITrainer:
         grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 2S, count*S)
         path = self.work / "samples" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((grid.permute(1, 2, 0).cpu() + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(path)
+        Image.fromarray(to_uint8_images(grid.unsqueeze(0))[0].numpy()).save(path)
         return path
 
     # -- checkpoints ---------------------------------------------------------------------------------
