@@ -391,7 +391,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         in about [-1, 1] (`UniCodeProcessor.post_process_multimodal_output` makes PIL images)."""
         tokenizer = self.model._require_vision("decode_image_tokens")
         vq = tokenizer.config
-        ids = self.extract_image_tokens(image_tokens)
+        ids = self.extract_image_tokens(image_tokens).contiguous()
         codes = self.model.check_image_codes(unflatten_code_map(ids, vq.code_grid_size, vq.depth))
         return tokenizer.decode(codes, codebook=self.model.codebook())
 
