@@ -161,8 +161,9 @@ class UniCodeImageProcessor(BaseImageProcessor):
         return image.crop((left, top, left + size, top + size))
 
     # -- the processor --------------------------------------------------------------------------
-    def preprocess(self, images, return_tensors: Optional[str] = None, **kwargs) -> BatchFeature:
-        """Images -> {"pixel_values": (batch, 3, size, size) float32 in [-1, 1]}."""
+    def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+        """Images -> {"pixel_values": (batch, 3, size, size) float32 in [-1, 1]}, a torch tensor unless
+        `return_tensors` says otherwise (`"np"`, or None for NumPy arrays)."""
         unknown = {k for k, v in kwargs.items() if v is not None} - {"do_convert_rgb"}
         if unknown:
             raise TypeError(f"UniCodeImageProcessor got unexpected arguments {sorted(unknown)}")
