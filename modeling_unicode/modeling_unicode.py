@@ -474,6 +474,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         logits_processor: Optional[LogitsProcessorList] = None,
         use_cache: bool = True,
         image_span_constraint: bool = True,
+        generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
         """Text-to-image: prompt + `<boi>` -> exactly ĥ·ŵ·D code ids -> `<eoi>`.
@@ -483,6 +484,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         u + s·(c − u) (s = `guidance_scale`; None or 1 disables guidance). Then the span constraint
         (only codebook ids), then temperature/top-k/top-p from the generation config.
         `image_span_constraint=False` exists only to measure its cost: the ids may then not decode.
+        `generator` seeds the sampling (diffusers-style reproducibility).
         Returns the sequences (B, prompt + 1 + ĥ·ŵ·D + 1), or a `GenerateDecoderOnlyOutput` with
         `return_dict_in_generate=True` (`logits` = guided logits, `scores` = processed scores).
         """
@@ -560,7 +562,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             step_logits = logits[:batch] if not guided else logits[batch:] + scale * (logits[:batch] - logits[batch:])
             scores = processors(sequences, step_logits)
             if generation_config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
             else:
                 next_tokens = scores.argmax(dim=-1)
             if return_dict:
