@@ -554,13 +554,19 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
 
         return_dict = bool(generation_config.return_dict_in_generate)
         raw_logits, scores_out = [], []
+        # Masks, positions and output written into preallocated buffers: no per-step concatenation.
+        prompt_length, start = rows.shape[1], ids.shape[1]
+        full_mask = torch.cat([row_mask, row_mask.new_ones(rows.shape[0], num_codes)], dim=1)
         positions = (row_mask.cumsum(-1) - 1).clamp_(min=0)
+        steps = torch.arange(1, num_codes + 1, device=positions.device)
+        full_positions = torch.cat([positions, positions[:, -1:] + steps], dim=1)
+        sequences = ids.new_empty(batch, start + num_codes + 1)
+        sequences[:, :start] = ids
         cache = DynamicCache(config=config.get_text_config()) if use_cache else None
         logits = self._next_token_logits(rows, row_mask, positions, cache, use_cache)
-        sequences = ids
         for step in range(num_codes):
             step_logits = logits[:batch] if not guided else logits[batch:] + scale * (logits[:batch] - logits[batch:])
-            scores = processors(sequences, step_logits)
+            scores = processors(sequences[:, : start + step], step_logits)
             if generation_config.do_sample:
                 next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
             else:
@@ -568,19 +574,19 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             if return_dict:
                 raw_logits.append(step_logits)
                 scores_out.append(scores)
-            sequences = torch.cat([sequences, next_tokens.unsqueeze(1)], dim=1)
+            sequences[:, start + step] = next_tokens
             if step == num_codes - 1:
                 break
             column = next_tokens.repeat(2 if guided else 1).unsqueeze(1)
-            rows = torch.cat([rows, column], dim=1)
-            row_mask = torch.cat([row_mask, torch.ones_like(column)], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            length = prompt_length + step + 1
             if use_cache:
-                logits = self._next_token_logits(column, row_mask, positions[:, -1:], cache, True)
+                logits = self._next_token_logits(
+                    column, full_mask[:, :length], full_positions[:, length - 1 : length], cache, True
+                )
             else:
-                logits = self._next_token_logits(rows, row_mask, positions, None, False)
-        eoi = torch.full((batch, 1), config.eoi_token_id, dtype=sequences.dtype, device=sequences.device)
-        sequences = torch.cat([sequences, eoi], dim=1)
+                rows = torch.cat([rows, column], dim=1)
+                logits = self._next_token_logits(rows, full_mask[:, :length], full_positions[:, :length], None, False)
+        sequences[:, -1] = config.eoi_token_id
         if return_dict:
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores_out), logits=tuple(raw_logits), cache=cache)
         return sequences
