@@ -25,6 +25,17 @@ def test_text_generation_with_and_without_kv_cache_is_identical():
     assert torch.equal(cached, uncached)
 
 
+def test_text_generation_reads_precomputed_image_codes_like_pixels():
+    model, processor = tiny_mllm("hq")
+    inputs = processor(text=[PROMPT, PROMPT], images=processor.postprocess(random_images(2)))
+    codes = model.model.encode_images(inputs["pixel_values"])
+    from_pixels = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    from_codes = model.generate(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=codes, max_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(from_pixels, from_codes)
+
+
 @pytest.mark.parametrize("quantizer,expected", [("vq", 16), ("rq", 32), ("hq", 20)])
 def test_image_generation_writes_exactly_the_image_span_and_decodes_it(quantizer, expected):
     model, processor = tiny_mllm(quantizer)
