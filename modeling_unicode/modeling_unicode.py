@@ -488,7 +488,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         u + s·(c − u) (s = `guidance_scale`; None or 1 disables guidance). Then the span constraint
         (only codebook ids), then temperature/top-k/top-p from the generation config.
         `image_span_constraint=False` exists only to measure its cost: the ids may then not decode.
-        `generator` seeds the sampling (diffusers-style reproducibility).
+        `generator` seeds the sampling (diffusers-style reproducibility). Length settings
+        (`max_new_tokens`, `max_length`) do not apply: an image is always ĥ·ŵ·D ids.
         Returns the sequences (B, prompt + 1 + ĥ·ŵ·D + 1), or a `GenerateDecoderOnlyOutput` with
         `return_dict_in_generate=True` (`logits` = guided logits, `scores` = processed scores).
         """
@@ -506,6 +507,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             raise ValueError(f"unsupported arguments for generation_mode='image': {sorted(unused)}")
         if generation_config.num_beams not in (None, 1):
             raise ValueError("image generation samples or decodes greedily; set num_beams=1")
+        if (generation_config.num_return_sequences or 1) != 1:
+            raise ValueError("num_return_sequences is not supported for images; repeat the caption in the batch instead")
         scale = generation_config.guidance_scale
         if scale is not None and scale <= 0:
             raise ValueError(f"guidance_scale={scale} must be > 0 (1 disables guidance; 3-7 is typical), or None")

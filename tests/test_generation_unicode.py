@@ -125,6 +125,8 @@ def test_bad_generation_requests_raise_clear_errors():
         model.generate(**inputs, generation_mode="video")
     with pytest.raises(ValueError, match="right-padded"):
         model.generate(input_ids=inputs["input_ids"], attention_mask=torch.cat([inputs["attention_mask"][:, 1:], torch.zeros(1, 1, dtype=torch.long)], 1), generation_mode="image")
+    with pytest.raises(ValueError, match="repeat the caption"):
+        model.generate(input_ids=inputs["input_ids"], generation_mode="image", num_return_sequences=2, do_sample=True)
     with pytest.raises(ValueError, match="num_beams=1"):
         model.generate(input_ids=inputs["input_ids"], generation_mode="image", num_beams=2)
     with pytest.raises(ValueError, match="guidance_scale applies to generation_mode='image'"):
