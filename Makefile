@@ -31,6 +31,7 @@ tokenizer: install
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quantizer.py
+	$(PY) benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

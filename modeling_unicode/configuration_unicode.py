@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 # The only place these strings are spelled. `<image>` marks where the processor expands an input
 # image into placeholders; `<boi>`/`<eoi>` bracket a generated image's code ids.
@@ -17,10 +18,26 @@ BOI_TOKEN = "<boi>"
 EOI_TOKEN = "<eoi>"
 IMAGE_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
 
+def add_image_special_tokens(tokenizer) -> dict[str, int]:
+    """Add `<image>`, `<boi>`, `<eoi>` to `tokenizer` as named special tokens (idempotent).
+
+    Named, so `tokenizer.image_token` / `tokenizer.image_token_id` work and survive
+    `save_pretrained`; special, so they are never split and never chosen as visual codes.
+    Returns `{"image_token_id": ..., "boi_token_id": ..., "eoi_token_id": ...}`. The caller resizes
+    the LLM's embeddings to `len(tokenizer)` if the vocabulary grew.
+    """
+    missing = {name: token for name, token in IMAGE_SPECIAL_TOKENS.items() if getattr(tokenizer, name, None) != token}
+    if missing:
+        tokenizer._set_model_specific_special_tokens(missing)
+        tokenizer.add_tokens(list(missing.values()), special_tokens=True)
+    return {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in IMAGE_SPECIAL_TOKENS.items()}
+
+
 QUANTIZERS = ("vq", "rq", "hq")
 PARADIGMS = ("frozen", "dual", "iterative")
 BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
+VISUAL_INPUTS = ("aggregate", "flatten")
 
 # HQ: one top code and the 2x2 block of bottom codes beneath it (PAPER.md "Visual tokenizer").
 HQ_DEPTH = 5
@@ -212,10 +229,157 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
                 raise ValueError("codebook_token_ids contains negative ids; vocabulary ids start at 0")
 
 
+def image_placeholder_count(vq_config: UniCodeVisualTokenizerConfig, visual_input: str = "aggregate") -> int:
+    """How many placeholder tokens one input image occupies in the LLM sequence.
+
+    `flatten`: every code, ĥ·ŵ·D. `aggregate` (the paper's compressed input): one vector per position
+    for VQ and RQ (ĥ·ŵ); for HQ one per bottom-grid position (4·ĥ·ŵ), since summing a top code with
+    its four bottom codes would lose which bottom code sits where. The processor and the model both
+    ask this function, so they cannot disagree.
+    """
+    if visual_input not in VISUAL_INPUTS:
+        raise ValueError(f"visual_input={visual_input!r} is not supported; use one of {list(VISUAL_INPUTS)}")
+    if visual_input == "flatten":
+        return vq_config.tokens_per_image
+    positions = vq_config.code_grid_size**2
+    return 4 * positions if vq_config.quantizer == "hq" else positions
+
+
+class UniCodeConfig(PreTrainedConfig):
+    r"""Configuration of the UniCode MLLM ([`UniCodeModel`], [`UniCodeForConditionalGeneration`]).
+
+    Args:
+        text_config (`PreTrainedConfig` or `dict`, *optional*): any decoder-only causal-LM config
+            (Llama by default). Its input-embedding table holds the unified codebook.
+        vq_config (`UniCodeVisualTokenizerConfig` or `dict`, *optional*): the visual tokenizer. Inside
+            the MLLM it has `store_codebook=False` and `codebook_token_ids` set: the codebook is read
+            from the LLM's embedding rows, so the checkpoint stores it once. `None` gives a text-only
+            model that rejects image input and image generation with a clear error.
+        visual_input (`str`): how an input image enters the LLM — `"aggregate"` (the paper's compressed
+            form, see `image_placeholder_count`) or `"flatten"` (the embeddings of all ĥ·ŵ·D codes).
+        image_token_id, boi_token_id, eoi_token_id (`int`, *optional*): vocabulary ids of `<image>`
+            (the placeholder), `<boi>` and `<eoi>` (which bracket a generated image's code ids).
+        tie_word_embeddings (`bool`, *optional*): defaults to the text config's value; transformers v5
+            ties the LM head to the input embeddings only when the top-level config says so.
+    """
+
+    model_type = "unicode"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vq_config": SubConfigSpec(config_class=UniCodeVisualTokenizerConfig, optional=True),
+    }
+
+    def __init__(
+        self,
+        text_config=None,
+        vq_config=None,
+        visual_input: str = "aggregate",
+        image_token_id: Optional[int] = None,
+        boi_token_id: Optional[int] = None,
+        eoi_token_id: Optional[int] = None,
+        tie_word_embeddings: Optional[bool] = None,
+        **kwargs,
+    ):
+        self.text_config = self._text_config_from(text_config)
+        self.vq_config = self._vq_config_from(vq_config)
+        self.visual_input = visual_input
+        self.image_token_id = None if image_token_id is None else int(image_token_id)
+        self.boi_token_id = None if boi_token_id is None else int(boi_token_id)
+        self.eoi_token_id = None if eoi_token_id is None else int(eoi_token_id)
+        if tie_word_embeddings is None:
+            tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        super().__init__(**kwargs)
+        self.validate_fields()
+
+    @staticmethod
+    def _text_config_from(text_config) -> PreTrainedConfig:
+        if isinstance(text_config, PreTrainedConfig):
+            return text_config
+        if text_config is None:
+            return AutoConfig.for_model("llama")
+        if isinstance(text_config, dict):
+            values = dict(text_config)
+            return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+        raise TypeError(f"text_config must be a PreTrainedConfig, a dict or None, got {type(text_config).__name__}")
+
+    @staticmethod
+    def _vq_config_from(vq_config) -> Optional[UniCodeVisualTokenizerConfig]:
+        if vq_config is None or isinstance(vq_config, UniCodeVisualTokenizerConfig):
+            return vq_config
+        if isinstance(vq_config, dict):
+            values = {k: v for k, v in vq_config.items() if k != "model_type"}
+            return UniCodeVisualTokenizerConfig(**values)
+        raise TypeError(
+            f"vq_config must be a UniCodeVisualTokenizerConfig, a dict or None, got {type(vq_config).__name__}"
+        )
+
+    # -- what the processor and the model share ------------------------------------------------
+    @property
+    def image_seq_length(self) -> int:
+        """Placeholders per input image (see `image_placeholder_count`)."""
+        self.require_vision("image input")
+        return image_placeholder_count(self.vq_config, self.visual_input)
+
+    @property
+    def image_tokens_per_generation(self) -> int:
+        """ĥ·ŵ·D: code ids between `<boi>` and `<eoi>` in a generated image."""
+        self.require_vision("image generation")
+        return self.vq_config.tokens_per_image
+
+    def require_vision(self, what: str) -> None:
+        if self.vq_config is None:
+            raise ValueError(
+                f"{what} needs a visual tokenizer, but this UniCode config has vq_config=None (a text-only model); "
+                "build the model with UniCodeForConditionalGeneration.from_pretrained_parts(llm, tokenizer, vision_tokenizer)"
+            )
+
+    def validate_fields(self) -> None:
+        if self.visual_input not in VISUAL_INPUTS:
+            raise ValueError(f"visual_input={self.visual_input!r} is not supported; use one of {list(VISUAL_INPUTS)}")
+        vq, text = self.vq_config, self.text_config
+        if vq is None:
+            return
+        hidden = getattr(text, "hidden_size", None)
+        if hidden is not None and vq.code_dim != hidden:
+            raise ValueError(
+                f"vq_config.code_dim={vq.code_dim} differs from text_config.hidden_size={hidden}; the codebook is rows "
+                "of the LLM's embedding table, so set code_dim to the LLM's hidden size"
+            )
+        if vq.codebook_token_ids is None:
+            raise ValueError(
+                "vq_config.codebook_token_ids is None; an MLLM needs to know which vocabulary rows are visual codes "
+                "(choose them with select_codebook_rows, or assemble with from_pretrained_parts)"
+            )
+        if vq.store_codebook:
+            raise ValueError(
+                "vq_config.store_codebook=True inside an MLLM would store the codebook twice; set store_codebook=False "
+                "(the MLLM reads the LLM's embedding rows of codebook_token_ids)"
+            )
+        vocab = getattr(text, "vocab_size", None)
+        if vocab is not None and max(vq.codebook_token_ids) >= vocab:
+            raise ValueError(
+                f"vq_config.codebook_token_ids reaches id {max(vq.codebook_token_ids)} but text_config.vocab_size={vocab}; "
+                "the codebook must be rows of the LLM's embedding table"
+            )
+        codes = set(vq.codebook_token_ids)
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            value = getattr(self, name)
+            if value is not None and value in codes:
+                raise ValueError(
+                    f"{name}={value} is also a visual code in vq_config.codebook_token_ids; special tokens must never be "
+                    "codes (select the codebook rows after adding the image special tokens)"
+                )
+
+
 __all__ = [
     "UniCodeVisualTokenizerConfig",
+    "UniCodeConfig",
+    "image_placeholder_count",
+    "VISUAL_INPUTS",
     "IMAGE_TOKEN",
     "BOI_TOKEN",
     "EOI_TOKEN",
     "IMAGE_SPECIAL_TOKENS",
+    "add_image_special_tokens",
 ]

@@ -173,6 +173,32 @@ def hq_unpack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[..., 0], bottom
 
 
+def image_input_embeddings(code_embeddings: torch.Tensor, quantizer: str, visual_input: str = "aggregate") -> torch.Tensor:
+    """Embeddings of a code map (B, ĥ, ŵ, D, H) -> the image's LLM input sequence (B, N, H).
+
+    `flatten`: every code in the flattened layout (N = ĥ·ŵ·D), i.e. exactly what the LLM would see
+    had the ids been written as text. `aggregate` (the paper's compressed input ẑ_ij = F(e(M_ij·))):
+    - `vq`: identity (D = 1), N = ĥ·ŵ;
+    - `rq`: the sum over depth, which is the quantized vector the decoder sees, N = ĥ·ŵ;
+    - `hq`: e(top) + e(bottom) for each of the 4 bottom codes under a top code, N = 4·ĥ·ŵ, in the
+      flattened layout's order (per top position, its 2x2 block). A sum of all five would make
+      the four bottom codes indistinguishable, so the LLM could not learn to decompress it.
+    `configuration_unicode.image_placeholder_count` gives N; the two must change together.
+    """
+    if code_embeddings.dim() != 5:
+        raise ValueError(f"code_embeddings must have shape (batch, ĥ, ŵ, depth, hidden), got {tuple(code_embeddings.shape)}")
+    b, h, w, d, hidden = code_embeddings.shape
+    if visual_input == "flatten":
+        return code_embeddings.reshape(b, h * w * d, hidden)
+    if visual_input != "aggregate":
+        raise ValueError(f"visual_input={visual_input!r} is not supported; use 'aggregate' or 'flatten'")
+    if quantizer == "hq":
+        if d != HQ_DEPTH:
+            raise ValueError(f"HQ code maps have depth {HQ_DEPTH} (top + 2x2 bottom), got depth {d}")
+        return (code_embeddings[:, :, :, :1] + code_embeddings[:, :, :, 1:]).reshape(b, h * w * (HQ_DEPTH - 1), hidden)
+    return code_embeddings.sum(dim=3).reshape(b, h * w, hidden)
+
+
 # ----------------------------------------------------------------------------------------------
 # Nearest-code search
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +477,7 @@ __all__ = [
     "unflatten_code_map",
     "hq_pack",
     "hq_unpack",
+    "image_input_embeddings",
     "nearest_code",
     "usage_statistics",
     "QuantizerOutput",

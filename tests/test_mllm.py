@@ -1,0 +1,241 @@
+"""UniCodeConfig / UniCodeModel / UniCodeForConditionalGeneration: image scatter, aggregation,
+training step, one stored codebook, Auto* round trips and clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
+
+from modeling_unicode import (
+    UniCodeConfig,
+    UniCodeForConditionalGeneration,
+    UniCodeModel,
+    UniCodeProcessor,
+    flatten_code_map,
+    image_placeholder_count,
+)
+from utils_mllm import CODEBOOK_SIZE, HIDDEN, random_images, tiny_mllm, tiny_parts, vq_config
+
+PROMPT = "USER: <image> what color is the circle? ASSISTANT:"
+
+
+def image_batch(processor, n=2, answers=("red", "blue square")):
+    texts = [f"{PROMPT} {answers[i % len(answers)]}" for i in range(n)]
+    inputs = processor(text=texts, images=[img for img in processor.postprocess(random_images(n))])
+    # Loss on answers only: everything up to and including "ASSISTANT:" is prompt.
+    labels = inputs["input_ids"].clone()
+    colon = processor.tokenizer.convert_tokens_to_ids(":")
+    for row in range(n):
+        last_colon = (inputs["input_ids"][row] == colon).nonzero().max()
+        labels[row, : last_colon + 1] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    return inputs, labels
+
+
+@pytest.mark.parametrize("quantizer,visual_input,expected", [
+    ("vq", "aggregate", 16), ("rq", "aggregate", 16), ("hq", "aggregate", 16),
+    ("vq", "flatten", 16), ("rq", "flatten", 32), ("hq", "flatten", 20),
+])
+def test_placeholder_count_is_shared_by_config_processor_and_model(quantizer, visual_input, expected):
+    model, processor = tiny_mllm(quantizer, visual_input=visual_input)
+    assert model.config.image_seq_length == expected == processor.num_image_tokens
+    assert image_placeholder_count(model.config.vq_config, visual_input) == expected
+    inputs = processor(text=PROMPT, images=processor.postprocess(random_images(1)))
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == expected
+    features, codes = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    assert features.shape == (1, expected, HIDDEN)
+
+
+def test_forward_backward_trains_the_llm_with_answer_only_labels_and_leaves_the_tokenizer_frozen():
+    model, processor = tiny_mllm("rq")
+    model.train()
+    inputs, labels = image_batch(processor)
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(out.loss)
+    assert out.image_codes.shape == (2, 4, 4, 2)
+    out.loss.backward()
+    layer = model.model.language_model.layers[0]
+    assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.model.vision_tokenizer.parameters())
+    assert not model.model.vision_tokenizer.training  # kept in eval under model.train()
+    # Labels masked on prompts: a loss on the answers alone differs from a loss on everything.
+    full = model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)).loss
+    assert not torch.allclose(full, out.loss)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model, processor = tiny_mllm("rq")
+    inputs, labels = image_batch(processor)
+    model.train()
+    plain = model(**inputs, labels=labels).loss
+    plain.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = model(**inputs, labels=labels).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    torch.testing.assert_close(model.lm_head.weight.grad, grad)
+
+
+def test_pixel_values_and_precomputed_image_codes_give_identical_logits():
+    model, processor = tiny_mllm("hq")
+    inputs, _ = image_batch(processor)
+    with torch.no_grad():
+        from_pixels = model(**inputs)
+        codes = from_pixels.image_codes
+        from_codes = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=codes).logits
+        from_flat_codes = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=flatten_code_map(codes)
+        ).logits
+    assert torch.equal(from_pixels.logits, from_codes) and torch.equal(from_codes, from_flat_codes)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "rq", "hq"])
+def test_aggregation_matches_its_definition(quantizer):
+    model, _ = tiny_mllm(quantizer)
+    codes = model.model.encode_images(random_images(1))
+    rows = model.get_input_embeddings()(codes)[0]  # (ĥ, ŵ, D, H)
+    features, _ = model.model.get_image_features(image_codes=codes)
+    if quantizer == "hq":  # per top position, its 4 bottom codes each plus the top code, in layout order
+        expected = (rows[:, :, :1] + rows[:, :, 1:]).reshape(-1, HIDDEN)
+    else:  # vq: identity, rq: sum over depth
+        expected = rows.sum(dim=2).reshape(-1, HIDDEN)
+    torch.testing.assert_close(features[0], expected, rtol=0, atol=0)
+
+
+def test_flatten_mode_reads_an_image_exactly_as_its_code_ids_written_as_text():
+    model, processor = tiny_mllm("rq", visual_input="flatten")
+    inputs = processor(text=PROMPT, images=processor.postprocess(random_images(1)))
+    with torch.no_grad():
+        out = model(**inputs)
+        ids = inputs["input_ids"].clone()
+        ids[ids == model.config.image_token_id] = flatten_code_map(out.image_codes)[0]
+        as_text = model(input_ids=ids, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(out.logits, as_text, rtol=0, atol=0)
+
+
+def test_backbone_does_the_scatter_so_fused_heads_see_images():
+    model, processor = tiny_mllm("rq")
+    inputs, _ = image_batch(processor)
+    with torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state
+        assert torch.equal(model.lm_head(hidden), model(**inputs).logits)
+        no_images = model.model(
+            input_ids=inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, 5),
+            attention_mask=inputs["attention_mask"],
+        ).last_hidden_state
+    assert not torch.allclose(hidden, no_images)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_auto_load_round_trip_keeps_logits_and_one_codebook(tmp_path, tie):
+    model, processor = tiny_mllm("hq", tie=tie)
+    inputs, _ = image_batch(processor)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("codebook" in key for key in keys)  # the codebook lives in the embedding table only
+    assert sum(1 for key in keys if "embed_tokens" in key) == 1
+    assert ("lm_head.weight" in keys) != tie
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    assert config_json["model_type"] == "unicode" and config_json["vq_config"]["store_codebook"] is False
+    assert config_json["tie_word_embeddings"] is tie
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, UniCodeForConditionalGeneration) and isinstance(loaded_processor, UniCodeProcessor)
+    assert loaded_processor.num_image_tokens == processor.num_image_tokens
+    assert loaded_processor.chat_template == processor.chat_template
+    reloaded_inputs = loaded_processor(text=[PROMPT] * 2, images=processor.postprocess(random_images(2)))
+    original_inputs = processor(text=[PROMPT] * 2, images=processor.postprocess(random_images(2)))
+    for key in original_inputs:
+        assert torch.equal(reloaded_inputs[key], original_inputs[key]), key
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    # The code vectors are the LLM's rows, bit for bit, after the load.
+    ids = torch.tensor(loaded.config.vq_config.codebook_token_ids)
+    assert torch.equal(loaded.model.vision_tokenizer.codebook_token_ids, ids)
+    assert torch.equal(loaded.model.codebook(), loaded.get_input_embeddings().weight[ids])
+    assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == tie
+
+    assert type(AutoModel.from_pretrained(tmp_path)) is UniCodeModel
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
+    assert type(AutoModelForMultimodalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
+    assert AutoConfig.from_pretrained(tmp_path).visual_input == "aggregate"
+
+
+def test_from_pretrained_parts_refuses_a_codebook_that_is_not_the_llm_rows():
+    llm, tokenizer, vision = tiny_parts("rq")
+    with torch.no_grad():
+        vision.codebook[3] += 1e-3
+    with pytest.raises(ValueError, match="codebook differs from the LLM's embedding rows"):
+        UniCodeForConditionalGeneration.from_pretrained_parts(llm, tokenizer, vision)
+
+
+def test_config_rejects_inconsistent_settings_with_the_fix():
+    llm, _, vision = tiny_parts("rq")
+    ids = vision.config.codebook_token_ids
+    good = vq_config("rq", codebook_token_ids=ids)
+    good.store_codebook = False
+    with pytest.raises(ValueError, match="store_codebook=False"):
+        UniCodeConfig(text_config=llm.config, vq_config=vq_config("rq", codebook_token_ids=ids))
+    with pytest.raises(ValueError, match="visual_input"):
+        UniCodeConfig(text_config=llm.config, vq_config=good, visual_input="concat")
+    with pytest.raises(ValueError, match="code_dim"):
+        UniCodeConfig(text_config={"model_type": "llama", "hidden_size": 64, "vocab_size": 400}, vq_config=good)
+    with pytest.raises(ValueError, match="image_token_id=.* is also a visual code"):
+        UniCodeConfig(text_config=llm.config, vq_config=good, image_token_id=ids[0])
+    with pytest.raises(ValueError, match="codebook_token_ids is None"):
+        no_ids = vq_config("rq")
+        no_ids.store_codebook = False
+        UniCodeConfig(text_config=llm.config, vq_config=no_ids)
+    text_only = UniCodeConfig(text_config=llm.config)
+    assert text_only.tie_word_embeddings is False and text_only.vq_config is None
+
+
+def test_bad_image_inputs_raise_clear_errors():
+    model, processor = tiny_mllm("rq")
+    inputs, _ = image_batch(processor)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    codes = model.model.encode_images(inputs["pixel_values"])
+    with pytest.raises(ValueError, match="placeholders but 1 image"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"][:1])
+    with pytest.raises(ValueError, match="neither pixel_values nor image_codes"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="either pixel_values or image_codes"):
+        model(**inputs, image_codes=codes)
+    outside = codes.clone()
+    outside[0, 0, 0, 0] = model.config.boi_token_id
+    with pytest.raises(ValueError, match="image_codes contains ids that are not visual codes"):
+        model(input_ids=ids, attention_mask=mask, image_codes=outside)
+    with pytest.raises(ValueError, match=r"image_codes must have shape \(num_images, 4, 4, 2\)"):
+        model(input_ids=ids, attention_mask=mask, image_codes=codes[:, :2])
+    with pytest.raises(TypeError, match="image_codes must be an integer"):
+        model(input_ids=ids, attention_mask=mask, image_codes=codes.float())
+    with pytest.raises(ValueError, match="resize to 16x16"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=torch.zeros(2, 3, 32, 32))
+
+
+def test_a_text_only_config_refuses_images_and_image_generation():
+    llm, _, _ = tiny_parts("rq")
+    model = UniCodeForConditionalGeneration(UniCodeConfig(text_config=llm.config)).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(input_ids=ids).logits.shape == (1, 3, llm.config.vocab_size)
+    with pytest.raises(ValueError, match="vq_config=None"):
+        model.generate(ids, generation_mode="image")
+    with pytest.raises(ValueError, match="vq_config=None"):
+        model(input_ids=ids, pixel_values=random_images(1))
+    assert CODEBOOK_SIZE == 256
