@@ -308,7 +308,7 @@ class StageITrainer:
             "step": self.step,
             "loss": float(loss.detach()),
             "reconstruction_mse": mse,
-            "commitment": float(out.commitment_loss),
+            "commitment": float(out.commitment_loss.detach()),
             "psnr": psnr_from_mse(mse),
             "usage": out.codebook_usage,
             "perplexity": out.perplexity,
