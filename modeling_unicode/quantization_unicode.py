@@ -299,8 +299,12 @@ class UniCodeQuantizer(nn.Module):
         return F.normalize(features, dim=1) * self.code_norm
 
     def forward(self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False) -> QuantizerOutput:
-        """features (B, H, latent, latent) -> QuantizerOutput."""
-        z = self.prepare_features(features)
+        """features (B, H, latent, latent) -> QuantizerOutput.
+
+        Runs in float32 even under autocast: nearest-code decisions between close codebook rows
+        are not representable in bf16's 8-bit mantissa.
+        """
+        z = self.prepare_features(features.float())
         scale = self.codebook_scale(codebook)
         scaled_codebook = codebook.to(z.dtype) * scale
         sq_norms = scaled_codebook.detach().pow(2).sum(dim=1)
