@@ -464,7 +464,7 @@ class StageITrainer:
             raise RuntimeError("stage I ended with a codebook different from the LLM rows; this is a bug")
         metrics = {**self.evaluate(), "train_seconds": seconds, "steps": self.step, "unified": unified,
                    "paradigm": self.config.paradigm, "quantizer": self.config.quantizer, "depth": self.config.depth,
-                   "codebook_size": self.config.codebook_size, "world_size": self.accelerator.num_processes}
+                   "codebook_size": self.config.codebook_size, "tokens_per_image": self.config.tokens_per_image, "world_size": self.accelerator.num_processes}
         self.save_checkpoint()
         if self.accelerator.is_main_process:
             self.save_samples("final")
