@@ -414,10 +414,14 @@ class UniCodeCodebookTrainer(nn.Module):
         self.decay = config.ema_decay
         self.eps = config.ema_eps
         self.dead_code_threshold = config.dead_code_threshold
-        # Start as if every code had been seen once at its current value, so unseen codes decay
-        # toward nothing but keep their row (sum / size stays equal to the row).
-        self.register_buffer("ema_cluster_size", torch.ones(codebook.shape[0], dtype=torch.float32, device=codebook.device))
-        self.register_buffer("ema_code_sum", codebook.detach().float().clone())
+        # Without restarts, start as if every code had been seen once at its current value, so an
+        # unseen code keeps its row (sum / size = row). With restarts, start from zero counts: every
+        # code the first batch leaves unused is re-seeded from a feature at once — otherwise a fresh
+        # encoder, whose features all point the same way, collapses onto a handful of codes.
+        initial_size = 0.0 if self.dead_code_threshold > 0 else 1.0
+        size = torch.full((codebook.shape[0],), initial_size, dtype=torch.float32, device=codebook.device)
+        self.register_buffer("ema_cluster_size", size)
+        self.register_buffer("ema_code_sum", codebook.detach().float() * size.unsqueeze(1))
 
     @torch.no_grad()
     def update(
@@ -437,7 +441,7 @@ class UniCodeCodebookTrainer(nn.Module):
         self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.ema_code_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         if self.dead_code_threshold > 0 and restart_candidates is not None:
-            self._restart_dead_codes(restart_candidates)
+            self._restart_dead_codes(restart_candidates, used_now=counts > 0)
         total = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.eps) / (total + codebook.shape[0] * self.eps) * total
         ema_codebook = self.ema_code_sum / smoothed.unsqueeze(1)
@@ -450,10 +454,11 @@ class UniCodeCodebookTrainer(nn.Module):
             ema_codebook = (1.0 - ratio) * ema_codebook + ratio * llm_rows.detach().float()
         codebook.copy_(ema_codebook.to(codebook.dtype))
 
-    def _restart_dead_codes(self, candidates: torch.Tensor) -> None:
-        """Re-seed codes whose EMA count fell below the threshold from batch features (in codebook
-        units). Rank 0's draw is broadcast so all ranks restart identically."""
-        dead = (self.ema_cluster_size < self.dead_code_threshold).nonzero().squeeze(1)
+    def _restart_dead_codes(self, candidates: torch.Tensor, used_now: torch.Tensor) -> None:
+        """Re-seed codes whose EMA count fell below the threshold, and that no process used this
+        step, from batch features (in codebook units). Rank 0's draw is broadcast so all ranks
+        restart identically."""
+        dead = ((self.ema_cluster_size < self.dead_code_threshold) & ~used_now).nonzero().squeeze(1)
         if dead.numel() == 0 or candidates.numel() == 0:
             return
         pick = torch.randint(0, candidates.shape[0], (dead.numel(),), device=candidates.device)

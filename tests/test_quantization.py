@@ -236,3 +236,17 @@ def test_usage_statistics_count_codes():
 
     usage, perplexity = usage_statistics(torch.tensor([5.0, 5.0, 0.0, 0.0]))
     assert usage == 0.5 and perplexity == pytest.approx(2.0)
+
+
+def test_dead_code_restarts_reseed_unused_codes_from_features():
+    config, quantizer = make_quantizer("vq", paradigm="iterative", dead_code_threshold=0.05, norm_handling="none")
+    codebook = torch.randn(64, 16)
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    out = quantizer(torch.randn(1, 16, 2, 2), codebook, return_statistics=True)  # 4 vectors: >= 60 codes unused
+    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=torch.zeros(64, 16), ratio=0.0,
+                   restart_candidates=out.features)
+    used = out.code_counts > 0
+    # Every unused code now sits on one of the batch's features (up to Laplace smoothing).
+    nearest_feature_distance = torch.cdist(codebook[~used], out.features).min(dim=1).values
+    assert nearest_feature_distance.max() < 1e-3 * out.features.norm(dim=1).min()
+    assert torch.allclose(codebook[used], out.code_sums[used] / out.code_counts[used].unsqueeze(1), rtol=1e-2)
