@@ -140,7 +140,7 @@ def build_model_card(
         f"model = AutoModelForImageTextToText.from_pretrained(\"{name}\", trust_remote_code=True)\n"
         f"processor = AutoProcessor.from_pretrained(\"{name}\", trust_remote_code=True)\n"
         "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", \"text\": \"What is in the picture?\"}]}]\n"
-        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)\n"
         "inputs = processor(images=[Image.open(\"picture.png\")], text=prompt)\n"
         "ids = model.generate(**inputs, max_new_tokens=32)\n"
         "print(processor.batch_decode(ids[:, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)[0])\n```\n\n"

@@ -77,6 +77,15 @@ def test_export_layout_sharding_and_card(tiny_run, tmp_path):
     assert "![Samples from the training run](samples.png)" in card.text
     assert "trust_remote_code=True" in card.text and 'generation_mode="image"' in card.text
 
+    # The card's usage snippets run as written (pointed at the export and a real picture).
+    snippets = [block.split("```", 1)[0] for block in card.text.split("```python\n")[1:]]
+    assert len(snippets) == 2
+    PIL.Image.new("RGB", (24, 24), (0, 90, 200)).save(tmp_path / "picture.png")
+    code = "\n".join(snippets).replace("someone/unicode-tiny", str(out)).replace('"picture.png"', repr(str(tmp_path / "picture.png")))
+    code = code.replace('"generated.png"', repr(str(tmp_path / "generated.png")))
+    exec(compile(code, "model-card-snippets", "exec"), {})
+    assert PIL.Image.open(tmp_path / "generated.png").size == (16, 16)
+
 
 def test_model_card_numbers_come_from_report():
     report = {**REPORT, "metrics": {"vqa_accuracy": 0.123456, "fid": 7.0, "steps": 300, "note": "text is skipped"},
