@@ -61,9 +61,11 @@ def folder_files(folder: Union[str, os.PathLike]) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r} is not a directory; pass the OUT_DIR of `unicode-mllm export`")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing or not any(folder.glob("*.safetensors")):
-        missing += [] if any(folder.glob("*.safetensors")) else ["*.safetensors"]
+    # A model export has config.json; an adapter-only export has adapter_config.json instead.
+    missing = [] if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file() else ["config.json"]
+    missing += [name for name in REQUIRED_FILES if name != "config.json" and not (folder / name).is_file()]
+    missing += [] if any(folder.glob("*.safetensors")) else ["*.safetensors"]
+    if missing:
         raise ValueError(f"{str(folder)!r} is not an exported model folder (missing {', '.join(missing)}); "
                          "run `unicode-mllm export RUN_DIR OUT_DIR` first")
     files = []

@@ -141,6 +141,9 @@ def test_lora_adapter_export(tmp_path):
     tensors = load_file(alone / "adapter_model.safetensors")
     assert tensors and all("lora_" in name for name in tensors)
     assert ModelCard.load(alone / "README.md").data.library_name == "peft"
+    from hub_upload.push import push_folder
+
+    assert push_folder(alone, "me/unicode-tiny-lora", dry_run=True).files == sorted(p.name for p in alone.iterdir())
 
     no_adapter, _, _ = write_tiny_run(tmp_path / "plain")
     with pytest.raises(ValueError, match="no PEFT adapter"):
