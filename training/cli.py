@@ -3,6 +3,8 @@
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
+    unicode-mllm export outputs/tiny exports/unicode-tiny [--max-shard-size 5GB] [--adapter | --adapter-only]
+    unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [--revision REV] [--dry-run]
 """
 
 from __future__ import annotations
@@ -116,6 +118,62 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- hub_upload: export / push (thin wrappers; the work is in hub_upload) ---------------------------
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hub_upload.export import export_adapter, export_run
+
+    try:
+        if args.adapter_only:
+            out = export_adapter(args.run_dir, args.out_dir, overwrite=args.overwrite)
+        else:
+            out = export_run(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size, repo_id=args.repo_id,
+                             base_model=args.base_model, base_model_license=args.base_model_license,
+                             include_adapter=args.adapter, overwrite=args.overwrite)
+    except (ValueError, TypeError) as error:
+        print(f"unicode-mllm export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} -> {out}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from hub_upload.push import PushError, push_folder
+
+    try:
+        result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                             dry_run=args.dry_run, commit_message=args.message)
+    except (ValueError, TypeError, PushError) as error:
+        print(f"unicode-mllm push: error: {error}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+def _add_hub_commands(sub) -> None:
+    export = sub.add_parser("export", help="turn a trained run folder into a Hub repository folder (remote code, model card)")
+    export.add_argument("run_dir", help="run folder with mllm/, report.json, samples.png")
+    export.add_argument("out_dir", help="new folder to write")
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    export.add_argument("--repo-id", help="repository the model card's snippets load from")
+    export.add_argument("--base-model", help="base LLM repo id (default: the report's settings)")
+    export.add_argument("--base-model-license", help="its licence, stated on the card (default: known for preset LLMs)")
+    group = export.add_mutually_exclusive_group()
+    group.add_argument("--adapter", action="store_true", help="also copy the run's LoRA adapter into adapter/")
+    group.add_argument("--adapter-only", action="store_true", help="export only the LoRA adapter (PEFT format)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    export.set_defaults(func=_cmd_export)
+
+    push = sub.add_parser("push", help="upload an exported folder to the Hub in one commit (HF_ENDPOINT honoured)")
+    push.add_argument("folder", help="folder written by `unicode-mllm export`")
+    push.add_argument("--repo-id", required=True, help="NAME or OWNER/NAME")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to commit to (default main; created if missing)")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact no server")
+    push.set_defaults(func=_cmd_push)
+# -- end hub_upload ---------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unicode-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_cmd_train_tokenizer)
+    _add_hub_commands(sub)
     return parser
 
 

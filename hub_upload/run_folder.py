@@ -1,0 +1,130 @@
+"""The run folder (DESIGN.md): what `hub_upload` needs from `outputs/<run>/`, checked up front.
+
+Export reads only `mllm/` (the assembled model, processor and tokenizer), `report.json` (the measured
+metrics and settings the model card quotes) and `samples.png` (the grid the card shows). Everything
+is checked before any work starts, and every missing piece is named at once, so a half-written or
+untrained folder is refused with one message instead of failing halfway through an export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+MLLM_DIR = "mllm"
+REPORT_FILE = "report.json"
+SAMPLES_FILE = "samples.png"
+ADAPTER_DIRS = ("adapter", "mllm/adapter")  # where stage II may leave a PEFT LoRA adapter
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class RunFolder:
+    """A checked run folder: its paths and the parsed `report.json`."""
+
+    path: Path
+    report: dict = field(repr=False)
+
+    @property
+    def mllm(self) -> Path:
+        return self.path / MLLM_DIR
+
+    @property
+    def samples(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+    def adapter(self) -> Path:
+        """The folder holding the run's PEFT adapter (`adapter_config.json` + safetensors weights)."""
+        for name in ADAPTER_DIRS:
+            folder = self.path / name
+            if (folder / "adapter_config.json").is_file():
+                if not (folder / "adapter_model.safetensors").is_file():
+                    raise ValueError(
+                        f"{folder} has adapter_config.json but no adapter_model.safetensors; weights are exported as "
+                        "safetensors only (save the adapter with PeftModel.save_pretrained(..., safe_serialization=True))"
+                    )
+                return folder
+        looked = ", ".join(str(self.path / name) for name in ADAPTER_DIRS)
+        raise ValueError(f"no PEFT adapter in this run (looked for adapter_config.json in {looked}); drop the adapter option "
+                         "or train stage II with LoRA")
+
+
+def _missing_mllm_parts(mllm: Path) -> list[str]:
+    if not mllm.is_dir():
+        return [f"{MLLM_DIR}/ (the assembled MLLM; stage II writes it)"]
+    missing = []
+    config = mllm / "config.json"
+    if not config.is_file():
+        missing.append(f"{MLLM_DIR}/config.json")
+    else:
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model_type = None
+            missing.append(f"{MLLM_DIR}/config.json that parses as a JSON object")
+        if model_type is not None and model_type != "unicode":
+            missing.append(f"{MLLM_DIR}/config.json with model_type 'unicode' (found {model_type!r})")
+    if not any(mllm.glob("*.safetensors")):
+        missing.append(f"{MLLM_DIR}/*.safetensors (the weights)")
+    if not ((mllm / "tokenizer.json").is_file() or (mllm / "tokenizer_config.json").is_file()):
+        missing.append(f"{MLLM_DIR}/tokenizer.json (save the processor with the model)")
+    if not (mllm / "processor_config.json").is_file():
+        missing.append(f"{MLLM_DIR}/processor_config.json (save the processor with the model)")
+    return missing
+
+
+def load_report(path: Union[str, os.PathLike]) -> dict:
+    """Parse a run's `report.json`; it must be an object with a non-empty `metrics` object."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rewrite it from the run's evaluation") from None
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or not report["metrics"]:
+        raise ValueError(f"{path} has no 'metrics' object; the model card quotes measured metrics, so evaluate the run first")
+    return report
+
+
+def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
+    """Check that `run_dir` is a trained UniCode run folder and return it.
+
+    Raises:
+        ValueError: naming every missing or invalid piece, and what produces it.
+    """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir must be a path, got {type(run_dir).__name__}")
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"run_dir {str(path)!r} is not a directory; pass a run folder such as outputs/tiny")
+    missing = _missing_mllm_parts(path / MLLM_DIR)
+    report = None
+    if not (path / REPORT_FILE).is_file():
+        missing.append(f"{REPORT_FILE} (metrics, settings, wall times, versions)")
+    else:
+        try:
+            report = load_report(path / REPORT_FILE)
+        except ValueError as error:
+            missing.append(f"a valid {REPORT_FILE}: {error}")
+    samples = path / SAMPLES_FILE
+    if not samples.is_file():
+        missing.append(f"{SAMPLES_FILE} (the sample grid for the model card)")
+    else:
+        with open(samples, "rb") as handle:
+            if handle.read(8) != PNG_SIGNATURE:
+                missing.append(f"{SAMPLES_FILE} that is a PNG image")
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} is not a trained UniCode run folder; missing: " + "; ".join(missing)
+            + ". A run folder comes from training (stage II writes mllm/, report.json and samples.png; see DESIGN.md)."
+        )
+    return RunFolder(path=path, report=report)
+
+
+__all__ = ["RunFolder", "check_run_folder", "load_report", "MLLM_DIR", "REPORT_FILE", "SAMPLES_FILE"]
