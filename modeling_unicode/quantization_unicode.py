@@ -465,8 +465,10 @@ class UniCodeCodebookTrainer(nn.Module):
         replacement = candidates[pick].float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(replacement, src=0)
-        self.ema_code_sum[dead] = replacement
-        self.ema_cluster_size[dead] = 1.0
+        # A re-seeded code starts AT the threshold: unless the next batch uses it, it is re-seeded
+        # again from fresh features, so spare codes keep following the moving encoder.
+        self.ema_code_sum[dead] = replacement * self.dead_code_threshold
+        self.ema_cluster_size[dead] = self.dead_code_threshold
 
     @torch.no_grad()
     def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor) -> None:
