@@ -145,8 +145,8 @@ def finetune_lora(
     adapter = save_adapter(trainer, output_dir / "adapter")
     metrics["adapter"] = str(adapter)
     if merge and trainer.accelerator.is_main_process:
-        if not base or not Path(base).exists() and "/" not in base:
-            raise ValueError("merge=True needs the base model's folder or repo id; load the model from a path")
+        if not base:
+            raise ValueError("merge=True needs the base model's folder or repo id; pass model= as a path or repo id")
         metrics["merged"] = str(merge_adapter(adapter, output_dir / "merged", base=base))
     if trainer.accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
