@@ -52,7 +52,7 @@ def test_code_dataset_holds_the_models_codes_and_refuses_another_tokenizer(mllm,
     train, _ = codes
     assert "image" not in train.column_names
     row = torch.tensor(train[0][CODES_COLUMN])
-    pixels = torch.from_numpy(__import__("numpy").asarray(shapes_at(16, 1)[0]["image"].convert("RGB"))).permute(2, 0, 1)
+    pixels = torch.from_numpy(__import__("numpy").array(shapes_at(16, 1)[0]["image"].convert("RGB"))).permute(2, 0, 1)
     expected = model.model.encode_images((pixels.float() / 127.5 - 1).unsqueeze(0)).reshape(-1)
     assert torch.equal(row, expected)
     check_code_dataset(train, model)  # same tokenizer: accepted
