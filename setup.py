@@ -31,6 +31,8 @@ TRAIN = [
     "pyyaml",
     "scipy",
     "scikit-image",  # training.data.real_images: the bundled sample images
+    "trl>=1.0",  # stage II: SFTTrainer
+    "peft>=0.17",  # stage II: LoRA, trainable_token_indices
 ]
 HUB = ["huggingface_hub>=1.0"]
 DEMO = ["gradio>=5"]

@@ -3,6 +3,10 @@
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
+    unicode-mllm train --stage decompress --preset tiny --output outputs/tiny
+    unicode-mllm train --stage sft --preset tiny --output outputs/tiny        # -> outputs/tiny/mllm
+    unicode-mllm merge --adapter outputs/tiny/stage2/sft/adapter --output merged/
+    unicode-mllm finetune --model outputs/tiny/mllm --dataset my_data/ --output my_lora/
     unicode-mllm export outputs/tiny exports/unicode-tiny [--max-shard-size 5GB] [--adapter | --adapter-only]
     unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [--revision REV] [--dry-run]
 """
@@ -118,6 +122,77 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
+def _cmd_train_stage2(args: argparse.Namespace) -> int:
+    from .stage2 import StageIIArguments, train_stage2
+
+    recipe = _recipe(args.preset).get("stage2", {})
+    stage = recipe.get(args.stage, {})
+    pick = lambda flag, key, default: _pick(flag, stage, key, _pick(None, recipe, key, default))  # noqa: E731
+    metrics = train_stage2(StageIIArguments(
+        run_dir=args.output, stage=args.stage, preset=args.preset, llm=args.llm,
+        max_steps=pick(args.steps, "max_steps", 200), batch_size=pick(args.batch_size, "batch_size", 8),
+        learning_rate=pick(args.lr, "learning_rate", 2e-4), lora_r=pick(args.lora_r, "lora_r", 16),
+        lora_alpha=pick(None, "lora_alpha", None), lora_dropout=pick(None, "lora_dropout", 0.05),
+        target_modules=args.target_modules, segments=pick(args.segments, "segments", 4),
+        caption_drop=pick(args.caption_drop, "caption_drop", 0.1), train_images=pick(args.train_images, "train_images", 2000),
+        eval_images=pick(args.eval_images, "eval_images", 64), save_steps=pick(args.save_steps, "save_steps", 50),
+        seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
+    ))
+    print(json.dumps({k: metrics.get(k) for k in ("before", "after", "global_step", "resumed_from", "merged")}, indent=2))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .sft import merge_adapter
+
+    print(f"merged: {merge_adapter(args.adapter, args.output, base=args.base)}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune_lora
+
+    metrics = finetune_lora(args.model, args.dataset, args.output, max_steps=args.steps, batch_size=args.batch_size,
+                            learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules,
+                            split=args.split, merge=args.merge, trust_remote_code=True)
+    print(json.dumps({k: metrics.get(k) for k in ("train_loss", "global_step", "adapter", "merged")}, indent=2))
+    return 0
+
+
+def _add_stage2_parsers(sub) -> None:
+    train = sub.add_parser("train", help="stage II: --stage decompress (pre-training) or sft (instruction tuning), LoRA")
+    train.add_argument("--stage", choices=["decompress", "sft"], required=True)
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)")
+    train.add_argument("--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)")
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--lora-r", int), ("--segments", int),
+                       ("--caption-drop", float), ("--train-images", int), ("--eval-images", int), ("--save-steps", int)):
+        train.add_argument(flag, type=kind)
+    train.add_argument("--target-modules", nargs="+", help="LLM linear layers to adapt (default: all of them)")
+    train.add_argument("--resume", action="store_true", help="continue from the last COMPLETE checkpoint")
+    train.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_cmd_train_stage2)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF folder with processor)")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    merge.set_defaults(func=_cmd_merge)
+
+    tune = sub.add_parser("finetune", help="LoRA fine-tune of a UniCode model on your dataset (README: schema)")
+    tune.add_argument("--model", required=True, help="UniCode model folder or Hub repo id (trust_remote_code)")
+    tune.add_argument("--dataset", required=True, help="load_from_disk folder, JSON/JSONL file, or Hub dataset name")
+    tune.add_argument("--split", default="train")
+    tune.add_argument("--output", required=True)
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--lr", type=float, default=2e-4)
+    tune.add_argument("--lora-r", type=int, default=16)
+    tune.add_argument("--target-modules", nargs="+")
+    tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT/merged")
+    tune.set_defaults(func=_cmd_finetune)
 # -- hub_upload: export / push (thin wrappers; the work is in hub_upload) ---------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
     from hub_upload.export import export_adapter, export_run
@@ -207,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_cmd_train_tokenizer)
+    _add_stage2_parsers(sub)
     _add_hub_commands(sub)
     return parser
 

@@ -1,0 +1,184 @@
+"""Stage II: code datasets, task conversations, LoRA SFT that lowers every task's held-out loss,
+merge == adapter, atomic checkpoints and resume, clear errors."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
+from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, task_losses, unicode_lora_config
+from training.stage2 import run_sft
+from training.tasks import (
+    IGNORE_INDEX,
+    ConversationTokenizer,
+    decompression_tasks,
+    generation_tasks,
+    segment_bounds,
+    split_by_task,
+    tokenize_tasks,
+    understanding_tasks,
+)
+from training import templates
+
+from stage2_fixtures import shapes_at
+from utils_mllm import tiny_mllm
+
+
+@pytest.fixture(scope="module")
+def mllm():
+    return tiny_mllm(tie=True)  # tied like the presets' stage-0 LLMs: PEFT then wraps the LM head too
+
+
+@pytest.fixture(scope="module")
+def codes(mllm):
+    model, _ = mllm
+    return encode_image_dataset(shapes_at(16, 48), model, batch_size=16), encode_image_dataset(shapes_at(16, 12, "validation"), model)
+
+
+def sft_rows(codes_ds, model, processor, seed=0):
+    depth = model.config.vq_config.depth
+    rows = datasets.concatenate_datasets([
+        decompression_tasks(codes_ds, depth, segments=2, seed=seed),
+        understanding_tasks(codes_ds, seed=seed),
+        generation_tasks(codes_ds, depth, segments=2, seed=seed),
+    ])
+    return tokenize_tasks(rows, processor)
+
+
+def test_code_dataset_holds_the_models_codes_and_refuses_another_tokenizer(mllm, codes):
+    model, _ = mllm
+    train, _ = codes
+    assert "image" not in train.column_names
+    row = torch.tensor(train[0][CODES_COLUMN])
+    pixels = torch.from_numpy(__import__("numpy").array(shapes_at(16, 1)[0]["image"].convert("RGB"))).permute(2, 0, 1)
+    expected = model.model.encode_images((pixels.float() / 127.5 - 1).unsqueeze(0)).reshape(-1)
+    assert torch.equal(row, expected)
+    check_code_dataset(train, model)  # same tokenizer: accepted
+    other, _ = tiny_mllm(seed=3)
+    with pytest.raises(ValueError, match="different visual tokenizer"):
+        check_code_dataset(train, other)
+    signature = code_signature(model)
+    with pytest.raises(ValueError, match="codebook_size"):
+        check_code_dataset(train, {**signature, "codebook_size": 99})
+    with pytest.raises(ValueError, match="no 'codes' column"):
+        check_code_dataset(train.remove_columns(CODES_COLUMN), model)
+    with pytest.raises(ValueError, match="no 'picture' column"):
+        encode_image_dataset(shapes_at(16, 2), model, image_column="picture")
+
+
+def test_tasks_match_the_processor_and_train_only_the_answers(mllm, codes):
+    model, processor = mllm
+    train, _ = codes
+    depth = model.config.vq_config.depth
+    n = model.config.image_tokens_per_generation
+    row_codes = train[0][CODES_COLUMN]
+    assert len(templates.TEXT_TO_IMAGE) >= 8
+    assert segment_bounds(n, depth, 3)[-1] == n and all(b % depth == 0 for b in segment_bounds(n, depth, 3))
+
+    decompress = tokenize_tasks(decompression_tasks(train.select([0]), depth, segments=4), processor)[0]
+    answers = [t for t, lab in zip(decompress["input_ids"], decompress["labels"]) if lab != IGNORE_INDEX]
+    eos = processor.tokenizer.eos_token_id
+    assert [t for t in answers if t != eos and t not in processor.tokenizer("\n", add_special_tokens=False)["input_ids"]] == row_codes
+    assert decompress["image_codes"] == row_codes
+    assert decompress["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
+
+    # Every caption dropped: the prompt is exactly CFG's unconditional prompt from the processor.
+    t2i = tokenize_tasks(generation_tasks(train.select([0]), depth, segments=2, caption_drop=0.999), processor)
+    t2i = [r for r in t2i if r["task"] == "text_to_image"][0]
+    unconditional = processor(text="a red circle", generation_mode="image")["unconditional_input_ids"][0].tolist()
+    assert t2i["input_ids"][: len(unconditional)] == unconditional
+    assert t2i["input_ids"][len(unconditional)] == processor.boi_token_id
+    assert t2i["input_ids"][len(unconditional) + 1 : len(unconditional) + 1 + n] == row_codes
+    assert t2i["input_ids"][len(unconditional) + 1 + n] == processor.eoi_token_id
+    assert all(lab == IGNORE_INDEX for lab in t2i["labels"][: len(unconditional)])
+    assert t2i["image_codes"] == []  # generation reads no input image
+
+    vqa = [r for r in tokenize_tasks(understanding_tasks(train.select([0])), processor) if r["task"] == "vqa"][0]
+    prompt_len = vqa["labels"].index(next(lab for lab in vqa["labels"] if lab != IGNORE_INDEX))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + "x"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).endswith("ASSISTANT:")
+    assert processor.tokenizer.decode(vqa["input_ids"][prompt_len:]).strip().endswith(processor.tokenizer.eos_token)
+
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([decompress, t2i])
+    assert batch["image_codes"].shape == (1, n)  # only the row with an input image contributes codes
+    assert batch["labels"][1, len(t2i["labels"]) :].eq(IGNORE_INDEX).all()
+
+
+def test_bad_input_is_named(mllm, codes):
+    model, processor = mllm
+    train, _ = codes
+    with pytest.raises(ValueError, match=r"lacks \['questions'\]"):
+        understanding_tasks(train.remove_columns("questions"))
+    with pytest.raises(ValueError, match="lacks"):
+        tokenize_tasks(train, processor)
+    with pytest.raises(ValueError, match=r"target_modules \['qkv_proj'\] are not linear layers.*q_proj"):
+        unicode_lora_config(model, target_modules=["qkv_proj"])
+    with pytest.raises(ValueError, match="caption_drop"):
+        generation_tasks(train, 2, caption_drop=1.5)
+    with pytest.raises(ValueError, match="no 'input_ids' column"):
+        run_sft(model, processor, train, "/nonexistent")
+    with pytest.raises(TypeError, match="UniCodeProcessor"):
+        ConversationTokenizer(processor.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trained(mllm, codes, tmp_path_factory):
+    model, processor = mllm
+    train, validation = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path_factory.mktemp("base")))
+    held_out = split_by_task(sft_rows(validation, model, processor, seed=1))
+    codebook = model.model.codebook().detach().clone()
+    out = tmp_path_factory.mktemp("sft")
+    trainer, metrics = run_sft(
+        model, processor, sft_rows(train, model, processor), out / "trainer", held_out, lora={"r": 8},
+        max_steps=150, learning_rate=5e-3, save_steps=75, logging_steps=75, per_device_train_batch_size=8,
+    )
+    return trainer, metrics, out, held_out, codebook
+
+
+def _save(model, processor, folder):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_sft_lowers_the_held_out_loss_of_every_task_and_keeps_the_codebook(trained):
+    trainer, metrics, out, _, codebook = trained
+    assert set(metrics["before"]) == {"decompress", "caption", "vqa", "text_to_image", "continue_image"}
+    for task, before in metrics["before"].items():
+        assert metrics["after"][task] < before - 0.05, (task, before, metrics["after"][task])
+    model = trainer.model
+    assert torch.equal(model.get_base_model().model.codebook().detach(), codebook)  # unified codebook untouched
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable)
+    assert not any("vision_tokenizer" in n or "lm_head.weight" in n for n in trainable)
+    assert last_complete_checkpoint(out / "trainer").name == "checkpoint-150"
+    assert (out / "trainer" / "checkpoint-75" / "COMPLETE").is_file()
+
+
+def test_adapter_reloads_and_merge_gives_the_same_logits(trained, mllm, codes, tmp_path):
+    from peft import PeftModel
+
+    from training.stage2 import save_adapter
+    from training.sft import load_unicode_model
+
+    trainer, _, _, held_out, _ = trained
+    _, processor = mllm
+    base_dir = trainer.model.get_base_model().name_or_path
+    adapter = save_adapter(trainer, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    reloaded = PeftModel.from_pretrained(load_unicode_model(base_dir), str(adapter)).eval()
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base_dir)
+    merged = load_unicode_model(merged_dir).eval()
+    rows = [held_out["decompress"][0], held_out["text_to_image"][0]]
+    batch = CodesCollator(processor.tokenizer.pad_token_id)(rows)
+    batch.pop("labels")
+    with torch.no_grad():
+        a, b = reloaded(**batch).logits, merged(**batch).logits
+    assert (a - b).abs().max().item() < 1e-5
+    assert torch.equal(merged.model.codebook(), reloaded.get_base_model().model.codebook())
+    trained_model = trainer.model.eval()
+    with torch.no_grad():
+        assert (trained_model(**batch).logits - a).abs().max().item() < 1e-5

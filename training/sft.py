@@ -1,0 +1,299 @@
+"""The machinery of stage II on top of TRL's `SFTTrainer` + PEFT LoRA.
+
+- `CodesCollator`: pads tokenized task rows and stacks the input images' codes (`image_codes`),
+  which the model scatters into the `<image>` placeholders (TRL's vision collator only knows pixels).
+- `unicode_lora_config`: LoRA on the LLM's linear layers only (never `lm_head`, never the visual
+  tokenizer); embeddings and LM head frozen so the codebook stays unified; the `<image>`, `<boi>`,
+  `<eoi>` rows trainable through `trainable_token_indices`.
+- `unicode_sft_config`: `SFTConfig` that keeps our columns and runs on CPU (`use_cpu`, no bf16).
+- Atomic checkpoints: `CompleteCheckpointCallback` marks a Trainer checkpoint `COMPLETE` only after
+  every file is written; `last_complete_checkpoint` ignores unmarked (partial) folders.
+- `task_losses`: held-out answer-token loss per task.
+- `merge_adapter`: folds a LoRA adapter into the weights and saves an HF folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .checkpointing import COMPLETE_MARKER, atomic_directory, is_complete
+from .tasks import IGNORE_INDEX
+
+
+class CodesCollator:
+    """Right-pads `input_ids` (pad id) / `labels` (-100), builds `attention_mask`, and stacks the
+    `image_codes` of rows that have an input image into a (num_images, ĥ·ŵ·D) tensor, in row order
+    (the order the model fills the placeholders)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the eos token)")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        for name in ("input_ids", "labels"):
+            if name not in rows[0]:
+                raise ValueError(
+                    f"rows have no {name!r}; tokenize the task rows first with training.tasks.tokenize_tasks (got "
+                    f"columns {sorted(rows[0])})"
+                )
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        images = []
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            mask[i, :n] = 1
+            if row.get("image_codes"):
+                images.append(torch.as_tensor(row["image_codes"], dtype=torch.long))
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if images:
+            batch["image_codes"] = torch.stack(images)
+        return batch
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+
+def language_model_linear_names(model) -> list[str]:
+    """Leaf names of the `nn.Linear` layers inside the LLM decoder (q_proj, ..., down_proj)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    llm = base.model.language_model
+    return sorted({name.rsplit(".", 1)[-1] for name, module in llm.named_modules() if isinstance(module, nn.Linear)})
+
+
+def _embedding_name(model) -> str:
+    llm = model.model.language_model
+    embedding = llm.get_input_embeddings()
+    for name, module in llm.named_modules():
+        if module is embedding:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError("the language model's input embedding is not one of its modules")
+
+
+def unicode_lora_config(
+    model,
+    r: int = 16,
+    alpha: Optional[int] = None,
+    dropout: float = 0.05,
+    target_modules: Optional[Sequence[str]] = None,
+    train_special_tokens: bool = True,
+):
+    """A PEFT `LoraConfig` for a UniCode MLLM (the paper: r 128, α 256, dropout 0.05, all linear
+    layers but lm_head). `target_modules` are leaf names of linear layers inside the LLM; a name that
+    is not one raises, listing the ones that exist."""
+    from peft import LoraConfig
+
+    from modeling_unicode import IMAGE_SPECIAL_TOKENS
+
+    available = language_model_linear_names(model)
+    targets = list(target_modules) if target_modules else available
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise ValueError(
+            f"target_modules {unknown} are not linear layers of the language model; choose from {available} "
+            "(lm_head and the visual tokenizer are never adapted: the codebook must stay unified)"
+        )
+    # Anchored on the LLM decoder so a same-named layer elsewhere (the visual tokenizer) is never matched.
+    pattern = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")"
+    trainable = None
+    if train_special_tokens:
+        config = model.config
+        ids = sorted({int(getattr(config, f"{name}_id")) for name in IMAGE_SPECIAL_TOKENS if getattr(config, f"{name}_id") is not None})
+        codes = set(config.vq_config.codebook_token_ids)
+        if any(i in codes for i in ids):  # guarded by UniCodeConfig too; a trainable code row would break unification
+            raise ValueError("an image special token is also a visual code; the codebook rows must stay frozen")
+        trainable = {_embedding_name(model): ids}
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=dropout,
+        target_modules=pattern,
+        trainable_token_indices=trainable,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def freeze_for_stage2(model) -> None:
+    """Everything frozen before PEFT adds its trainable pieces (embeddings, LM head, tokenizer)."""
+    model.requires_grad_(False)
+
+
+# -- SFTConfig ------------------------------------------------------------------------------------
+
+def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
+    """`SFTConfig` for code-column datasets. On CPU: `use_cpu=True`, fp32, no gradient checkpointing
+    (slower there, and memory is not the limit); with CUDA: bf16 where supported, checkpointing on."""
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
+    defaults: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "use_cpu": not cuda,
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "fp16": False,
+        "gradient_checkpointing": cuda,
+        # Our collator needs `image_codes`/`task`; TRL would prune them and re-tokenize `messages`.
+        "remove_unused_columns": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "max_length": None,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "logging_steps": 10,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "learning_rate": 2e-4,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+    }
+    defaults.update(overrides)
+    return SFTConfig(**defaults)
+
+
+# -- atomic checkpoints ---------------------------------------------------------------------------
+
+def _checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The highest-step `checkpoint-N` carrying the COMPLETE marker. (transformers'
+    `get_last_checkpoint` takes the highest number even if a crash left it half-written.)"""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.is_dir() and _checkpoint_step(p) >= 0 and is_complete(p)]
+    return max(done, key=_checkpoint_step) if done else None
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete `checkpoint-N` folders without the marker (what an interrupted save leaves)."""
+    folder = Path(output_dir)
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_dir() and _checkpoint_step(path) >= 0 and not is_complete(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """`on_save` runs after `Trainer._save_checkpoint` has written every file of every rank's part;
+    only then is the folder marked COMPLETE (after a barrier when distributed)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                for file in path.rglob("*"):  # on disk before the marker says so
+                    if file.is_file():
+                        with open(file, "rb") as handle:
+                            os.fsync(handle.fileno())
+                (path / COMPLETE_MARKER).write_text("ok\n")
+        return control
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def task_losses(model, datasets_by_task: dict, collator: CodesCollator, batch_size: int = 16, max_rows: Optional[int] = None) -> dict[str, float]:
+    """Mean next-token loss over answer tokens, per task (the plain forward, not TRL's fused head)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    try:
+        for task, dataset in datasets_by_task.items():
+            rows = list(dataset) if max_rows is None else [dataset[i] for i in range(min(max_rows, len(dataset)))]
+            total, count = 0.0, 0
+            for start in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+                valid = shift_labels != IGNORE_INDEX
+                loss = nn.functional.cross_entropy(shift_logits[valid], shift_labels[valid], reduction="sum")
+                total += float(loss)
+                count += int(valid.sum())
+            out[task] = total / max(count, 1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# -- merge ----------------------------------------------------------------------------------------
+
+def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
+    """A UniCode MLLM folder or repo id (our classes are registered on import; `trust_remote_code`
+    loads a Hub export)."""
+    import modeling_unicode  # noqa: F401 - registers the Auto classes
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, **kwargs)
+
+
+def load_adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, **kwargs):
+    """`PeftModel.from_pretrained(base model, adapter folder)`."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_unicode_model(base, **kwargs), str(adapter))
+
+
+def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: Optional[str | os.PathLike] = None, processor_from=None) -> Path:
+    """Fold a LoRA adapter into its base model and save an HF folder (model + processor) atomically.
+
+    `base` defaults to the adapter's `base_model_name_or_path`; the processor is copied from
+    `processor_from` (default: the base folder)."""
+    from peft import PeftConfig
+    from transformers import AutoProcessor
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"adapter={str(adapter)!r} holds no adapter_config.json; pass the folder a stage-II run saved")
+    base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if not base:
+        raise ValueError("the adapter records no base model; pass base= the model folder it was trained on")
+    model = load_adapter_model(base, adapter).merge_and_unload()
+    processor = AutoProcessor.from_pretrained(str(processor_from or base))
+    with atomic_directory(output) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(output)
+
+
+__all__ = [
+    "CodesCollator",
+    "language_model_linear_names",
+    "unicode_lora_config",
+    "freeze_for_stage2",
+    "unicode_sft_config",
+    "last_complete_checkpoint",
+    "remove_partial_checkpoints",
+    "CompleteCheckpointCallback",
+    "task_losses",
+    "load_unicode_model",
+    "load_adapter_model",
+    "merge_adapter",
+]

@@ -1,0 +1,314 @@
+"""Stage II on a run folder: decompression pre-training, then instruction tuning (TRL + LoRA).
+
+    <run>/vision_tokenizer/, <run>/text_lm/ (or <run>/llm/ after dual)  <- stage 0 / I
+    <run>/codes/{train,validation}/          the Shapes images, tokenized once (cached)
+    <run>/stage2/base/                       the assembled MLLM (LoRA base of `decompress`)
+    <run>/stage2/decompress/{trainer,adapter,model,metrics.json}
+    <run>/stage2/sft/{trainer,adapter,metrics.json}
+    <run>/mllm/                              the final merged MLLM + processor (HF folder)
+
+`sft` starts from `stage2/decompress/model` when it exists (the paper's order), else from the base.
+Each stage's adapter is saved alone in PEFT format; the merged model is what later stages load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpointing import atomic_directory, is_complete
+
+STAGES = ("decompress", "sft")
+
+
+@dataclass
+class StageIIArguments:
+    run_dir: str
+    stage: str = "sft"
+    preset: str = "tiny"
+    llm: Optional[str] = None
+    max_steps: int = 200
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: Optional[int] = None
+    lora_dropout: float = 0.05
+    target_modules: Optional[list[str]] = None
+    segments: int = 4
+    caption_drop: float = 0.1
+    questions_per_image: int = 2
+    train_images: int = 2000
+    eval_images: int = 64
+    eval_rows_per_task: int = 64
+    save_steps: int = 50
+    logging_steps: int = 10
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    resume: bool = False
+    use_cpu: Optional[bool] = None
+    extra: dict = field(default_factory=dict)  # more SFTConfig fields
+
+
+def stage_paths(run_dir: str | os.PathLike, stage: str) -> dict[str, Path]:
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
+    run = Path(run_dir)
+    root = run / "stage2" / stage
+    decompressed = run / "stage2" / "decompress" / "model"
+    base = decompressed if stage == "sft" and is_complete(decompressed) else run / "stage2" / "base"
+    merged = run / "mllm" if stage == "sft" else decompressed
+    return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged}
+
+
+def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
+    from .presets import load_preset
+
+    if llm:
+        return llm
+    if is_complete(run / "llm") or (run / "llm" / "config.json").is_file():
+        return str(run / "llm")  # dual: the LLM whose rows stage I wrote the codebook into
+    text_model = load_preset(preset)["text_model"]
+    if text_model.get("name_or_path"):
+        return text_model["name_or_path"]
+    if not (run / "text_lm" / "config.json").is_file():
+        raise ValueError(f"no LLM for the run: {run / 'text_lm'} is missing; run `unicode-mllm train-text` or pass llm=")
+    return str(run / "text_lm")
+
+
+def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None) -> Path:
+    """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic)."""
+    from modeling_unicode import UniCodeForConditionalGeneration, UniCodeImageProcessor, UniCodeProcessor, UniCodeVisualTokenizer
+
+    from .text_lm import load_text_lm
+
+    run = Path(run_dir)
+    out = run / "stage2" / "base"
+    if is_complete(out):
+        return out
+    if not (run / "vision_tokenizer" / "config.json").is_file():
+        raise ValueError(f"no visual tokenizer at {run / 'vision_tokenizer'}; run `unicode-mllm train-tokenizer` first")
+    vision = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
+    model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
+    model = UniCodeForConditionalGeneration.from_pretrained_parts(model_llm, tokenizer, vision)
+    processor = UniCodeProcessor.from_model_config(model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size))
+    with atomic_directory(out) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return out
+
+
+def load_model_and_processor(path: str | os.PathLike):
+    from transformers import AutoProcessor
+
+    from .sft import load_unicode_model
+
+    return load_unicode_model(path), AutoProcessor.from_pretrained(str(path))
+
+
+def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, seed: int = 0):
+    """(train, validation) code datasets of the Shapes world at the tokenizer's resolution, cached
+    in `<run>/codes/`."""
+    from .codes import cached_code_dataset, code_signature
+    from .data.shapes import build_split
+
+    size = code_signature(encoder)["image_size"]
+    codes = Path(run_dir) / "codes"
+    train = cached_code_dataset(codes / f"train-{train_images}-s{seed}", lambda: build_split("train", train_images, size, seed), encoder)
+    validation = cached_code_dataset(
+        codes / f"validation-{eval_images}-s{seed}", lambda: build_split("validation", eval_images, size, seed), encoder
+    )
+    return train, validation
+
+
+def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: float = 0.1, questions_per_image: int = 2, seed: int = 0):
+    """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation."""
+    import datasets
+
+    from .tasks import decompression_tasks, generation_tasks, understanding_tasks
+
+    if stage == "decompress":
+        return decompression_tasks(codes, depth, segments, seed=seed)
+    if stage == "sft":
+        return datasets.concatenate_datasets([
+            understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image),
+            generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed),
+        ])
+    raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_sft(
+    model,
+    processor,
+    train_dataset,
+    output_dir: str | os.PathLike,
+    eval_by_task: Optional[dict] = None,
+    lora: Optional[dict] = None,
+    resume: bool = False,
+    eval_rows_per_task: Optional[int] = 64,
+    **sft_overrides,
+):
+    """SFTTrainer + LoRA on tokenized task rows. Returns (trainer, {"before", "after", ...}).
+
+    Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
+    from trl import SFTTrainer
+
+    from .sft import (
+        CodesCollator,
+        CompleteCheckpointCallback,
+        last_complete_checkpoint,
+        remove_partial_checkpoints,
+        task_losses,
+        unicode_lora_config,
+        unicode_sft_config,
+    )
+
+    for name in ("input_ids", "labels", "image_codes"):
+        if name not in train_dataset.column_names:
+            raise ValueError(
+                f"train_dataset has no {name!r} column (columns: {train_dataset.column_names}); build task rows and "
+                "tokenize them with training.tasks.tokenize_tasks"
+            )
+    collator = CodesCollator(processor.tokenizer.pad_token_id)
+    peft_config = unicode_lora_config(model, **(lora or {}))
+    args = unicode_sft_config(output_dir, **sft_overrides)
+    checkpoint = None
+    if resume:
+        if _main_process():
+            remove_partial_checkpoints(output_dir)
+        checkpoint = last_complete_checkpoint(output_dir)
+    before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
+    model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[CompleteCheckpointCallback()],
+    )
+    _expose_lm_head_bias(trainer.model)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    after = task_losses(trainer.model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
+    metrics = {
+        "before": before,
+        "after": after,
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "train_seconds": seconds,
+        "world_size": trainer.accelerator.num_processes,
+    }
+    return trainer, metrics
+
+
+def _expose_lm_head_bias(model) -> None:
+    """With tied embeddings PEFT wraps the LM head in a `TrainableTokensWrapper` (so the special-token
+    rows train on both sides); it forwards `.weight` (merged with the trained rows) but not `.bias`,
+    which TRL's fused LM head reads. Our LM head has no bias: say so on the wrapper."""
+    head = model.get_output_embeddings()
+    if head is not None and "bias" not in dir(type(head)) and not _has_attribute(head, "bias"):
+        original = getattr(head, "original_module", None)
+        object.__setattr__(head, "bias", getattr(original, "bias", None))
+
+
+def _has_attribute(module, name: str) -> bool:
+    try:
+        getattr(module, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def save_adapter(trainer, folder: str | os.PathLike) -> Path:
+    """The LoRA adapter alone, PEFT format (`PeftModel.from_pretrained(base, folder)`), atomically."""
+    if trainer.accelerator.is_main_process:
+        with atomic_directory(folder) as staging:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
+    trainer.accelerator.wait_for_everyone()
+    return Path(folder)
+
+
+def train_stage2(args: StageIIArguments) -> dict:
+    """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
+    from .sft import merge_adapter
+    from .tasks import split_by_task, tokenize_tasks
+
+    paths = stage_paths(args.run_dir, args.stage)
+    if args.resume and is_complete(paths["merged"]) and is_complete(paths["adapter"]):
+        print(f"stage II {args.stage} already finished: {paths['merged']} (delete it to train again)")
+        return json.loads((paths["root"] / "metrics.json").read_text()) if (paths["root"] / "metrics.json").is_file() else {}
+    if _main_process():
+        assemble_base(args.run_dir, args.preset, args.llm)
+    _barrier()
+    base = stage_paths(args.run_dir, args.stage)["base"]
+    model, processor = load_model_and_processor(base)
+    vq = model.config.vq_config
+    max_length = model.config.get_text_config().max_position_embeddings
+    if _main_process():
+        shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
+    _barrier()
+    train_codes, eval_codes = shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
+    common = {"depth": vq.depth, "segments": args.segments, "caption_drop": args.caption_drop, "questions_per_image": args.questions_per_image}
+    train_rows = tokenize_tasks(stage_tasks(train_codes, args.stage, seed=args.seed, **common), processor, max_length)
+    eval_rows = tokenize_tasks(stage_tasks(eval_codes, args.stage, seed=args.seed + 1, **common), processor, max_length)
+    overrides = {
+        "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "save_steps": args.save_steps,
+        "logging_steps": args.logging_steps,
+        "warmup_steps": int(args.warmup_ratio * args.max_steps),
+        "seed": args.seed,
+        **({"use_cpu": args.use_cpu} if args.use_cpu is not None else {}),
+        **args.extra,
+    }
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
+    trainer, metrics = run_sft(
+        model, processor, train_rows, paths["trainer"], split_by_task(eval_rows), lora, args.resume,
+        args.eval_rows_per_task, **overrides,
+    )
+    save_adapter(trainer, paths["adapter"])
+    if trainer.accelerator.is_main_process:
+        merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
+        metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]),
+                   "merged": str(paths["merged"]), "arguments": asdict(args)}
+        (paths["root"] / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Before the Trainer creates the process group, other ranks wait for rank 0's files.
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+__all__ = [
+    "STAGES",
+    "StageIIArguments",
+    "stage_paths",
+    "assemble_base",
+    "load_model_and_processor",
+    "shapes_code_datasets",
+    "stage_tasks",
+    "run_sft",
+    "save_adapter",
+    "train_stage2",
+]

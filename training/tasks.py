@@ -1,0 +1,292 @@
+"""Stage-II tasks as chat conversations over a code dataset, and their tokenization.
+
+A task row is `{"task", "messages", "codes"}`: `codes` is the image's flattened code sequence (one
+image per row) and each message's content is a list of items:
+- `{"type": "text", "text": ...}`;
+- `{"type": "image"}`: the image as INPUT — the processor's `<image>` placeholders, filled by the
+  model with the aggregated (compressed) code embeddings of `codes`;
+- `{"type": "codes", "start": a, "end": b}`: the code ids `codes[a:b]` written as vocabulary ids;
+- `{"type": "boi"}` / `{"type": "eoi"}`: the image-span brackets.
+Ids are spliced in directly, never through text: detokenizing and re-tokenizing code ids would not
+round-trip. `tokenize_conversation` renders every turn with the processor's chat template, so a
+model trained here sees exactly the prompts `UniCodeProcessor` builds at inference; loss only on
+the assistant turns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import templates
+from .codes import CODES_COLUMN
+
+TASKS_DECOMPRESS = ("decompress",)
+TASKS_SFT = ("caption", "vqa", "text_to_image", "continue_image")
+IGNORE_INDEX = -100
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text, "start": None, "end": None}
+
+
+def _item(kind: str, start: Optional[int] = None, end: Optional[int] = None) -> dict:
+    return {"type": kind, "text": None, "start": start, "end": end}
+
+
+def _turn(role: str, *items: dict) -> dict:
+    return {"role": role, "content": list(items)}
+
+
+def segment_bounds(num_codes: int, depth: int, segments: int) -> list[int]:
+    """T+1 cut points of a flattened code sequence, on position boundaries (a position's D codes
+    stay in one segment, so every segment is whole positions)."""
+    if num_codes % depth:
+        raise ValueError(f"num_codes={num_codes} is not a multiple of depth={depth}")
+    positions = num_codes // depth
+    if not 1 <= segments <= positions:
+        raise ValueError(f"segments={segments} must be between 1 and the {positions} code positions of an image")
+    return [round(i * positions / segments) * depth for i in range(segments + 1)]
+
+
+def _rng(seed: int, index: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, salt])
+
+
+def _require(dataset, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"the {what} builder needs columns {list(columns)} but the dataset lacks {missing} (it has "
+            f"{dataset.column_names}); build a code dataset with training.codes.encode_image_dataset on a dataset "
+            "with those columns (the Shapes world has captions and questions)"
+        )
+
+
+def task_features():
+    """Arrow schema of task rows, fixed so datasets of different tasks concatenate."""
+    import datasets
+
+    item = {"type": datasets.Value("string"), "text": datasets.Value("string"),
+            "start": datasets.Value("int64"), "end": datasets.Value("int64")}
+    return datasets.Features({
+        "task": datasets.Value("string"),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(item)}),
+        CODES_COLUMN: datasets.List(datasets.Value("int32")),
+    })
+
+
+def _build(dataset, rows_of, columns: Sequence[str], what: str, seed: int):
+    _require(dataset, columns, what)
+
+    def expand(batch, indices):
+        out = {"task": [], "messages": [], CODES_COLUMN: []}
+        for offset, index in enumerate(indices):
+            row = {c: batch[c][offset] for c in columns}
+            for task, messages in rows_of(row, index):
+                out["task"].append(task)
+                out["messages"].append(messages)
+                out[CODES_COLUMN].append(row[CODES_COLUMN])
+        return out
+
+    return dataset.map(expand, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       features=task_features(), desc=f"{what} tasks")
+
+
+def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
+    """The paper's in-context pre-training: the compressed image in, its flattened codes out, as T
+    assistant turns (each a segment of whole positions)."""
+
+    def rows_of(row, index):
+        rng = _rng(seed, index, 1)
+        bounds = segment_bounds(len(row[CODES_COLUMN]), depth, segments)
+        first = templates.DECOMPRESS_FIRST[rng.integers(len(templates.DECOMPRESS_FIRST))]
+        messages = [_turn("user", _item("image"), _text("\n" + first))]
+        for i in range(segments):
+            if i:
+                messages.append(_turn("user", _text(templates.DECOMPRESS_NEXT[rng.integers(len(templates.DECOMPRESS_NEXT))])))
+            messages.append(_turn("assistant", _item("codes", bounds[i], bounds[i + 1])))
+        yield "decompress", messages
+
+    return _build(dataset, rows_of, [CODES_COLUMN], "decompression", seed)
+
+
+def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2):
+    """Captioning (one per image, a random caption) and VQA (`questions_per_image` random questions)."""
+
+    def rows_of(row, index):
+        rng = _rng(seed, index, 2)
+        if row["captions"]:
+            caption = row["captions"][rng.integers(len(row["captions"]))]
+            prompt = templates.CAPTION[rng.integers(len(templates.CAPTION))]
+            yield "caption", [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))]
+        questions = list(row["questions"])
+        for q in rng.permutation(len(questions))[:questions_per_image]:
+            qa = questions[int(q)]
+            prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
+            yield "vqa", [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(qa["answer"]))]
+
+    return _build(dataset, rows_of, [CODES_COLUMN, "captions", "questions"], "understanding", seed)
+
+
+def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float = 0.1, seed: int = 0):
+    """Text-to-image (caption in, `<boi>` codes `<eoi>` out; with probability `caption_drop` the
+    caption is "" in the processor's default template — CFG's unconditional prompt) and
+    continue-a-partial-image (caption + the first k segments in, segment k+1 out)."""
+    if not 0.0 <= caption_drop < 1.0:
+        raise ValueError(f"caption_drop={caption_drop} must be in [0, 1) (the paper's p, default 0.1)")
+
+    def rows_of(row, index):
+        rng = _rng(seed, index, 3)
+        if not row["captions"]:
+            return
+        caption = row["captions"][rng.integers(len(row["captions"]))]
+        n = len(row[CODES_COLUMN])
+        if rng.random() < caption_drop:
+            instruction = templates.TEXT_TO_IMAGE[0].format(caption="")
+        else:
+            instruction = templates.TEXT_TO_IMAGE[rng.integers(len(templates.TEXT_TO_IMAGE))].format(caption=caption)
+        yield "text_to_image", [
+            _turn("user", _text(instruction)),
+            _turn("assistant", _item("boi"), _item("codes", 0, n), _item("eoi")),
+        ]
+        if segments > 1:
+            bounds = segment_bounds(n, depth, segments)
+            k = int(rng.integers(1, segments))
+            prompt = templates.CONTINUE_IMAGE[rng.integers(len(templates.CONTINUE_IMAGE))].format(caption=caption)
+            yield "continue_image", [
+                _turn("user", _text(prompt), _item("codes", 0, bounds[k])),
+                _turn("assistant", _item("codes", bounds[k], bounds[k + 1])),
+            ]
+
+    return _build(dataset, rows_of, [CODES_COLUMN, "captions"], "generation", seed)
+
+
+def split_by_task(dataset) -> dict[str, Any]:
+    """{task: rows of that task}, for per-task held-out losses."""
+    tasks = sorted(set(dataset["task"]))
+    return {task: dataset.filter(lambda t, task=task: t == task, input_columns="task") for task in tasks}
+
+
+# -- tokenization --------------------------------------------------------------------------------
+
+_SENTINEL = "\u0001{}\u0001"
+
+
+class ConversationTokenizer:
+    """Turns task rows into `input_ids`, `labels` (-100 outside assistant turns) and `image_codes`
+    (the row's codes when it has an `{"type": "image"}` input, else [])."""
+
+    def __init__(self, processor):
+        from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
+
+        if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "num_image_tokens"):
+            raise TypeError(f"processor must be a UniCodeProcessor, got {type(processor).__name__}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.image_id, self.boi_id, self.eoi_id = ids(IMAGE_TOKEN), ids(BOI_TOKEN), ids(EOI_TOKEN)
+        self.num_image_tokens = processor.num_image_tokens
+        # Whatever the tokenizer puts in front of a prompt (BOS for Llama, nothing for stage 0):
+        # the processor tokenizes the whole prompt with special tokens at inference.
+        self.prefix = list(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        probe = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        with_prompt = processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        self.generation_prompt = with_prompt[len(processor.apply_chat_template(probe, tokenize=False)) :]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _render(self, message: dict, codes: Sequence[int]) -> tuple[str, list[list[int]]]:
+        """The turn as chat-template text with a sentinel per non-text item, and those items' ids."""
+        from modeling_unicode import IMAGE_TOKEN
+
+        parts, spliced = [], []
+        for item in message["content"]:
+            kind = item["type"]
+            if kind == "text":
+                parts.append({"type": "text", "text": item["text"]})
+                continue
+            if kind == "image":
+                chunk = [self.image_id] * self.num_image_tokens
+            elif kind == "codes":
+                chunk = [int(c) for c in codes[item["start"] : item["end"]]]
+            elif kind in ("boi", "eoi"):
+                chunk = [self.boi_id if kind == "boi" else self.eoi_id]
+            else:
+                raise ValueError(f"unknown content type {kind!r}; use text, image, codes, boi or eoi")
+            parts.append({"type": "text", "text": _SENTINEL.format(len(spliced))})
+            spliced.append(chunk)
+        rendered = self.processor.apply_chat_template([{"role": message["role"], "content": parts}], tokenize=False)
+        if IMAGE_TOKEN in rendered:
+            raise ValueError("a text item contains <image>; use a {'type': 'image'} item for the input image")
+        return rendered, spliced
+
+    def _pieces(self, text: str, spliced: list[list[int]]) -> list[int]:
+        ids = []
+        for i, chunk in enumerate(spliced):
+            head, text = text.split(_SENTINEL.format(i), 1)
+            ids += self._encode_text(head) + chunk
+        return ids + self._encode_text(text)
+
+    def __call__(self, messages: list[dict], codes: Sequence[int]) -> dict[str, list[int]]:
+        input_ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
+        has_image = False
+        for message in messages:
+            role = message["role"]
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"message role {role!r} is not one of system, user, assistant")
+            has_image |= any(item["type"] == "image" for item in message["content"])
+            text, spliced = self._render(message, codes)
+            if role != "assistant":
+                ids = self._pieces(text, spliced)
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+                continue
+            if not text.startswith(self.generation_prompt):
+                raise ValueError("the chat template's assistant turn does not start with its generation prompt")
+            answer = text[len(self.generation_prompt) :]
+            # An image answer follows the generation prompt directly: image-mode generate appends
+            # <boi> right after it, with no space token in between.
+            if message["content"] and message["content"][0]["type"] != "text" and answer.startswith(" "):
+                answer = answer[1:]
+            prompt_ids = self._encode_text(self.generation_prompt)
+            answer_ids = self._pieces(answer, spliced)
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        if has_image and sum(1 for i in input_ids if i == self.image_id) != self.num_image_tokens:
+            raise ValueError("a conversation may hold one input image (one {'type': 'image'} item)")
+        return {"input_ids": input_ids, "labels": labels, "image_codes": list(codes) if has_image else []}
+
+
+def tokenize_tasks(dataset, processor, max_length: Optional[int] = None, desc: str = "tokenizing conversations"):
+    """Task rows -> `input_ids`, `labels`, `image_codes` (plus `task`). Rows longer than `max_length`
+    are an error, not silently cut: a cut image span could not be decoded."""
+    _require(dataset, ["messages", CODES_COLUMN], "tokenization")
+    tokenizer = ConversationTokenizer(processor)
+
+    def encode(row):
+        out = tokenizer(row["messages"], row[CODES_COLUMN])
+        if max_length is not None and len(out["input_ids"]) > max_length:
+            raise ValueError(
+                f"a {row.get('task', '')} conversation is {len(out['input_ids'])} tokens, above max_length={max_length}; "
+                "raise max_length (the LLM's context allows text_config.max_position_embeddings) or use more segments"
+            )
+        return out
+
+    keep = {"task"} & set(dataset.column_names)
+    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep], desc=desc)
+
+
+__all__ = [
+    "TASKS_DECOMPRESS",
+    "TASKS_SFT",
+    "segment_bounds",
+    "decompression_tasks",
+    "understanding_tasks",
+    "generation_tasks",
+    "split_by_task",
+    "ConversationTokenizer",
+    "tokenize_tasks",
+]
