@@ -181,7 +181,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     codes (`torch.LongTensor` of shape `(batch, ĥ, ŵ, D)`): the code map, as vocabulary ids.
     reconstruction_loss, commitment_loss (`torch.FloatTensor`): the two terms of `loss`.
     code_counts (`torch.FloatTensor` of shape `(K,)`), code_sums (`(K, H)`): EMA statistics of this batch.
-    code_features (`torch.FloatTensor` of shape `(N, H)`): first-level inputs in codebook units (dead-code restarts).
+    code_features (`torch.FloatTensor` of shape `(N·levels, H)`): every level's inputs in codebook units (dead-code restarts).
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
     """
 

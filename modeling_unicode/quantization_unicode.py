@@ -243,8 +243,8 @@ class QuantizerOutput:
     commitment_loss: β-weighted commitment term.
     code_counts / code_sums: per-code assignment counts (K,) and feature sums (K, H) in codebook
         units, the sufficient statistics of the EMA k-means update; None unless requested.
-    features: the first level's input vectors (N, H) in codebook units, candidates for restarting
-        dead codes; None unless requested.
+    features: every level's input vectors (N·levels, H) in codebook units, candidates for
+        restarting dead codes; None unless requested.
     """
 
     quantized: torch.Tensor
@@ -353,7 +353,8 @@ class UniCodeQuantizer(nn.Module):
                 sums.index_add_(0, idx, vectors.float())
             output.code_counts = counts
             output.code_sums = sums / scale.float()  # back to codebook units
-            output.features = assignments[0][0].float() / scale.float()
+            # Candidates from every level, so residual levels get re-seeded at residual scale.
+            output.features = torch.cat([vectors for vectors, _ in assignments]).float() / scale.float()
         return output
 
     def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         dual_text_steps=stage1.get("dual_text_steps", 5),
         gan_weight=_pick(args.gan_weight, stage1, "gan_weight", 0.0),
         gan_start_step=stage1.get("gan_start_step", 0),
+        vision_overrides={k: v for k, v in {"norm_handling": args.norm_handling,
+                                            "dead_code_threshold": args.dead_code_threshold}.items() if v is not None},
     )
     torch.set_num_threads(max(1, torch.get_num_threads()))
     metrics = StageITrainer(stage_args, train_images, eval_images, text_blocks=text_blocks).train(resume=args.resume)
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
     tok.add_argument("--train-images", type=int)
+    tok.add_argument("--norm-handling", choices=["normalize", "none"])
+    tok.add_argument("--dead-code-threshold", type=float)
     tok.add_argument("--fp32", action="store_true", help="disable bf16 autocast of the convolutions")
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tok.add_argument("--seed", type=int, default=0)
