@@ -110,3 +110,13 @@ def test_cli_flags_become_budget_overrides():
     assert args.func.__name__ == "_cmd_demo" and args.output is None and args.preset == "tiny"
     ablate = build_parser().parse_args(["ablate", "--factors", "paradigm", "codebook"])
     assert ablate.factors == ["paradigm", "codebook"] and ablate.output == "outputs/ablate"
+
+
+def test_small_preset_is_the_paper_hq_layout_with_its_own_demo_budget():
+    from training.presets import list_presets, vision_tokenizer_config
+
+    assert "small" in list_presets() and "small" in list_presets("recipes")
+    config = vision_tokenizer_config("small")
+    assert config.quantizer == "hq" and config.tokens_per_image == 320
+    budget = demo_budget("small")
+    assert budget["sft_steps"] > demo_budget("tiny")["sft_steps"] and budget["goals"]["vqa_accuracy"] == 0.98

@@ -198,7 +198,7 @@ def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, 
     answered questions (image, question, prediction, truth)."""
     from PIL import Image, ImageDraw
 
-    font, label_h = _font(11), 56
+    font, label_h = _font(11), 72
     rows = [("input", [(im, None) for im in inputs[:columns]]),
             ("reconstruction", [(im, None) for im in reconstructions[:columns]]),
             ("generated", [(im, caption) for caption, im in generated[:columns]]),
@@ -217,8 +217,8 @@ def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, 
             if text:
                 lines = []
                 for part in text.split("\n"):
-                    lines += textwrap.wrap(part, 22) or [""]
-                draw.multiline_text((x + 2, y + tile), "\n".join(lines[:4]), fill="black", font=font, spacing=1)
+                    lines += textwrap.wrap(part, 21) or [""]
+                draw.multiline_text((x + 2, y + tile), "\n".join(lines[:5]), fill="black", font=font, spacing=1)
         y += height
     return canvas
 
