@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: install test test-slow bench tokenizer clean
+.PHONY: install demo ablate test test-slow bench tokenizer clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,16 @@ $(VENV)/.installed: setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
+
+# The main job: the tiny preset end to end (stage 0 -> I -> codes -> decompress -> SFT -> evaluation), offline,
+# <= 10 minutes on 2 CPU cores; writes outputs/demo-tiny/{report.json,report.md,samples.png,mllm/}. Re-running reuses
+# finished stages.
+demo: install
+	$(VENV)/bin/unicode-mllm demo --preset tiny --output outputs/demo-tiny
+
+# The paper's ablations at small scale (about an hour on 2 CPU cores): outputs/ablate/ablation.{md,json}.
+ablate: install
+	$(VENV)/bin/unicode-mllm ablate --preset tiny --output outputs/ablate
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,5 +1,7 @@
 """`unicode-mllm`: the command line. Each stage adds its subcommand here.
 
+    unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
+    unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
@@ -251,6 +253,53 @@ def _add_hub_commands(sub) -> None:
 # -- end hub_upload ---------------------------------------------------------------------------------
 
 
+# -- demo / ablate (the work is in training/demo.py and training/ablate.py) ----------------------
+_BUDGET_FLAGS = (("--stage0-steps", int), ("--stage1-steps", int), ("--decompress-steps", int), ("--sft-steps", int),
+                 ("--stage1-train-images", int), ("--stage2-train-images", int), ("--vqa-images", int),
+                 ("--generation-prompts", int), ("--guidance-scale", float))
+
+
+def _budget_flags(args: argparse.Namespace) -> dict:
+    return {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, _ in _BUDGET_FLAGS
+            if getattr(args, f[2:].replace("-", "_")) is not None}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoArguments, run_demo
+
+    output = args.output or f"outputs/demo-{args.preset}"
+    run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args)))
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import FACTORS, run_ablation
+
+    table = run_ablation(args.output, preset=args.preset, factors=args.factors or list(FACTORS), seed=args.seed,
+                         device=args.device, budget=_budget_flags(args))
+    print(table["markdown"])
+    return 0
+
+
+def _add_demo_commands(sub) -> None:
+    from .ablate import FACTORS
+
+    for name, helper in (("demo", "the main job: stage 0 -> I -> codes -> decompress -> SFT -> evaluation -> report, offline"),
+                         ("ablate", "the paper's ablations at small scale, one factor at a time from a shared baseline")):
+        cmd = sub.add_parser(name, help=helper)
+        cmd.add_argument("--preset", default="tiny")
+        cmd.add_argument("--output", default=None if name == "demo" else "outputs/ablate",
+                         help="run folder (default outputs/demo-PRESET)" if name == "demo" else "folder of the variants' runs")
+        cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        cmd.add_argument("--seed", type=int, default=0)
+        for flag, kind in _BUDGET_FLAGS:
+            cmd.add_argument(flag, type=kind, help="override the recipe's demo budget")
+        if name == "ablate":
+            cmd.add_argument("--factors", nargs="+", choices=list(FACTORS), help="default: all of them")
+        cmd.set_defaults(func=_cmd_demo if name == "demo" else _cmd_ablate)
+# -- end demo / ablate --------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unicode-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(func=_cmd_train_tokenizer)
     _add_stage2_parsers(sub)
     _add_hub_commands(sub)
+    _add_demo_commands(sub)
     return parser
 
 

@@ -81,8 +81,10 @@ def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
     return str(run / "text_lm")
 
 
-def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None) -> Path:
-    """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic)."""
+def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None,
+                  visual_input: str = "aggregate") -> Path:
+    """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic).
+    `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes)."""
     from modeling_unicode import UniCodeForConditionalGeneration, UniCodeImageProcessor, UniCodeProcessor, UniCodeVisualTokenizer
 
     from .text_lm import load_text_lm
@@ -95,7 +97,7 @@ def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optiona
         raise ValueError(f"no visual tokenizer at {run / 'vision_tokenizer'}; run `unicode-mllm train-tokenizer` first")
     vision = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
     model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
-    model = UniCodeForConditionalGeneration.from_pretrained_parts(model_llm, tokenizer, vision)
+    model = UniCodeForConditionalGeneration.from_pretrained_parts(model_llm, tokenizer, vision, visual_input=visual_input)
     processor = UniCodeProcessor.from_model_config(model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size))
     with atomic_directory(out) as staging:
         model.save_pretrained(staging)

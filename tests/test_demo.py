@@ -1,0 +1,122 @@
+"""`unicode-mllm demo` end to end on a reduced setting (32 px, 32-wide LM, a few steps per stage):
+the run folder's contents, metrics that are measured (a recomputation agrees), resuming, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.demo import DemoArguments, demo_budget, run_demo
+
+REDUCED_BUDGET = {
+    "text_scenes": 40, "stage0_steps": 2, "stage1_steps": 3, "stage1_train_images": 16, "stage1_eval_images": 4,
+    "stage2_train_images": 12, "stage2_eval_images": 4, "decompress_steps": 2, "sft_steps": 3, "vqa_images": 3,
+    "compositional_images": 2, "generation_prompts": 3, "reconstruction_images": 3, "guidance_scale": 2.0,
+}
+TEXT_MODEL = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2}
+VISION = {"image_size": 32, "base_channels": 8, "channel_multipliers": [1, 2, 2, 2], "z_channels": 8, "code_dim": 32}
+
+
+def reduced(folder: Path, **extra) -> DemoArguments:
+    return DemoArguments(output_dir=str(folder), budget=REDUCED_BUDGET, text_model_overrides=TEXT_MODEL,
+                         vision_overrides=VISION, codebook_size=128, quiet=True, **extra)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo") / "run"
+    return folder, run_demo(reduced(folder))
+
+
+def test_demo_writes_the_run_folder_of_the_design(demo_run):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from hub_upload.run_folder import check_run_folder
+
+    folder, report = demo_run
+    checked = check_run_folder(folder)  # what export/push need: mllm/, report.json, samples.png
+    assert checked.adapter() == folder / "adapter"
+    for name in ("text_lm", "vision_tokenizer", "mllm", "stage2/decompress/model"):
+        assert (folder / name / "COMPLETE").is_file(), name
+    assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report))
+    markdown = (folder / "report.md").read_text()
+    assert "| **overall** |" in markdown and "all_correct" in markdown and "stage1_tokenizer" in markdown
+    from PIL import Image
+
+    samples = Image.open(folder / "samples.png")
+    assert samples.width >= 8 * 128 and samples.height >= 4 * 128
+    assert Image.open(folder / "generated.png").size == (32, 32) and Image.open(folder / "question.png").size == (32, 32)
+    model = AutoModelForImageTextToText.from_pretrained(folder / "mllm")
+    processor = AutoProcessor.from_pretrained(folder / "mllm")
+    assert type(model).__name__ == "UniCodeForConditionalGeneration" and type(processor).__name__ == "UniCodeProcessor"
+    settings = report["settings"]
+    assert settings["base_model"] == str(folder / "text_lm") and settings["vision_tokenizer"]["codebook_size"] == 128
+    assert set(report["wall_seconds"]) >= {"stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress",
+                                           "stage2_sft", "evaluation", "total"}
+    assert all(v > 0 for v in report["wall_seconds"].values())
+    assert report["versions"]["torch"] and report["versions"]["transformers"]
+
+
+def test_report_metrics_are_measured_not_constants(demo_run):
+    """Recompute reconstruction PSNR / usage and the VQA chance level from the saved model and the
+    same data: they must match the report; the question counts follow the data."""
+    from training.data.shapes import build_split
+    from training.evaluation import evaluate_reconstruction, evaluate_vqa, majority_answers, train_question_rows
+    from training.stage2 import load_model_and_processor
+
+    folder, report = demo_run
+    metrics, chance = report["metrics"], report["chance"]
+    model, processor = load_model_and_processor(folder / "mllm")
+    test = build_split("test", 3, image_size=32, seed=0)
+    recon = evaluate_reconstruction(model, list(test["image"]))
+    assert recon["psnr"] == pytest.approx(metrics["reconstruction"]["psnr"], rel=1e-6)
+    assert recon["usage"] == pytest.approx(metrics["reconstruction"]["codebook_usage"])
+    assert 0 < metrics["reconstruction"]["codebook_usage"] <= 1 and 0 < metrics["reconstruction"]["psnr"] < 60
+    prior = majority_answers(train_question_rows(12, 0))
+    assert chance["vqa_prior_answers"] == prior
+    vqa = evaluate_vqa(model, processor, test, prior)
+    assert vqa["model"]["accuracy"] == pytest.approx(metrics["vqa"]["accuracy"])
+    assert vqa["chance"]["accuracy"] == pytest.approx(chance["vqa"]["accuracy"])
+    assert report["counts"]["vqa_questions"] == sum(len(q) for q in test["questions"])
+    for section in ("vqa", "vqa_compositional", "text_to_image"):
+        assert all(0.0 <= v <= 1.0 for v in metrics[section].values())
+    assert set(report["goals_met"]) == set(demo_budget("tiny")["goals"])
+
+
+def test_rerun_reuses_every_training_stage(demo_run):
+    folder, first = demo_run
+    mtime = (folder / "mllm" / "COMPLETE").stat().st_mtime
+    again = run_demo(reduced(folder))
+    assert all(again["reused"][s] for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress", "stage2_sft"))
+    assert (folder / "mllm" / "COMPLETE").stat().st_mtime == mtime
+    # Reused stages keep the seconds measured when they ran; evaluation is deterministic (greedy).
+    assert again["wall_seconds"]["stage1_tokenizer"] == first["wall_seconds"]["stage1_tokenizer"]
+    assert again["metrics"] == first["metrics"]
+
+
+def test_budget_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown keys \\['stage9_steps'\\]"):
+        demo_budget("tiny", {"stage9_steps": 1})
+    with pytest.raises(ValueError, match="device='tpu'"):
+        run_demo(DemoArguments(output_dir="unused", device="tpu"))
+
+
+def test_cli_flags_become_budget_overrides():
+    from training.cli import _budget_flags, build_parser
+
+    args = build_parser().parse_args(["demo", "--sft-steps", "5", "--guidance-scale", "2.5", "--device", "cpu"])
+    assert _budget_flags(args) == {"sft_steps": 5, "guidance_scale": 2.5}
+    assert args.func.__name__ == "_cmd_demo" and args.output is None and args.preset == "tiny"
+    ablate = build_parser().parse_args(["ablate", "--factors", "paradigm", "codebook"])
+    assert ablate.factors == ["paradigm", "codebook"] and ablate.output == "outputs/ablate"
+
+
+def test_small_preset_is_the_paper_hq_layout_with_its_own_demo_budget():
+    from training.presets import list_presets, vision_tokenizer_config
+
+    assert "small" in list_presets() and "small" in list_presets("recipes")
+    config = vision_tokenizer_config("small")
+    assert config.quantizer == "hq" and config.tokens_per_image == 320
+    budget = demo_budget("small")
+    assert budget["sft_steps"] > demo_budget("tiny")["sft_steps"] and budget["goals"]["vqa_accuracy"] == 0.98

@@ -1,0 +1,402 @@
+"""`unicode-mllm demo`: the whole mission in one command, offline, on the Shapes world.
+
+stage 0 (text LM) -> stage I (visual tokenizer, unified codebook) -> code datasets -> decompression
+pre-training -> instruction tuning -> evaluation -> the run folder of DESIGN.md:
+
+    <run>/text_lm/ vision_tokenizer/ codes/ stage1/ stage2/   the stages' own outputs
+    <run>/mllm/                 the final model (AutoModelForImageTextToText / AutoProcessor)
+    <run>/adapter/              a copy of the SFT LoRA adapter (PEFT; its base is stage2/decompress/model)
+    <run>/report.json           metrics + chance levels + goals, settings, wall time per stage, versions
+    <run>/report.md             the same as tables
+    <run>/samples.png           inputs, reconstructions, generated images under their prompts, answers
+    <run>/question.png, generated.png   the one answered question's image and one generated image
+
+Budgets come from the preset recipe's `demo` section (CLI flags and `budget=` override them). Every
+stage skips itself when its output folder is complete, so re-running resumes where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .checkpointing import is_complete
+
+# Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
+BUDGET_KEYS = (
+    "text_scenes", "stage0_steps", "stage1_steps", "stage1_train_images", "stage1_eval_images", "stage2_train_images",
+    "stage2_eval_images", "decompress_steps", "sft_steps", "vqa_images", "compositional_images", "generation_prompts",
+    "reconstruction_images", "guidance_scale",
+)
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = "outputs/demo-tiny"
+    preset: str = "tiny"
+    seed: int = 0
+    device: str = "cpu"
+    budget: dict = field(default_factory=dict)        # overrides of the recipe's `demo` section
+    # Reduced settings (tests): overrides of the preset's text model / visual tokenizer.
+    text_model_overrides: dict = field(default_factory=dict)
+    vision_overrides: dict = field(default_factory=dict)
+    codebook_size: Optional[int] = None
+    paradigm: Optional[str] = None
+    quantizer: Optional[str] = None
+    visual_input: str = "aggregate"
+    decompress: bool = True
+    quiet: bool = False
+
+
+def _recipe(preset: str) -> dict:
+    from .presets import list_presets, load_preset
+
+    if preset not in list_presets("recipes"):
+        raise ValueError(f"preset={preset!r} has no training recipe; choose one of {list_presets('recipes')}")
+    return load_preset(preset, "recipes")
+
+
+def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
+    """The recipe's `demo` section with `overrides`, checked for unknown and missing keys."""
+    section = dict(_recipe(preset).get("demo") or {})
+    goals = section.pop("goals", {})
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(BUDGET_KEYS))
+    if unknown:
+        raise ValueError(f"budget has unknown keys {unknown}; use some of {list(BUDGET_KEYS)}")
+    budget = {**section, **overrides}
+    missing = [k for k in BUDGET_KEYS if k not in budget]
+    if missing:
+        raise ValueError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to configuration/recipes/{preset}.yaml "
+                         "or pass them in budget=")
+    return {**budget, "goals": goals}
+
+
+def _versions() -> dict:
+    import importlib.metadata as metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "transformers", "datasets", "accelerate", "trl", "peft", "evaluate", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class StageClock:
+    """Wall seconds per stage; a stage whose output was already complete is marked reused and keeps
+    the seconds measured when it ran (from the previous report)."""
+
+    def __init__(self, previous: Optional[dict] = None, quiet: bool = False):
+        self.previous = previous or {}
+        self.seconds: dict[str, float] = {}
+        self.reused: dict[str, bool] = {}
+        self.quiet = quiet
+
+    def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
+        if not self.quiet:
+            print(f"== {name}" + (" (reused: already complete)" if done else ""), flush=True)
+        started = time.perf_counter()
+        result = work()
+        elapsed = time.perf_counter() - started
+        self.reused[name] = done
+        self.seconds[name] = float(self.previous.get(name, elapsed)) if done else elapsed
+        return result
+
+
+def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
+    from .data.shapes import text_corpus
+    from .text_lm import train_text_lm
+
+    stage0 = _recipe(preset["name"]).get("stage0", {})
+    texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
+    return train_text_lm(run / "text_lm", preset["text_model"], texts, max_steps=budget["stage0_steps"],
+                         batch_size=stage0.get("batch_size", 16), block_size=stage0.get("block_size", 128),
+                         learning_rate=stage0.get("learning_rate", 3e-3), seed=seed)
+
+
+def train_stage1(run: Path, preset_name: str, llm_path: Path, budget: dict, seed: int, *, paradigm=None, quantizer=None,
+                 codebook_size=None, vision_overrides=None) -> dict:
+    """Stage I through `StageITrainer`, with the recipe's `stage1` values and the demo's budget."""
+    from .data.shapes import build_split, text_corpus
+    from .presets import load_preset
+    from .stage1 import StageIArguments, StageITrainer, images_to_uint8
+    from .text_lm import load_text_lm, packed_blocks
+
+    stage1 = _recipe(preset_name).get("stage1", {})
+    vision = {**load_preset(preset_name)["vision_tokenizer"], **(vision_overrides or {})}
+    size = vision["image_size"]
+    train = build_split("train", budget["stage1_train_images"], image_size=size, seed=seed)
+    validation = build_split("validation", budget["stage1_eval_images"], image_size=size, seed=seed)
+    text_blocks = None
+    if (paradigm or vision.get("paradigm")) == "dual":
+        _, tokenizer = load_text_lm(str(llm_path))
+        text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=500, seed=seed)), 64)
+    args = StageIArguments(
+        output_dir=str(run), llm_path=str(llm_path), preset=preset_name, paradigm=paradigm, quantizer=quantizer,
+        codebook_size=codebook_size, max_steps=budget["stage1_steps"], batch_size=stage1.get("batch_size", 16),
+        learning_rate=stage1.get("learning_rate", 2e-3), warmup_steps=min(stage1.get("warmup_steps", 50), budget["stage1_steps"]),
+        bf16=stage1.get("bf16", True), seed=seed, log_every=stage1.get("log_every", 25),
+        sample_every=stage1.get("sample_every", 250), checkpoint_every=stage1.get("checkpoint_every", 250),
+        eval_images=budget["stage1_eval_images"], dual_text_steps=stage1.get("dual_text_steps", 5),
+        gan_weight=stage1.get("gan_weight", 0.0), gan_start_step=stage1.get("gan_start_step", 0),
+        vision_overrides=dict(vision_overrides or {}),
+    )
+    return StageITrainer(args, images_to_uint8(train["image"], size, "train"),
+                         images_to_uint8(validation["image"], size, "validation"), text_blocks=text_blocks).train(resume=True)
+
+
+def _stage1_metrics(run: Path) -> dict:
+    path = run / "stage1" / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed: int, device: str):
+    from .stage2 import StageIIArguments
+
+    recipe = _recipe(preset_name).get("stage2", {})
+    section = recipe.get(stage, {})
+    return StageIIArguments(
+        run_dir=str(run), stage=stage, preset=preset_name, max_steps=budget[f"{stage}_steps"],
+        batch_size=section.get("batch_size", 8), learning_rate=section.get("learning_rate", 1e-3),
+        lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"), lora_dropout=recipe.get("lora_dropout", 0.05),
+        segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
+        train_images=budget["stage2_train_images"], eval_images=budget["stage2_eval_images"],
+        save_steps=recipe.get("save_steps", 50), seed=seed, resume=True, use_cpu=device == "cpu",
+    )
+
+
+def _stage2_done(run: Path, stage: str) -> bool:
+    from .stage2 import stage_paths
+
+    paths = stage_paths(run, stage)
+    return is_complete(paths["merged"]) and is_complete(paths["adapter"])
+
+
+# -- samples.png ----------------------------------------------------------------------------------
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, columns: int = 8):
+    """One PNG: test inputs over their reconstructions, generated images over their prompts, and
+    answered questions (image, question, prediction, truth)."""
+    from PIL import Image, ImageDraw
+
+    font, label_h = _font(11), 72
+    rows = [("input", [(im, None) for im in inputs[:columns]]),
+            ("reconstruction", [(im, None) for im in reconstructions[:columns]]),
+            ("generated", [(im, caption) for caption, im in generated[:columns]]),
+            ("VQA", [(im, f"Q: {q}\nA: {pred} ({'ok' if pred.strip().lower() == ans.lower() else 'truth: ' + ans})")
+                     for im, q, ans, pred in answered[:columns]])]
+    left = 96
+    heights = [tile + (label_h if any(text for _, text in items) else 0) for _, items in rows]
+    canvas = Image.new("RGB", (left + columns * tile, sum(heights) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 4
+    for (name, items), height in zip(rows, heights):
+        draw.text((4, y + tile // 2 - 6), name, fill="black", font=font)
+        for i, (image, text) in enumerate(items):
+            x = left + i * tile
+            canvas.paste(image.convert("RGB").resize((tile - 4, tile - 4), Image.NEAREST), (x + 2, y + 2))
+            if text:
+                lines = []
+                for part in text.split("\n"):
+                    lines += textwrap.wrap(part, 21) or [""]
+                draw.multiline_text((x + 2, y + tile), "\n".join(lines[:5]), fill="black", font=font, spacing=1)
+        y += height
+    return canvas
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
+    from .evaluation import above_chance
+
+    checks = {}
+    paths = {"psnr_db": ("reconstruction", "psnr"), "codebook_usage": ("reconstruction", "codebook_usage"),
+             "vqa_accuracy": ("vqa", "accuracy"), "vqa_compositional_accuracy": ("vqa_compositional", "accuracy"),
+             "text_to_image_all_correct": ("text_to_image", "all_correct")}
+    for goal, target in goals.items():
+        if goal == "vqa_above_chance_every_type":
+            if target:
+                checks[goal] = all(above_chance(metrics, chance, "vqa").values())
+            continue
+        if goal not in paths:
+            raise ValueError(f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)} or "
+                             "vqa_above_chance_every_type")
+        section, key = paths[goal]
+        checks[goal] = bool(metrics[section][key] >= target)
+    return checks
+
+
+def report_markdown(report: dict) -> str:
+    m, c = report["metrics"], report["chance"]
+    lines = [f"# UniCode demo — preset `{report['settings']['preset']}`", "",
+             f"Run folder `{report['run_dir']}`; seed {report['settings']['seed']}; device {report['settings']['device']}; "
+             f"total wall time {report['wall_seconds']['total']:.0f} s.", "",
+             "## Understanding (VQA, Shapes world test split)", "",
+             "| question type | accuracy | chance (prior-only answer) |", "|---|---|---|"]
+    for key in sorted(m["vqa"]):
+        if key.startswith("accuracy"):
+            label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
+            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} |")
+    lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
+                 f"{c['vqa_compositional']['accuracy']:.3f} |")
+    lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
+              "| attribute | model | chance (true image of another prompt) |", "|---|---|---|"]
+    for key in ("all_correct", "color", "shape", "size", "position", "count", "unparseable"):
+        lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} |")
+    r = m["reconstruction"]
+    lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
+              f"PSNR {r['psnr']:.2f} dB; codebook usage {r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}).",
+              "", "## Goals", "", "| goal | target | met |", "|---|---|---|"]
+    for goal, met in report["goals_met"].items():
+        lines.append(f"| {goal} | {report['goals'][goal]} | {'yes' if met else 'no'} |")
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds | reused |", "|---|---|---|"]
+    for stage, seconds in report["wall_seconds"].items():
+        if stage != "total":
+            lines.append(f"| {stage} | {seconds:.1f} | {'yes' if report['reused'].get(stage) else 'no'} |")
+    example = report["example"]
+    lines += ["", "## One answered question", "", f"Q: {example['question']}  ", f"A: {example['prediction']} "
+              f"(truth: {example['answer']})", "", f"Generated for '{example['prompt']}': `generated.png`.", ""]
+    return "\n".join(lines)
+
+
+def run_demo(args: DemoArguments) -> dict:
+    """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
+    import torch
+
+    from .data.shapes import build_split
+    from .evaluation import evaluate_model, train_question_rows
+    from .presets import load_preset
+    from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
+
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"device={args.device!r} is not supported; use 'cpu' or 'cuda'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; drop --device cuda to run on CPU")
+    if args.visual_input not in ("aggregate", "flatten"):
+        raise ValueError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
+    run = Path(args.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    budget = demo_budget(args.preset, args.budget)
+    goals = budget.pop("goals")
+    preset = load_preset(args.preset)
+    preset["text_model"] = {**preset["text_model"], **args.text_model_overrides}
+    previous = {}
+    if (run / "report.json").is_file():
+        previous = json.loads((run / "report.json").read_text()).get("wall_seconds", {})
+    clock = StageClock(previous, quiet=args.quiet)
+    started = time.perf_counter()
+
+    if preset["text_model"].get("source") == "stage0":
+        llm = clock.run("stage0_text_lm", is_complete(run / "text_lm"), lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed))
+    else:
+        llm = Path(preset["text_model"]["name_or_path"])
+    # A finished vision_tokenizer/ is never retrained nor re-exported: the ablation's separate-codebook
+    # variant rewrites it after stage I.
+    stage1_done = is_complete(run / "vision_tokenizer")
+    stage1 = clock.run("stage1_tokenizer", stage1_done, lambda: _stage1_metrics(run) if stage1_done else train_stage1(
+        run, args.preset, llm, budget, args.seed, paradigm=args.paradigm, quantizer=args.quantizer,
+        codebook_size=args.codebook_size, vision_overrides=args.vision_overrides))
+
+    def codes():
+        assemble_base(run, args.preset, visual_input=args.visual_input)
+        model, _ = load_model_and_processor(run / "stage2" / "base")
+        shapes_code_datasets(run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed)
+
+    codes_done = is_complete(run / "stage2" / "base") and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+    clock.run("code_datasets", codes_done, codes)
+    stage2 = {}
+    for stage in (("decompress", "sft") if args.decompress else ("sft",)):
+        stage2[stage] = clock.run(f"stage2_{stage}", _stage2_done(run, stage), lambda stage=stage: train_stage2(
+            stage2_arguments(run, args.preset, stage, budget, args.seed, args.device)))
+    if is_complete(run / "stage2" / "sft" / "adapter"):
+        # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model).
+        shutil.rmtree(run / "adapter", ignore_errors=True)
+        shutil.copytree(run / "stage2" / "sft" / "adapter", run / "adapter")
+
+    def evaluate():
+        model, processor = load_model_and_processor(run / "mllm")
+        model.to(args.device)
+        size = model.config.vq_config.image_size
+        test = build_split("test", budget["vqa_images"], image_size=size, seed=args.seed)
+        compositional = build_split("compositional", budget["compositional_images"], image_size=size, seed=args.seed)
+        return evaluate_model(model, processor, test=test, compositional=compositional,
+                              train_questions=train_question_rows(budget["stage2_train_images"], args.seed),
+                              generation_prompts=budget["generation_prompts"], guidance_scale=budget["guidance_scale"],
+                              reconstruction_images=min(budget["reconstruction_images"], budget["vqa_images"]), seed=args.seed)
+
+    results = clock.run("evaluation", False, evaluate)
+    examples = results["examples"]
+    image, question, answer, prediction = examples["vqa"][0]
+    prompt, generated = examples["generation"][0]
+    image.save(run / "question.png")
+    generated.save(run / "generated.png")
+    recon = examples["reconstruction"]
+    samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
+                 examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]).save(run / "samples.png")
+
+    wall = dict(clock.seconds)
+    wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
+    wall["this_invocation"] = time.perf_counter() - started
+    from modeling_unicode import UniCodeVisualTokenizerConfig
+
+    vq = UniCodeVisualTokenizerConfig.from_pretrained(run / "vision_tokenizer")
+    report = {
+        "run_dir": str(run),
+        "metrics": results["metrics"],
+        "chance": results["chance"],
+        "counts": results["counts"],
+        "goals": goals,
+        "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
+        "stage_metrics": {"stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
+                          **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()}},
+        "settings": {
+            "preset": args.preset, "seed": args.seed, "device": args.device, "base_model": str(llm),
+            "text_model": preset["text_model"], "budget": budget, "visual_input": args.visual_input,
+            "decompression_pretraining": args.decompress,
+            "vision_tokenizer": {k: getattr(vq, k) for k in ("image_size", "quantizer", "depth", "codebook_size", "paradigm",
+                                                             "code_grid_size", "tokens_per_image")},
+        },
+        "wall_seconds": wall,
+        "reused": clock.reused,
+        "versions": _versions(),
+        "example": {"question": question, "answer": answer, "prediction": prediction, "prompt": prompt,
+                    "question_image": "question.png", "generated_image": "generated.png"},
+    }
+    (run / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (run / "report.md").write_text(report_markdown(report))
+    if not args.quiet:
+        print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / 'question.png'})")
+        print(f"generated for '{prompt}': {run / 'generated.png'}")
+        print(f"report: {run / 'report.md'}")
+    return report
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
+
+
+__all__ = ["BUDGET_KEYS", "DemoArguments", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",
+           "samples_grid", "report_markdown", "StageClock"]

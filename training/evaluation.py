@@ -1,0 +1,229 @@
+"""Evaluation of a trained UniCode MLLM on the Shapes world, each figure beside its chance level.
+
+- VQA: greedy answers to every question of `test` images, accuracy overall and per question type,
+  and the same on the `compositional` split (colour-shape pairs never seen in training). Chance is
+  the prior-only baseline: per question type, always give the answer most frequent in the TRAIN
+  split (a model that ignores the image can reach it, so only accuracy above it shows looking).
+- Text-to-image: single-shape prompts (one caption per scene), generated with classifier-free
+  guidance, read back by the scene parser (`scene_match` metric). Chance is the same metric on the
+  rendered scenes of the prompts shuffled: a perfect painter that ignores the prompt.
+- Reconstruction: PSNR of decode(encode(x)) on test images and codebook usage over their codes.
+
+`evaluate_model` returns plain numbers (the report's `metrics`), the chance levels, and a few
+examples (images, prompts, answers) for `samples.png`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def vqa_prompt(processor, question: str) -> str:
+    """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked, after the image)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def answer_questions(model, processor, images, questions, batch_size: int = 16, max_new_tokens: int = 8,
+                     desc: str = "VQA") -> list[str]:
+    """Greedy answers, one per (image, question) pair, batched with left padding."""
+    if len(images) != len(questions):
+        raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must pair up one to one")
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
+            chunk_q = questions[start : start + batch_size]
+            chunk_i = images[start : start + batch_size]
+            inputs = processor(text=[vqa_prompt(processor, q) for q in chunk_q], images=list(chunk_i), return_tensors="pt",
+                               padding=True).to(_device(model))
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def majority_answers(rows) -> dict[str, str]:
+    """Per question type, the answer most frequent in `rows` (train-split rows with `questions`)."""
+    counts: dict[str, Counter] = {}
+    for row in rows:
+        for qa in row["questions"]:
+            counts.setdefault(qa["type"], Counter())[qa["answer"]] += 1
+    return {kind: counter.most_common(1)[0][0] for kind, counter in counts.items()}
+
+
+def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: int = 16, desc: str = "VQA") -> dict:
+    """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
+    `dataset`; also returns the (image, question, answer, prediction) tuples."""
+    from .metrics import load_metric
+
+    images, questions, answers, kinds = [], [], [], []
+    for row in dataset:
+        for qa in row["questions"]:
+            images.append(row["image"])
+            questions.append(qa["question"])
+            answers.append(qa["answer"])
+            kinds.append(qa["type"])
+    predictions = answer_questions(model, processor, images, questions, batch_size=batch_size, desc=desc)
+    metric = load_metric("vqa_accuracy")
+    model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)
+    chance = metric.compute(predictions=[prior.get(k, "") for k in kinds], references=answers, question_types=kinds)
+    examples = list(zip(images, questions, answers, predictions))
+    return {"model": model_scores, "chance": chance, "examples": examples}
+
+
+def train_question_rows(num_scenes: int, seed: int = 0) -> list[dict]:
+    """The questions of the first `num_scenes` train scenes, without rendering them: the same rng
+    stream as `make_example`, so these are exactly the questions stage II trained on."""
+    from .data.shapes import TRAIN_PAIRS, example_rng, questions_for_scene, sample_scene
+
+    rows = []
+    for i in range(num_scenes):
+        rng = example_rng(seed, "train", i)
+        scene = sample_scene(rng, 64, pairs=TRAIN_PAIRS)
+        rows.append({"questions": questions_for_scene(scene, rng)})
+    return rows
+
+
+def single_shape_prompts(num_prompts: int, image_size: int, seed: int) -> list[tuple[str, str]]:
+    """(caption, scene JSON) of `num_prompts` single-shape test scenes (colour-shape pairs of training)."""
+    from .data.shapes import TRAIN_PAIRS, caption_for_scene, example_rng, sample_scene, scene_to_json
+
+    prompts = []
+    for i in range(num_prompts):
+        # A salt keeps these scenes apart from the test split's own (index-addressed) scenes.
+        rng = example_rng(seed + 7919, "test", i)
+        scene = sample_scene(rng, image_size, pairs=TRAIN_PAIRS, num_objects=1)
+        prompts.append((caption_for_scene(scene), scene_to_json(scene)))
+    return prompts
+
+
+@torch.no_grad()
+def generate_images(model, processor, captions: list[str], guidance_scale: Optional[float] = 3.0, batch_size: int = 8,
+                    seed: int = 0, do_sample: bool = False, desc: str = "text-to-image"):
+    """PIL images for `captions` (image-mode generation with CFG; greedy unless `do_sample`)."""
+    images = []
+    torch.manual_seed(seed)
+    for start in tqdm(range(0, len(captions), batch_size), desc=desc, leave=False):
+        chunk = captions[start : start + batch_size]
+        inputs = processor(text=chunk, generation_mode="image").to(_device(model))
+        sequences = model.generate(**inputs, generation_mode="image", guidance_scale=guidance_scale, do_sample=do_sample)
+        pixels = model.decode_image_tokens(sequences)
+        images += processor.post_process_multimodal_output(pixels, generation_mode="image")
+    return images
+
+
+def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Optional[float] = 3.0, seed: int = 0,
+                        batch_size: int = 8) -> dict:
+    from .data.shapes import render_scene
+    from .metrics import load_metric
+
+    if num_prompts < 2:
+        raise ValueError(f"generation_prompts={num_prompts} must be >= 2 (the chance level shuffles the prompts)")
+    image_size = model.config.vq_config.image_size
+    prompts = single_shape_prompts(num_prompts, image_size, seed)
+    captions = [c for c, _ in prompts]
+    scenes = [s for _, s in prompts]
+    generated = generate_images(model, processor, captions, guidance_scale, batch_size=batch_size, seed=seed)
+    metric = load_metric("scene_match")
+    model_scores = metric.compute(predictions=generated, references=scenes)
+    # Chance: the true rendering of a DIFFERENT prompt (a cyclic shift, so none keeps its own).
+    rendered = [render_scene(s) for s in scenes]
+    shifted = rendered[1:] + rendered[:1]
+    chance = metric.compute(predictions=shifted, references=scenes)
+    return {"model": model_scores, "chance": chance, "examples": list(zip(captions, generated))}
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
+    """PSNR of decode(encode(x)) through the MLLM's visual tokenizer, and codebook usage of the codes."""
+    from .metrics import load_metric
+    from .stage1 import images_to_uint8, to_pixel_values
+
+    vision = model.model._require_vision("reconstruction")
+    codebook = model.model.codebook()
+    size = vision.config.image_size
+    ids = vision.config.codebook_token_ids
+    index = {int(token): k for k, token in enumerate(ids)}
+    reconstructions, codes = [], []
+    pixels_all = to_pixel_values(images_to_uint8(images, size, "reconstruction images"))
+    for start in range(0, len(images), batch_size):
+        pixels = pixels_all[start : start + batch_size].to(_device(model))
+        code_map = vision.encode(pixels, codebook=codebook)
+        out = vision.decode(code_map, codebook=codebook)
+        from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
+
+        reconstructions += UniCodeImageProcessor(size=size).postprocess(out)
+        codes += [[index[int(t)] for t in row.flatten().tolist()] for row in code_map.cpu()]
+    psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
+    usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(ids))
+    return {"psnr": psnr["psnr"], "usage": usage["usage"], "perplexity": usage["perplexity"],
+            "reconstructions": reconstructions}
+
+
+def _flat_scores(scores: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not k.startswith("count_")
+            and k not in ("num_examples", "num_images")}
+
+
+def evaluate_model(model, processor, *, test, compositional, train_questions, generation_prompts: int = 24,
+                   guidance_scale: Optional[float] = 3.0, reconstruction_images: int = 64, seed: int = 0,
+                   batch_size: int = 16) -> dict:
+    """All demo metrics. `test` / `compositional`: Shapes splits at the model's image size;
+    `train_questions`: train rows with `questions` (their answers make the prior-only VQA baseline)."""
+    model.eval()
+    prior = majority_answers(train_questions)
+    vqa = evaluate_vqa(model, processor, test, prior, batch_size=batch_size, desc="VQA (test)")
+    comp = evaluate_vqa(model, processor, compositional, prior, batch_size=batch_size, desc="VQA (compositional)")
+    generation = evaluate_generation(model, processor, generation_prompts, guidance_scale, seed=seed)
+    recon_inputs = list(test["image"][:reconstruction_images])
+    recon = evaluate_reconstruction(model, recon_inputs)
+    metrics = {
+        "vqa": _flat_scores(vqa["model"]),
+        "vqa_compositional": _flat_scores(comp["model"]),
+        "text_to_image": _flat_scores(generation["model"]),
+        "reconstruction": {"psnr": recon["psnr"], "codebook_usage": recon["usage"], "codebook_perplexity": recon["perplexity"]},
+    }
+    chance = {
+        "vqa": _flat_scores(vqa["chance"]),
+        "vqa_compositional": _flat_scores(comp["chance"]),
+        "text_to_image": _flat_scores(generation["chance"]),
+        "vqa_prior_answers": prior,
+    }
+    counts = {"vqa_questions": vqa["model"]["num_examples"], "vqa_compositional_questions": comp["model"]["num_examples"],
+              "text_to_image_prompts": generation["model"]["num_images"], "reconstruction_images": len(recon_inputs)}
+    examples = {"vqa": vqa["examples"], "generation": generation["examples"],
+                "reconstruction": list(zip(recon_inputs, recon["reconstructions"]))}
+    return {"metrics": metrics, "chance": chance, "counts": counts, "examples": examples}
+
+
+def above_chance(metrics: dict, chance: dict, section: str = "vqa") -> dict[str, bool]:
+    """Per key of `metrics[section]` (accuracy / accuracy_<type>): strictly above its chance level."""
+    return {k: bool(v > chance[section].get(k, np.inf)) for k, v in metrics[section].items() if k.startswith("accuracy")}
+
+
+__all__ = [
+    "vqa_prompt",
+    "answer_questions",
+    "majority_answers",
+    "evaluate_vqa",
+    "train_question_rows",
+    "single_shape_prompts",
+    "generate_images",
+    "evaluate_generation",
+    "evaluate_reconstruction",
+    "evaluate_model",
+    "above_chance",
+]
