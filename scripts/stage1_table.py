@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=8000)
     parser.add_argument("--paradigms", nargs="+", default=["iterative", "frozen", "dual"])
     parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS))
+    parser.add_argument("--no-train", action="store_true", help="only tabulate the runs that finished")
     args = parser.parse_args()
     root = Path(args.root)
     rows = []
@@ -34,6 +35,8 @@ def main() -> None:
         for quantizer in args.quantizers:
             out = root / f"{paradigm}-{quantizer}"
             metrics_path = out / "stage1" / "metrics.json"
+            if not metrics_path.is_file() and args.no_train:
+                continue
             if not metrics_path.is_file():
                 cmd = [sys.executable, "-m", "training.cli", "train-tokenizer", "--preset", "tiny", "--llm", args.llm,
                        "--paradigm", paradigm, "--quantizer", quantizer, *QUANTIZERS[quantizer], "--steps", str(args.steps),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -42,3 +43,19 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
 
 def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_step(folder: Path, prefix: str) -> int:
+    """N of a `<prefix>N` checkpoint folder, -1 for any other name."""
+    match = re.fullmatch(re.escape(prefix) + r"(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_complete_checkpoint(root: str | os.PathLike, prefix: str) -> Optional[Path]:
+    """The highest-numbered `<prefix>N` folder under `root` carrying the COMPLETE marker; a folder a
+    crash left half-written is never chosen (unlike transformers' `get_last_checkpoint`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p, prefix) >= 0 and is_complete(p)]
+    return max(done, key=lambda p: checkpoint_step(p, prefix)) if done else None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .checkpointing import COMPLETE_MARKER, atomic_directory, is_complete
+from .checkpointing import COMPLETE_MARKER, atomic_directory, checkpoint_step, is_complete, latest_complete_checkpoint
 from .tasks import IGNORE_INDEX
 
 
@@ -171,18 +171,12 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
 # -- atomic checkpoints ---------------------------------------------------------------------------
 
 def _checkpoint_step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
+    return checkpoint_step(path, "checkpoint-")
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The highest-step `checkpoint-N` carrying the COMPLETE marker. (transformers'
-    `get_last_checkpoint` takes the highest number even if a crash left it half-written.)"""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.iterdir() if p.is_dir() and _checkpoint_step(p) >= 0 and is_complete(p)]
-    return max(done, key=_checkpoint_step) if done else None
+    """The highest-step Trainer `checkpoint-N` carrying the COMPLETE marker."""
+    return latest_complete_checkpoint(output_dir, "checkpoint-")
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -35,7 +35,7 @@ from modeling_unicode import (
     write_embedding_rows,
 )
 
-from .checkpointing import atomic_directory, is_complete
+from .checkpointing import atomic_directory, latest_complete_checkpoint
 from .presets import load_preset, vision_tokenizer_config
 
 
@@ -158,9 +158,8 @@ def _restore_rng(state: dict) -> None:
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Optional[Path]:
-    """The newest COMPLETE checkpoint; partial folders (a crash mid-write) are never chosen."""
-    done = [p for p in checkpoint_root.glob("step-*") if p.is_dir() and is_complete(p)]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    """The newest COMPLETE `step-N` checkpoint; partial folders (a crash mid-write) are never chosen."""
+    return latest_complete_checkpoint(checkpoint_root, "step-")
 
 
 class CorruptCheckpointError(ValueError):
