@@ -61,6 +61,21 @@ def to_rgb(image: PIL.Image.Image, background=(255, 255, 255)) -> PIL.Image.Imag
         raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB ({error}); convert it to RGB first") from error
 
 
+def pixel_values_from_uint8(images):
+    """uint8 RGB, channels first (NumPy array or torch tensor) -> float32 in [-1, 1]: the one definition
+    of the pixel range the visual tokenizer is trained on."""
+    if isinstance(images, np.ndarray):
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images.float() / 127.5 - 1.0
+
+
+def uint8_from_pixel_values(pixel_values):
+    """Inverse of `pixel_values_from_uint8`, rounding and clipping as an image file would (a decoder
+    overshoots [-1, 1] a little). NumPy in, NumPy out; torch in, torch out."""
+    scaled = ((pixel_values + 1.0) * 127.5).clip(0, 255).round()
+    return scaled.astype(np.uint8) if isinstance(scaled, np.ndarray) else scaled.byte()
+
+
 class UniCodeImageProcessor(BaseImageProcessor):
     r"""Turns images into `pixel_values` of shape (batch, 3, size, size) in [-1, 1] for the UniCode
     visual tokenizer, and generated pixels back into PIL images (`postprocess`).
@@ -173,7 +188,7 @@ class UniCodeImageProcessor(BaseImageProcessor):
         arrays = []
         for index, image in enumerate(batch):
             rgb = self.resize(to_rgb(self.load_image(image, index), tuple(self.background_color)))
-            arrays.append(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+            arrays.append(pixel_values_from_uint8(np.asarray(rgb).transpose(2, 0, 1)))
         return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
 
     def __call__(self, images, *args, **kwargs) -> BatchFeature:
@@ -205,8 +220,8 @@ class UniCodeImageProcessor(BaseImageProcessor):
             array = array[None]
         if array.ndim != 4 or array.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {array.shape}")
-        array = np.clip((array + 1.0) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        array = uint8_from_pixel_values(array).transpose(0, 2, 3, 1)
         return [PIL.Image.fromarray(item) for item in array]
 
 
-__all__ = ["UniCodeImageProcessor", "to_rgb"]
+__all__ = ["UniCodeImageProcessor", "to_rgb", "pixel_values_from_uint8", "uint8_from_pixel_values"]

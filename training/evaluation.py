@@ -158,14 +158,15 @@ def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
     ids = vision.config.codebook_token_ids
     index = {int(token): k for k, token in enumerate(ids)}
     reconstructions, codes = [], []
+    from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
+
+    postprocessor = UniCodeImageProcessor(size=size)
     pixels_all = to_pixel_values(images_to_uint8(images, size, "reconstruction images"))
     for start in range(0, len(images), batch_size):
         pixels = pixels_all[start : start + batch_size].to(_device(model))
         code_map = vision.encode(pixels, codebook=codebook)
         out = vision.decode(code_map, codebook=codebook)
-        from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
-
-        reconstructions += UniCodeImageProcessor(size=size).postprocess(out)
+        reconstructions += postprocessor.postprocess(out)
         codes += [[index[int(t)] for t in row.flatten().tolist()] for row in code_map.cpu()]
     psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
     usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(ids))

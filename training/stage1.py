@@ -34,6 +34,7 @@ from modeling_unicode import (
     select_codebook_rows,
     write_embedding_rows,
 )
+from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
 from .checkpointing import atomic_directory, latest_complete_checkpoint
 from .presets import load_preset, vision_tokenizer_config
@@ -95,12 +96,12 @@ def images_to_uint8(images, image_size: int, argument: str = "dataset") -> torch
 
 
 def to_pixel_values(batch_uint8: torch.Tensor) -> torch.Tensor:
-    return batch_uint8.float().div_(127.5).sub_(1.0)
+    return pixel_values_from_uint8(batch_uint8)
 
 
 def to_uint8_images(pixel_values: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (B, C, H, W) floats -> (B, H, W, C) uint8, rounding as an image file would."""
-    return ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+    """[-1, 1] (B, C, H, W) floats -> (B, H, W, C) uint8, as the image processor writes images."""
+    return uint8_from_pixel_values(pixel_values.detach().float()).permute(0, 2, 3, 1).cpu()
 
 
 def batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -205,6 +206,9 @@ class StageITrainer:
         with torch.no_grad():
             model.codebook.copy_(self.llm_rows())  # every paradigm starts from the LLM's rows
         self.codebook_trainer = UniCodeCodebookTrainer(self.config, model.codebook).to(self.device)
+        # Only `dual` trains the LLM in stage I, so the rows the iterative codebook is pulled toward
+        # are read once, not gathered (K x H: 268 MB for the base preset) at every step.
+        self.iterative_target = self.llm_rows() if self.config.paradigm == "iterative" else None
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=tuple(args.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -296,7 +300,7 @@ class StageITrainer:
             logs["discriminator_loss"] = float(disc_loss)
 
         codebook = self.unwrapped.codebook
-        llm_rows = self.llm_rows() if self.config.paradigm == "iterative" else None
+        llm_rows = self.iterative_target if self.config.paradigm == "iterative" else None
         self.codebook_trainer.update(codebook.data, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=ratio,
                                      restart_candidates=out.code_features)
         if self.config.paradigm == "dual" and (self.step + 1) % self.config.dual_sync_interval == 0:
