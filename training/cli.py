@@ -67,8 +67,6 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    import torch
-
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
@@ -120,7 +118,6 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         vision_overrides={k: v for k, v in {"norm_handling": args.norm_handling,
                                             "dead_code_threshold": args.dead_code_threshold}.items() if v is not None},
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     metrics = StageITrainer(stage_args, train_images, eval_images, text_blocks=text_blocks).train(resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
