@@ -91,6 +91,15 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             tokens do). `"none"` compares raw vectors.
         code_norm (`float`, *optional*): the common length; `None` means sqrt(`code_dim`), i.e. unit
             RMS per channel for the decoder.
+        level_scales (`bool`): fit one scalar per quantization level (RQ: each residual level;
+            HQ: top and bottom) that multiplies the codebook rows at that level, as a running
+            least-squares fit during training (saved with the tokenizer). LLM rows all have
+            about the same norm, so without it a residual level can only add a full-length row to
+            a residual much shorter than that; the scalars give the fixed codebook the multi-scale
+            freedom a learned RQ codebook has, while every code stays one LLM row.
+        codebook_projection (`bool`): search the rows through a learned linear map W·row + b
+            (SimVQ), initialised to the identity and trained by the codebook loss; the codes stay
+            the LLM's rows, the map is part of the tokenizer.
     """
 
     model_type = "unicode_vq"
@@ -123,6 +132,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         commitment_beta: float = 0.25,
         norm_handling: str = "normalize",
         code_norm: Optional[float] = None,
+        level_scales: bool = False,
+        codebook_projection: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -152,6 +163,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.commitment_beta = float(commitment_beta)
         self.norm_handling = norm_handling
         self.code_norm = None if code_norm is None else float(code_norm)
+        self.level_scales = bool(level_scales)
+        self.codebook_projection = bool(codebook_projection)
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
         self.validate_fields()
@@ -177,6 +190,11 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
     def tokens_per_image(self) -> int:
         """ĥ·ŵ·D: length of an image's flattened code sequence."""
         return self.code_grid_size**2 * self.depth
+
+    @property
+    def num_levels(self) -> int:
+        """Quantization levels, each searched on its own: RQ's residual levels, HQ's top and bottom."""
+        return {"vq": 1, "rq": int(self.depth), "hq": 2}[self.quantizer]
 
     @property
     def effective_code_norm(self) -> float:

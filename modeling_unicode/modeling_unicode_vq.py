@@ -182,6 +182,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     reconstruction_loss, commitment_loss (`torch.FloatTensor`): the two terms of `loss`.
     code_counts (`torch.FloatTensor` of shape `(K,)`), code_sums (`(K, H)`): EMA statistics of this batch.
     code_features (`torch.FloatTensor` of shape `(N·levels, H)`): every level's inputs in codebook units (dead-code restarts).
+    level_fit (`torch.FloatTensor` of shape `(levels, 2)`): terms of each level's least-squares row scale (`level_scales`).
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
     """
 
@@ -193,6 +194,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     code_counts: Optional[torch.FloatTensor] = None
     code_sums: Optional[torch.FloatTensor] = None
     code_features: Optional[torch.FloatTensor] = None
+    level_fit: Optional[torch.FloatTensor] = None
     codebook_usage: Optional[float] = None
     perplexity: Optional[float] = None
 
@@ -358,6 +360,7 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             code_counts=quantized.code_counts,
             code_sums=quantized.code_sums,
             code_features=quantized.features,
+            level_fit=quantized.level_fit,
             codebook_usage=usage,
             perplexity=perplexity,
         )

@@ -246,6 +246,8 @@ class QuantizerOutput:
     quantized: decoder-side features (B, H, latent, latent), straight-through to the encoder.
     indices: code map of code indices 0..K-1, (B, ĥ, ŵ, D).
     commitment_loss: β-weighted commitment term.
+    level_fit: (levels, 2) terms (Σ x·c, Σ |c|²) of each level's least-squares row scale, with
+        `level_scales`; None otherwise or unless requested.
     code_counts / code_sums: per-code assignment counts (K,) and feature sums (K, H) in codebook
         units, the sufficient statistics of the EMA k-means update; None unless requested.
     features: every level's input vectors (N·levels, H) in codebook units, candidates for
@@ -258,6 +260,7 @@ class QuantizerOutput:
     code_counts: Optional[torch.Tensor] = None
     code_sums: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
+    level_fit: Optional[torch.Tensor] = None
 
 
 def usage_statistics(code_counts: torch.Tensor) -> tuple[float, float]:
@@ -288,9 +291,21 @@ class UniCodeQuantizer(nn.Module):
         super().__init__()
         self.kind = config.quantizer
         self.depth = config.depth
+        self.num_levels = config.num_levels
         self.commitment_beta = config.commitment_beta
         self.normalize = config.norm_handling == "normalize"
         self.code_norm = config.effective_code_norm
+        # Each level's row multiplier, fitted in closed form by `UniCodeCodebookTrainer.update_level_scales`
+        # (the least-squares scale of the chosen rows onto that level's inputs), like BatchNorm's
+        # running statistics: a gradient-learned scalar moves at most ~lr per Adam step, far too slow.
+        if config.level_scales:
+            self.register_buffer("level_scale", torch.ones(config.num_levels))
+        else:
+            self.level_scale = None
+        # SimVQ (Zhu et al. 2024): a frozen codebook is searched through a learned linear map, so the
+        # gradient moves ALL codes toward the features at once instead of the encoder chasing a few
+        # rows. The rows stay the LLM's; only the metric used to pick among them is learned.
+        self.codebook_projection = nn.Linear(config.code_dim, config.code_dim) if config.codebook_projection else None
 
     def codebook_scale(self, codebook: torch.Tensor) -> torch.Tensor:
         """Scalar s mapping codebook rows into feature space: decoder input = row x s."""
@@ -298,10 +313,23 @@ class UniCodeQuantizer(nn.Module):
             return codebook.new_ones(())
         return (self.code_norm / codebook.detach().float().norm(dim=1).mean().clamp_min(1e-12)).to(codebook.dtype)
 
+    def level_scales(self, codebook: torch.Tensor) -> list[torch.Tensor]:
+        """One multiplier per level (`codebook_scale` times the learned level scale)."""
+        base = self.codebook_scale(codebook).float()
+        if self.level_scale is None:
+            return [base] * self.num_levels
+        return [base * self.level_scale[level].float() for level in range(self.num_levels)]
+
     def prepare_features(self, features: torch.Tensor) -> torch.Tensor:
         if not self.normalize:
             return features
         return F.normalize(features, dim=1) * self.code_norm
+
+    def project(self, codebook: torch.Tensor) -> torch.Tensor:
+        """The codebook as the search sees it: the rows themselves, or W·rows + b (`codebook_projection`)."""
+        if self.codebook_projection is None:
+            return codebook
+        return self.codebook_projection(codebook.to(self.codebook_projection.weight.dtype))
 
     def forward(self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False) -> QuantizerOutput:
         """features (B, H, latent, latent) -> QuantizerOutput.
@@ -310,34 +338,42 @@ class UniCodeQuantizer(nn.Module):
         are not representable in bf16's 8-bit mantissa.
         """
         z = self.prepare_features(features.float())
-        scale = self.codebook_scale(codebook)
+        codebook = self.project(codebook)
+        scales = self.level_scales(codebook)
+        base = self.codebook_scale(codebook).float()
+        level_fit = []  # per level: (Σ x·c, Σ |c|²) in base units — the least-squares scale's terms
         # Search |x - s·c| as s·|x/s - c|: the (K, H) codebook is never copied, only (N, H) vectors.
         book = codebook.detach().to(z.dtype)
         sq_norms = squared_row_norms(book)
-        # Each level's (input vectors, chosen indices), for the EMA statistics.
+        # Each level's (input vectors in codebook units, chosen indices), for the EMA statistics.
         assignments: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def quantize(x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
             b, h, gh, gw = x.shape
-            flat = x.permute(0, 2, 3, 1).reshape(-1, h)
-            idx = nearest_code(flat / scale, book, sq_norms)
+            scale = scales[level]
+            flat = x.permute(0, 2, 3, 1).reshape(-1, h) / scale
+            idx = nearest_code(flat, book, sq_norms)
             assignments.append((flat.detach(), idx))
-            q = (book[idx] * scale).reshape(b, gh, gw, h).permute(0, 3, 1, 2)
+            if return_statistics and self.level_scale is not None:
+                chosen = book[idx]
+                level_fit.append(torch.stack([(flat.detach() * (scale / base) * chosen).sum(), sq_norms[idx].sum()]))
+            # From the undetached codebook, so a codebook projection gets the codebook loss's gradient.
+            q = (codebook[idx].to(z.dtype) * scale).reshape(b, gh, gw, h).permute(0, 3, 1, 2)
             return q, idx.reshape(b, gh, gw)
 
         partials = []  # partial reconstructions, for the commitment loss
         if self.kind == "hq":
-            top_q, top_idx = quantize(F.avg_pool2d(z, 2))
+            top_q, top_idx = quantize(F.avg_pool2d(z, 2), 0)
             upsampled = F.interpolate(top_q, scale_factor=2, mode="nearest")
-            bottom_q, bottom_idx = quantize(z - upsampled)
+            bottom_q, bottom_idx = quantize(z - upsampled, 1)
             quantized = upsampled + bottom_q
             partials = [upsampled, quantized]
             indices = hq_pack(top_idx, bottom_idx)
         else:
             quantized = torch.zeros_like(z)
             level_indices = []
-            for _ in range(self.depth):
-                q, idx = quantize(z - quantized)
+            for level in range(self.depth):
+                q, idx = quantize(z - quantized, level)
                 quantized = quantized + q
                 partials.append(quantized)
                 level_indices.append(idx)
@@ -345,10 +381,14 @@ class UniCodeQuantizer(nn.Module):
 
         # Commit the encoder to every partial sum (RQ-VAE), so early levels alone are meaningful.
         commitment = sum(F.mse_loss(z, p.detach()) for p in partials) / len(partials)
+        loss = self.commitment_beta * commitment
+        if self.codebook_projection is not None and codebook.requires_grad:
+            # VQ-VAE's codebook loss; the rows are fixed here, so only the projection learns from it.
+            loss = loss + sum(F.mse_loss(p, z.detach()) for p in partials) / len(partials)
         output = QuantizerOutput(
             quantized=z + (quantized - z).detach(),  # straight-through estimator
             indices=indices,
-            commitment_loss=self.commitment_beta * commitment,
+            commitment_loss=loss,
         )
         if return_statistics:
             num_codes, dim = codebook.shape
@@ -358,20 +398,23 @@ class UniCodeQuantizer(nn.Module):
                 counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
                 sums.index_add_(0, idx, vectors.float())
             output.code_counts = counts
-            output.code_sums = sums / scale.float()  # back to codebook units
+            output.code_sums = sums
             # Candidates from every level, so residual levels get re-seeded at residual scale.
-            output.features = torch.cat([vectors for vectors, _ in assignments]).float() / scale.float()
+            output.features = torch.cat([vectors for vectors, _ in assignments]).float()
+            output.level_fit = torch.stack(level_fit) if level_fit else None
         return output
 
     def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """Code map of indices (B, ĥ, ŵ, D) -> decoder-side features (B, H, latent, latent)."""
-        scale = self.codebook_scale(codebook)
+        codebook = self.project(codebook)
+        scales = [scale.to(codebook.dtype) for scale in self.level_scales(codebook)]
         if self.kind == "hq":
             top, bottom = hq_unpack(indices)
-            top_q = (codebook[top] * scale).permute(0, 3, 1, 2)
-            bottom_q = (codebook[bottom] * scale).permute(0, 3, 1, 2)
+            top_q = (codebook[top] * scales[0]).permute(0, 3, 1, 2)
+            bottom_q = (codebook[bottom] * scales[1]).permute(0, 3, 1, 2)
             return F.interpolate(top_q, scale_factor=2, mode="nearest") + bottom_q
-        return (codebook[indices] * scale).sum(dim=3).permute(0, 3, 1, 2)
+        level_scales = torch.stack(scales).reshape(1, 1, 1, -1, 1)
+        return (codebook[indices] * level_scales).sum(dim=3).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +435,13 @@ def blend_ratio(config: UniCodeVisualTokenizerConfig, step: int, total_steps: in
     if config.blend_schedule == "ramp":
         return (step + 1) / ramp_steps
     return 1.0 - config.blend_lambda
+
+
+def _inverse_projection(projection: nn.Linear, searched: torch.Tensor) -> torch.Tensor:
+    """Rows c with projection(c) = `searched` (W c + b = s), solved in float64 for stability."""
+    weight = projection.weight.detach().double()
+    solution = torch.linalg.solve(weight, (searched.double() - projection.bias.detach().double()).T).T
+    return solution.to(searched.dtype)
 
 
 def _all_reduce_sum(*tensors: torch.Tensor) -> None:
@@ -439,8 +489,13 @@ class UniCodeCodebookTrainer(nn.Module):
         llm_rows: Optional[torch.Tensor] = None,
         ratio: float = 0.0,
         restart_candidates: Optional[torch.Tensor] = None,
+        projection: Optional[nn.Linear] = None,
     ) -> None:
-        """Update `codebook` (K, H) in place from one step's statistics."""
+        """Update `codebook` (K, H) in place from one step's statistics.
+
+        With a `projection` (the quantizer's `codebook_projection`) the statistics live in the space
+        the search sees, so the EMA estimate is mapped back through the projection's inverse before
+        blending: the search then sees (1 - r)·EMA + r·projection(LLM rows), exactly."""
         if self.paradigm == "frozen":
             return
         counts, sums = code_counts.float().clone(), code_sums.float().clone()
@@ -452,6 +507,8 @@ class UniCodeCodebookTrainer(nn.Module):
         total = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.eps) / (total + codebook.shape[0] * self.eps) * total
         ema_codebook = self.ema_code_sum / smoothed.unsqueeze(1)
+        if projection is not None:
+            ema_codebook = _inverse_projection(projection, ema_codebook)
         if self.paradigm == "iterative":
             if llm_rows is None:
                 raise ValueError("the iterative paradigm needs llm_rows (the LLM's embeddings of codebook_token_ids)")
@@ -478,10 +535,21 @@ class UniCodeCodebookTrainer(nn.Module):
         self.ema_cluster_size[dead] = self.dead_code_threshold
 
     @torch.no_grad()
-    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor) -> None:
+    def update_level_scales(self, level_scale: torch.Tensor, level_fit: torch.Tensor) -> None:
+        """Move each level's row multiplier toward the least-squares fit of this step's chosen rows
+        onto that level's inputs (summed over processes first). Runs under every paradigm: the
+        scales are the tokenizer's, never the LLM's, so the codebook stays the LLM rows."""
+        fit = level_fit.float().clone()
+        _all_reduce_sum(fit)
+        target = (fit[:, 0] / fit[:, 1].clamp_min(1e-12)).clamp_min(1e-3)
+        level_scale.mul_(self.decay).add_(target.to(level_scale.dtype), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor, projection: Optional[nn.Linear] = None) -> None:
         """Dual paradigm: take the LLM's rows back as the codebook and restart the EMA from them."""
         codebook.copy_(llm_rows.detach().to(codebook.dtype))
-        self.ema_code_sum.copy_(codebook.float() * self.ema_cluster_size.unsqueeze(1))
+        searched = codebook.float() if projection is None else projection(codebook.to(projection.weight.dtype)).float()
+        self.ema_code_sum.copy_(searched * self.ema_cluster_size.unsqueeze(1))
 
 
 __all__ = [

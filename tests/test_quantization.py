@@ -250,3 +250,55 @@ def test_dead_code_restarts_reseed_unused_codes_from_features():
     nearest_feature_distance = torch.cdist(codebook[~used], out.features).min(dim=1).values
     assert nearest_feature_distance.max() < 1e-3 * out.features.norm(dim=1).min()
     assert torch.allclose(codebook[used], out.code_sums[used] / out.code_counts[used].unsqueeze(1), rtol=1e-2)
+
+
+def test_level_scales_let_a_fixed_codebook_quantize_residuals_at_their_own_scale():
+    # Features are 3·row_a + 1·row_b: rows of one fixed length cannot express either part, a
+    # fitted multiplier per RQ level can.
+    torch.manual_seed(0)
+    codebook = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    rows = codebook.clone()
+    pick = torch.randint(0, 64, (2, 2, 4, 4))
+    features = (3 * codebook[pick[0]] + codebook[pick[1]]).permute(0, 3, 1, 2)
+
+    def residual_error(level_scales):
+        config, quantizer = make_quantizer("rq", depth=2, paradigm="frozen", norm_handling="none", level_scales=level_scales,
+                                           ema_decay=0.5)
+        trainer = UniCodeCodebookTrainer(config, codebook)
+        for _ in range(30 if level_scales else 0):
+            out = quantizer(features, codebook, return_statistics=True)
+            trainer.update_level_scales(quantizer.level_scale, out.level_fit)
+        out = quantizer(features, codebook)
+        return float((out.quantized - features).pow(2).mean()), quantizer
+
+    plain, _ = residual_error(False)
+    fitted, quantizer = residual_error(True)
+    assert quantizer.level_scale[0] == pytest.approx(3.0, rel=0.1) and quantizer.level_scale[1] == pytest.approx(1.0, rel=0.2)
+    assert fitted < 0.05 * plain
+    assert torch.equal(codebook, rows)  # the rows themselves never move
+
+
+def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_through_it():
+    torch.manual_seed(0)
+    config, quantizer = make_quantizer("vq", paradigm="iterative", norm_handling="none", codebook_projection=True)
+    with torch.no_grad():
+        quantizer.codebook_projection.weight.copy_(torch.eye(16) + 0.1 * torch.randn(16, 16))
+        quantizer.codebook_projection.bias.normal_(0, 0.1)
+    codebook, llm_rows = torch.randn(64, 16), torch.randn(64, 16)
+    features = torch.randn(2, 16, 4, 4)
+    out = quantizer(features, codebook, return_statistics=True)
+    out.commitment_loss.backward()
+    assert quantizer.codebook_projection.weight.grad.abs().sum() > 0  # the search metric learns
+    with torch.no_grad():  # an encoder-only forward adds no codebook loss
+        plain = quantizer(features, codebook).commitment_loss
+        searched = quantizer.project(codebook)
+        assert plain == pytest.approx(float(0.25 * (features - searched[out.indices[..., 0]].permute(0, 3, 1, 2)).pow(2).mean()), rel=1e-5)
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=0.25, projection=quantizer.codebook_projection)
+    size = trainer.ema_cluster_size
+    smoothed = (size + 1e-5) / (size.sum() + 64 * 1e-5) * size.sum()
+    ema = trainer.ema_code_sum / smoothed.unsqueeze(1)
+    with torch.no_grad():  # the search sees (1 - r)·EMA + r·projection(LLM rows)
+        assert torch.allclose(quantizer.project(codebook), 0.75 * ema + 0.25 * quantizer.project(llm_rows), atol=1e-4)
+    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=1.0, projection=quantizer.codebook_projection)
+    assert torch.equal(codebook, llm_rows)  # and the codebook ends as the LLM rows themselves

@@ -13,6 +13,7 @@ from training.stage1 import CorruptCheckpointError, StageIArguments, StageITrain
 from training.text_lm import load_text_lm, packed_blocks
 
 from stage1_fixtures import make_tiny_llm, tiny_images, tiny_overrides
+from utils_network import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +125,7 @@ def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path), str(llm_dir), str(REPO / "tests")]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), str(tmp_path), str(llm_dir), str(REPO / "tests")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

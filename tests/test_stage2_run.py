@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from training.cli import main
 
 from stage2_fixtures import make_tiny_run
+from utils_network import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--train-images", "16", "--eval-images", "4", "--cpu"]
@@ -81,12 +81,6 @@ def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_pa
     metrics = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert metrics["resumed_from"] == str(last) and metrics["global_step"] == step + 2
     assert not partial.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_cpu_ddp_sft_with_the_accelerate_config(stage1_run, tmp_path):

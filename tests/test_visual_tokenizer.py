@@ -130,3 +130,18 @@ def test_presets_exist_and_base_matches_the_paper_architecture():
     assert model.codebook.shape == (16384, 4096)
     latent = model.encoder(torch.empty(1, 3, 256, 256, device="meta"))
     assert latent.shape == (1, 256, 16, 16)
+
+
+def test_fitted_level_scales_and_codebook_projection_are_saved_and_used_to_decode(tmp_path):
+    model = tiny("rq", level_scales=True, codebook_projection=True)
+    codes = model.encode(images())
+    before = model.decode(codes)
+    with torch.no_grad():  # as after training: neither is the identity any more
+        model.quantizer.level_scale.copy_(torch.tensor([1.5, 0.4]))
+        model.quantizer.codebook_projection.weight.mul_(0.8)
+    changed = model.decode(codes)
+    assert not torch.allclose(changed, before)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.quantizer.level_scale, model.quantizer.level_scale)
+    assert torch.equal(loaded.decode(codes), changed)
