@@ -61,6 +61,7 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
         block_size=stage0.get("block_size", 128),
         learning_rate=stage0.get("learning_rate", 3e-3),
         seed=args.seed,
+        bf16=stage0.get("bf16", False),
     )
     print(f"text LM: {out}")
     return 0

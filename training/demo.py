@@ -121,7 +121,7 @@ def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
     texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
     return train_text_lm(run / "text_lm", preset["text_model"], texts, max_steps=budget["stage0_steps"],
                          batch_size=stage0.get("batch_size", 16), block_size=stage0.get("block_size", 128),
-                         learning_rate=stage0.get("learning_rate", 3e-3), seed=seed)
+                         learning_rate=stage0.get("learning_rate", 3e-3), seed=seed, bf16=stage0.get("bf16", False))
 
 
 def train_stage1(run: Path, preset_name: str, llm_path: Path, budget: dict, seed: int, *, paradigm=None, quantizer=None,

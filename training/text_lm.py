@@ -133,6 +133,7 @@ def train_text_lm(
     learning_rate: float = 3e-3,
     domain_repeats: Optional[int] = None,
     seed: int = 0,
+    bf16: bool = False,
 ) -> Path:
     """Train the tokenizer and the LM; write an HF folder `AutoModelForCausalLM`/`AutoTokenizer` load.
 
@@ -169,6 +170,8 @@ def train_text_lm(
             use_cpu=not torch.cuda.is_available(),
             seed=seed,
             dataloader_num_workers=0,
+            # bf16 autocast with float32 master weights: this CPU's bf16 GEMM is ~3x its float32.
+            bf16=bf16,
         )
         Trainer(model=model, args=args, train_dataset=_Blocks(blocks)).train()
         model.save_pretrained(staging)
