@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--text-embeddings", action="store_true", help="full fine-tuning: train the non-code embedding rows")
     parser.add_argument("--questions-per-image", type=int, default=2)
     parser.add_argument("--questions-per-conversation", type=int, default=1)
     parser.add_argument("--segments", type=int, default=4)
@@ -62,7 +63,7 @@ def main() -> None:
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.trainer)}
     stage_args = StageIIArguments(
         run_dir=str(work), stage="sft", max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-        lora=not args.full, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
+        lora=not args.full, train_text_embeddings=args.text_embeddings, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
         questions_per_conversation=args.questions_per_conversation, tasks=args.tasks, train_images=args.train_images, eval_images=32,
         save_steps=10**6, use_cpu=True, extra={"save_strategy": "no", **extra},
     )

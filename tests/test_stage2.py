@@ -265,3 +265,21 @@ def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mll
     assert len(starts) == len(row["questions"]) and len(messages) == 2 * len(row["questions"])  # one answer per turn
     with pytest.raises(ValueError, match="questions_per_conversation=0"):
         understanding_tasks(train, questions_per_conversation=0)
+
+
+def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, tmp_path):
+    from training.sft import prepare_full_finetune
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base")).train()
+    prepare_full_finetune(model, text_rows=True)
+    rows = sft_rows(train.select(range(2)), model, processor)
+    model(**CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    code_rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    text = torch.ones(len(grad), dtype=torch.bool)
+    text[code_rows] = False
+    assert grad[code_rows].abs().sum() == 0 and grad[text].abs().sum(-1).gt(0).sum() > 3
+    with pytest.raises(ValueError, match="train_text_embeddings=True needs full fine-tuning"):
+        run_sft(model, processor, rows, tmp_path / "t", lora={"r": 4}, train_text_embeddings=True, max_steps=1)

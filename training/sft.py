@@ -142,12 +142,13 @@ def image_special_token_ids(model) -> list[int]:
     return ids
 
 
-def prepare_full_finetune(model) -> list[str]:
+def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
     """Full fine-tuning of the LLM decoder, the alternative to LoRA for a small LLM trained from scratch
     (a low-rank update is too weak a lever there). The input embedding (= the unified codebook, and the
-    LM head when tied) stays fixed except the image special-token rows, as with LoRA: its gradient is
-    masked to those rows, so Adam (zero moments, no weight decay on zero gradients) leaves every other
-    row bit-identical. The visual tokenizer stays frozen. Returns the names of the trainable parameters."""
+    LM head when tied) trains only on the image special-token rows, as with LoRA, plus with `text_rows`
+    every row that is not a visual code (a from-scratch LLM's stage 0 may never have seen the question
+    words). Its gradient is masked, so Adam (zero moments, no weight decay on zero gradients) leaves the
+    codebook rows bit-identical. The visual tokenizer stays frozen. Returns the trainable parameters' names."""
     model.requires_grad_(False)
     llm = model.model.language_model
     embedding = llm.get_input_embeddings().weight
@@ -156,6 +157,9 @@ def prepare_full_finetune(model) -> list[str]:
             parameter.requires_grad_(True)
     mask = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
     mask[image_special_token_ids(model)] = 1
+    if text_rows:
+        mask[:] = 1
+        mask[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=mask.device)] = 0
     embedding.requires_grad_(True)
     embedding.register_hook(lambda grad: grad * mask.to(grad.dtype))
     return [name for name, p in model.named_parameters() if p.requires_grad]

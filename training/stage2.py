@@ -37,6 +37,7 @@ class StageIIArguments:
     batch_size: int = 8
     learning_rate: float = 2e-4
     lora: bool = True            # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
+    train_text_embeddings: bool = False  # full fine-tuning only: the embedding rows that are not visual codes train too
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -174,6 +175,7 @@ def run_sft(
     lora: Optional[dict] | bool = None,
     resume: bool = False,
     eval_rows_per_task: Optional[int] = 64,
+    train_text_embeddings: bool = False,
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
@@ -210,8 +212,10 @@ def run_sft(
             remove_partial_checkpoints(output_dir)
         checkpoint = last_complete_checkpoint(output_dir)
     before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
+    if train_text_embeddings and peft_config is not None:
+        raise ValueError("train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen")
     if peft_config is None:
-        prepare_full_finetune(model)
+        prepare_full_finetune(model, text_rows=train_text_embeddings)
     else:
         model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
     trainer = SFTTrainer(
@@ -316,7 +320,7 @@ def train_stage2(args: StageIIArguments) -> dict:
     lora = args.lora and {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
     trainer, metrics = run_sft(
         model, processor, train_rows, paths["trainer"], split_by_task(eval_rows), lora, args.resume,
-        args.eval_rows_per_task, **overrides,
+        args.eval_rows_per_task, train_text_embeddings=args.train_text_embeddings, **overrides,
     )
     if args.lora:
         save_adapter(trainer, paths["adapter"])
