@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--visual-input", choices=("aggregate", "flatten"), default=None,
                         help="re-assemble the base with this image input (implies --from-base)")
     parser.add_argument("--trainer", nargs="*", default=[], help="SFTConfig fields, key=value (YAML values)")
+    parser.add_argument("--seed", type=int, default=0, help="SFT seed (the code dataset and trainer order)")
     parser.add_argument("--vqa-images", type=int, default=100)
     parser.add_argument("--generation-prompts", type=int, default=24)
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
         run_dir=str(work), stage="sft", max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         lora=not args.full, train_text_embeddings=args.text_embeddings, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
         questions_per_conversation=args.questions_per_conversation, tasks=args.tasks, train_images=args.train_images, eval_images=32,
-        save_steps=10**6, use_cpu=True, extra={"save_strategy": "no", **extra},
+        save_steps=10**6, use_cpu=True, seed=args.seed, extra={"save_strategy": "no", **extra},
     )
     started = time.perf_counter()
     metrics = train_stage2(stage_args)
