@@ -36,12 +36,20 @@ def test_demo_writes_the_run_folder_of_the_design(demo_run):
 
     folder, report = demo_run
     checked = check_run_folder(folder)  # what export/push need: mllm/, report.json, samples.png
-    assert checked.adapter() == folder / "adapter"
+    from training.presets import load_preset
+
+    if load_preset("tiny", "recipes")["stage2"].get("lora", True):
+        assert checked.adapter() == folder / "adapter"
+    else:  # full fine-tuning: no adapter, and export says so instead of shipping a stale one
+        assert not (folder / "adapter").exists() and not (folder / "stage2" / "sft" / "adapter").exists()
+        with pytest.raises(ValueError, match="no PEFT adapter"):
+            checked.adapter()
     for name in ("text_lm", "vision_tokenizer", "mllm", "stage2/decompress/model"):
         assert (folder / name / "COMPLETE").is_file(), name
     assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report))
     markdown = (folder / "report.md").read_text()
     assert "| **overall** |" in markdown and "all_correct" in markdown and "stage1_tokenizer" in markdown
+    assert "ceiling (true image through the visual tokenizer)" in markdown
     from PIL import Image
 
     samples = Image.open(folder / "samples.png")
@@ -79,6 +87,16 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     assert vqa["model"]["accuracy"] == pytest.approx(metrics["vqa"]["accuracy"])
     assert vqa["chance"]["accuracy"] == pytest.approx(chance["vqa"]["accuracy"])
     assert report["counts"]["vqa_questions"] == sum(len(q) for q in test["questions"])
+    # The text-to-image ceiling: the requested scenes rendered, through the model's tokenizer, parsed.
+    from training.data.shapes import render_scene
+    from training.evaluation import reconstruct_images, single_shape_prompts
+    from training.metrics import load_metric
+
+    scenes = [s for _, s in single_shape_prompts(3, 32, 0)]
+    ceiling = load_metric("scene_match").compute(predictions=reconstruct_images(model, [render_scene(s) for s in scenes])[0],
+                                                 references=scenes)
+    assert report["ceiling"]["text_to_image"]["all_correct"] == pytest.approx(ceiling["all_correct"])
+    assert report["ceiling"]["text_to_image"]["unparseable"] == pytest.approx(ceiling["unparseable"])
     for section in ("vqa", "vqa_compositional", "text_to_image"):
         assert all(0.0 <= v <= 1.0 for v in metrics[section].values())
     assert set(report["goals_met"]) == set(demo_budget("tiny")["goals"])

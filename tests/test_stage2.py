@@ -182,3 +182,104 @@ def test_adapter_reloads_and_merge_gives_the_same_logits(trained, mllm, codes, t
     trained_model = trainer.model.eval()
     with torch.no_grad():
         assert (trained_model(**batch).logits - a).abs().max().item() < 1e-5
+
+
+def test_cpu_lm_head_scores_only_the_labelled_positions_with_the_models_own_loss(mllm, codes):
+    """On CPU TRL's fused head scored every position through the vocabulary (60 % of a tiny-preset
+    step); the replacement must give the model's own loss and gradients while projecting only the
+    positions that carry a label."""
+    from training.sft import add_labelled_positions_lm_head
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, __import__("tempfile").mkdtemp())).train()
+    rows = sft_rows(train.select(range(2)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    reference = model(**batch).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    add_labelled_positions_lm_head(model)
+    projected = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+    out = model(**batch, fused_lm_head=True)
+    hook.remove()
+    out.loss.backward()
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert projected == [labelled] and labelled < batch["labels"].numel() // 2
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert out.label_mask.sum() == labelled and out.is_top1.shape == out.log_probs.shape == out.label_mask.shape
+    for name, grad in expected.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4), name
+    plain = model(**{k: v for k, v in batch.items() if k != "labels"})  # generation's forward is untouched
+    assert plain.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_full_finetune_trains_the_decoder_and_leaves_the_codebook_bit_identical(mllm, codes, tmp_path):
+    model, processor = mllm
+    train, validation = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    codebook = model.model.codebook().detach().clone()
+    embedding = model.get_input_embeddings().weight
+    special = [processor.image_token_id, processor.boi_token_id, processor.eoi_token_id]
+    rows_before = embedding.detach()[special].clone()
+    decoder_before = {n: p.detach().clone() for n, p in model.model.language_model.named_parameters() if "embed" not in n}
+    held_out = split_by_task(sft_rows(validation, model, processor, seed=1))
+    trainer, metrics = run_sft(model, processor, sft_rows(train, model, processor), tmp_path / "trainer", held_out,
+                               lora=False, max_steps=40, learning_rate=3e-3, save_steps=1000, logging_steps=40)
+    trained = trainer.model
+    assert not hasattr(trained, "peft_config")
+    assert torch.equal(trained.model.codebook().detach(), codebook)  # unified codebook untouched
+    assert not torch.equal(trained.get_input_embeddings().weight.detach()[special], rows_before)
+    changed = [n for n, p in trained.model.language_model.named_parameters() if n in decoder_before
+               and not torch.equal(p.detach(), decoder_before[n])]
+    assert set(changed) == set(decoder_before)
+    assert not any(p.requires_grad for p in trained.model.vision_tokenizer.parameters())
+    assert metrics["after"]["vqa"] < metrics["before"]["vqa"]
+
+
+def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mllm, codes):
+    from training.evaluation import vqa_prompt
+
+    model, processor = mllm
+    train, _ = codes
+    row = train[0]
+    rows = tokenize_tasks(understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8),
+                          processor)
+    vqa = [r for r in rows if r["task"] == "vqa"]
+    assert len(vqa) == 1 and vqa[0]["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
+    ids, labels = vqa[0]["input_ids"], vqa[0]["labels"]
+    first_answer = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    messages = [t for t in understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8)
+                if t["task"] == "vqa"][0]["messages"]
+    first_question = messages[0]["content"][1]["text"].strip()
+    prompt = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])["input_ids"][0]
+    assert ids[:first_answer] == prompt.tolist()
+    tokenizer = processor.tokenizer
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).split()  # noqa: E731
+    answers = decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    expected = " ".join(m["content"][0]["text"] for m in messages if m["role"] == "assistant")
+    assert answers == decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
+    starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
+    assert len(starts) == len(row["questions"]) and len(messages) == 2 * len(row["questions"])  # one answer per turn
+    with pytest.raises(ValueError, match="questions_per_conversation=0"):
+        understanding_tasks(train, questions_per_conversation=0)
+
+
+def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, tmp_path):
+    from training.sft import prepare_full_finetune
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base")).train()
+    prepare_full_finetune(model, text_rows=True)
+    rows = sft_rows(train.select(range(2)), model, processor)
+    model(**CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    code_rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    text = torch.ones(len(grad), dtype=torch.bool)
+    text[code_rows] = False
+    assert grad[code_rows].abs().sum() == 0 and grad[text].abs().sum(-1).gt(0).sum() > 3
+    with pytest.raises(ValueError, match="train_text_embeddings=True needs full fine-tuning"):
+        run_sft(model, processor, rows, tmp_path / "t", lora={"r": 4}, train_text_embeddings=True, max_steps=1)

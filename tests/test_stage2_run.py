@@ -40,8 +40,9 @@ def test_cli_decompress_then_sft_gives_a_loadable_mllm(stage1_run, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     run = fresh_run(stage1_run, tmp_path / "run")
-    assert main(["train", "--stage", "decompress", "--output", str(run), "--steps", "4", "--save-steps", "2", *SMALL]) == 0
-    assert main(["train", "--stage", "sft", "--output", str(run), "--steps", "4", "--save-steps", "2", *SMALL]) == 0
+    # --lora: this is the adapter + merge path (the tiny recipe itself fine-tunes fully)
+    assert main(["train", "--stage", "decompress", "--output", str(run), "--steps", "4", "--save-steps", "2", "--lora", *SMALL]) == 0
+    assert main(["train", "--stage", "sft", "--output", str(run), "--steps", "4", "--save-steps", "2", "--lora", *SMALL]) == 0
     sft = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert sft["base"] == str(run / "stage2" / "decompress" / "model")  # sft continues the decompressed model
     assert (run / "mllm" / "COMPLETE").is_file() and (run / "stage2" / "sft" / "adapter" / "adapter_config.json").is_file()

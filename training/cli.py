@@ -139,6 +139,10 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         target_modules=args.target_modules, segments=pick(args.segments, "segments", 4),
         caption_drop=pick(args.caption_drop, "caption_drop", 0.1), train_images=pick(args.train_images, "train_images", 2000),
         eval_images=pick(args.eval_images, "eval_images", 64), save_steps=pick(args.save_steps, "save_steps", 50),
+        lora=pick(args.lora, "lora", True), train_text_embeddings=pick(None, "train_text_embeddings", False),
+        questions_per_image=pick(None, "questions_per_image", 2),
+        questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
+        extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},
         seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
     ))
     print(json.dumps({k: metrics.get(k) for k in ("before", "after", "global_step", "resumed_from", "merged")}, indent=2))
@@ -163,7 +167,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_stage2_parsers(sub) -> None:
-    train = sub.add_parser("train", help="stage II: --stage decompress (pre-training) or sft (instruction tuning), LoRA")
+    train = sub.add_parser("train", help="stage II: --stage decompress (pre-training) or sft (instruction tuning), LoRA or full")
     train.add_argument("--stage", choices=["decompress", "sft"], required=True)
     train.add_argument("--preset", default="tiny")
     train.add_argument("--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)")
@@ -172,6 +176,8 @@ def _add_stage2_parsers(sub) -> None:
                        ("--caption-drop", float), ("--train-images", int), ("--eval-images", int), ("--save-steps", int)):
         train.add_argument(flag, type=kind)
     train.add_argument("--target-modules", nargs="+", help="LLM linear layers to adapt (default: all of them)")
+    train.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                       help="LoRA adapter (--lora) or full fine-tuning of the LLM decoder (--no-lora); default: the recipe's stage2.lora")
     train.add_argument("--resume", action="store_true", help="continue from the last COMPLETE checkpoint")
     train.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
     train.add_argument("--seed", type=int, default=0)

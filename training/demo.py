@@ -5,8 +5,9 @@ pre-training -> instruction tuning -> evaluation -> the run folder of DESIGN.md:
 
     <run>/text_lm/ vision_tokenizer/ codes/ stage1/ stage2/   the stages' own outputs
     <run>/mllm/                 the final model (AutoModelForImageTextToText / AutoProcessor)
-    <run>/adapter/              a copy of the SFT LoRA adapter (PEFT; its base is stage2/decompress/model)
-    <run>/report.json           metrics + chance levels + goals, settings, wall time per stage, versions
+    <run>/adapter/              a copy of the SFT LoRA adapter (PEFT; its base is stage2/decompress/model); none
+                                when the recipe fine-tunes fully (`stage2.lora: false`)
+    <run>/report.json           metrics + chance levels + text-to-image ceiling + goals, settings, wall time per stage, versions
     <run>/report.md             the same as tables
     <run>/samples.png           inputs, reconstructions, generated images under their prompts, answers
     <run>/question.png, generated.png   the one answered question's image and one generated image
@@ -168,18 +169,20 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
     return StageIIArguments(
         run_dir=str(run), stage=stage, preset=preset_name, max_steps=budget[f"{stage}_steps"],
         batch_size=section.get("batch_size", 8), learning_rate=section.get("learning_rate", 1e-3),
-        lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"), lora_dropout=recipe.get("lora_dropout", 0.05),
-        segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
+        lora=recipe.get("lora", True), train_text_embeddings=recipe.get("train_text_embeddings", False), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
+        lora_dropout=recipe.get("lora_dropout", 0.05), segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
+        questions_per_image=recipe.get("questions_per_image", 2),
+        questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
         train_images=budget["stage2_train_images"], eval_images=budget["stage2_eval_images"],
         save_steps=recipe.get("save_steps", 50), seed=seed, resume=True, use_cpu=device == "cpu",
+        extra={**recipe.get("trainer", {}), **section.get("trainer", {})},
     )
 
 
-def _stage2_done(run: Path, stage: str) -> bool:
-    from .stage2 import stage_paths
+def _stage2_done(run: Path, preset_name: str, stage: str) -> bool:
+    from .stage2 import stage_complete
 
-    paths = stage_paths(run, stage)
-    return is_complete(paths["merged"]) and is_complete(paths["adapter"])
+    return stage_complete(run, stage, _recipe(preset_name).get("stage2", {}).get("lora", True))
 
 
 # -- samples.png ----------------------------------------------------------------------------------
@@ -258,10 +261,12 @@ def report_markdown(report: dict) -> str:
             lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} |")
     lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
                  f"{c['vqa_compositional']['accuracy']:.3f} |")
+    ceiling = report["ceiling"]["text_to_image"]
     lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
-              "| attribute | model | chance (true image of another prompt) |", "|---|---|---|"]
+              "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual tokenizer) |",
+              "|---|---|---|---|"]
     for key in ("all_correct", "color", "shape", "size", "position", "count", "unparseable"):
-        lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} |")
+        lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} | {ceiling[key]:.3f} |")
     r = m["reconstruction"]
     lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
               f"PSNR {r['psnr']:.2f} dB; codebook usage {r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}).",
@@ -324,12 +329,15 @@ def run_demo(args: DemoArguments) -> dict:
     codes_done = is_complete(run / "stage2" / "base") and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
     clock.run("code_datasets", codes_done, codes)
     stage2 = {}
-    for stage in (("decompress", "sft") if args.decompress else ("sft",)):
-        stage2[stage] = clock.run(f"stage2_{stage}", _stage2_done(run, stage), lambda stage=stage: train_stage2(
+    # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
+    decompress = args.decompress and budget["decompress_steps"] > 0
+    for stage in (("decompress", "sft") if decompress else ("sft",)):
+        stage2[stage] = clock.run(f"stage2_{stage}", _stage2_done(run, args.preset, stage), lambda stage=stage: train_stage2(
             stage2_arguments(run, args.preset, stage, budget, args.seed, args.device)))
-    if is_complete(run / "stage2" / "sft" / "adapter"):
-        # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model).
-        shutil.rmtree(run / "adapter", ignore_errors=True)
+    # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
+    # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
+    shutil.rmtree(run / "adapter", ignore_errors=True)
+    if _recipe(args.preset).get("stage2", {}).get("lora", True) and is_complete(run / "stage2" / "sft" / "adapter"):
         shutil.copytree(run / "stage2" / "sft" / "adapter", run / "adapter")
 
     def evaluate():
@@ -363,6 +371,7 @@ def run_demo(args: DemoArguments) -> dict:
         "run_dir": str(run),
         "metrics": results["metrics"],
         "chance": results["chance"],
+        "ceiling": results["ceiling"],
         "counts": results["counts"],
         "goals": goals,
         "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
@@ -371,7 +380,7 @@ def run_demo(args: DemoArguments) -> dict:
         "settings": {
             "preset": args.preset, "seed": args.seed, "device": args.device, "base_model": str(llm),
             "text_model": preset["text_model"], "budget": budget, "visual_input": args.visual_input,
-            "decompression_pretraining": args.decompress,
+            "decompression_pretraining": decompress,
             "vision_tokenizer": {k: getattr(vq, k) for k in ("image_size", "quantizer", "depth", "codebook_size", "paradigm",
                                                              "code_grid_size", "tokens_per_image")},
         },

@@ -6,7 +6,9 @@
   split (a model that ignores the image can reach it, so only accuracy above it shows looking).
 - Text-to-image: single-shape prompts (one caption per scene), generated with classifier-free
   guidance, read back by the scene parser (`scene_match` metric). Chance is the same metric on the
-  rendered scenes of the prompts shuffled: a perfect painter that ignores the prompt.
+  rendered scenes of the prompts shuffled: a perfect painter that ignores the prompt. Ceiling is the
+  same metric on the true scenes passed through the model's visual tokenizer (encode, decode): the
+  best any LLM writing codes for this tokenizer can score.
 - Reconstruction: PSNR of decode(encode(x)) on test images and codebook usage over their codes.
 
 `evaluate_model` returns plain numbers (the report's `metrics`), the chance levels, and a few
@@ -143,31 +145,40 @@ def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Opti
     rendered = [render_scene(s) for s in scenes]
     shifted = rendered[1:] + rendered[:1]
     chance = metric.compute(predictions=shifted, references=scenes)
-    return {"model": model_scores, "chance": chance, "examples": list(zip(captions, generated))}
+    # Ceiling: the true rendering through the model's own visual tokenizer (encode, decode). A painter
+    # that writes exactly the right codes scores this, so no stage-II training can beat it; below
+    # the goal it says the visual tokenizer, not the LLM, is what stands in the way.
+    ceiling = metric.compute(predictions=reconstruct_images(model, rendered)[0], references=scenes)
+    return {"model": model_scores, "chance": chance, "ceiling": ceiling, "examples": list(zip(captions, generated))}
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
-    """PSNR of decode(encode(x)) through the MLLM's visual tokenizer, and codebook usage of the codes."""
-    from .metrics import load_metric
+def reconstruct_images(model, images, batch_size: int = 32) -> tuple[list, list[torch.Tensor]]:
+    """decode(encode(x)) through the MLLM's visual tokenizer: (PIL images, their code maps)."""
+    from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
+
     from .stage1 import images_to_uint8, to_pixel_values
 
     vision = model.model._require_vision("reconstruction")
     codebook = model.model.codebook()
-    size = vision.config.image_size
-    ids = vision.config.codebook_token_ids
-    index = {int(token): k for k, token in enumerate(ids)}
-    reconstructions, codes = [], []
-    from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
-
-    postprocessor = UniCodeImageProcessor(size=size)
-    pixels_all = to_pixel_values(images_to_uint8(images, size, "reconstruction images"))
+    postprocessor = UniCodeImageProcessor(size=vision.config.image_size)
+    pixels = to_pixel_values(images_to_uint8(images, vision.config.image_size, "reconstruction images"))
+    reconstructions, code_maps = [], []
     for start in range(0, len(images), batch_size):
-        pixels = pixels_all[start : start + batch_size].to(_device(model))
-        code_map = vision.encode(pixels, codebook=codebook)
-        out = vision.decode(code_map, codebook=codebook)
-        reconstructions += postprocessor.postprocess(out)
-        codes += [[index[int(t)] for t in row.flatten().tolist()] for row in code_map.cpu()]
+        code_map = vision.encode(pixels[start : start + batch_size].to(_device(model)), codebook=codebook)
+        reconstructions += postprocessor.postprocess(vision.decode(code_map, codebook=codebook))
+        code_maps += list(code_map.cpu())
+    return reconstructions, code_maps
+
+
+def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
+    """PSNR of decode(encode(x)) through the MLLM's visual tokenizer, and codebook usage of the codes."""
+    from .metrics import load_metric
+
+    ids = model.model._require_vision("reconstruction").config.codebook_token_ids
+    index = {int(token): k for k, token in enumerate(ids)}
+    reconstructions, code_maps = reconstruct_images(model, images, batch_size)
+    codes = [[index[int(t)] for t in row.flatten().tolist()] for row in code_maps]
     psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
     usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(ids))
     return {"psnr": psnr["psnr"], "usage": usage["usage"], "perplexity": usage["perplexity"],
@@ -203,11 +214,12 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
         "text_to_image": _flat_scores(generation["chance"]),
         "vqa_prior_answers": prior,
     }
+    ceiling = {"text_to_image": _flat_scores(generation["ceiling"])}
     counts = {"vqa_questions": vqa["model"]["num_examples"], "vqa_compositional_questions": comp["model"]["num_examples"],
               "text_to_image_prompts": generation["model"]["num_images"], "reconstruction_images": len(recon_inputs)}
     examples = {"vqa": vqa["examples"], "generation": generation["examples"],
                 "reconstruction": list(zip(recon_inputs, recon["reconstructions"]))}
-    return {"metrics": metrics, "chance": chance, "counts": counts, "examples": examples}
+    return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
 def above_chance(metrics: dict, chance: dict, section: str = "vqa") -> dict[str, bool]:
@@ -224,6 +236,7 @@ __all__ = [
     "single_shape_prompts",
     "generate_images",
     "evaluate_generation",
+    "reconstruct_images",
     "evaluate_reconstruction",
     "evaluate_model",
     "above_chance",

@@ -36,6 +36,8 @@ class StageIIArguments:
     max_steps: int = 200
     batch_size: int = 8
     learning_rate: float = 2e-4
+    lora: bool = True            # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
+    train_text_embeddings: bool = False  # full fine-tuning only: the embedding rows that are not visual codes train too
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -43,6 +45,8 @@ class StageIIArguments:
     segments: int = 4
     caption_drop: float = 0.1
     questions_per_image: int = 2
+    questions_per_conversation: int = 1
+    tasks: Optional[list[str]] = None   # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -64,6 +68,12 @@ def stage_paths(run_dir: str | os.PathLike, stage: str) -> dict[str, Path]:
     base = decompressed if stage == "sft" and is_complete(decompressed) else run / "stage2" / "base"
     merged = run / "mllm" if stage == "sft" else decompressed
     return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged}
+
+
+def stage_complete(run_dir: str | os.PathLike, stage: str, lora: bool = True) -> bool:
+    """A stage is done when its merged model is complete, and with LoRA its adapter too."""
+    paths = stage_paths(run_dir, stage)
+    return is_complete(paths["merged"]) and (not lora or is_complete(paths["adapter"]))
 
 
 def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
@@ -128,20 +138,28 @@ def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, 
     return train, validation
 
 
-def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: float = 0.1, questions_per_image: int = 2, seed: int = 0):
-    """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation."""
+def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: float = 0.1, questions_per_image: int = 2,
+                questions_per_conversation: int = 1, tasks: Optional[list[str]] = None, seed: int = 0):
+    """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
+    (`tasks`: a subset of `TASKS_SFT`, default all)."""
     import datasets
 
-    from .tasks import decompression_tasks, generation_tasks, understanding_tasks
+    from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, understanding_tasks
 
     if stage == "decompress":
         return decompression_tasks(codes, depth, segments, seed=seed)
-    if stage == "sft":
-        return datasets.concatenate_datasets([
-            understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image),
-            generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed),
-        ])
-    raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
+    if stage != "sft":
+        raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
+    tasks = list(tasks or TASKS_SFT)
+    unknown = sorted(set(tasks) - set(TASKS_SFT))
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not SFT tasks; choose from {list(TASKS_SFT)}")
+    rows = datasets.concatenate_datasets([
+        understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image,
+                            questions_per_conversation=questions_per_conversation),
+        generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed),
+    ])
+    return rows if set(tasks) == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
 
 
 def _main_process() -> bool:
@@ -154,12 +172,15 @@ def run_sft(
     train_dataset,
     output_dir: str | os.PathLike,
     eval_by_task: Optional[dict] = None,
-    lora: Optional[dict] = None,
+    lora: Optional[dict] | bool = None,
     resume: bool = False,
     eval_rows_per_task: Optional[int] = 64,
+    train_text_embeddings: bool = False,
     **sft_overrides,
 ):
-    """SFTTrainer + LoRA on tokenized task rows. Returns (trainer, {"before", "after", ...}).
+    """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
+    with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
+    (trainer, {"before", "after", ...}).
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
     from trl import SFTTrainer
@@ -167,7 +188,9 @@ def run_sft(
     from .sft import (
         CodesCollator,
         CompleteCheckpointCallback,
+        add_labelled_positions_lm_head,
         last_complete_checkpoint,
+        prepare_full_finetune,
         remove_partial_checkpoints,
         task_losses,
         unicode_lora_config,
@@ -181,7 +204,7 @@ def run_sft(
                 "tokenize them with training.tasks.tokenize_tasks"
             )
     collator = CodesCollator(processor.tokenizer.pad_token_id)
-    peft_config = unicode_lora_config(model, **(lora or {}))
+    peft_config = None if lora is False else unicode_lora_config(model, **(lora or {}))
     args = unicode_sft_config(output_dir, **sft_overrides)
     checkpoint = None
     if resume:
@@ -189,7 +212,12 @@ def run_sft(
             remove_partial_checkpoints(output_dir)
         checkpoint = last_complete_checkpoint(output_dir)
     before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
-    model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
+    if train_text_embeddings and peft_config is not None:
+        raise ValueError("train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen")
+    if peft_config is None:
+        prepare_full_finetune(model, text_rows=train_text_embeddings)
+    else:
+        model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -200,6 +228,8 @@ def run_sft(
         callbacks=[CompleteCheckpointCallback()],
     )
     _expose_lm_head_bias(trainer.model)
+    if not _trl_compact_lm_head(trainer.args.device):
+        add_labelled_positions_lm_head(trainer.model.get_base_model() if peft_config is not None else trainer.model)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
@@ -214,6 +244,14 @@ def run_sft(
         "world_size": trainer.accelerator.num_processes,
     }
     return trainer, metrics
+
+
+def _trl_compact_lm_head(device) -> bool:
+    """TRL's fused LM head projects only labelled positions where its Triton kernels run (CUDA/XPU);
+    elsewhere it scores every position, and `add_labelled_positions_lm_head` replaces it."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(torch.device(device))
 
 
 def _expose_lm_head_bias(model) -> None:
@@ -249,7 +287,7 @@ def train_stage2(args: StageIIArguments) -> dict:
     from .tasks import split_by_task, tokenize_tasks
 
     paths = stage_paths(args.run_dir, args.stage)
-    if args.resume and is_complete(paths["merged"]) and is_complete(paths["adapter"]):
+    if args.resume and stage_complete(args.run_dir, args.stage, args.lora):
         print(f"stage II {args.stage} already finished: {paths['merged']} (delete it to train again)")
         return json.loads((paths["root"] / "metrics.json").read_text()) if (paths["root"] / "metrics.json").is_file() else {}
     if _main_process():
@@ -263,7 +301,9 @@ def train_stage2(args: StageIIArguments) -> dict:
         shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
     _barrier()
     train_codes, eval_codes = shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
-    common = {"depth": vq.depth, "segments": args.segments, "caption_drop": args.caption_drop, "questions_per_image": args.questions_per_image}
+    common = {"depth": vq.depth, "segments": args.segments, "caption_drop": args.caption_drop,
+              "questions_per_image": args.questions_per_image, "questions_per_conversation": args.questions_per_conversation,
+              "tasks": args.tasks}
     train_rows = tokenize_tasks(stage_tasks(train_codes, args.stage, seed=args.seed, **common), processor, max_length)
     eval_rows = tokenize_tasks(stage_tasks(eval_codes, args.stage, seed=args.seed + 1, **common), processor, max_length)
     overrides = {
@@ -277,15 +317,21 @@ def train_stage2(args: StageIIArguments) -> dict:
         **({"use_cpu": args.use_cpu} if args.use_cpu is not None else {}),
         **args.extra,
     }
-    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
+    lora = args.lora and {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
     trainer, metrics = run_sft(
         model, processor, train_rows, paths["trainer"], split_by_task(eval_rows), lora, args.resume,
-        args.eval_rows_per_task, **overrides,
+        args.eval_rows_per_task, train_text_embeddings=args.train_text_embeddings, **overrides,
     )
-    save_adapter(trainer, paths["adapter"])
+    if args.lora:
+        save_adapter(trainer, paths["adapter"])
     if trainer.accelerator.is_main_process:
-        merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
-        metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]),
+        if args.lora:
+            merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
+        else:
+            with atomic_directory(paths["merged"]) as staging:
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
+                processor.save_pretrained(staging)
+        metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]) if args.lora else None,
                    "merged": str(paths["merged"]), "arguments": asdict(args)}
         (paths["root"] / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trainer.accelerator.wait_for_everyone()
@@ -306,6 +352,7 @@ __all__ = [
     "STAGES",
     "StageIIArguments",
     "stage_paths",
+    "stage_complete",
     "assemble_base",
     "load_model_and_processor",
     "shapes_code_datasets",

@@ -112,8 +112,16 @@ def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
     return _build(dataset, rows_of, [CODES_COLUMN], "decompression", seed)
 
 
-def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2):
-    """Captioning (one per image, a random caption) and VQA (`questions_per_image` random questions)."""
+def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2, questions_per_conversation: int = 1):
+    """Captioning (one per image, a random caption) and VQA (`questions_per_image` random questions).
+
+    `questions_per_conversation` > 1 asks several questions of one image as consecutive turns: the
+    image's placeholders are paid for once instead of once per answer, so a step carries several
+    times more answer tokens (the image is most of a VQA row's length). The first turn is the
+    evaluation's prompt exactly (image, then the question)."""
+    if questions_per_image < 0 or questions_per_conversation < 1:
+        raise ValueError(f"questions_per_image={questions_per_image} must be >= 0 and questions_per_conversation="
+                         f"{questions_per_conversation} >= 1")
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -122,10 +130,14 @@ def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2):
             prompt = templates.CAPTION[rng.integers(len(templates.CAPTION))]
             yield "caption", [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))]
         questions = list(row["questions"])
-        for q in rng.permutation(len(questions))[:questions_per_image]:
-            qa = questions[int(q)]
-            prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
-            yield "vqa", [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(qa["answer"]))]
+        chosen = [questions[int(q)] for q in rng.permutation(len(questions))[:questions_per_image]]
+        for start in range(0, len(chosen), questions_per_conversation):
+            messages = []
+            for qa in chosen[start : start + questions_per_conversation]:
+                prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
+                user = _turn("user", _item("image"), _text("\n" + prompt)) if not messages else _turn("user", _text(prompt))
+                messages += [user, _turn("assistant", _text(qa["answer"]))]
+            yield "vqa", messages
 
     return _build(dataset, rows_of, [CODES_COLUMN, "captions", "questions"], "understanding", seed)
 
