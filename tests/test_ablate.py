@@ -67,6 +67,8 @@ def test_claims_and_factor_errors():
             (("baseline", 0.6), ("paradigm=frozen", 0.5), ("paradigm=dual", 0.55))}
     assert claims(rows)["iterative > frozen > dual (VQA)"] is False
     assert claims(rows)["decompression pre-training helps generation"] is None
+    tie = {**rows, "decompression=off": {"vqa_accuracy": 0.6, "t2i_all_correct": 0.6}}
+    assert claims(tie)["decompression pre-training helps generation"] is False  # equal scores show no help
     with pytest.raises(ValueError, match="not ablation factors"):
         run_ablation("unused", factors=["lr"])
     assert set(FACTORS) == {"paradigm", "quantizer", "decompression", "codebook", "visual_input"}
