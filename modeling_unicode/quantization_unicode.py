@@ -331,6 +331,16 @@ class UniCodeQuantizer(nn.Module):
             return codebook
         return self.codebook_projection(codebook.to(self.codebook_projection.weight.dtype))
 
+    @torch.no_grad()
+    def unproject(self, searched: torch.Tensor) -> torch.Tensor:
+        """Rows c with project(c) = `searched` (solved in float64 for stability): brings statistics
+        gathered in the searched space back to codebook rows."""
+        if self.codebook_projection is None:
+            return searched
+        weight = self.codebook_projection.weight.double()
+        solution = torch.linalg.solve(weight, (searched.double() - self.codebook_projection.bias.double()).T).T
+        return solution.to(searched.dtype)
+
     def forward(self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False) -> QuantizerOutput:
         """features (B, H, latent, latent) -> QuantizerOutput.
 
@@ -340,7 +350,6 @@ class UniCodeQuantizer(nn.Module):
         z = self.prepare_features(features.float())
         codebook = self.project(codebook)
         scales = self.level_scales(codebook)
-        base = self.codebook_scale(codebook).float()
         level_fit = []  # per level: (Σ x·c, Σ |c|²) in base units — the least-squares scale's terms
         # Search |x - s·c| as s·|x/s - c|: the (K, H) codebook is never copied, only (N, H) vectors.
         book = codebook.detach().to(z.dtype)
@@ -355,8 +364,8 @@ class UniCodeQuantizer(nn.Module):
             idx = nearest_code(flat, book, sq_norms)
             assignments.append((flat.detach(), idx))
             if return_statistics and self.level_scale is not None:
-                chosen = book[idx]
-                level_fit.append(torch.stack([(flat.detach() * (scale / base) * chosen).sum(), sq_norms[idx].sum()]))
+                in_base_units = flat.detach() * self.level_scale[level]
+                level_fit.append(torch.stack([(in_base_units * book[idx]).sum(), sq_norms[idx].sum()]))
             # From the undetached codebook, so a codebook projection gets the codebook loss's gradient.
             q = (codebook[idx].to(z.dtype) * scale).reshape(b, gh, gw, h).permute(0, 3, 1, 2)
             return q, idx.reshape(b, gh, gw)
@@ -437,13 +446,6 @@ def blend_ratio(config: UniCodeVisualTokenizerConfig, step: int, total_steps: in
     return 1.0 - config.blend_lambda
 
 
-def _inverse_projection(projection: nn.Linear, searched: torch.Tensor) -> torch.Tensor:
-    """Rows c with projection(c) = `searched` (W c + b = s), solved in float64 for stability."""
-    weight = projection.weight.detach().double()
-    solution = torch.linalg.solve(weight, (searched.double() - projection.bias.detach().double()).T).T
-    return solution.to(searched.dtype)
-
-
 def _all_reduce_sum(*tensors: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for tensor in tensors:
@@ -489,13 +491,13 @@ class UniCodeCodebookTrainer(nn.Module):
         llm_rows: Optional[torch.Tensor] = None,
         ratio: float = 0.0,
         restart_candidates: Optional[torch.Tensor] = None,
-        projection: Optional[nn.Linear] = None,
+        quantizer: Optional["UniCodeQuantizer"] = None,
     ) -> None:
         """Update `codebook` (K, H) in place from one step's statistics.
 
-        With a `projection` (the quantizer's `codebook_projection`) the statistics live in the space
-        the search sees, so the EMA estimate is mapped back through the projection's inverse before
-        blending: the search then sees (1 - r)·EMA + r·projection(LLM rows), exactly."""
+        The statistics live in the space the search sees; with a `quantizer` that has a codebook
+        projection, the EMA estimate is mapped back through its inverse before blending, so the search
+        then sees (1 - r)·EMA + r·projection(LLM rows), exactly."""
         if self.paradigm == "frozen":
             return
         counts, sums = code_counts.float().clone(), code_sums.float().clone()
@@ -507,8 +509,8 @@ class UniCodeCodebookTrainer(nn.Module):
         total = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.eps) / (total + codebook.shape[0] * self.eps) * total
         ema_codebook = self.ema_code_sum / smoothed.unsqueeze(1)
-        if projection is not None:
-            ema_codebook = _inverse_projection(projection, ema_codebook)
+        if quantizer is not None:
+            ema_codebook = quantizer.unproject(ema_codebook)
         if self.paradigm == "iterative":
             if llm_rows is None:
                 raise ValueError("the iterative paradigm needs llm_rows (the LLM's embeddings of codebook_token_ids)")
@@ -545,11 +547,12 @@ class UniCodeCodebookTrainer(nn.Module):
         level_scale.mul_(self.decay).add_(target.to(level_scale.dtype), alpha=1.0 - self.decay)
 
     @torch.no_grad()
-    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor, projection: Optional[nn.Linear] = None) -> None:
-        """Dual paradigm: take the LLM's rows back as the codebook and restart the EMA from them."""
+    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor, quantizer: Optional["UniCodeQuantizer"] = None) -> None:
+        """Dual paradigm: take the LLM's rows back as the codebook and restart the EMA from them (in
+        the searched space, like the statistics)."""
         codebook.copy_(llm_rows.detach().to(codebook.dtype))
-        searched = codebook.float() if projection is None else projection(codebook.to(projection.weight.dtype)).float()
-        self.ema_code_sum.copy_(searched * self.ema_cluster_size.unsqueeze(1))
+        searched = codebook if quantizer is None else quantizer.project(codebook)
+        self.ema_code_sum.copy_(searched.float() * self.ema_cluster_size.unsqueeze(1))
 
 
 __all__ = [

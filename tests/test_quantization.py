@@ -294,11 +294,11 @@ def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_
         searched = quantizer.project(codebook)
         assert plain == pytest.approx(float(0.25 * (features - searched[out.indices[..., 0]].permute(0, 3, 1, 2)).pow(2).mean()), rel=1e-5)
     trainer = UniCodeCodebookTrainer(config, codebook)
-    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=0.25, projection=quantizer.codebook_projection)
+    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=0.25, quantizer=quantizer)
     size = trainer.ema_cluster_size
     smoothed = (size + 1e-5) / (size.sum() + 64 * 1e-5) * size.sum()
     ema = trainer.ema_code_sum / smoothed.unsqueeze(1)
     with torch.no_grad():  # the search sees (1 - r)·EMA + r·projection(LLM rows)
         assert torch.allclose(quantizer.project(codebook), 0.75 * ema + 0.25 * quantizer.project(llm_rows), atol=1e-4)
-    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=1.0, projection=quantizer.codebook_projection)
+    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=1.0, quantizer=quantizer)
     assert torch.equal(codebook, llm_rows)  # and the codebook ends as the LLM rows themselves

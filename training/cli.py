@@ -44,7 +44,7 @@ def _pick(flag, recipe: dict, key: str, default):
 def _cmd_train_text(args: argparse.Namespace) -> int:
     from .data.shapes import text_corpus
     from .presets import load_preset
-    from .text_lm import train_text_lm
+    from .text_lm import recipe_training_settings, train_text_lm
 
     preset, recipe = load_preset(args.preset), _recipe(args.preset)
     if preset["text_model"].get("source") != "stage0":
@@ -57,11 +57,8 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
         preset["text_model"],
         texts,
         max_steps=_pick(args.steps, stage0, "max_steps", 300),
-        batch_size=stage0.get("batch_size", 16),
-        block_size=stage0.get("block_size", 128),
-        learning_rate=stage0.get("learning_rate", 3e-3),
         seed=args.seed,
-        bf16=stage0.get("bf16", False),
+        **recipe_training_settings(stage0),
     )
     print(f"text LM: {out}")
     return 0

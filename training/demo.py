@@ -116,13 +116,12 @@ class StageClock:
 
 def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
     from .data.shapes import text_corpus
-    from .text_lm import train_text_lm
+    from .text_lm import recipe_training_settings, train_text_lm
 
     stage0 = _recipe(preset["name"]).get("stage0", {})
     texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
-    return train_text_lm(run / "text_lm", preset["text_model"], texts, max_steps=budget["stage0_steps"],
-                         batch_size=stage0.get("batch_size", 16), block_size=stage0.get("block_size", 128),
-                         learning_rate=stage0.get("learning_rate", 3e-3), seed=seed, bf16=stage0.get("bf16", False))
+    return train_text_lm(run / "text_lm", preset["text_model"], texts, max_steps=budget["stage0_steps"], seed=seed,
+                         **recipe_training_settings(stage0))
 
 
 def train_stage1(run: Path, preset_name: str, llm_path: Path, budget: dict, seed: int, *, paradigm=None, quantizer=None,

@@ -302,7 +302,7 @@ class StageITrainer:
         codebook = self.unwrapped.codebook
         llm_rows = self.iterative_target if self.config.paradigm == "iterative" else None
         self.codebook_trainer.update(codebook.data, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=ratio,
-                                     restart_candidates=out.code_features, projection=self.unwrapped.quantizer.codebook_projection)
+                                     restart_candidates=out.code_features, quantizer=self.unwrapped.quantizer)
         if out.level_fit is not None:
             self.codebook_trainer.update_level_scales(self.unwrapped.quantizer.level_scale, out.level_fit)
         if self.config.paradigm == "dual" and (self.step + 1) % self.config.dual_sync_interval == 0:
@@ -343,7 +343,7 @@ class StageITrainer:
             self.text_optimizer.step()
             losses.append(float(loss))
         self.llm.eval()
-        self.codebook_trainer.load_llm_rows(codebook.data, self.llm_rows(), projection=self.unwrapped.quantizer.codebook_projection)
+        self.codebook_trainer.load_llm_rows(codebook.data, self.llm_rows(), quantizer=self.unwrapped.quantizer)
         return {"llm_text_loss": sum(losses) / len(losses)}
 
     # -- evaluation, samples -------------------------------------------------------------------------

@@ -123,6 +123,13 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
+def recipe_training_settings(stage0: dict) -> dict:
+    """`train_text_lm` keyword arguments from a recipe's `stage0` section (the defaults in one place;
+    `max_steps` is left to the caller, whose budget or flag sets it)."""
+    return {"batch_size": stage0.get("batch_size", 16), "block_size": stage0.get("block_size", 128),
+            "learning_rate": stage0.get("learning_rate", 3e-3), "bf16": stage0.get("bf16", False)}
+
+
 def train_text_lm(
     output_dir: str | Path,
     text_model: dict,
