@@ -69,7 +69,8 @@ def select_codebook_rows(
         )
     if codebook_size == usable.numel():
         return usable.tolist(), {"rule": "all_usable_rows", "usable_rows": int(usable.numel())}
-    norms = embedding_weight.detach()[usable].float().norm(dim=1)
+    # On the CPU: the ids are small host-side bookkeeping, whatever device the LLM's table is on.
+    norms = embedding_weight.detach()[usable.to(embedding_weight.device)].float().norm(dim=1).cpu()
     threshold = float(torch.quantile(norms, norm_quantile)) if norms.numel() > 1 else 0.0
     order = torch.argsort(norms, stable=True)
     first_above = int((norms[order] < threshold).sum())

@@ -161,7 +161,7 @@ def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
         mask[:] = 1
         mask[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=mask.device)] = 0
     embedding.requires_grad_(True)
-    embedding.register_hook(lambda grad: grad * mask.to(grad.dtype))
+    embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
