@@ -83,8 +83,9 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     assert 0 < metrics["reconstruction"]["codebook_usage"] <= 1 and 0 < metrics["reconstruction"]["psnr"] < 60
     prior = majority_answers(train_question_rows(12, 0))
     assert chance["vqa_prior_answers"] == prior
-    vqa = evaluate_vqa(model, processor, test, prior)
+    vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True)
     assert vqa["model"]["accuracy"] == pytest.approx(metrics["vqa"]["accuracy"])
+    assert vqa["swapped"]["accuracy"] == pytest.approx(metrics["vqa_swapped_images"]["accuracy"])
     assert vqa["chance"]["accuracy"] == pytest.approx(chance["vqa"]["accuracy"])
     assert report["counts"]["vqa_questions"] == sum(len(q) for q in test["questions"])
     # The text-to-image ceiling: the requested scenes rendered, through the model's tokenizer, parsed.
@@ -97,7 +98,7 @@ def test_report_metrics_are_measured_not_constants(demo_run):
                                                  references=scenes)
     assert report["ceiling"]["text_to_image"]["all_correct"] == pytest.approx(ceiling["all_correct"])
     assert report["ceiling"]["text_to_image"]["unparseable"] == pytest.approx(ceiling["unparseable"])
-    for section in ("vqa", "vqa_compositional", "text_to_image"):
+    for section in ("vqa", "vqa_compositional", "vqa_swapped_images", "text_to_image"):
         assert all(0.0 <= v <= 1.0 for v in metrics[section].values())
     assert set(report["goals_met"]) == set(demo_budget("tiny")["goals"])
 
@@ -138,3 +139,43 @@ def test_small_preset_is_the_paper_hq_layout_with_its_own_demo_budget():
     assert config.quantizer == "hq" and config.tokens_per_image == 320
     budget = demo_budget("small")
     assert budget["sft_steps"] > demo_budget("tiny")["sft_steps"] and budget["goals"]["vqa_accuracy"] == 0.98
+
+
+def test_swapped_image_vqa_asks_each_question_about_the_next_scene(monkeypatch):
+    """The image-reliance check: every question is asked twice, with its own scene's image and with
+    the next scene's (cyclically), and the swapped answers are scored against the true answers."""
+    from training import evaluation
+    from training.data.shapes import build_split
+
+    test = build_split("test", 3, image_size=32, seed=0)
+    calls = []
+
+    def fake_answers(model, processor, images, questions, **kwargs):
+        calls.append(list(images))
+        # Answers right only when asked about the question's own scene: the first call.
+        truth = [qa["answer"] for row in test for qa in row["questions"]]
+        return truth if len(calls) == 1 else ["?"] * len(questions)
+
+    monkeypatch.setattr(evaluation, "answer_questions", fake_answers)
+    result = evaluation.evaluate_vqa(None, None, test, prior={}, swapped_images=True)
+    own, swapped = calls
+    per_scene = [len(row["questions"]) for row in test]
+    starts = [sum(per_scene[:i]) for i in range(3)]
+    for scene, start in enumerate(starts):
+        assert swapped[start].tobytes() == test[(scene + 1) % 3]["image"].tobytes()
+    assert result["model"]["accuracy"] == 1.0 and result["swapped"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="at least 2 scenes"):
+        evaluation.evaluate_vqa(None, None, build_split("test", 1, image_size=32, seed=0), prior={}, swapped_images=True)
+
+
+def test_small_preset_vocabulary_fits_the_offline_text_corpus():
+    """Stage 0 of `small` fits its BPE to the offline corpus; a vocab_size above what that corpus
+    supports stopped `demo --preset small` before any training."""
+    from training.data.shapes import text_corpus
+    from training.presets import load_preset
+    from training.text_lm import stdlib_docstrings, train_text_tokenizer
+
+    text_model = load_preset("small")["text_model"]
+    texts = list(text_corpus(num_scenes=demo_budget("small")["text_scenes"], seed=0))
+    tokenizer = train_text_tokenizer([*stdlib_docstrings(), *texts], text_model["vocab_size"])
+    assert len(tokenizer) >= load_preset("small")["vision_tokenizer"]["codebook_size"]

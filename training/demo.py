@@ -253,13 +253,18 @@ def report_markdown(report: dict) -> str:
              f"Run folder `{report['run_dir']}`; seed {report['settings']['seed']}; device {report['settings']['device']}; "
              f"total wall time {report['wall_seconds']['total']:.0f} s.", "",
              "## Understanding (VQA, Shapes world test split)", "",
-             "| question type | accuracy | chance (prior-only answer) |", "|---|---|---|"]
+             "| question type | accuracy | chance (prior-only answer) | asked about another scene's image |",
+             "|---|---|---|---|"]
+    swapped = m.get("vqa_swapped_images", {})
     for key in sorted(m["vqa"]):
         if key.startswith("accuracy"):
             label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
-            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} |")
+            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
+                         f"{swapped.get(key, float('nan')):.3f} |")
     lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
-                 f"{c['vqa_compositional']['accuracy']:.3f} |")
+                 f"{c['vqa_compositional']['accuracy']:.3f} | |")
+    lines += ["", "The last column asks every question about the next test scene's image: where it equals the accuracy, "
+              "the answers come from the question alone, not from the image."]
     ceiling = report["ceiling"]["text_to_image"]
     lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
               "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual tokenizer) |",

@@ -66,24 +66,38 @@ def majority_answers(rows) -> dict[str, str]:
     return {kind: counter.most_common(1)[0][0] for kind, counter in counts.items()}
 
 
-def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: int = 16, desc: str = "VQA") -> dict:
+def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: int = 16, desc: str = "VQA",
+                 swapped_images: bool = False) -> dict:
     """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
-    `dataset`; also returns the (image, question, answer, prediction) tuples."""
+    `dataset`; also returns the (image, question, answer, prediction) tuples.
+
+    `swapped_images`: also ask every question about ANOTHER scene's image (the next row's, cyclically),
+    under `"swapped"`. A model that reads its image loses accuracy there; one that answers from the
+    question alone scores the same, whatever its accuracy says."""
     from .metrics import load_metric
 
-    images, questions, answers, kinds = [], [], [], []
-    for row in dataset:
+    images, questions, answers, kinds, scene_of = [], [], [], [], []
+    rows = list(dataset)
+    for index, row in enumerate(rows):
         for qa in row["questions"]:
             images.append(row["image"])
             questions.append(qa["question"])
             answers.append(qa["answer"])
             kinds.append(qa["type"])
+            scene_of.append(index)
     predictions = answer_questions(model, processor, images, questions, batch_size=batch_size, desc=desc)
     metric = load_metric("vqa_accuracy")
     model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)
     chance = metric.compute(predictions=[prior.get(k, "") for k in kinds], references=answers, question_types=kinds)
     examples = list(zip(images, questions, answers, predictions))
-    return {"model": model_scores, "chance": chance, "examples": examples}
+    out = {"model": model_scores, "chance": chance, "examples": examples}
+    if swapped_images:
+        if len(rows) < 2:
+            raise ValueError("swapped_images=True needs at least 2 scenes in the dataset (each question gets another scene's image)")
+        others = [rows[(i + 1) % len(rows)]["image"] for i in scene_of]
+        swapped = answer_questions(model, processor, others, questions, batch_size=batch_size, desc=desc + ", swapped images")
+        out["swapped"] = metric.compute(predictions=swapped, references=answers, question_types=kinds)
+    return out
 
 
 def train_question_rows(num_scenes: int, seed: int = 0) -> list[dict]:
@@ -197,7 +211,7 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     `train_questions`: train rows with `questions` (their answers make the prior-only VQA baseline)."""
     model.eval()
     prior = majority_answers(train_questions)
-    vqa = evaluate_vqa(model, processor, test, prior, batch_size=batch_size, desc="VQA (test)")
+    vqa = evaluate_vqa(model, processor, test, prior, batch_size=batch_size, desc="VQA (test)", swapped_images=True)
     comp = evaluate_vqa(model, processor, compositional, prior, batch_size=batch_size, desc="VQA (compositional)")
     generation = evaluate_generation(model, processor, generation_prompts, guidance_scale, seed=seed)
     recon_inputs = list(test["image"][:reconstruction_images])
@@ -205,6 +219,8 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     metrics = {
         "vqa": _flat_scores(vqa["model"]),
         "vqa_compositional": _flat_scores(comp["model"]),
+        # The same questions about another scene's image: equal to `vqa` means the answers ignore the image.
+        "vqa_swapped_images": _flat_scores(vqa["swapped"]),
         "text_to_image": _flat_scores(generation["model"]),
         "reconstruction": {"psnr": recon["psnr"], "codebook_usage": recon["usage"], "codebook_perplexity": recon["perplexity"]},
     }
