@@ -1,7 +1,10 @@
 """`unicode-mllm demo` end to end on a reduced setting (32 px, 32-wide LM, a few steps per stage):
-the run folder's contents, metrics that are measured (a recomputation agrees), resuming, the CLI."""
+the run folder's contents, metrics that are measured (a recomputation agrees), resuming (only with
+the settings a stage was made with), the CLI."""
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -112,6 +115,39 @@ def test_rerun_reuses_every_training_stage(demo_run):
     # Reused stages keep the seconds measured when they ran; evaluation is deterministic (greedy).
     assert again["wall_seconds"]["stage1_tokenizer"] == first["wall_seconds"]["stage1_tokenizer"]
     assert again["metrics"] == first["metrics"]
+
+
+@pytest.fixture
+def run_copy(demo_run, tmp_path):
+    """A copy of the module's finished run, so a test that changes settings cannot spoil it."""
+    copy = tmp_path / "run"
+    shutil.copytree(demo_run[0], copy)
+    return copy
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_rerun_with_other_settings_stops_and_keeps_every_folder(run_copy):
+    before = _snapshot(run_copy)
+    with pytest.raises(ValueError, match=r"stage2_sft: \S+stage2/sft was made with other settings: sft_steps: 3 -> 4\.") as error:
+        run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "sft_steps": 4}))
+    assert "--output" in str(error.value) and f"delete {run_copy / 'stage2/sft'}, {run_copy / 'mllm'} to retrain" in str(error.value)
+    # A changed upstream stage is named first: its output and everything after it are stale.
+    with pytest.raises(ValueError, match=r"stage1_tokenizer: \S+vision_tokenizer was made with other settings: "
+                                         r"stage1_steps: 3 -> 4\."):
+        run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "stage1_steps": 4, "sft_steps": 4}))
+    with pytest.raises(ValueError, match=r"stage1_tokenizer: .*vision_tokenizer.code_dim: 32 -> 16"):
+        run_demo(replace(reduced(run_copy), vision_overrides={**VISION, "code_dim": 16}))
+    assert _snapshot(run_copy) == before
+
+
+def test_folder_without_a_record_of_its_settings_is_not_reused(run_copy):
+    (run_copy / "demo_stages.json").unlink()  # as a run folder made before the records existed
+    with pytest.raises(ValueError, match=r"stage0_text_lm: \S+text_lm is complete but \S+ has no record of the settings"):
+        run_demo(reduced(run_copy))
+    assert (run_copy / "text_lm" / "COMPLETE").is_file() and not (run_copy / "demo_stages.json").exists()
 
 
 def test_budget_errors_name_the_key():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpointing import atomic_directory, is_complete
-from .demo import DemoArguments, demo_budget, run_demo
+from .demo import STAGE_FOLDERS, DemoArguments, copy_stage_record, demo_budget, run_demo
 
 # factor -> variants other than the baseline's value (the baseline is named "baseline")
 FACTORS = {
@@ -94,11 +94,15 @@ def _variant_arguments(base: DemoArguments, factor: Optional[str], value: Option
 
 
 def _seed_from_baseline(baseline: Path, folder: Path, factor: str) -> None:
-    """Copy the finished stages a variant shares with the baseline (never over a finished copy)."""
-    folders = ["text_lm"] + (["vision_tokenizer", "stage1"] if factor in REUSES_STAGE1 else [])
-    for name in folders:
-        if (baseline / name).is_dir() and not (folder / name).exists():
-            shutil.copytree(baseline / name, folder / name)
+    """Copy the finished stages a variant shares with the baseline (never over a finished copy), with
+    the record of their settings: without it the variant's demo refuses to reuse them."""
+    for stage in ["stage0_text_lm"] + (["stage1_tokenizer"] if factor in REUSES_STAGE1 else []):
+        fresh = not (folder / STAGE_FOLDERS[stage][0]).exists()
+        for name in STAGE_FOLDERS[stage]:
+            if (baseline / name).is_dir() and not (folder / name).exists():
+                shutil.copytree(baseline / name, folder / name)
+        if fresh:
+            copy_stage_record(baseline, folder, stage)
     if factor == "codebook":
         make_separate_codebook(folder)
 

@@ -2,7 +2,8 @@
 
 Every stage writes its output (an HF folder, a training checkpoint) into `<name>.tmp-<pid>` beside
 the destination and renames it into place only when complete; a `COMPLETE` marker inside lets
-readers tell a finished folder from one copied by hand or left by an older version.
+readers tell a finished folder from one copied by hand or left by an older version. Small files
+(records beside such folders) go through a temporary file and one rename for the same reason.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace `path` with `text` in one rename: a reader sees the old text or the new, never a part."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

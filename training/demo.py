@@ -11,9 +11,12 @@ pre-training -> instruction tuning -> evaluation -> the run folder of DESIGN.md:
     <run>/report.md             the same as tables
     <run>/samples.png           inputs, reconstructions, generated images under their prompts, answers
     <run>/question.png, generated.png   the one answered question's image and one generated image
+    <run>/demo_stages.json      the settings each finished stage was made with
 
 Budgets come from the preset recipe's `demo` section (CLI flags and `budget=` override them). Every
-stage skips itself when its output folder is complete, so re-running resumes where a run stopped.
+stage skips itself when its output folder is complete, so re-running resumes where a run stopped; a
+complete folder made with other settings (or with no record of them) stops the run with a ValueError
+instead of being reused or overwritten.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .checkpointing import is_complete
+from .checkpointing import atomic_write_text, is_complete
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
@@ -79,6 +82,105 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
         raise ValueError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to configuration/recipes/{preset}.yaml "
                          "or pass them in budget=")
     return {**budget, "goals": goals}
+
+
+# The reusable stages in pipeline order and their folders under the run; the first folder is the one
+# named in errors. Settings of later stages include those of earlier ones (see `stage_settings`).
+STAGE_FOLDERS = {
+    "stage0_text_lm": ("text_lm",),
+    "stage1_tokenizer": ("vision_tokenizer", "stage1"),
+    "code_datasets": ("stage2/base", "codes"),
+    "stage2_decompress": ("stage2/decompress",),
+    "stage2_sft": ("stage2/sft", "mllm"),
+}
+STAGE_RECORDS = "demo_stages.json"
+
+
+def _without(section: dict, *keys: str) -> dict:
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: bool) -> dict[str, dict]:
+    """stage -> the settings its output depends on, as they read back from `STAGE_RECORDS`. Each stage's
+    settings contain those of the stages it builds on, so a change upstream invalidates it too. Recipe
+    sections are recorded without the keys the demo's budget sets instead."""
+    from .text_lm import recipe_training_settings
+
+    recipe = _recipe(args.preset)
+    settings: dict[str, dict] = {}
+    upstream = {"preset": args.preset, "seed": args.seed, "text_model": preset["text_model"]}
+    if preset["text_model"].get("source") == "stage0":
+        upstream = settings["stage0_text_lm"] = {
+            **upstream, "text_scenes": budget["text_scenes"], "stage0_steps": budget["stage0_steps"],
+            "recipe_stage0": recipe_training_settings(recipe.get("stage0", {}))}
+    upstream = settings["stage1_tokenizer"] = {
+        **upstream, **{k: budget[k] for k in ("stage1_steps", "stage1_train_images", "stage1_eval_images")},
+        "vision_tokenizer": {**preset["vision_tokenizer"], **args.vision_overrides}, "paradigm": args.paradigm,
+        "quantizer": args.quantizer, "codebook_size": args.codebook_size,
+        "recipe_stage1": _without(recipe.get("stage1", {}), "max_steps")}
+    upstream = settings["code_datasets"] = {**upstream, "visual_input": args.visual_input}
+    stage2 = recipe.get("stage2", {})
+    shared = {"stage2_train_images": budget["stage2_train_images"], "stage2_eval_images": budget["stage2_eval_images"],
+              "recipe_stage2": _without(stage2, "train_images", "eval_images", "decompress", "sft")}
+    if decompress:
+        upstream = settings["stage2_decompress"] = {
+            **upstream, **shared, "decompress_steps": budget["decompress_steps"],
+            "recipe_stage2_decompress": _without(stage2.get("decompress", {}), "max_steps")}
+    settings["stage2_sft"] = {**upstream, **shared, "decompression_pretraining": decompress, "sft_steps": budget["sft_steps"],
+                              "recipe_stage2_sft": _without(stage2.get("sft", {}), "max_steps")}
+    return json.loads(json.dumps(settings))
+
+
+def stage_records(run: Path) -> dict[str, dict]:
+    path = Path(run) / STAGE_RECORDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_stage(run: Path, stage: str, settings: dict) -> None:
+    atomic_write_text(Path(run) / STAGE_RECORDS, json.dumps({**stage_records(run), stage: settings}, indent=2))
+
+
+def copy_stage_record(source: Path, destination: Path, stage: str) -> None:
+    """For a stage's folders copied from run `source` into run `destination` (the ablation): the
+    settings they were made with go along, so `destination` may reuse them."""
+    records = stage_records(source)
+    if stage in records:
+        record_stage(destination, stage, records[stage])
+
+
+_UNSET = object()
+
+
+def _differences(old: Any, new: Any, name: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(new) + [k for k in old if k not in new]
+        return [d for k in keys for d in _differences(old.get(k, _UNSET), new.get(k, _UNSET), f"{name}{k}.")]
+    if old == new:
+        return []
+    old, new = ("(unset)" if v is _UNSET else repr(v) for v in (old, new))
+    return [f"{name[:-1]}: {old} -> {new}"]
+
+
+def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) -> None:
+    """Every stage whose output is already made must have been made with `settings`: a folder made
+    otherwise is neither reused (the report would claim settings it was not made with) nor replaced
+    (it may hold hours of training), so the run stops before any work and says what to do."""
+    records = stage_records(run)
+    for stage, wanted in settings.items():
+        if not made[stage]:
+            continue
+        folder = run / STAGE_FOLDERS[stage][0]
+        if stage not in records:
+            problem = (f"{folder} is complete but {run / STAGE_RECORDS} has no record of the settings it was made with "
+                       "(made by an older version?)")
+        elif records[stage] != wanted:
+            problem = f"{folder} was made with other settings: " + "; ".join(_differences(records[stage], wanted))
+        else:
+            continue
+        later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage):]
+        stale = [str(run / name) for s in later for name in STAGE_FOLDERS[s] if (run / name).exists()]
+        raise ValueError(f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
+                         f"{', '.join(stale)} to retrain {stage} and the stages after it.")
 
 
 def _versions() -> dict:
@@ -313,15 +415,28 @@ def run_demo(args: DemoArguments) -> dict:
         previous = json.loads((run / "report.json").read_text()).get("wall_seconds", {})
     clock = StageClock(previous, quiet=args.quiet)
     started = time.perf_counter()
+    # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
+    decompress = args.decompress and budget["decompress_steps"] > 0
+    settings = stage_settings(args, preset, budget, decompress)
+    made = {**{s: is_complete(run / STAGE_FOLDERS[s][0]) for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")},
+            **{f"stage2_{s}": _stage2_done(run, args.preset, s) for s in ("decompress", "sft")}}
+    check_reusable(run, settings, made)
 
-    if preset["text_model"].get("source") == "stage0":
-        llm = clock.run("stage0_text_lm", is_complete(run / "text_lm"), lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed))
+    def stage(name: str, done: bool, work: Callable[[], Any]) -> Any:
+        result = clock.run(name, done, work)
+        # Recorded only once the work has returned: a record always describes a finished folder.
+        if not done:
+            record_stage(run, name, settings[name])
+        return result
+
+    if "stage0_text_lm" in settings:
+        llm = stage("stage0_text_lm", made["stage0_text_lm"], lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed))
     else:
         llm = Path(preset["text_model"]["name_or_path"])
     # A finished vision_tokenizer/ is never retrained nor re-exported: the ablation's separate-codebook
     # variant rewrites it after stage I.
-    stage1_done = is_complete(run / "vision_tokenizer")
-    stage1 = clock.run("stage1_tokenizer", stage1_done, lambda: _stage1_metrics(run) if stage1_done else train_stage1(
+    stage1_done = made["stage1_tokenizer"]
+    stage1 = stage("stage1_tokenizer", stage1_done, lambda: _stage1_metrics(run) if stage1_done else train_stage1(
         run, args.preset, llm, budget, args.seed, paradigm=args.paradigm, quantizer=args.quantizer,
         codebook_size=args.codebook_size, vision_overrides=args.vision_overrides))
 
@@ -330,14 +445,14 @@ def run_demo(args: DemoArguments) -> dict:
         model, _ = load_model_and_processor(run / "stage2" / "base")
         shapes_code_datasets(run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed)
 
-    codes_done = is_complete(run / "stage2" / "base") and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
-    clock.run("code_datasets", codes_done, codes)
+    # Code datasets are cached per image count and seed (and checked against the tokenizer), so a
+    # checked stage2/base with missing codes only encodes them.
+    codes_done = made["code_datasets"] and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+    stage("code_datasets", codes_done, codes)
     stage2 = {}
-    # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
-    decompress = args.decompress and budget["decompress_steps"] > 0
-    for stage in (("decompress", "sft") if decompress else ("sft",)):
-        stage2[stage] = clock.run(f"stage2_{stage}", _stage2_done(run, args.preset, stage), lambda stage=stage: train_stage2(
-            stage2_arguments(run, args.preset, stage, budget, args.seed, args.device)))
+    for name in (("decompress", "sft") if decompress else ("sft",)):
+        stage2[name] = stage(f"stage2_{name}", made[f"stage2_{name}"], lambda name=name: train_stage2(
+            stage2_arguments(run, args.preset, name, budget, args.seed, args.device)))
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
     shutil.rmtree(run / "adapter", ignore_errors=True)
@@ -412,4 +527,5 @@ def _json_default(value):
 
 
 __all__ = ["BUDGET_KEYS", "DemoArguments", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",
-           "samples_grid", "report_markdown", "StageClock"]
+           "samples_grid", "report_markdown", "StageClock", "STAGE_FOLDERS", "STAGE_RECORDS", "stage_settings", "stage_records",
+           "record_stage", "copy_stage_record", "check_reusable"]
