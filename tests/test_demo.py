@@ -150,6 +150,18 @@ def test_folder_without_a_record_of_its_settings_is_not_reused(run_copy):
     assert (run_copy / "text_lm" / "COMPLETE").is_file() and not (run_copy / "demo_stages.json").exists()
 
 
+def test_cli_prints_the_settings_error_without_a_traceback(run_copy, capsys):
+    """The CLI's flags cannot reproduce the reduced test settings, so its first stage differs: the
+    command says so in one message and exits 2, before any work."""
+    from training.cli import main
+
+    before = _snapshot(run_copy)
+    assert main(["demo", "--output", str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unicode-mllm demo: error: stage0_text_lm: ") and "Traceback" not in err and "--output" in err
+    assert _snapshot(run_copy) == before
+
+
 def test_budget_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown keys \\['stage9_steps'\\]"):
         demo_budget("tiny", {"stage9_steps": 1})

@@ -266,18 +266,27 @@ def _budget_flags(args: argparse.Namespace) -> dict:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoArguments, run_demo
+    from .demo import DemoArguments, DemoSettingsError, run_demo
 
     output = args.output or f"outputs/demo-{args.preset}"
-    run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args)))
+    try:
+        run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args)))
+    except DemoSettingsError as error:
+        print(f"unicode-mllm demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import FACTORS, run_ablation
+    from .demo import DemoSettingsError
 
-    table = run_ablation(args.output, preset=args.preset, factors=args.factors or list(FACTORS), seed=args.seed,
-                         device=args.device, budget=_budget_flags(args))
+    try:
+        table = run_ablation(args.output, preset=args.preset, factors=args.factors or list(FACTORS), seed=args.seed,
+                             device=args.device, budget=_budget_flags(args))
+    except DemoSettingsError as error:
+        print(f"unicode-mllm ablate: error: {error}", file=sys.stderr)
+        return 2
     print(table["markdown"])
     return 0
 

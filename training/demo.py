@@ -42,6 +42,11 @@ BUDGET_KEYS = (
 )
 
 
+
+class DemoSettingsError(ValueError):
+    """A demo or ablation asked for something it cannot run (preset, budget, device, or a run folder made
+    with other settings); raised before any training, and printed by the CLI without a traceback."""
+
 @dataclass
 class DemoArguments:
     output_dir: str = "outputs/demo-tiny"
@@ -64,7 +69,7 @@ def _recipe(preset: str) -> dict:
     from .presets import list_presets, load_preset
 
     if preset not in list_presets("recipes"):
-        raise ValueError(f"preset={preset!r} has no training recipe; choose one of {list_presets('recipes')}")
+        raise DemoSettingsError(f"preset={preset!r} has no training recipe; choose one of {list_presets('recipes')}")
     return load_preset(preset, "recipes")
 
 
@@ -75,11 +80,11 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(BUDGET_KEYS))
     if unknown:
-        raise ValueError(f"budget has unknown keys {unknown}; use some of {list(BUDGET_KEYS)}")
+        raise DemoSettingsError(f"budget has unknown keys {unknown}; use some of {list(BUDGET_KEYS)}")
     budget = {**section, **overrides}
     missing = [k for k in BUDGET_KEYS if k not in budget]
     if missing:
-        raise ValueError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to configuration/recipes/{preset}.yaml "
+        raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to configuration/recipes/{preset}.yaml "
                          "or pass them in budget=")
     return {**budget, "goals": goals}
 
@@ -179,7 +184,7 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
             continue
         later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage):]
         stale = [str(run / name) for s in later for name in STAGE_FOLDERS[s] if (run / name).exists()]
-        raise ValueError(f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
+        raise DemoSettingsError(f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
                          f"{', '.join(stale)} to retrain {stage} and the stages after it.")
 
 
@@ -399,11 +404,11 @@ def run_demo(args: DemoArguments) -> dict:
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
 
     if args.device not in ("cpu", "cuda"):
-        raise ValueError(f"device={args.device!r} is not supported; use 'cpu' or 'cuda'")
+        raise DemoSettingsError(f"device={args.device!r} is not supported; use 'cpu' or 'cuda'")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; drop --device cuda to run on CPU")
+        raise DemoSettingsError("device='cuda' but torch sees no CUDA device; drop --device cuda to run on CPU")
     if args.visual_input not in ("aggregate", "flatten"):
-        raise ValueError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
+        raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
     run = Path(args.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     budget = demo_budget(args.preset, args.budget)
@@ -526,6 +531,6 @@ def _json_default(value):
     raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
 
 
-__all__ = ["BUDGET_KEYS", "DemoArguments", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",
+__all__ = ["BUDGET_KEYS", "DemoArguments", "DemoSettingsError", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",
            "samples_grid", "report_markdown", "StageClock", "STAGE_FOLDERS", "STAGE_RECORDS", "stage_settings", "stage_records",
            "record_stage", "copy_stage_record", "check_reusable"]
