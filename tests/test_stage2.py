@@ -283,3 +283,19 @@ def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, 
     assert grad[code_rows].abs().sum() == 0 and grad[text].abs().sum(-1).gt(0).sum() > 3
     with pytest.raises(ValueError, match="train_text_embeddings=True needs full fine-tuning"):
         run_sft(model, processor, rows, tmp_path / "t", lora={"r": 4}, train_text_embeddings=True, max_steps=1)
+
+
+def test_sft_task_subset_keeps_exactly_those_rows(mllm, codes):
+    """`tasks=` trains a subset: the same rows as the full mix, filtered, and an unknown name is refused."""
+    from training.stage2 import stage_tasks
+
+    model, _ = mllm
+    train, _ = codes
+    depth = model.config.vq_config.depth
+    everything = stage_tasks(train, "sft", depth, segments=2)
+    for subset in (["vqa"], ["text_to_image"], ["caption", "continue_image"]):
+        rows = stage_tasks(train, "sft", depth, segments=2, tasks=subset)
+        expected = everything.filter(lambda task: task in subset, input_columns="task")
+        assert set(rows["task"]) == set(subset) and rows["messages"] == expected["messages"]
+    with pytest.raises(ValueError, match=r"tasks \['drawing'\] are not SFT tasks"):
+        stage_tasks(train, "sft", depth, tasks=["vqa", "drawing"])

@@ -42,10 +42,10 @@ BUDGET_KEYS = (
 )
 
 
-
 class DemoSettingsError(ValueError):
     """A demo or ablation asked for something it cannot run (preset, budget, device, or a run folder made
     with other settings); raised before any training, and printed by the CLI without a traceback."""
+
 
 @dataclass
 class DemoArguments:
@@ -73,6 +73,12 @@ def _recipe(preset: str) -> dict:
     return load_preset(preset, "recipes")
 
 
+def _stage2_uses_lora(preset: str) -> bool:
+    """The recipe's `stage2.lora` (LoRA unless it says full fine-tuning): it decides the SFT arguments,
+    when a stage-II folder is complete, and whether the run has an adapter."""
+    return bool(_recipe(preset).get("stage2", {}).get("lora", True))
+
+
 def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     """The recipe's `demo` section with `overrides`, checked for unknown and missing keys."""
     section = dict(_recipe(preset).get("demo") or {})
@@ -84,8 +90,8 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     budget = {**section, **overrides}
     missing = [k for k in BUDGET_KEYS if k not in budget]
     if missing:
-        raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to configuration/recipes/{preset}.yaml "
-                         "or pass them in budget=")
+        raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
+                                f"configuration/recipes/{preset}.yaml or pass them in budget=")
     return {**budget, "goals": goals}
 
 
@@ -185,7 +191,7 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
         later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage):]
         stale = [str(run / name) for s in later for name in STAGE_FOLDERS[s] if (run / name).exists()]
         raise DemoSettingsError(f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
-                         f"{', '.join(stale)} to retrain {stage} and the stages after it.")
+                                f"{', '.join(stale)} to retrain {stage} and the stages after it.")
 
 
 def _versions() -> dict:
@@ -275,7 +281,8 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
     return StageIIArguments(
         run_dir=str(run), stage=stage, preset=preset_name, max_steps=budget[f"{stage}_steps"],
         batch_size=section.get("batch_size", 8), learning_rate=section.get("learning_rate", 1e-3),
-        lora=recipe.get("lora", True), train_text_embeddings=recipe.get("train_text_embeddings", False), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
+        lora=_stage2_uses_lora(preset_name), train_text_embeddings=recipe.get("train_text_embeddings", False),
+        lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
         lora_dropout=recipe.get("lora_dropout", 0.05), segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
         questions_per_image=recipe.get("questions_per_image", 2),
         questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
@@ -288,7 +295,7 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
 def _stage2_done(run: Path, preset_name: str, stage: str) -> bool:
     from .stage2 import stage_complete
 
-    return stage_complete(run, stage, _recipe(preset_name).get("stage2", {}).get("lora", True))
+    return stage_complete(run, stage, _stage2_uses_lora(preset_name))
 
 
 # -- samples.png ----------------------------------------------------------------------------------
@@ -461,7 +468,7 @@ def run_demo(args: DemoArguments) -> dict:
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
     shutil.rmtree(run / "adapter", ignore_errors=True)
-    if _recipe(args.preset).get("stage2", {}).get("lora", True) and is_complete(run / "stage2" / "sft" / "adapter"):
+    if _stage2_uses_lora(args.preset) and is_complete(run / "stage2" / "sft" / "adapter"):
         shutil.copytree(run / "stage2" / "sft" / "adapter", run / "adapter")
 
     def evaluate():

@@ -150,16 +150,18 @@ def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: 
         return decompression_tasks(codes, depth, segments, seed=seed)
     if stage != "sft":
         raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
-    tasks = list(tasks or TASKS_SFT)
-    unknown = sorted(set(tasks) - set(TASKS_SFT))
+    tasks = set(tasks or TASKS_SFT)
+    unknown = sorted(tasks - set(TASKS_SFT))
     if unknown:
         raise ValueError(f"tasks {unknown} are not SFT tasks; choose from {list(TASKS_SFT)}")
-    rows = datasets.concatenate_datasets([
-        understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image,
-                            questions_per_conversation=questions_per_conversation),
-        generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed),
-    ])
-    return rows if set(tasks) == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
+    parts = []  # only the builders some requested task comes from; each builder yields two tasks
+    if tasks & {"caption", "vqa"}:
+        parts.append(understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image,
+                                         questions_per_conversation=questions_per_conversation))
+    if tasks & {"text_to_image", "continue_image"}:
+        parts.append(generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed))
+    rows = datasets.concatenate_datasets(parts)
+    return rows if tasks == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
 
 
 def _main_process() -> bool:
