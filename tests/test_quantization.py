@@ -302,3 +302,35 @@ def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_
         assert torch.allclose(quantizer.project(codebook), 0.75 * ema + 0.25 * quantizer.project(llm_rows), atol=1e-4)
     trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=1.0, quantizer=quantizer)
     assert torch.equal(codebook, llm_rows)  # and the codebook ends as the LLM rows themselves
+
+
+@pytest.mark.parametrize("kind,depth,norm_handling", [("rq", 2, "none"), ("vq", 1, "normalize"), ("hq", 5, "none")])
+def test_match_row_norm_rescales_the_rows_and_keeps_every_decoder_input(kind, depth, norm_handling):
+    """Dual paradigm: the rows handed to the LLM take the LLM's row length, and neither the codes nor
+    the quantized latent change (the projection bias and level scales absorb the factor)."""
+    torch.manual_seed(0)
+    config, quantizer = make_quantizer(kind, depth=depth, paradigm="dual", norm_handling=norm_handling,
+                                       level_scales=True, codebook_projection=True)
+    with torch.no_grad():
+        quantizer.codebook_projection.weight.add_(0.1 * torch.randn(16, 16))
+        quantizer.codebook_projection.bias.normal_()
+        quantizer.level_scale.copy_(torch.tensor([3.0, 1.5])[: quantizer.level_scale.numel()])
+    codebook = 40.0 * torch.randn(64, 16)  # drifted far from LLM-sized rows
+    features = 20.0 * torch.randn(2, 16, 8, 8)
+    before = quantizer(features, codebook)
+    trainer = UniCodeCodebookTrainer(config, codebook)
+    alpha = trainer.match_row_norm(codebook, 0.75, quantizer)
+    assert alpha < 0.1 and torch.isclose(codebook.norm(dim=1).mean(), torch.tensor(0.75), rtol=1e-4)
+    after = quantizer(features, codebook)
+    assert torch.equal(after.indices, before.indices)
+    assert torch.allclose(after.quantized, before.quantized, rtol=1e-4, atol=1e-4)
+
+
+def test_match_row_norm_leaves_a_quantizer_that_cannot_absorb_it_alone():
+    config, quantizer = make_quantizer("vq", paradigm="dual", norm_handling="none", level_scales=False)
+    codebook = 40.0 * torch.randn(64, 16)
+    kept = codebook.clone()
+    assert UniCodeCodebookTrainer(config, codebook).match_row_norm(codebook, 0.75, quantizer) == 1.0
+    assert torch.equal(codebook, kept)
+    with pytest.raises(ValueError, match="level_scales=True"):
+        quantizer.absorb_row_scale(0.5)

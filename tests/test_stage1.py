@@ -52,6 +52,11 @@ def test_every_paradigm_ends_with_the_codebook_equal_to_the_llm_rows(tmp_path, l
         # The dual run really alternated: the LLM was trained on text and now holds the visual codebook.
         assert not torch.equal(tokenizer_model.codebook, start)
         assert any("llm_text_loss" in json.loads(line) for line in (tmp_path / "stage1" / "log.jsonl").read_text().splitlines())
+        # ...and the rows it holds are as long as its text rows, so tied output logits stay sane.
+        is_code = torch.zeros(llm.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        is_code[ids] = True
+        text_norm = llm.get_input_embeddings().weight[~is_code].norm(dim=1).mean()
+        assert torch.isclose(tokenizer_model.codebook.norm(dim=1).mean(), text_norm, rtol=0.05)
     assert (tmp_path / "stage1" / "samples" / "final.png").is_file()
     assert json.loads((tmp_path / "stage1" / "metrics.json").read_text())["psnr"] > 0
 

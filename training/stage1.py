@@ -257,6 +257,14 @@ class StageITrainer:
         with torch.no_grad():
             return embedding_rows(self.llm.get_input_embeddings(), self.token_ids).float()
 
+    def text_row_norm(self) -> float:
+        """Mean length of the LLM's rows that are not codes, as the LLM sees them (scaled embeddings too)."""
+        with torch.no_grad():
+            is_code = torch.zeros(self.llm.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=self.token_ids.device)
+            is_code[self.token_ids] = True
+            text_ids = (~is_code).nonzero().squeeze(1)
+            return float(embedding_rows(self.llm.get_input_embeddings(), text_ids).float().norm(dim=1).mean())
+
     def _autocast(self):
         enabled = self.args.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -322,6 +330,15 @@ class StageITrainer:
             **logs,
         }
 
+    def hand_codebook_to_llm(self) -> float:
+        """Dual paradigm: write the codebook into the LLM rows, at the length of the LLM's other rows
+        (`UniCodeCodebookTrainer.match_row_norm`). Returns the scale applied."""
+        codebook = self.unwrapped.codebook
+        embedding = self.llm.get_input_embeddings()
+        alpha = self.codebook_trainer.match_row_norm(codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer)
+        write_embedding_rows(embedding, self.token_ids, codebook.data)
+        return alpha
+
     def dual_exchange(self) -> dict:
         """Dual alternating training: codebook -> LLM rows, M text steps, LLM rows -> codebook.
 
@@ -329,8 +346,7 @@ class StageITrainer:
         thus the codebook read back, stays identical across processes without a second DDP wrapper.
         """
         codebook = self.unwrapped.codebook
-        embedding = self.llm.get_input_embeddings()
-        write_embedding_rows(embedding, self.token_ids, codebook.data)
+        self.hand_codebook_to_llm()
         self.llm.train()
         generator = torch.Generator().manual_seed(self.args.seed * 7919 + self.step)
         losses = []
@@ -461,7 +477,7 @@ class StageITrainer:
         codebook = self.unwrapped.codebook
         if self.config.paradigm == "dual":
             # Dual ends by handing the codebook to the LLM, which is saved beside the tokenizer.
-            write_embedding_rows(self.llm.get_input_embeddings(), self.token_ids, codebook.data)
+            self.hand_codebook_to_llm()
         with torch.no_grad():
             codebook.copy_(self.llm_rows())
         unified = bool(torch.equal(codebook, self.llm_rows()))
