@@ -35,6 +35,7 @@ def add_image_special_tokens(tokenizer) -> dict[str, int]:
 
 QUANTIZERS = ("vq", "rq", "hq")
 PARADIGMS = ("frozen", "dual", "iterative")
+DUAL_ROW_NORMS = ("free", "llm")
 BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
 VISUAL_INPUTS = ("aggregate", "flatten")
@@ -84,6 +85,10 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         dead_code_threshold (`float`): EMA count below which a code is restarted from a batch
             feature (0 disables). Affects only the EMA estimate, never the LLM rows.
         dual_sync_interval (`int`): `"dual"`: steps between codebook exchanges with the LLM.
+        dual_row_norm (`str`): `"dual"`: `"free"` (the paper's) writes the learned codebook into the
+            LLM rows as it is, at whatever length the EMA gave it; `"llm"` first scales it to the mean
+            length of the LLM's other rows (the quantizer absorbs the factor exactly; needs
+            `level_scales` or `norm_handling="normalize"`). README, "Ablations", measures both.
         commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
         norm_handling (`str`): `"normalize"` puts features and codebook on a common scale — each
             feature vector L2-normalised to length `code_norm`, the codebook multiplied by one
@@ -129,6 +134,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         blend_tail_fraction: float = 0.1,
         dead_code_threshold: float = 0.0,
         dual_sync_interval: int = 100,
+        dual_row_norm: str = "free",
         commitment_beta: float = 0.25,
         norm_handling: str = "normalize",
         code_norm: Optional[float] = None,
@@ -160,6 +166,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.blend_tail_fraction = float(blend_tail_fraction)
         self.dead_code_threshold = float(dead_code_threshold)
         self.dual_sync_interval = int(dual_sync_interval)
+        self.dual_row_norm = dual_row_norm
         self.commitment_beta = float(commitment_beta)
         self.norm_handling = norm_handling
         self.code_norm = None if code_norm is None else float(code_norm)
@@ -209,10 +216,14 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
 
         choice("quantizer", self.quantizer, QUANTIZERS)
         choice("paradigm", self.paradigm, PARADIGMS)
+        choice("dual_row_norm", self.dual_row_norm, DUAL_ROW_NORMS)
         choice("blend_schedule", self.blend_schedule, BLEND_SCHEDULES)
         choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
+        if self.dual_row_norm == "llm" and not (self.level_scales or self.norm_handling == "normalize"):
+            raise ValueError("dual_row_norm='llm' rescales the codebook rows, which only level_scales=True or "
+                             "norm_handling='normalize' can absorb exactly; set one of them or dual_row_norm='free'")
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must list at least one stage, e.g. [1, 2, 2, 4]")
         for name in ("image_size", "in_channels", "base_channels", "z_channels", "codebook_size", "code_dim"):

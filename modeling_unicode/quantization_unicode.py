@@ -568,17 +568,17 @@ class UniCodeCodebookTrainer(nn.Module):
 
     @torch.no_grad()
     def match_row_norm(self, codebook: torch.Tensor, target_norm: float, quantizer: "UniCodeQuantizer") -> float:
-        """Dual paradigm, before the codebook is written into the LLM: scale every row to the mean
-        length `target_norm` of the LLM's own rows, the quantizer absorbing the scale exactly.
+        """Dual paradigm with `dual_row_norm="llm"`, before the codebook is written into the LLM: scale
+        every row to the mean length `target_norm` of the LLM's own rows, the quantizer absorbing the
+        scale exactly. Returns the factor applied.
 
-        Why: the EMA codebook follows the encoder's features, and with fitted level scales nothing
-        pins its length (rows x a, scales / a reconstruct alike), so it drifts. Measured on the tiny
-        preset: rows of mean length 56 against 0.75 for text rows after 1,000 steps; with tied input
-        and output embeddings every code token's logit then dwarfs the text's, and the MLLM answered
-        "the. a large det the. a" to every question (0 % VQA). Returns the factor applied (1.0 when
-        the quantizer cannot absorb it: the rows are then written as they are, as in the release)."""
-        if not quantizer.absorbs_row_scale:
-            return 1.0
+        Why it is an option: the EMA codebook follows the encoder's features, and with fitted level
+        scales nothing pins its length (rows x a, scales / a reconstruct alike). Measured on the tiny
+        preset under the paper's dual ("free"): rows of mean length 56 against 0.75 for text rows
+        after 1,000 steps; with tied input and output embeddings every code token's logit dwarfs the
+        text's, and the MLLM answered "the. a large det the. a" to every question. That is the
+        paper's finding (the visual codebook moves faster than the text one and destroys the LLM's
+        language ability); "llm" tests whether the length alone is to blame."""
         alpha = float(target_norm) / float(codebook.float().norm(dim=1).mean().clamp_min(1e-12))
         codebook.mul_(alpha)
         quantizer.absorb_row_scale(alpha)

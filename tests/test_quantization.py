@@ -326,11 +326,11 @@ def test_match_row_norm_rescales_the_rows_and_keeps_every_decoder_input(kind, de
     assert torch.allclose(after.quantized, before.quantized, rtol=1e-4, atol=1e-4)
 
 
-def test_match_row_norm_leaves_a_quantizer_that_cannot_absorb_it_alone():
-    config, quantizer = make_quantizer("vq", paradigm="dual", norm_handling="none", level_scales=False)
-    codebook = 40.0 * torch.randn(64, 16)
-    kept = codebook.clone()
-    assert UniCodeCodebookTrainer(config, codebook).match_row_norm(codebook, 0.75, quantizer) == 1.0
-    assert torch.equal(codebook, kept)
+def test_dual_row_norm_llm_needs_a_quantizer_that_can_absorb_the_scale():
+    with pytest.raises(ValueError, match="dual_row_norm='llm'.*level_scales=True"):
+        make_quantizer("vq", paradigm="dual", norm_handling="none", level_scales=False, dual_row_norm="llm")
+    with pytest.raises(ValueError, match="dual_row_norm='often'.*'free', 'llm'"):
+        make_quantizer("vq", paradigm="dual", dual_row_norm="often")
+    _, quantizer = make_quantizer("vq", paradigm="dual", norm_handling="none", level_scales=False)
     with pytest.raises(ValueError, match="level_scales=True"):
         quantizer.absorb_row_scale(0.5)

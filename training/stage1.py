@@ -330,14 +330,13 @@ class StageITrainer:
             **logs,
         }
 
-    def hand_codebook_to_llm(self) -> float:
-        """Dual paradigm: write the codebook into the LLM rows, at the length of the LLM's other rows
-        (`UniCodeCodebookTrainer.match_row_norm`). Returns the scale applied."""
+    def hand_codebook_to_llm(self) -> None:
+        """Dual paradigm: write the codebook into the LLM rows; with `dual_row_norm="llm"`, at the length
+        of the LLM's other rows (`UniCodeCodebookTrainer.match_row_norm`)."""
         codebook = self.unwrapped.codebook
-        embedding = self.llm.get_input_embeddings()
-        alpha = self.codebook_trainer.match_row_norm(codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer)
-        write_embedding_rows(embedding, self.token_ids, codebook.data)
-        return alpha
+        if self.config.dual_row_norm == "llm":
+            self.codebook_trainer.match_row_norm(codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer)
+        write_embedding_rows(self.llm.get_input_embeddings(), self.token_ids, codebook.data)
 
     def dual_exchange(self) -> dict:
         """Dual alternating training: codebook -> LLM rows, M text steps, LLM rows -> codebook.
