@@ -14,7 +14,7 @@ from training.demo import DemoArguments, demo_budget, run_demo
 REDUCED_BUDGET = {
     "text_scenes": 40, "stage0_steps": 2, "stage1_steps": 3, "stage1_train_images": 16, "stage1_eval_images": 4,
     "stage2_train_images": 12, "stage2_eval_images": 4, "decompress_steps": 2, "sft_steps": 3, "vqa_images": 3,
-    "compositional_images": 2, "generation_prompts": 3, "reconstruction_images": 3, "guidance_scale": 2.0,
+    "compositional_images": 2, "generation_prompts": 3, "reconstruction_images": 3, "usage_images": 5, "guidance_scale": 2.0,
 }
 TEXT_MODEL = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 2}
@@ -73,7 +73,8 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     """Recompute reconstruction PSNR / usage and the VQA chance level from the saved model and the
     same data: they must match the report; the question counts follow the data."""
     from training.data.shapes import build_split
-    from training.evaluation import evaluate_reconstruction, evaluate_vqa, majority_answers, train_question_rows
+    from training.evaluation import (evaluate_codebook_usage, evaluate_reconstruction, evaluate_vqa, majority_answers,
+                                     train_question_rows)
     from training.stage2 import load_model_and_processor
 
     folder, report = demo_run
@@ -82,7 +83,12 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     test = build_split("test", 3, image_size=32, seed=0)
     recon = evaluate_reconstruction(model, list(test["image"]))
     assert recon["psnr"] == pytest.approx(metrics["reconstruction"]["psnr"], rel=1e-6)
-    assert recon["usage"] == pytest.approx(metrics["reconstruction"]["codebook_usage"])
+    # Usage is measured on its own, larger sample (`usage_images`): the codes of those images, recomputed.
+    usage_test = build_split("test", 5, image_size=32, seed=0)
+    usage = evaluate_codebook_usage(model, usage_test["image"])
+    assert usage["usage"] == pytest.approx(metrics["reconstruction"]["codebook_usage"])
+    assert report["counts"]["usage_images"] == 5 and report["counts"]["reconstruction_images"] == 3
+    assert usage["usage"] >= recon["usage"]  # a superset of the reconstruction images' codes
     assert 0 < metrics["reconstruction"]["codebook_usage"] <= 1 and 0 < metrics["reconstruction"]["psnr"] < 60
     prior = majority_answers(train_question_rows(12, 0))
     assert chance["vqa_prior_answers"] == prior

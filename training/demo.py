@@ -38,7 +38,7 @@ from .checkpointing import atomic_write_text, is_complete
 BUDGET_KEYS = (
     "text_scenes", "stage0_steps", "stage1_steps", "stage1_train_images", "stage1_eval_images", "stage2_train_images",
     "stage2_eval_images", "decompress_steps", "sft_steps", "vqa_images", "compositional_images", "generation_prompts",
-    "reconstruction_images", "guidance_scale",
+    "reconstruction_images", "usage_images", "guidance_scale",
 )
 
 
@@ -387,7 +387,8 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} | {ceiling[key]:.3f} |")
     r = m["reconstruction"]
     lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
-              f"PSNR {r['psnr']:.2f} dB; codebook usage {r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}).",
+              f"PSNR {r['psnr']:.2f} dB on {report['counts']['reconstruction_images']} images; codebook usage "
+              f"{r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}) on {report['counts']['usage_images']} images.",
               "", "## Goals", "", "| goal | target | met |", "|---|---|---|"]
     for goal, met in report["goals_met"].items():
         lines.append(f"| {goal} | {report['goals'][goal]} | {'yes' if met else 'no'} |")
@@ -477,7 +478,8 @@ def run_demo(args: DemoArguments) -> dict:
         size = model.config.vq_config.image_size
         test = build_split("test", budget["vqa_images"], image_size=size, seed=args.seed)
         compositional = build_split("compositional", budget["compositional_images"], image_size=size, seed=args.seed)
-        return evaluate_model(model, processor, test=test, compositional=compositional,
+        usage_test = build_split("test", budget["usage_images"], image_size=size, seed=args.seed)
+        return evaluate_model(model, processor, test=test, compositional=compositional, usage_images=usage_test["image"],
                               train_questions=train_question_rows(budget["stage2_train_images"], args.seed),
                               generation_prompts=budget["generation_prompts"], guidance_scale=budget["guidance_scale"],
                               reconstruction_images=min(budget["reconstruction_images"], budget["vqa_images"]), seed=args.seed)
