@@ -299,3 +299,17 @@ def test_sft_task_subset_keeps_exactly_those_rows(mllm, codes):
         assert set(rows["task"]) == set(subset) and rows["messages"] == expected["messages"]
     with pytest.raises(ValueError, match=r"tasks \['drawing'\] are not SFT tasks"):
         stage_tasks(train, "sft", depth, tasks=["vqa", "drawing"])
+
+
+def test_sft_config_takes_either_checkpointing_spelling_without_the_deprecation_warning():
+    """Recipes written for older transformers say `gradient_checkpointing`; 5.24 renamed it and warns."""
+    import warnings
+
+    from training.sft import unicode_sft_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for spelling in ("gradient_checkpointing", "activation_checkpointing"):
+            for value in (True, False):
+                config = unicode_sft_config("unused-output-dir", use_cpu=True, **{spelling: value})
+                assert getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", None)) is value

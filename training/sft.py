@@ -245,6 +245,15 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "disable_tqdm": False,
     }
     defaults.update(overrides)
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns,
+    # and goes in v6); older 5.x only know the old one. Either spelling in a recipe means the same.
+    fields = getattr(SFTConfig, "__dataclass_fields__", {})
+    current = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        if name != current and name in defaults:
+            value = defaults.pop(name)
+            if name in overrides or current not in overrides:
+                defaults[current] = value
     return SFTConfig(**defaults)
 
 
