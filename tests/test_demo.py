@@ -147,6 +147,11 @@ def test_rerun_with_other_settings_stops_and_keeps_every_folder(run_copy):
     with pytest.raises(ValueError, match=r"stage1_tokenizer: .*vision_tokenizer.code_dim: 32 -> 16"):
         run_demo(replace(reduced(run_copy), vision_overrides={**VISION, "code_dim": 16}))
     assert _snapshot(run_copy) == before
+    # A dual stage I also trained the LLM (llm/): it is stale with the tokenizer, and named with it.
+    (run_copy / "llm").mkdir()
+    with pytest.raises(ValueError, match=r"stage1_tokenizer: .*") as error:
+        run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "stage1_steps": 4}))
+    assert f"{run_copy / 'stage1'}, {run_copy / 'llm'}, " in str(error.value)
 
 
 def test_folder_without_a_record_of_its_settings_is_not_reused(run_copy):

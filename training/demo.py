@@ -99,7 +99,7 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
 # named in errors. Settings of later stages include those of earlier ones (see `stage_settings`).
 STAGE_FOLDERS = {
     "stage0_text_lm": ("text_lm",),
-    "stage1_tokenizer": ("vision_tokenizer", "stage1"),
+    "stage1_tokenizer": ("vision_tokenizer", "stage1", "llm"),  # llm/: the LLM a dual stage I trained
     "code_datasets": ("stage2/base", "codes"),
     "stage2_decompress": ("stage2/decompress",),
     "stage2_sft": ("stage2/sft", "mllm"),
