@@ -2,8 +2,9 @@
 
     python scripts/code_semantics.py --run outputs/demo-tiny [--images 600]
 
-For each code position of the run's training code dataset (`<run>/codes/train-*`), the label is the
-dominant Shapes colour of the image patch under it (patches less than `--coverage` coloured are left
+The run's visual tokenizer (`<run>/vision_tokenizer`, from `demo` or `train-tokenizer`) encodes
+`--images` Shapes train scenes. For each code position, the label is the dominant Shapes colour of the
+image patch under it (patches less than `--coverage` coloured are left
 out). Per quantization level, a lookup table code id -> most frequent colour is fitted on 80 % of the
 patches and scored on the rest (a code unseen in the fit counts as wrong). Chance is always answering
 the most frequent colour. If the level-0 code of a patch that is all red does not say "red", an LM that
@@ -23,8 +24,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_unicode import UniCodeVisualTokenizerConfig  # noqa: E402
-from modeling_unicode.quantization_unicode import unflatten_code_map  # noqa: E402
 from training.data.shapes import BACKGROUND, COLORS, render_scene  # noqa: E402
 
 
@@ -45,27 +44,31 @@ def patch_colours(image: np.ndarray, grid: int, coverage: float) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a demo run folder with codes/ and vision_tokenizer/")
+    parser.add_argument("--run", required=True, help="a run folder with vision_tokenizer/ (demo or train-tokenizer)")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--coverage", type=float, default=0.6, help="least coloured fraction of a labelled patch")
     args = parser.parse_args()
 
     import torch
-    from datasets import load_from_disk
+
+    from modeling_unicode import UniCodeVisualTokenizer
+    from training.data.shapes import build_split
+    from training.stage1 import images_to_uint8, to_pixel_values
 
     run = Path(args.run)
-    config = UniCodeVisualTokenizerConfig.from_pretrained(run / "vision_tokenizer")
-    size, grid, depth = config.image_size, config.code_grid_size, config.depth
-    folders = sorted((run / "codes").glob("train-*"))
-    if not folders:
-        raise SystemExit(f"--run {run} has no codes/train-* dataset; run the demo (or `train --stage sft`) first")
-    rows = load_from_disk(str(folders[0]))
-    rows = rows.select(range(min(args.images, len(rows))))
+    if not (run / "vision_tokenizer" / "config.json").is_file():
+        raise SystemExit(f"--run {run} has no vision_tokenizer/; run `unicode-mllm demo` or `train-tokenizer` first")
+    tokenizer = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
+    config = tokenizer.config
+    size, grid = config.image_size, config.code_grid_size
+    scenes = build_split("train", args.images, image_size=size, seed=0)
+    pixels = to_pixel_values(images_to_uint8(list(scenes["image"]), size, "Shapes scenes"))
+    with torch.no_grad():
+        code_maps = torch.cat([tokenizer.encode(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]).numpy()
 
     codes, labels = [], []
-    for row in rows:
-        code_map = unflatten_code_map(torch.tensor([row["codes"]]), grid, depth)[0].numpy()  # (grid, grid, depth)
-        colour = patch_colours(np.asarray(render_scene(row["scene"], size)), grid, args.coverage)
+    for code_map, scene in zip(code_maps, scenes["scene"]):  # code_map: (grid, grid, depth)
+        colour = patch_colours(np.asarray(render_scene(scene, size)), grid, args.coverage)
         keep = colour >= 0
         codes.append(code_map[keep])
         labels.append(colour[keep])
@@ -73,7 +76,7 @@ def main() -> None:
     split = len(labels) * 8 // 10
     chance = float(np.mean(labels[split:] == np.bincount(labels[:split]).argmax()))
     levels = []
-    for level in range(depth):
+    for level in range(config.depth):
         table: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         for code, label in zip(codes[:split, level], labels[:split]):
             table[int(code)][int(label)] += 1
