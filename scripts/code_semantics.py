@@ -73,6 +73,9 @@ def main() -> None:
         codes.append(code_map[keep])
         labels.append(colour[keep])
     codes, labels = np.concatenate(codes), np.concatenate(labels)
+    if len(labels) < 10:
+        raise SystemExit(f"only {len(labels)} patches of {grid}x{grid} are at least {args.coverage:.0%} one colour; "
+                         "lower --coverage (a coarse grid's patches are mostly background)")
     split = len(labels) * 8 // 10
     chance = float(np.mean(labels[split:] == np.bincount(labels[:split]).argmax()))
     levels = []
