@@ -154,6 +154,19 @@ def test_rerun_with_other_settings_stops_and_keeps_every_folder(run_copy):
     assert f"{run_copy / 'stage1'}, {run_copy / 'llm'}, " in str(error.value)
 
 
+def test_interrupted_stage_is_not_resumed_with_other_settings(run_copy):
+    """An interrupted SFT (its checkpoints there, mllm/ not complete) resumes only under the settings it
+    started with; the record of those is written before the stage runs."""
+    records = json.loads((run_copy / "demo_stages.json").read_text())
+    assert records["stage2_sft (started)"] == records["stage2_sft"]
+    (run_copy / "mllm" / "COMPLETE").unlink()  # as if the run stopped before the merged model was done
+    before = _snapshot(run_copy)
+    with pytest.raises(ValueError, match=r"stage2_sft: an interrupted run of it left \S+stage2/sft, \S+mllm, started "
+                                         r"with other settings: sft_steps: 3 -> 4\. Its checkpoints are kept"):
+        run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "sft_steps": 4}))
+    assert _snapshot(run_copy) == before
+
+
 def test_folder_without_a_record_of_its_settings_is_not_reused(run_copy):
     (run_copy / "demo_stages.json").unlink()  # as a run folder made before the records existed
     with pytest.raises(ValueError, match=r"stage0_text_lm: \S+text_lm is complete but \S+ has no record of the settings"):

@@ -172,15 +172,29 @@ def _differences(old: Any, new: Any, name: str = "") -> list[str]:
     return [f"{name[:-1]}: {old} -> {new}"]
 
 
+def started_key(stage: str) -> str:
+    """The record of a stage's settings written when it starts: an interrupted stage resumes from its
+    checkpoints, so those must have been made with the settings of the run that resumes them."""
+    return f"{stage} (started)"
+
+
 def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) -> None:
     """Every stage whose output is already made must have been made with `settings`: a folder made
     otherwise is neither reused (the report would claim settings it was not made with) nor replaced
-    (it may hold hours of training), so the run stops before any work and says what to do."""
+    (it may hold hours of training), so the run stops before any work and says what to do. The same
+    holds for an interrupted stage's partial folder, which the run would resume from."""
     records = stage_records(run)
     for stage, wanted in settings.items():
-        if not made[stage]:
-            continue
         folder = run / STAGE_FOLDERS[stage][0]
+        if not made[stage]:
+            started = records.get(started_key(stage))
+            partial = [str(run / name) for name in STAGE_FOLDERS[stage] if (run / name).exists()]
+            if started is None or started == wanted or not partial:
+                continue
+            raise DemoSettingsError(
+                f"{stage}: an interrupted run of it left {', '.join(partial)}, started with other settings: "
+                + "; ".join(_differences(started, wanted)) + ". Its checkpoints are kept, not resumed. Use a new "
+                f"output folder (--output), or delete {', '.join(partial)} to start {stage} afresh.")
         if stage not in records:
             problem = (f"{folder} is complete but {run / STAGE_RECORDS} has no record of the settings it was made with "
                        "(made by an older version?)")
@@ -436,6 +450,8 @@ def run_demo(args: DemoArguments) -> dict:
     check_reusable(run, settings, made)
 
     def stage(name: str, done: bool, work: Callable[[], Any]) -> Any:
+        if not done:
+            record_stage(run, started_key(name), settings[name])
         result = clock.run(name, done, work)
         # Recorded only once the work has returned: a record always describes a finished folder.
         if not done:
