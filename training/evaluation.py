@@ -185,16 +185,24 @@ def reconstruct_images(model, images, batch_size: int = 32) -> tuple[list, list[
     return reconstructions, code_maps
 
 
+def _codebook_usage(model, code_maps: list[torch.Tensor]) -> dict:
+    """The `codebook_usage` metric (usage, perplexity) of code maps of vocabulary ids."""
+    from modeling_unicode.quantization_unicode import token_ids_to_code_indices
+
+    from .metrics import load_metric
+
+    ids = model.model.codebook_token_ids.cpu()
+    codes = [token_ids_to_code_indices(code_map.flatten(), ids).tolist() for code_map in code_maps]
+    return load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(ids))
+
+
 def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
     """PSNR of decode(encode(x)) through the MLLM's visual tokenizer, and codebook usage of the codes."""
     from .metrics import load_metric
 
-    ids = model.model._require_vision("reconstruction").config.codebook_token_ids
-    index = {int(token): k for k, token in enumerate(ids)}
     reconstructions, code_maps = reconstruct_images(model, images, batch_size)
-    codes = [[index[int(t)] for t in row.flatten().tolist()] for row in code_maps]
     psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
-    usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(ids))
+    usage = _codebook_usage(model, code_maps)
     return {"psnr": psnr["psnr"], "usage": usage["usage"], "perplexity": usage["perplexity"],
             "reconstructions": reconstructions}
 
@@ -206,19 +214,17 @@ def evaluate_codebook_usage(model, images, batch_size: int = 64) -> dict:
     Usage over n images is bounded by the code slots they hold that are not background: 64 tiny-preset
     Shapes scenes hold about 3,000 such slots, under 80 % of K = 4,096 codes even if every one used
     another code, so the usage goal is measured on many more images than PSNR needs."""
-    from .metrics import load_metric
     from .stage1 import images_to_uint8, to_pixel_values
 
     vision = model.model._require_vision("codebook usage")
     codebook = model.model.codebook()
-    index = {int(token): k for k, token in enumerate(vision.config.codebook_token_ids)}
-    pixels = to_pixel_values(images_to_uint8(images, vision.config.image_size, "usage images"))
-    codes = []
+    images = list(images)
+    code_maps = []
     for start in range(0, len(images), batch_size):
-        code_map = vision.encode(pixels[start : start + batch_size].to(_device(model)), codebook=codebook)
-        codes += [[index[int(t)] for t in row.flatten().tolist()] for row in code_map.cpu()]
-    usage = load_metric("codebook_usage").compute(predictions=codes, codebook_size=len(index))
-    return {"usage": usage["usage"], "perplexity": usage["perplexity"], "num_images": len(codes)}
+        pixels = to_pixel_values(images_to_uint8(images[start : start + batch_size], vision.config.image_size, "usage images"))
+        code_maps += list(vision.encode(pixels.to(_device(model)), codebook=codebook).cpu())
+    usage = _codebook_usage(model, code_maps)
+    return {"usage": usage["usage"], "perplexity": usage["perplexity"], "num_images": len(code_maps)}
 
 
 def _flat_scores(scores: dict, prefix: str = "") -> dict:
