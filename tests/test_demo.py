@@ -251,3 +251,14 @@ def test_small_preset_vocabulary_fits_the_offline_text_corpus():
     texts = list(text_corpus(num_scenes=demo_budget("small")["text_scenes"], seed=0))
     tokenizer = train_text_tokenizer([*stdlib_docstrings(), *texts], text_model["vocab_size"])
     assert len(tokenizer) >= load_preset("small")["vision_tokenizer"]["codebook_size"]
+
+
+def test_turning_decompression_off_retrains_sft_from_the_base(run_copy):
+    """A folder whose earlier run pre-trained decompression: with decompression off (and the stale SFT
+    deleted, as the settings error says), SFT starts from stage2/base, not the decompression model."""
+    assert (run_copy / "stage2" / "decompress" / "model" / "COMPLETE").is_file()
+    shutil.rmtree(run_copy / "stage2" / "sft")
+    shutil.rmtree(run_copy / "mllm")
+    run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "decompress_steps": 0}))
+    metrics = json.loads((run_copy / "stage2" / "sft" / "metrics.json").read_text())
+    assert metrics["base"] == str(run_copy / "stage2" / "base")

@@ -313,3 +313,19 @@ def test_sft_config_takes_either_checkpointing_spelling_without_the_deprecation_
             for value in (True, False):
                 config = unicode_sft_config("unused-output-dir", use_cpu=True, **{spelling: value})
                 assert getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", None)) is value
+
+
+def test_sft_starts_from_the_decompression_model_only_when_asked_or_present(tmp_path):
+    """The demo with decompression turned off must not fine-tune the decompression model an earlier run
+    left in the folder; the CLI default takes it when it is complete."""
+    from training.stage2 import stage_paths
+
+    decompressed = tmp_path / "stage2" / "decompress" / "model"
+    with pytest.raises(ValueError, match="from_decompressed=True but .* run the decompress stage first"):
+        stage_paths(tmp_path, "sft", from_decompressed=True)
+    assert stage_paths(tmp_path, "sft")["base"] == tmp_path / "stage2" / "base"
+    decompressed.mkdir(parents=True)
+    (decompressed / "COMPLETE").write_text("ok\n")
+    assert stage_paths(tmp_path, "sft")["base"] == decompressed
+    assert stage_paths(tmp_path, "sft", from_decompressed=True)["base"] == decompressed
+    assert stage_paths(tmp_path, "sft", from_decompressed=False)["base"] == tmp_path / "stage2" / "base"

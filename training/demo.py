@@ -287,7 +287,8 @@ def _stage1_metrics(run: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed: int, device: str):
+def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed: int, device: str,
+                     from_decompressed: Optional[bool] = None):
     from .stage2 import StageIIArguments
 
     recipe = _recipe(preset_name).get("stage2", {})
@@ -302,6 +303,7 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
         questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
         train_images=budget["stage2_train_images"], eval_images=budget["stage2_eval_images"],
         save_steps=recipe.get("save_steps", 50), seed=seed, resume=True, use_cpu=device == "cpu",
+        from_decompressed=from_decompressed if stage == "sft" else None,
         extra={**recipe.get("trainer", {}), **section.get("trainer", {})},
     )
 
@@ -481,7 +483,7 @@ def run_demo(args: DemoArguments) -> dict:
     stage2 = {}
     for name in (("decompress", "sft") if decompress else ("sft",)):
         stage2[name] = stage(f"stage2_{name}", made[f"stage2_{name}"], lambda name=name: train_stage2(
-            stage2_arguments(run, args.preset, name, budget, args.seed, args.device)))
+            stage2_arguments(run, args.preset, name, budget, args.seed, args.device, from_decompressed=decompress)))
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
     shutil.rmtree(run / "adapter", ignore_errors=True)

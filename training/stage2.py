@@ -7,7 +7,8 @@
     <run>/stage2/sft/{trainer,adapter,metrics.json}
     <run>/mllm/                              the final merged MLLM + processor (HF folder)
 
-`sft` starts from `stage2/decompress/model` when it exists (the paper's order), else from the base.
+`sft` starts from `stage2/decompress/model` when it exists (the paper's order), else from the base;
+`StageIIArguments.from_decompressed` makes the choice explicit (the demo sets it from its budget).
 Each stage's adapter is saved alone in PEFT format; the merged model is what later stages load.
 """
 
@@ -55,17 +56,24 @@ class StageIIArguments:
     warmup_ratio: float = 0.03
     seed: int = 0
     resume: bool = False
+    from_decompressed: Optional[bool] = None  # sft's start: see `stage_paths` (None: decompression model if complete)
     use_cpu: Optional[bool] = None
     extra: dict = field(default_factory=dict)  # more SFTConfig fields
 
 
-def stage_paths(run_dir: str | os.PathLike, stage: str) -> dict[str, Path]:
+def stage_paths(run_dir: str | os.PathLike, stage: str, from_decompressed: Optional[bool] = None) -> dict[str, Path]:
+    """Folders of one stage-II stage. `from_decompressed` (sft): None starts from the decompression
+    model when it is complete, else the base; False always from the base (decompression turned off,
+    whatever an earlier run left); True requires the decompression model."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
     run = Path(run_dir)
     root = run / "stage2" / stage
     decompressed = run / "stage2" / "decompress" / "model"
-    base = decompressed if stage == "sft" and is_complete(decompressed) else run / "stage2" / "base"
+    if stage == "sft" and from_decompressed and not is_complete(decompressed):
+        raise ValueError(f"from_decompressed=True but {decompressed} is not a complete model; run the decompress stage first")
+    use_decompressed = is_complete(decompressed) if from_decompressed is None else bool(from_decompressed)
+    base = decompressed if stage == "sft" and use_decompressed else run / "stage2" / "base"
     merged = run / "mllm" if stage == "sft" else decompressed
     return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged}
 
@@ -295,7 +303,7 @@ def train_stage2(args: StageIIArguments) -> dict:
     if _main_process():
         assemble_base(args.run_dir, args.preset, args.llm)
     _barrier()
-    base = stage_paths(args.run_dir, args.stage)["base"]
+    base = stage_paths(args.run_dir, args.stage, args.from_decompressed)["base"]
     model, processor = load_model_and_processor(base)
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
