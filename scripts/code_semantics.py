@@ -8,8 +8,8 @@ image patch under it (patches less than `--coverage` coloured are left
 out). Per quantization level, a lookup table code id -> most frequent colour is fitted on 80 % of the
 patches and scored on the rest (a code unseen in the fit counts as wrong). Chance is always answering
 the most frequent colour. If the level-0 code of a patch that is all red does not say "red", an LM that
-reads the codes has to decode colour from combinations of codes and their neighbours, which is what a
-small LM in a few hundred steps does not learn (README, "Why the demo's MLLM does not read its images").
+reads the codes has to decode colour from combinations of codes and their neighbours (README, "What the
+codes carry": codes that say more did not, alone, make the demo's LM ground).
 
 Prints one JSON line: per level, held-out accuracy, chance, distinct codes; patches, coverage.
 """
