@@ -332,18 +332,13 @@ class UniCodeQuantizer(nn.Module):
             return codebook
         return self.codebook_projection(codebook.to(self.codebook_projection.weight.dtype))
 
-    @property
-    def absorbs_row_scale(self) -> bool:
-        """Whether `absorb_row_scale` can keep every decoder input exact when all rows are scaled."""
-        return self.normalize or self.level_scale is not None
-
     @torch.no_grad()
     def absorb_row_scale(self, alpha: float) -> None:
         """Compensate for every codebook row having been multiplied by `alpha`, so that the search and
         the decoder input, level_scale·base·(W·row + b), stay exactly what they were: the projection's
         bias scales with the rows, the fitted level scales (or, normalized, the base scale, which
         divides by the mean row norm by itself) by 1/alpha."""
-        if not self.absorbs_row_scale:
+        if not (self.normalize or self.level_scale is not None):
             raise ValueError("this quantizer has neither level_scales nor normalized features, so a row scale "
                              "would change its decoder input; build it with level_scales=True")
         if self.codebook_projection is not None and self.codebook_projection.bias is not None:

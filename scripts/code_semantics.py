@@ -24,21 +24,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data.shapes import BACKGROUND, COLORS, render_scene  # noqa: E402
+from training.data.scene_parser import pixel_colours  # noqa: E402
+from training.data.shapes import COLORS, render_scene  # noqa: E402
 
 
-def patch_colours(image: np.ndarray, grid: int, coverage: float) -> np.ndarray:
+def patch_colours(image, grid: int, coverage: float) -> np.ndarray:
     """(grid, grid) colour index per patch, -1 where less than `coverage` of it is one colour."""
-    palette = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
-    nearest = ((image[:, :, None, :].astype(np.float32) - palette) ** 2).sum(-1).argmin(-1)
-    size = image.shape[0] // grid
+    colours = pixel_colours(image)  # the scene parser's attribution; -1 background
+    size = colours.shape[0] // grid
     labels = np.full((grid, grid), -1)
     for i in range(grid):
         for j in range(grid):
-            counts = np.bincount(nearest[i * size:(i + 1) * size, j * size:(j + 1) * size].ravel(), minlength=len(palette))
-            counts[0] = 0  # background
+            patch = colours[i * size:(i + 1) * size, j * size:(j + 1) * size]
+            counts = np.bincount(patch[patch >= 0], minlength=len(COLORS))
             if counts.max() >= coverage * size * size:
-                labels[i, j] = counts.argmax() - 1
+                labels[i, j] = counts.argmax()
     return labels
 
 
@@ -68,7 +68,7 @@ def main() -> None:
 
     codes, labels = [], []
     for code_map, scene in zip(code_maps, scenes["scene"]):  # code_map: (grid, grid, depth)
-        colour = patch_colours(np.asarray(render_scene(scene, size)), grid, args.coverage)
+        colour = patch_colours(render_scene(scene, size), grid, args.coverage)
         keep = colour >= 0
         codes.append(code_map[keep])
         labels.append(colour[keep])

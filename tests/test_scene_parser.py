@@ -70,3 +70,15 @@ def test_input_forms():
         parse_scene(array[:, :40])
     with pytest.raises(TypeError, match="dtype"):
         parse_scene(array.astype(np.int64))
+
+
+def test_pixel_colours_names_each_shapes_centre_and_leaves_background():
+    from training.data.scene_parser import pixel_colours
+    from training.data.shapes import COLORS, example_rng, render_scene, sample_scene
+
+    scene = sample_scene(example_rng(0, "test", 0), 64)
+    colours = pixel_colours(render_scene(scene))
+    assert colours.shape == (64, 64) and colours[0, 0] == -1
+    for obj in scene["objects"]:
+        x, y = (int(round(v)) for v in obj["center"])
+        assert colours[y, x] == list(COLORS).index(obj["color"])

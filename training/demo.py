@@ -303,7 +303,7 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
         questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
         train_images=budget["stage2_train_images"], eval_images=budget["stage2_eval_images"],
         save_steps=recipe.get("save_steps", 50), seed=seed, resume=True, use_cpu=device == "cpu",
-        from_decompressed=from_decompressed if stage == "sft" else None,
+        from_decompressed=from_decompressed,
         extra={**recipe.get("trainer", {}), **section.get("trainer", {})},
     )
 
@@ -494,10 +494,12 @@ def run_demo(args: DemoArguments) -> dict:
         model, processor = load_model_and_processor(run / "mllm")
         model.to(args.device)
         size = model.config.vq_config.image_size
-        test = build_split("test", budget["vqa_images"], image_size=size, seed=args.seed)
+        # One test split: VQA (and reconstruction) take its first scenes, codebook usage all of it.
+        scenes = build_split("test", max(budget["vqa_images"], budget["usage_images"]), image_size=size, seed=args.seed)
+        test = scenes.select(range(budget["vqa_images"]))
         compositional = build_split("compositional", budget["compositional_images"], image_size=size, seed=args.seed)
-        usage_test = build_split("test", budget["usage_images"], image_size=size, seed=args.seed)
-        return evaluate_model(model, processor, test=test, compositional=compositional, usage_images=usage_test["image"],
+        return evaluate_model(model, processor, test=test, compositional=compositional,
+                              usage_images=scenes["image"][: budget["usage_images"]],
                               train_questions=train_question_rows(budget["stage2_train_images"], args.seed),
                               generation_prompts=budget["generation_prompts"], guidance_scale=budget["guidance_scale"],
                               reconstruction_images=min(budget["reconstruction_images"], budget["vqa_images"]), seed=args.seed)

@@ -222,12 +222,18 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns,
+    # and goes in v6); older 5.x only know the old one. Either spelling in a recipe means the same.
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in getattr(SFTConfig, "__dataclass_fields__", {})
+                     else "gradient_checkpointing")
+    overrides = {checkpointing if k in ("gradient_checkpointing", "activation_checkpointing") else k: v
+                 for k, v in overrides.items()}
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "use_cpu": not cuda,
         "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
         "fp16": False,
-        "gradient_checkpointing": cuda,
+        checkpointing: cuda,
         # Our collator needs `image_codes`/`task`; TRL would prune them and re-tokenize `messages`.
         "remove_unused_columns": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
@@ -245,15 +251,6 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "disable_tqdm": False,
     }
     defaults.update(overrides)
-    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns,
-    # and goes in v6); older 5.x only know the old one. Either spelling in a recipe means the same.
-    fields = getattr(SFTConfig, "__dataclass_fields__", {})
-    current = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    for name in ("gradient_checkpointing", "activation_checkpointing"):
-        if name != current and name in defaults:
-            value = defaults.pop(name)
-            if name in overrides or current not in overrides:
-                defaults[current] = value
     return SFTConfig(**defaults)
 
 

@@ -11,6 +11,7 @@ written into), `<out>/stage1/` (checkpoints, `log.jsonl`, `samples/*.png`, `metr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -257,13 +258,17 @@ class StageITrainer:
         with torch.no_grad():
             return embedding_rows(self.llm.get_input_embeddings(), self.token_ids).float()
 
+    @functools.cached_property
+    def text_token_ids(self) -> torch.Tensor:
+        """Ids of the LLM's rows that are not codes (fixed for the run)."""
+        is_code = torch.zeros(self.llm.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=self.token_ids.device)
+        is_code[self.token_ids] = True
+        return (~is_code).nonzero().squeeze(1)
+
     def text_row_norm(self) -> float:
-        """Mean length of the LLM's rows that are not codes, as the LLM sees them (scaled embeddings too)."""
+        """Mean length of the LLM's rows that are not codes, as the LLM sees them now (scaled embeddings too)."""
         with torch.no_grad():
-            is_code = torch.zeros(self.llm.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=self.token_ids.device)
-            is_code[self.token_ids] = True
-            text_ids = (~is_code).nonzero().squeeze(1)
-            return float(embedding_rows(self.llm.get_input_embeddings(), text_ids).float().norm(dim=1).mean())
+            return float(embedding_rows(self.llm.get_input_embeddings(), self.text_token_ids).float().norm(dim=1).mean())
 
     def _autocast(self):
         enabled = self.args.bf16

@@ -82,6 +82,13 @@ def _pixel_attribution(rgb: np.ndarray):
     return best, best_cov, best_res, distance_to_bg, coverage
 
 
+def pixel_colours(image) -> np.ndarray:
+    """(H, W) index into COLORS of each pixel's palette colour as the parser attributes it; -1 for
+    background. For tools that ask what colour an image region is without parsing whole shapes."""
+    best, _, _, distance_to_bg, _ = _pixel_attribution(_to_array(image))
+    return np.where(distance_to_bg < BACKGROUND_TOLERANCE, -1, best)
+
+
 def _luma(rgb):
     return np.asarray(rgb, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
 
