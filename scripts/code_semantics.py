@@ -24,22 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data.scene_parser import pixel_colours  # noqa: E402
+from training.data.scene_parser import patch_colours  # noqa: E402
 from training.data.shapes import COLORS, render_scene  # noqa: E402
-
-
-def patch_colours(image, grid: int, coverage: float) -> np.ndarray:
-    """(grid, grid) colour index per patch, -1 where less than `coverage` of it is one colour."""
-    colours = pixel_colours(image)  # the scene parser's attribution; -1 background
-    size = colours.shape[0] // grid
-    labels = np.full((grid, grid), -1)
-    for i in range(grid):
-        for j in range(grid):
-            patch = colours[i * size:(i + 1) * size, j * size:(j + 1) * size]
-            counts = np.bincount(patch[patch >= 0], minlength=len(COLORS))
-            if counts.max() >= coverage * size * size:
-                labels[i, j] = counts.argmax()
-    return labels
 
 
 def main() -> None:

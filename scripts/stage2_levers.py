@@ -3,7 +3,12 @@ reused): SFT with the given settings into a scratch copy, then the demo's evalua
 
     OMP_NUM_THREADS=1 python scripts/stage2_levers.py --run outputs/demo-tiny --work /tmp/lever-a \\
         --steps 400 --lr 1e-3 [--full] [--questions-per-image 8 --questions-per-conversation 8] \\
-        [--trainer bf16=true group_by_length=true]
+        [--trainer bf16=true group_by_length=true] [--oracle-codes]
+
+`--oracle-codes` replaces every image's codes, in training and in evaluation, by a colour oracle: at
+each code position one fixed codebook id per dominant Shapes colour of the patch (another for
+background), the same id at every depth. Eight perfectly consistent codes (seven colours, background) instead of thousands: if the
+LM does not ground on those either, better visual codes cannot be what the demo's VQA is missing.
 
 Prints one JSON line: the settings, SFT seconds and s/step, VQA overall / per type (with chance),
 text-to-image scene match.
@@ -16,6 +21,56 @@ import time
 from pathlib import Path
 
 import yaml
+
+
+ORACLE_COVERAGE = 0.3  # a patch a third covered by a shape already reads as that shape's colour
+
+
+def colour_oracle_codes(image, token_ids, grid: int, depth: int):
+    """(grid, grid, depth) code map of vocabulary ids: per patch, the id of its dominant colour."""
+    import numpy as np
+
+    from training.data.scene_parser import patch_colours
+
+    labels = patch_colours(image, grid, ORACLE_COVERAGE)  # -1 background, else a colour index
+    # Spread over the codebook so the oracle ids are not K-neighbours of one another by construction.
+    chosen = np.asarray(token_ids)[(labels + 1) * 37 % len(token_ids)]
+    return np.repeat(chosen[..., None], depth, axis=-1)
+
+
+def use_colour_oracle(work: Path) -> None:
+    """Rewrite the run's cached code datasets with oracle codes and make the MLLM encode pixels the
+    same way, so training and evaluation both see the oracle."""
+    import datasets
+    import numpy as np
+    import torch
+
+    from modeling_unicode import UniCodeVisualTokenizer
+    from modeling_unicode import modeling_unicode
+    from training.codes import CODES_COLUMN
+    from training.data.shapes import render_scene
+
+    config = UniCodeVisualTokenizer.from_pretrained(work / "vision_tokenizer").config
+    ids, grid, depth, size = list(config.codebook_token_ids), config.code_grid_size, config.depth, config.image_size
+    for folder in sorted(p for p in (work / "codes").iterdir() if (p / "COMPLETE").exists()):
+        dataset = datasets.load_from_disk(str(folder))
+        signature = dataset.info.description  # the tokenizer's signature: the cache stays valid
+        dataset = dataset.map(lambda row: {CODES_COLUMN: colour_oracle_codes(render_scene(row["scene"], size), ids, grid, depth)
+                                           .reshape(-1).tolist()}, desc=f"oracle codes ({folder.name})")
+        dataset.info.description = signature
+        kept = {name: (folder / name).read_bytes() for name in ("COMPLETE", "code_signature.json") if (folder / name).exists()}
+        rewritten = folder.with_name(folder.name + ".oracle")
+        dataset.save_to_disk(str(rewritten))
+        shutil.rmtree(folder)
+        rewritten.rename(folder)
+        for name, data in kept.items():
+            (folder / name).write_bytes(data)
+
+    def oracle_encode_images(self, pixel_values):
+        pixels = ((pixel_values.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return torch.as_tensor(np.stack([colour_oracle_codes(p, ids, grid, depth) for p in pixels])).long()
+
+    modeling_unicode.UniCodeModel.encode_images = oracle_encode_images
 
 
 def main() -> None:
@@ -38,6 +93,7 @@ def main() -> None:
                         help="re-assemble the base with this image input (implies --from-base)")
     parser.add_argument("--trainer", nargs="*", default=[], help="SFTConfig fields, key=value (YAML values)")
     parser.add_argument("--seed", type=int, default=0, help="SFT seed (the code dataset and trainer order)")
+    parser.add_argument("--oracle-codes", action="store_true", help="train and evaluate on colour-oracle codes")
     parser.add_argument("--vqa-images", type=int, default=100)
     parser.add_argument("--generation-prompts", type=int, default=24)
     args = parser.parse_args()
@@ -61,6 +117,8 @@ def main() -> None:
             shutil.copytree(src / name, work / name)
     if args.visual_input:
         assemble_base(work, visual_input=args.visual_input)
+    if args.oracle_codes:
+        use_colour_oracle(work)
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.trainer)}
     stage_args = StageIIArguments(
         run_dir=str(work), stage="sft", max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,

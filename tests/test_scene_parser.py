@@ -82,3 +82,20 @@ def test_pixel_colours_names_each_shapes_centre_and_leaves_background():
     for obj in scene["objects"]:
         x, y = (int(round(v)) for v in obj["center"])
         assert colours[y, x] == list(COLORS).index(obj["color"])
+
+
+def test_patch_colours_labels_the_patches_a_shape_fills_and_refuses_a_grid_that_does_not_divide():
+    from training.data.scene_parser import patch_colours
+    from training.data.shapes import COLORS, example_rng, render_scene, sample_scene
+
+    scene = sample_scene(example_rng(0, "test", 0), 64)
+    image = render_scene(scene)
+    labels = patch_colours(image, 8, coverage=0.6)
+    assert labels.shape == (8, 8) and labels[0, 0] == -1
+    for obj in scene["objects"]:
+        x, y = (int(round(v)) for v in obj["center"])
+        if obj["size"] == "large":  # a large shape covers its centre's 8x8 patch
+            assert labels[y // 8, x // 8] == list(COLORS).index(obj["color"])
+    assert (patch_colours(image, 8, coverage=1.0) >= 0).sum() <= (labels >= 0).sum()
+    with pytest.raises(ValueError, match="grid=7"):
+        patch_colours(image, 7, coverage=0.6)

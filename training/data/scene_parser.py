@@ -89,6 +89,21 @@ def pixel_colours(image) -> np.ndarray:
     return np.where(distance_to_bg < BACKGROUND_TOLERANCE, -1, best)
 
 
+def patch_colours(image, grid: int, coverage: float) -> np.ndarray:
+    """(grid, grid) dominant colour index per square patch (the visual tokenizer's code positions),
+    -1 where less than `coverage` of the patch is that one colour. What a code at that position
+    would have to say for a reader to name the patch's colour."""
+    colours = pixel_colours(image)
+    size = colours.shape[0] // grid
+    if size < 1 or colours.shape[0] % grid or colours.shape[1] != colours.shape[0]:
+        raise ValueError(f"grid={grid} must divide the square image's side {colours.shape[0]} (got {colours.shape})")
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage={coverage} must be in (0, 1]: the least coloured fraction of a labelled patch")
+    blocks = colours.reshape(grid, size, grid, size).transpose(0, 2, 1, 3).reshape(grid, grid, size * size)
+    counts = np.stack([(blocks == c).sum(-1) for c in range(len(_COLOR_NAMES))], -1)
+    return np.where(counts.max(-1) >= coverage * size * size, counts.argmax(-1), -1)
+
+
 def _luma(rgb):
     return np.asarray(rgb, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
 
