@@ -329,3 +329,24 @@ def test_sft_starts_from_the_decompression_model_only_when_asked_or_present(tmp_
     assert stage_paths(tmp_path, "sft")["base"] == decompressed
     assert stage_paths(tmp_path, "sft", from_decompressed=True)["base"] == decompressed
     assert stage_paths(tmp_path, "sft", from_decompressed=False)["base"] == tmp_path / "stage2" / "base"
+
+
+def test_reinit_decoder_redraws_the_layers_and_keeps_the_codebook_rows(mllm, tmp_path):
+    """`reinit_decoder`: fresh decoder layers (seeded), the embedding table — the unified codebook — untouched."""
+    from training.sft import reinitialize_decoder_layers
+    from training.stage2 import StageIIArguments, train_stage2
+
+    model, processor = mllm
+    path = _save(model, processor, tmp_path / "base")
+    first, second = (type(model).from_pretrained(path) for _ in range(2))
+    layers_before = [p.clone() for p in first.model.language_model.layers.parameters()]
+    embedding = first.get_input_embeddings().weight.clone()
+    names = reinitialize_decoder_layers(first, seed=3)
+    reinitialize_decoder_layers(second, seed=3)
+    layers_after = list(first.model.language_model.layers.parameters())
+    assert names and all(n.startswith(("layers.", "norm.")) for n in names)
+    assert all(not torch.equal(a, b) for a, b in zip(layers_before, layers_after) if a.dim() == 2)
+    assert torch.equal(first.get_input_embeddings().weight, embedding)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    with pytest.raises(ValueError, match="reinit_decoder=True needs full fine-tuning"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), reinit_decoder=True, lora=True))

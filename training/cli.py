@@ -137,7 +137,7 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         caption_drop=pick(args.caption_drop, "caption_drop", 0.1), train_images=pick(args.train_images, "train_images", 2000),
         eval_images=pick(args.eval_images, "eval_images", 64), save_steps=pick(args.save_steps, "save_steps", 50),
         lora=pick(args.lora, "lora", True), train_text_embeddings=pick(None, "train_text_embeddings", False),
-        questions_per_image=pick(None, "questions_per_image", 2),
+        reinit_decoder=pick(None, "reinit_decoder", False), questions_per_image=pick(None, "questions_per_image", 2),
         questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
         extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},
         seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,

@@ -165,6 +165,29 @@ def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def reinitialize_decoder_layers(model, seed: int = 0) -> list[str]:
+    """Re-draw the LLM's decoder layers and final norm with the LLM's own initialisation, keeping the
+    input embedding (= the unified codebook, and the LM head when tied) and an untied LM head.
+
+    Why: the decoder layers of a small LM trained from scratch in stage 0 have learnt text habits;
+    fine-tuned from them, the answers attend to the question and the image path starves (README,
+    "Stage-0 initialisation": with the same embedding table, fresh layers measured 48.2 / 42.3 % VQA
+    against 39.2 / 39.3 % after 1,200 SFT steps, two seeds). The rows stage I fitted the visual
+    tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names."""
+    llm = model.model.language_model
+    layers = getattr(llm, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(llm, "_init_weights"):
+        raise ValueError(f"reinit_decoder needs an LLM with a `layers` list of decoder layers, got {type(llm).__name__}")
+    parts = {"layers": layers, **({"norm": llm.norm} if isinstance(getattr(llm, "norm", None), torch.nn.Module) else {})}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for part in parts.values():
+            for parameter in part.parameters():
+                parameter._is_hf_initialized = False  # transformers' init skips tensors loaded from a checkpoint
+            part.apply(llm._init_weights)
+    return [f"{prefix}.{name}" for prefix, part in parts.items() for name, _ in part.named_parameters()]
+
+
 # -- the LM head on CPU ---------------------------------------------------------------------------
 
 def add_labelled_positions_lm_head(model) -> None:
@@ -370,6 +393,7 @@ __all__ = [
     "freeze_for_stage2",
     "image_special_token_ids",
     "prepare_full_finetune",
+    "reinitialize_decoder_layers",
     "add_labelled_positions_lm_head",
     "unicode_sft_config",
     "last_complete_checkpoint",

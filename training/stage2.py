@@ -39,6 +39,7 @@ class StageIIArguments:
     learning_rate: float = 2e-4
     lora: bool = True            # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
     train_text_embeddings: bool = False  # full fine-tuning only: the embedding rows that are not visual codes train too
+    reinit_decoder: bool = False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -293,9 +294,11 @@ def save_adapter(trainer, folder: str | os.PathLike) -> Path:
 
 def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
-    from .sft import merge_adapter
+    from .sft import merge_adapter, reinitialize_decoder_layers
     from .tasks import split_by_task, tokenize_tasks
 
+    if args.reinit_decoder and args.lora:
+        raise ValueError("reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers")
     paths = stage_paths(args.run_dir, args.stage)
     if args.resume and stage_complete(args.run_dir, args.stage, args.lora):
         print(f"stage II {args.stage} already finished: {paths['merged']} (delete it to train again)")
@@ -305,6 +308,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     _barrier()
     base = stage_paths(args.run_dir, args.stage, args.from_decompressed)["base"]
     model, processor = load_model_and_processor(base)
+    if args.reinit_decoder and base == Path(args.run_dir) / "stage2" / "base":  # not again after decompression
+        reinitialize_decoder_layers(model, seed=args.seed)
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
     if _main_process():
