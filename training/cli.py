@@ -128,6 +128,7 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
     recipe = _recipe(args.preset).get("stage2", {})
     stage = recipe.get(args.stage, {})
     pick = lambda flag, key, default: _pick(flag, stage, key, _pick(None, recipe, key, default))  # noqa: E731
+    lora = pick(args.lora, "lora", True)
     metrics = train_stage2(StageIIArguments(
         run_dir=args.output, stage=args.stage, preset=args.preset, llm=args.llm,
         max_steps=pick(args.steps, "max_steps", 200), batch_size=pick(args.batch_size, "batch_size", 8),
@@ -136,8 +137,9 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         target_modules=args.target_modules, segments=pick(args.segments, "segments", 4),
         caption_drop=pick(args.caption_drop, "caption_drop", 0.1), train_images=pick(args.train_images, "train_images", 2000),
         eval_images=pick(args.eval_images, "eval_images", 64), save_steps=pick(args.save_steps, "save_steps", 50),
-        lora=pick(args.lora, "lora", True), train_text_embeddings=pick(None, "train_text_embeddings", False),
-        reinit_decoder=pick(None, "reinit_decoder", False), questions_per_image=pick(None, "questions_per_image", 2),
+        lora=lora, train_text_embeddings=pick(None, "train_text_embeddings", False),
+        # the recipe's fresh layers go with its full fine-tuning; `--lora` keeps the LLM's own
+        reinit_decoder=pick(None, "reinit_decoder", False) and not lora, questions_per_image=pick(None, "questions_per_image", 2),
         questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
         extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},
         seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
