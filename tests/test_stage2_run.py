@@ -55,6 +55,13 @@ def test_cli_decompress_then_sft_gives_a_loadable_mllm(stage1_run, tmp_path):
     assert (out / "COMPLETE").is_file()
 
 
+def _last_step(trainer_dir: Path) -> int:
+    from training.sft import last_complete_checkpoint
+
+    last = last_complete_checkpoint(trainer_dir) if trainer_dir.is_dir() else None
+    return int(last.name.split("-")[1]) if last is not None else -1
+
+
 def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_path):
     run = fresh_run(stage1_run, tmp_path / "run")
     trainer_dir = run / "stage2" / "sft" / "trainer"
@@ -63,7 +70,7 @@ def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_pa
     process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (trainer_dir / "checkpoint-6" / "COMPLETE").is_file():
+        while time.time() < deadline and _last_step(trainer_dir) < 6:
             assert process.poll() is None, "training exited before it was killed"
             time.sleep(0.2)
     finally:
@@ -71,6 +78,8 @@ def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_pa
         process.wait()
     from training.sft import last_complete_checkpoint
 
+    # Older checkpoints are rotated away: the newest complete one and at most one more remain.
+    assert len([p for p in trainer_dir.glob("checkpoint-*") if (p / "COMPLETE").is_file()]) <= 2
     last = last_complete_checkpoint(trainer_dir)
     assert last is not None and int(last.name.split("-")[1]) >= 6
     partial = trainer_dir / "checkpoint-999999"  # what a kill during a save leaves: no COMPLETE marker

@@ -264,6 +264,9 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "report_to": "none",
         "save_strategy": "steps",
         "save_steps": 100,
+        # The newest complete checkpoint plus the one being written: a long run kept every one
+        # (12,000 steps of `tiny` every 50 = 19 GB) and filled the disk.
+        "save_total_limit": 2,
         "logging_steps": 10,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0,
