@@ -297,7 +297,7 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
         run_dir=str(run), stage=stage, preset=preset_name, max_steps=budget[f"{stage}_steps"],
         batch_size=section.get("batch_size", 8), learning_rate=section.get("learning_rate", 1e-3),
         lora=_stage2_uses_lora(preset_name), train_text_embeddings=recipe.get("train_text_embeddings", False),
-        reinit_decoder=recipe.get("reinit_decoder", False) and not _stage2_uses_lora(preset_name), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
+        reinit_decoder=recipe.get("reinit_decoder", False), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
         lora_dropout=recipe.get("lora_dropout", 0.05), segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
         questions_per_image=recipe.get("questions_per_image", 2),
         questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
@@ -472,8 +472,7 @@ def run_demo(args: DemoArguments) -> dict:
         codebook_size=args.codebook_size, vision_overrides=args.vision_overrides))
 
     def codes():
-        assemble_base(run, args.preset, visual_input=args.visual_input)
-        model, _ = load_model_and_processor(run / "stage2" / "base")
+        model, _ = load_model_and_processor(assemble_base(run, args.preset, visual_input=args.visual_input))
         shapes_code_datasets(run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed)
 
     # Code datasets are cached per image count and seed (and checked against the tokenizer), so a

@@ -245,7 +245,9 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     generation = evaluate_generation(model, processor, generation_prompts, guidance_scale, seed=seed)
     recon_inputs = list(test["image"][:reconstruction_images])
     recon = evaluate_reconstruction(model, recon_inputs)
-    usage = evaluate_codebook_usage(model, recon_inputs if usage_images is None else usage_images)
+    # Without a usage sample the reconstruction's own codes are counted: no second encoding of the same images.
+    usage = (evaluate_codebook_usage(model, usage_images) if usage_images is not None else
+             {"usage": recon["usage"], "perplexity": recon["perplexity"], "num_images": len(recon_inputs)})
     metrics = {
         "vqa": _flat_scores(vqa["model"]),
         "vqa_compositional": _flat_scores(comp["model"]),

@@ -71,12 +71,14 @@ def stage_paths(run_dir: str | os.PathLike, stage: str, from_decompressed: Optio
     run = Path(run_dir)
     root = run / "stage2" / stage
     decompressed = run / "stage2" / "decompress" / "model"
+    assembled = run / "stage2" / "base"  # the stage-0 LLM + stage-I tokenizer, before any stage-II training
     if stage == "sft" and from_decompressed and not is_complete(decompressed):
         raise ValueError(f"from_decompressed=True but {decompressed} is not a complete model; run the decompress stage first")
     use_decompressed = is_complete(decompressed) if from_decompressed is None else bool(from_decompressed)
-    base = decompressed if stage == "sft" and use_decompressed else run / "stage2" / "base"
+    base = decompressed if stage == "sft" and use_decompressed else assembled
     merged = run / "mllm" if stage == "sft" else decompressed
-    return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged}
+    return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged,
+            "assembled": assembled}
 
 
 def stage_complete(run_dir: str | os.PathLike, stage: str, lora: bool = True) -> bool:
@@ -109,7 +111,7 @@ def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optiona
     from .text_lm import load_text_lm
 
     run = Path(run_dir)
-    out = run / "stage2" / "base"
+    out = stage_paths(run, "decompress")["assembled"]
     if is_complete(out):
         return out
     if not (run / "vision_tokenizer" / "config.json").is_file():
@@ -306,9 +308,10 @@ def train_stage2(args: StageIIArguments) -> dict:
     if _main_process():
         assemble_base(args.run_dir, args.preset, args.llm)
     _barrier()
-    base = stage_paths(args.run_dir, args.stage, args.from_decompressed)["base"]
+    start = stage_paths(args.run_dir, args.stage, args.from_decompressed)
+    base = start["base"]
     model, processor = load_model_and_processor(base)
-    if args.reinit_decoder and base == Path(args.run_dir) / "stage2" / "base":  # not again after decompression
+    if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
         reinitialize_decoder_layers(model, seed=args.seed)
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
