@@ -3,7 +3,7 @@ reused): SFT with the given settings into a scratch copy, then the demo's evalua
 
     OMP_NUM_THREADS=1 python scripts/stage2_levers.py --run outputs/demo-tiny --work /tmp/lever-a \\
         --steps 400 --lr 1e-3 [--full] [--questions-per-image 8 --questions-per-conversation 8] \\
-        [--trainer bf16=true group_by_length=true] [--oracle-codes]
+        [--trainer bf16=true group_by_length=true] [--oracle-codes] [--reinit-decoder]
 
 `--oracle-codes` replaces every image's codes, in training and in evaluation, by a colour oracle: at
 each code position one fixed codebook id per dominant Shapes colour of the patch (another for
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--text-embeddings", action="store_true", help="full fine-tuning: train the non-code embedding rows")
+    parser.add_argument("--reinit-decoder", action="store_true", help="full fine-tuning from the assembled base: fresh decoder layers")
     parser.add_argument("--questions-per-image", type=int, default=2)
     parser.add_argument("--questions-per-conversation", type=int, default=1)
     parser.add_argument("--segments", type=int, default=4)
@@ -122,7 +123,7 @@ def main() -> None:
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.trainer)}
     stage_args = StageIIArguments(
         run_dir=str(work), stage="sft", max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-        lora=not args.full, train_text_embeddings=args.text_embeddings, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
+        lora=not args.full, train_text_embeddings=args.text_embeddings, reinit_decoder=args.reinit_decoder, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
         questions_per_conversation=args.questions_per_conversation, tasks=args.tasks, train_images=args.train_images, eval_images=32,
         save_steps=10**6, use_cpu=True, seed=args.seed, extra={"save_strategy": "no", **extra},
     )

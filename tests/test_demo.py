@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.demo import DemoArguments, demo_budget, run_demo
@@ -110,6 +111,29 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     for section in ("vqa", "vqa_compositional", "vqa_swapped_images", "text_to_image"):
         assert all(0.0 <= v <= 1.0 for v in metrics[section].values())
     assert set(report["goals_met"]) == set(demo_budget("tiny")["goals"])
+
+
+def test_generated_codes_are_the_drawn_images_and_sampling_settings_reach_generate(demo_run):
+    """`generate_images(..., return_codes=True)` (used by scripts/generation_probe.py) returns the ids
+    its images were decoded from; top-1 sampling must reproduce greedy decoding."""
+    import torch
+
+    from training.evaluation import generate_images, single_shape_prompts
+    from training.stage2 import load_model_and_processor
+
+    folder, _ = demo_run
+    model, processor = load_model_and_processor(folder / "mllm")
+    captions = [c for c, _ in single_shape_prompts(3, 32, 0)]
+    images, codes = generate_images(model, processor, captions, 3.0, return_codes=True)
+    assert codes.shape == (3, model.config.image_tokens_per_generation)
+    assert set(codes.flatten().tolist()) <= set(model.config.vq_config.codebook_token_ids)
+    pixels = model.decode_image_tokens(codes)
+    redrawn = processor.post_process_multimodal_output(pixels, generation_mode="image")
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, redrawn))
+    _, top1 = generate_images(model, processor, captions, 3.0, return_codes=True, do_sample=True, top_k=1)
+    assert torch.equal(top1, codes)
+    _, sampled = generate_images(model, processor, captions, 3.0, return_codes=True, do_sample=True, top_k=0, seed=1)
+    assert not torch.equal(sampled, codes)  # without the top-k cut, sampling from 128 codes differs from greedy
 
 
 def test_rerun_reuses_every_training_stage(demo_run):
