@@ -29,6 +29,7 @@ def test_table_has_a_measured_row_per_variant(ablation):
     assert all(f"| {name} |" in markdown for name in expected)
     for row in table["rows"].values():
         assert 0 <= row["vqa_accuracy"] <= 1 and 0 <= row["t2i_all_correct"] <= 1 and row["psnr"] > 0 and row["wall_seconds"] > 0
+        assert row["t2i_loss"] == row["stage2_sft_loss_after"]["text_to_image"] > 0  # the SFT's held-out measurement
     # Each variant's row is its own run folder's report, not a copy of the baseline's.
     for name, row in table["rows"].items():
         report = json.loads((out / name / "report.json").read_text())
@@ -69,6 +70,12 @@ def test_claims_and_factor_errors():
     assert claims(rows)["decompression pre-training helps generation"] is None
     tie = {**rows, "decompression=off": {"vqa_accuracy": 0.6, "t2i_all_correct": 0.6}}
     assert claims(tie)["decompression pre-training helps generation"] is False  # equal scores show no help
+    # Held-out losses: lower is better, and the generation claims can be read where all-correct ties at 0.
+    losses = {"baseline": {"t2i_loss": 3.1}, "decompression=off": {"t2i_loss": 3.05}, "codebook=separate": {"t2i_loss": 3.7}}
+    assert claims(losses)["decompression pre-training helps generation (held-out text-to-image loss)"] is False
+    assert claims(losses)["unified >= separate (held-out text-to-image loss)"] is True
+    losses["decompression=off"]["t2i_loss"] = 3.2
+    assert claims(losses)["decompression pre-training helps generation (held-out text-to-image loss)"] is True
     with pytest.raises(ValueError, match="not ablation factors"):
         run_ablation("unused", factors=["lr"])
     assert set(FACTORS) == {"paradigm", "quantizer", "decompression", "codebook", "visual_input"}
