@@ -9,9 +9,9 @@ frequent in the slot) and where it is any other id, and the background probabili
 the demo's single-shape prompts, decoded greedily, by sampling, and by top-k sampling; per decoding, how
 many distinct ids the images hold, the share of background ids, and the scene parser's match.
 
-If the "other" NLL is near the log of the number of distinct non-background ids, the model knows where a
-shape goes but not which codes draw it, and no decoding rule can help (README, "Why text-to-image stays
-at 0 %").
+If the "other" NLL is near the log of the number of distinct non-background ids of the training codes
+(`uniform_other_nll`), the model knows where a shape goes but not which codes draw it, and no decoding
+rule can help (README, "Why text-to-image stays at 0 %").
 
 Prints one JSON line.
 """
@@ -81,16 +81,21 @@ def main() -> None:
                 sums[f"slot{s}_{kind}_nll"] += float(nll[where].sum())
                 sums[f"slot{s}_p_background_at_{kind}"] += float(p_background[where].sum())
                 counts[f"slot{s}_{kind}"] += int(where.sum())
+    # The ids a uniform guess would spread over: those of the training codes (the validation scenes alone
+    # hold far fewer), so "other_nll" near "uniform_other_nll" means the model has not learnt which id.
+    train_folders = sorted(p for p in (run / "codes").glob("train-*") if (p / "COMPLETE").exists())
+    reference = torch.tensor(datasets.load_from_disk(str(train_folders[0]))[CODES_COLUMN]) if train_folders else codes
+    reference_slot = torch.arange(reference.shape[1]) % slots
     teacher_forced = {}
     for s in range(slots):
-        others = codes[:, slot_of == s]
+        others = reference[:, reference_slot == s]
         distinct = len(set(others[others != background[s]].tolist()))
         teacher_forced[f"slot{s}"] = {
             "background_id": background[s],
             "background_share": round(counts[f"slot{s}_background"] / max(1, counts[f"slot{s}_background"] + counts[f"slot{s}_other"]), 3),
             **{key: round(sums[f"slot{s}_{key}"] / max(1, counts[f"slot{s}_{kind}"]), 3)
                for kind in ("background", "other") for key in (f"{kind}_nll", f"p_background_at_{kind}")},
-            "distinct_other_ids": distinct,
+            "distinct_other_ids_in_training": distinct,
             "uniform_other_nll": round(math.log(max(1, distinct)), 3),
         }
 
@@ -108,6 +113,7 @@ def main() -> None:
                               **{k: round(v, 3) for k, v in scores.items() if k != "num_images"}}
 
     print(json.dumps({"run": str(run), "guidance_scale": args.guidance_scale, "validation_scenes": len(codes),
+                      "training_scenes": len(reference) if train_folders else 0,
                       "teacher_forced": teacher_forced, "free_running": free_running}))
 
 
