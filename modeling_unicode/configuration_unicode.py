@@ -90,6 +90,13 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             length of the LLM's other rows (the quantizer absorbs the factor exactly; needs
             `level_scales` or `norm_handling="normalize"`). README, "Ablations", measures both.
         commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
+        entropy_weight (`float`): weight of an assignment-entropy term on the level-0 search during
+            training (0 disables, the paper's setting): the mean entropy of each feature's soft
+            assignment minus the entropy of the batch's average assignment, so each feature picks one
+            code and the batch spreads over many (MAGVIT-v2's entropy penalty, Yu et al. 2023). Raises
+            codebook usage; costs reconstruction (README, "Codebook usage").
+        entropy_temperature (`float`): softmax temperature of those soft assignments, in units of each
+            feature's spread of squared distances to the codes.
         norm_handling (`str`): `"normalize"` puts features and codebook on a common scale — each
             feature vector L2-normalised to length `code_norm`, the codebook multiplied by one
             scalar so its mean row norm is `code_norm` (rows keep their relative norms, as the LLM's
@@ -136,6 +143,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         dual_sync_interval: int = 100,
         dual_row_norm: str = "free",
         commitment_beta: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
         norm_handling: str = "normalize",
         code_norm: Optional[float] = None,
         level_scales: bool = False,
@@ -168,6 +177,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.dual_sync_interval = int(dual_sync_interval)
         self.dual_row_norm = dual_row_norm
         self.commitment_beta = float(commitment_beta)
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_temperature = float(entropy_temperature)
         self.norm_handling = norm_handling
         self.code_norm = None if code_norm is None else float(code_norm)
         self.level_scales = bool(level_scales)
@@ -243,6 +254,10 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             raise ValueError(f"blend_tail_fraction={self.blend_tail_fraction} must be in [0, 1)")
         if self.dual_sync_interval < 1:
             raise ValueError(f"dual_sync_interval={self.dual_sync_interval} must be >= 1")
+        if self.entropy_weight < 0:
+            raise ValueError(f"entropy_weight={self.entropy_weight} must be >= 0 (0 disables the entropy term)")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature={self.entropy_temperature} must be > 0 (0.1 is the measured setting)")
         if self.code_norm is not None and self.code_norm <= 0:
             raise ValueError(f"code_norm={self.code_norm} must be positive, or None for sqrt(code_dim)")
         ids = self.codebook_token_ids

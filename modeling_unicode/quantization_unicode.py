@@ -296,6 +296,8 @@ class UniCodeQuantizer(nn.Module):
         self.depth = config.depth
         self.num_levels = config.num_levels
         self.commitment_beta = config.commitment_beta
+        self.entropy_weight = config.entropy_weight
+        self.entropy_temperature = config.entropy_temperature
         self.normalize = config.norm_handling == "normalize"
         self.code_norm = config.effective_code_norm
         # Each level's row multiplier, fitted in closed form by `UniCodeCodebookTrainer.update_level_scales`
@@ -388,6 +390,8 @@ class UniCodeQuantizer(nn.Module):
             return q, idx.reshape(b, gh, gw)
 
         partials = []  # partial reconstructions, for the commitment loss
+        # Level 0's inputs in codebook units, with their gradient, for the entropy term.
+        level0_inputs = (F.avg_pool2d(z, 2) if self.kind == "hq" else z) / scales[0]
         if self.kind == "hq":
             top_q, top_idx = quantize(F.avg_pool2d(z, 2), 0)
             upsampled = F.interpolate(top_q, scale_factor=2, mode="nearest")
@@ -411,6 +415,8 @@ class UniCodeQuantizer(nn.Module):
         if self.codebook_projection is not None and codebook.requires_grad:
             # VQ-VAE's codebook loss; the rows are fixed here, so only the projection learns from it.
             loss = loss + sum(F.mse_loss(p, z.detach()) for p in partials) / len(partials)
+        if self.entropy_weight > 0 and self.training and torch.is_grad_enabled():
+            loss = loss + self.entropy_weight * self.assignment_entropy(level0_inputs, codebook)
         output = QuantizerOutput(
             quantized=z + (quantized - z).detach(),  # straight-through estimator
             indices=indices,
@@ -429,6 +435,24 @@ class UniCodeQuantizer(nn.Module):
             output.features = torch.cat([vectors for vectors, _ in assignments]).float()
             output.level_fit = torch.stack(level_fit) if level_fit else None
         return output
+
+    def assignment_entropy(self, inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """MAGVIT-v2's entropy penalty (Yu et al. 2023) on soft nearest-code assignments of `inputs`
+        (B, H, g, g, in codebook units) over the searched `codebook` (K, H): mean per-feature entropy
+        minus the entropy of the mean assignment. Minimising it makes each feature's choice confident
+        while the batch uses many codes, which the hard argmin alone does not ask for: with the
+        codebook fixed to LLM rows (iterative at r = 1, frozen), dead-code restarts cannot help.
+        Distances are scaled per feature by their spread, so the temperature needs no tuning per
+        code length."""
+        flat = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]).float()
+        book = codebook.float()
+        distances = (flat * flat).sum(1, keepdim=True) - 2 * flat @ book.t() + (book * book).sum(1)
+        logits = -distances / (distances.std(dim=1, keepdim=True).detach() * self.entropy_temperature + 1e-8)
+        log_p = logits.log_softmax(dim=1)
+        per_feature = -(log_p.exp() * log_p).sum(dim=1).mean()
+        mean_p = log_p.exp().mean(dim=0)
+        batch = -(mean_p * (mean_p + 1e-12).log()).sum()
+        return per_feature - batch
 
     def lookup(self, indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """Code map of indices (B, ĥ, ŵ, D) -> decoder-side features (B, H, latent, latent)."""

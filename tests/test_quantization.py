@@ -334,3 +334,46 @@ def test_dual_row_norm_llm_needs_a_quantizer_that_can_absorb_the_scale():
     _, quantizer = make_quantizer("vq", paradigm="dual", norm_handling="none", level_scales=False)
     with pytest.raises(ValueError, match="level_scales=True"):
         quantizer.absorb_row_scale(0.5)
+
+
+def test_entropy_term_spreads_assignments_and_only_trains():
+    """The assignment-entropy term: per-feature entropy minus batch entropy of the soft assignments,
+    added only in training; descending it moves features from one shared code to many."""
+    torch.manual_seed(0)
+    config, quantizer = make_quantizer("rq", depth=2, norm_handling="none", entropy_weight=1.0, entropy_temperature=0.1)
+    codebook = torch.randn(64, 16)
+    features = (0.05 * torch.randn(2, 16, 4, 4) + codebook[3].reshape(1, 16, 1, 1)).requires_grad_(True)
+    plain_config, plain = make_quantizer("rq", depth=2, norm_handling="none")
+    with torch.no_grad():
+        baseline = float(plain(features, codebook).commitment_loss)
+    quantizer.train()
+    loss = quantizer(features, codebook).commitment_loss
+    entropy = quantizer.assignment_entropy(features / quantizer.level_scales(codebook)[0], codebook)
+    assert float(loss.detach()) == pytest.approx(baseline + float(entropy.detach()), rel=1e-5)
+    # By hand: every feature close to code 3 -> confident and identical assignments, batch entropy ~ 0.
+    flat = features.detach().permute(0, 2, 3, 1).reshape(-1, 16)
+    d = torch.cdist(flat, codebook).pow(2)
+    p = (-d / (d.std(1, keepdim=True) * 0.1)).softmax(1)
+    expected = -(p * p.clamp_min(1e-30).log()).sum(1).mean() + (p.mean(0) * (p.mean(0) + 1e-12).log()).sum()
+    assert float(entropy) == pytest.approx(float(expected), abs=1e-4)
+    quantizer.eval()
+    with torch.no_grad():
+        assert float(quantizer(features, codebook).commitment_loss) == pytest.approx(baseline, rel=1e-6)  # eval: no term
+    # Gradient descent on the term alone spreads the batch over more codes.
+    quantizer.train()
+    moving = features.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([moving], lr=0.05)
+    before = len(set(quantizer(moving.detach(), codebook).indices[..., 0].flatten().tolist()))
+    for _ in range(100):
+        optimizer.zero_grad()
+        quantizer.assignment_entropy(moving, codebook).backward()
+        optimizer.step()
+    after = len(set(quantizer(moving.detach(), codebook).indices[..., 0].flatten().tolist()))
+    assert before == 1 and after >= 3
+
+
+def test_entropy_settings_are_validated():
+    with pytest.raises(ValueError, match="entropy_weight=-0.1 must be >= 0"):
+        UniCodeVisualTokenizerConfig(entropy_weight=-0.1)
+    with pytest.raises(ValueError, match="entropy_temperature=0.0 must be > 0"):
+        UniCodeVisualTokenizerConfig(entropy_temperature=0.0)
