@@ -375,6 +375,8 @@ class UniCodeQuantizer(nn.Module):
         sq_norms = squared_row_norms(book)
         # Each level's (input vectors in codebook units, chosen indices), for the EMA statistics.
         assignments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        entropy_inputs = []  # level 0's search inputs with their gradient, when the entropy term is on
+        with_entropy = self.entropy_weight > 0 and self.training and torch.is_grad_enabled()
 
         def quantize(x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
             b, h, gh, gw = x.shape
@@ -382,6 +384,8 @@ class UniCodeQuantizer(nn.Module):
             flat = x.permute(0, 2, 3, 1).reshape(-1, h) / scale
             idx = nearest_code(flat, book, sq_norms)
             assignments.append((flat.detach(), idx))
+            if level == 0 and with_entropy:
+                entropy_inputs.append(flat)
             if return_statistics and self.level_scale is not None:
                 in_base_units = flat.detach() * self.level_scale[level]
                 level_fit.append(torch.stack([(in_base_units * book[idx]).sum(), sq_norms[idx].sum()]))
@@ -390,8 +394,6 @@ class UniCodeQuantizer(nn.Module):
             return q, idx.reshape(b, gh, gw)
 
         partials = []  # partial reconstructions, for the commitment loss
-        # Level 0's inputs in codebook units, with their gradient, for the entropy term.
-        level0_inputs = (F.avg_pool2d(z, 2) if self.kind == "hq" else z) / scales[0]
         if self.kind == "hq":
             top_q, top_idx = quantize(F.avg_pool2d(z, 2), 0)
             upsampled = F.interpolate(top_q, scale_factor=2, mode="nearest")
@@ -415,8 +417,8 @@ class UniCodeQuantizer(nn.Module):
         if self.codebook_projection is not None and codebook.requires_grad:
             # VQ-VAE's codebook loss; the rows are fixed here, so only the projection learns from it.
             loss = loss + sum(F.mse_loss(p, z.detach()) for p in partials) / len(partials)
-        if self.entropy_weight > 0 and self.training and torch.is_grad_enabled():
-            loss = loss + self.entropy_weight * self.assignment_entropy(level0_inputs, codebook)
+        if with_entropy:
+            loss = loss + self.entropy_weight * self.assignment_entropy(entropy_inputs[0], codebook)
         output = QuantizerOutput(
             quantized=z + (quantized - z).detach(),  # straight-through estimator
             indices=indices,
@@ -438,13 +440,14 @@ class UniCodeQuantizer(nn.Module):
 
     def assignment_entropy(self, inputs: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """MAGVIT-v2's entropy penalty (Yu et al. 2023) on soft nearest-code assignments of `inputs`
-        (B, H, g, g, in codebook units) over the searched `codebook` (K, H): mean per-feature entropy
+        (N, H, in codebook units) over the searched `codebook` (K, H): mean per-feature entropy
         minus the entropy of the mean assignment. Minimising it makes each feature's choice confident
         while the batch uses many codes, which the hard argmin alone does not ask for: with the
         codebook fixed to LLM rows (iterative at r = 1, frozen), dead-code restarts cannot help.
         Distances are scaled per feature by their spread, so the temperature needs no tuning per
-        code length."""
-        flat = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]).float()
+        code length. The distances are recomputed here, not taken from the search: that one is
+        detached and chunked, and this term needs the gradient to the features and the projection."""
+        flat = inputs.float()
         book = codebook.float()
         distances = (flat * flat).sum(1, keepdim=True) - 2 * flat @ book.t() + (book * book).sum(1)
         logits = -distances / (distances.std(dim=1, keepdim=True).detach() * self.entropy_temperature + 1e-8)

@@ -348,11 +348,11 @@ def test_entropy_term_spreads_assignments_and_only_trains():
         baseline = float(plain(features, codebook).commitment_loss)
     quantizer.train()
     loss = quantizer(features, codebook).commitment_loss
-    entropy = quantizer.assignment_entropy(features / quantizer.level_scales(codebook)[0], codebook)
+    flat_features = features.permute(0, 2, 3, 1).reshape(-1, 16)
+    entropy = quantizer.assignment_entropy(flat_features / quantizer.level_scales(codebook)[0], codebook)
     assert float(loss.detach()) == pytest.approx(baseline + float(entropy.detach()), rel=1e-5)
     # By hand: every feature close to code 3 -> confident and identical assignments, batch entropy ~ 0.
-    flat = features.detach().permute(0, 2, 3, 1).reshape(-1, 16)
-    d = torch.cdist(flat, codebook).pow(2)
+    d = torch.cdist(flat_features.detach(), codebook).pow(2)
     p = (-d / (d.std(1, keepdim=True) * 0.1)).softmax(1)
     expected = -(p * p.clamp_min(1e-30).log()).sum(1).mean() + (p.mean(0) * (p.mean(0) + 1e-12).log()).sum()
     assert float(entropy) == pytest.approx(float(expected), abs=1e-4)
@@ -366,7 +366,7 @@ def test_entropy_term_spreads_assignments_and_only_trains():
     before = len(set(quantizer(moving.detach(), codebook).indices[..., 0].flatten().tolist()))
     for _ in range(100):
         optimizer.zero_grad()
-        quantizer.assignment_entropy(moving, codebook).backward()
+        quantizer.assignment_entropy(moving.permute(0, 2, 3, 1).reshape(-1, 16), codebook).backward()
         optimizer.step()
     after = len(set(quantizer(moving.detach(), codebook).indices[..., 0].flatten().tolist()))
     assert before == 1 and after >= 3

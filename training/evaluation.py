@@ -130,19 +130,19 @@ def single_shape_prompts(num_prompts: int, image_size: int, seed: int) -> list[t
 def generate_images(model, processor, captions: list[str], guidance_scale: Optional[float] = 3.0, batch_size: int = 8,
                     seed: int = 0, do_sample: bool = False, desc: str = "text-to-image", return_codes: bool = False,
                     **sampling):
-    """PIL images for `captions` (image-mode generation with CFG; greedy unless `do_sample`, then
-    `sampling` such as temperature / top_k go to `generate`). With `return_codes`, also the generated
-    code ids, (num_captions, ĥ·ŵ·D)."""
+    """PIL images for `captions` (image-mode generation with CFG; greedy unless `do_sample`; `sampling`,
+    e.g. temperature / top_k, goes to `generate`). With `return_codes`, also the generated code ids,
+    (num_captions, ĥ·ŵ·D)."""
     images, codes = [], []
-    num_codes = model.config.image_tokens_per_generation
     torch.manual_seed(seed)
     for start in tqdm(range(0, len(captions), batch_size), desc=desc, leave=False):
         chunk = captions[start : start + batch_size]
         inputs = processor(text=chunk, generation_mode="image").to(_device(model))
         sequences = model.generate(**inputs, generation_mode="image", guidance_scale=guidance_scale, do_sample=do_sample,
-                                   **(sampling if do_sample else {}))
-        codes.append(sequences[:, -num_codes - 1 : -1].cpu())  # the span between <boi> and <eoi>
-        pixels = model.decode_image_tokens(sequences)
+                                   **sampling)
+        image_tokens = model.extract_image_tokens(sequences)
+        codes.append(image_tokens.cpu())
+        pixels = model.decode_image_tokens(image_tokens)
         images += processor.post_process_multimodal_output(pixels, generation_mode="image")
     return (images, torch.cat(codes)) if return_codes else images
 
