@@ -127,10 +127,24 @@ def test_questions_answer_correctly_on_a_hand_made_scene():
                 assert a == "1"
             if q == "How many green shapes are there?":
                 assert a == "0"
-            if q.startswith("Is there a "):
-                present = q[len("Is there a "):-1] in ("red circle", "blue square")
+            if q.startswith("Is there "):
+                present = q[len("Is there "):-1].split(" ", 1)[1] in ("red circle", "blue square")
                 assert a == ("yes" if present else "no")
     assert kinds == set(shapes.QUESTION_TYPES)
+
+
+def test_existence_questions_take_the_article_their_colour_needs():
+    scene = {"image_size": 64, "objects": [
+        {"shape": "triangle", "color": "orange", "size": "large", "position": "center", "row": 1, "col": 1},
+    ]}
+    asked = set()
+    for seed in range(40):
+        for qa in questions_for_scene(scene, np.random.default_rng(seed)):
+            if qa["type"] == "existence":
+                asked.add(qa["question"])
+                assert not qa["question"].startswith("Is there a orange"), qa["question"]
+    assert "Is there an orange triangle?" in asked  # the present pair is asked about half the time
+    assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
 
 
 def test_text_corpus_contains_captions_and_qa(world):

@@ -261,6 +261,11 @@ def object_phrase(obj: dict, with_size: bool = True) -> str:
     return f"{obj['size']} {obj['color']} {obj['shape']}" if with_size else f"{obj['color']} {obj['shape']}"
 
 
+def indefinite_article(word: str) -> str:
+    """'an' before a vowel sound ('an orange'), else 'a'; the Shapes words have no silent or voiced exceptions."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def position_phrase(position: str) -> str:
     """'in the top left', 'in the center'."""
     return f"in the {position}"
@@ -364,7 +369,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is {position_phrase}?",),
     "size": ("Is the {color} {shape} large or small?",),
     "count": ("How many shapes are there?", "How many {color} shapes are there?"),
-    "existence": ("Is there a {color} {shape}?",),
+    "existence": ("Is there {article} {color} {shape}?",),
     "position": ("Where is the {color} {shape}?",),
     "relation": ("Is the {color} {shape} to the left of the {color2} {shape2}?",
                  "Is the {color} {shape} to the right of the {color2} {shape2}?"),
@@ -398,11 +403,11 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
     present = {(o["color"], o["shape"]) for o in objs}
     if rng.random() < 0.5:
         c, s = sorted(present)[int(rng.integers(len(present)))]
-        add("existence", 0, "yes", color=c, shape=s)
+        add("existence", 0, "yes", article=indefinite_article(c), color=c, shape=s)
     else:
         absent = [p for p in ALL_PAIRS if p not in present]
         c, s = absent[int(rng.integers(len(absent)))]
-        add("existence", 0, "no", color=c, shape=s)
+        add("existence", 0, "no", article=indefinite_article(c), color=c, shape=s)
 
     pairs = [(a, b) for a in objs for b in objs if a["col"] != b["col"]]
     if pairs:
