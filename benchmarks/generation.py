@@ -36,18 +36,6 @@ from modeling_unicode import (  # noqa: E402
 )
 from training.presets import list_presets, load_preset  # noqa: E402
 
-# `small` when configuration/models/small.yaml does not exist: the paper's HQ layout (8x8 top codes,
-# 320 ids per image) on a 512-wide 8-layer Llama.
-SMALL_FALLBACK = {
-    "vision_tokenizer": {
-        "image_size": 128, "base_channels": 32, "channel_multipliers": [1, 2, 2, 4], "num_res_blocks": 1,
-        "attention_resolutions": [], "z_channels": 64, "quantizer": "hq", "codebook_size": 8192, "code_dim": 512,
-    },
-    "text_model": {
-        "vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024,
-    },
-}
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings")
 CAPTION_LENGTHS = (24, 17)  # tokens of the two conditional prompts; the unconditional one has 12
@@ -57,9 +45,7 @@ GUIDANCE = 3.0
 def preset_sizes(name: str) -> dict:
     if name in list_presets():
         return load_preset(name)
-    if name == "small":
-        return SMALL_FALLBACK
-    raise ValueError(f"preset={name!r} is unknown; choose from {list_presets()} or 'small'")
+    raise ValueError(f"preset={name!r} is unknown; choose from {list_presets()}")
 
 
 def build_model(name: str, visual_input: str = "aggregate") -> UniCodeForConditionalGeneration:
