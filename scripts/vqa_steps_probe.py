@@ -31,15 +31,16 @@ def bag_of_codes(model, train, test, answers, types, weight_decay: float = 1e-3)
     import torch
     import torch.nn.functional as F
 
-    index = {int(t): i for i, t in enumerate(model.model.codebook_token_ids.tolist())}
-    depth = model.config.vq_config.depth
+    from modeling_unicode import token_ids_to_code_indices, unflatten_code_map
+
+    vq = model.config.vq_config
+    num_codes = len(model.model.codebook_token_ids)
 
     def features(rows):
-        x = torch.zeros(len(rows), depth * len(index))
-        for r, row in enumerate(rows):
-            for position, token in enumerate(row["codes"]):
-                x[r, (position % depth) * len(index) + index[token]] += 1  # codes are raster-then-depth ordered
-        return x
+        maps = unflatten_code_map(torch.tensor([r["codes"] for r in rows]), vq.code_grid_size, vq.depth)
+        indices = token_ids_to_code_indices(maps, model.model.codebook_token_ids)  # (N, ĥ, ŵ, D) in 0..K-1
+        per_level = [F.one_hot(indices[..., level].flatten(1), num_codes).sum(1) for level in range(vq.depth)]
+        return torch.cat(per_level, dim=1).float()
 
     x, x_test = features(train), features(test)
     y = torch.tensor([answers.index(r["answer"]) for r in train])
@@ -91,6 +92,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from modeling_unicode import flatten_code_map
     from training.data.shapes import QUESTION_TYPES, make_example, scene_from_json
     from training.sft import reinitialize_decoder_layers
     from training.stage2 import load_model_and_processor
@@ -116,7 +118,7 @@ def main() -> None:
         with torch.no_grad():
             codes = torch.cat([model.model.encode_images(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
         out = []
-        for example, one_shape, code_map in zip(examples, single, codes.reshape(len(examples), -1).tolist()):
+        for example, one_shape, code_map in zip(examples, single, flatten_code_map(codes).tolist()):
             for qa in example["questions"]:
                 if qa["type"] in types:
                     if args.bag_of_codes:
