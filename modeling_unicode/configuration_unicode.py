@@ -88,13 +88,13 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         dual_row_norm (`str`): `"dual"`: `"free"` (the paper's) writes the learned codebook into the
             LLM rows as it is, at whatever length the EMA gave it; `"llm"` first scales it to the mean
             length of the LLM's other rows (the quantizer absorbs the factor exactly; needs
-            `level_scales` or `norm_handling="normalize"`). README, "Ablations", measures both.
+            `level_scales` or `norm_handling="normalize"`). docs/results.md (the previous recipe's ablation) measures both.
         commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
         entropy_weight (`float`): weight of an assignment-entropy term on the level-0 search during
             training (0 disables, the paper's setting): the mean entropy of each feature's soft
             assignment minus the entropy of the batch's average assignment, so each feature picks one
             code and the batch spreads over many (MAGVIT-v2's entropy penalty, Yu et al. 2023). Raises
-            codebook usage; costs reconstruction (README, "Codebook usage").
+            codebook usage; costs reconstruction (docs/results.md, "Codebook usage").
         entropy_temperature (`float`): softmax temperature of those soft assignments, in units of each
             feature's spread of squared distances to the codes.
         norm_handling (`str`): `"normalize"` puts features and codebook on a common scale — each

@@ -182,7 +182,7 @@ def image_input_embeddings(code_embeddings: torch.Tensor, quantizer: str, visual
     - `vq`: identity (D = 1), N = ĥ·ŵ;
     - `rq`: the sum over depth of the rows, N = ĥ·ŵ. Without level scales and a search projection
       that is the quantized vector the decoder sees; with them the decoder sees Σ s_l·(W·row_l + b),
-      and giving the LLM that instead measured no VQA gain (README, "Stage-0 initialisation");
+      and giving the LLM that instead measured no VQA gain (docs/results.md, "Stage-0 initialisation");
     - `hq`: e(top) + e(bottom) for each of the 4 bottom codes under a top code, N = 4·ĥ·ŵ, in the
       flattened layout's order (per top position, its 2x2 block). A sum of all five would make
       the four bottom codes indistinguishable, so the LLM could not learn to decompress it.

@@ -8,7 +8,7 @@ image patch under it (patches less than `--coverage` coloured are left
 out). Per quantization level, a lookup table code id -> most frequent colour is fitted on 80 % of the
 patches and scored on the rest (a code unseen in the fit counts as wrong). Chance is always answering
 the most frequent colour. If the level-0 code of a patch that is all red does not say "red", an LM that
-reads the codes has to decode colour from combinations of codes and their neighbours (README, "What the
+reads the codes has to decode colour from combinations of codes and their neighbours (docs/results.md, "What the
 codes carry": codes that say more did not, alone, make the demo's LM ground).
 
 `--probes` (a run with `mllm/`, VQ or RQ): the same patches' colour probed from vectors instead of ids,

@@ -11,7 +11,7 @@ many distinct ids the images hold, the share of background ids, and the scene pa
 
 If the "other" NLL is near the log of the number of distinct non-background ids of the training codes
 (`uniform_other_nll`), the model knows where a shape goes but not which codes draw it, and no decoding
-rule can help (README, "Why text-to-image stays at 0 %").
+rule can help (docs/results.md, "Why text-to-image stays at 0 %").
 
 Prints one JSON line.
 """

@@ -170,7 +170,7 @@ def reinitialize_decoder_layers(model, seed: int = 0) -> list[str]:
     input embedding (= the unified codebook, and the LM head when tied) and an untied LM head.
 
     Why: the decoder layers of a small LM trained from scratch in stage 0 have learnt text habits;
-    fine-tuned from them, the answers attend to the question and the image path starves (README,
+    fine-tuned from them, the answers attend to the question and the image path starves (docs/results.md,
     "Stage-0 initialisation": with the same embedding table, fresh layers measured 48.2 / 42.3 % VQA
     against 39.2 / 39.3 % after 1,200 SFT steps, two seeds). The rows stage I fitted the visual
     tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names."""
