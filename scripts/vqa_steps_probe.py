@@ -37,7 +37,7 @@ def bag_of_codes(model, train, test, answers, types, weight_decay: float = 1e-3)
     num_codes = len(model.model.codebook_token_ids)
 
     def features(rows):
-        maps = unflatten_code_map(torch.tensor([r["codes"] for r in rows]), vq.code_grid_size, vq.depth)
+        maps = unflatten_code_map(torch.tensor([r["image_codes"] for r in rows]), vq.code_grid_size, vq.depth)
         indices = token_ids_to_code_indices(maps, model.model.codebook_token_ids)  # (N, ĥ, ŵ, D) in 0..K-1
         per_level = [F.one_hot(indices[..., level].flatten(1), num_codes).sum(1) for level in range(vq.depth)]
         return torch.cat(per_level, dim=1).float()
@@ -92,9 +92,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from modeling_unicode import flatten_code_map
-    from training.data.shapes import QUESTION_TYPES, make_example, scene_from_json
-    from training.sft import reinitialize_decoder_layers
+    from training.codes import CODES_COLUMN, encode_image_dataset
+    from training.data.shapes import QUESTION_TYPES, build_split, scene_from_json
+    from training.sft import CodesCollator, reinitialize_decoder_layers
     from training.stage2 import load_model_and_processor
     from training.tasks import IGNORE_INDEX, ConversationTokenizer, _item, _text, _turn
 
@@ -109,25 +109,20 @@ def main() -> None:
     conversation = ConversationTokenizer(processor)
 
     def rows(split: str, num_scenes: int) -> list[dict]:
-        examples = [make_example(0, split, i) for i in range(num_scenes)]
-        single = [len(scene_from_json(e["scene"])["objects"]) == 1 for e in examples]
+        scenes = build_split(split, num_scenes)
         if args.single_shape:
-            examples = [e for e, s in zip(examples, single) if s]
-            single = [True] * len(examples)
-        pixels = processor.image_processor([e["image"] for e in examples], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            codes = torch.cat([model.model.encode_images(pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
+            scenes = scenes.filter(lambda row: len(scene_from_json(row["scene"])["objects"]) == 1)
+        coded = encode_image_dataset(scenes, model, desc=f"tokenizing {split} images")
         out = []
-        for example, one_shape, code_map in zip(examples, single, flatten_code_map(codes).tolist()):
-            for qa in example["questions"]:
+        for scene in coded:
+            one_shape = len(scene_from_json(scene["scene"])["objects"]) == 1
+            for qa in scene["questions"]:
                 if qa["type"] in types:
-                    if args.bag_of_codes:
-                        out.append({"codes": code_map, "answer": qa["answer"], "type": qa["type"], "single": one_shape})
-                        continue
                     user = ([_text(qa["question"] + "\n"), _item("image")] if args.question_first
                             else [_item("image"), _text("\n" + qa["question"])])
                     messages = [_turn("user", *user), _turn("assistant", _text(qa["answer"]))]
-                    out.append({**conversation(messages, code_map), "answer": qa["answer"], "type": qa["type"], "single": one_shape})
+                    out.append({**conversation(messages, scene[CODES_COLUMN]), "answer": qa["answer"], "type": qa["type"],
+                                "single": one_shape})
         return out
 
     train, test = rows("train", args.train_scenes), rows("test", args.test_scenes)
@@ -142,22 +137,15 @@ def main() -> None:
     if args.bag_of_codes:
         print(json.dumps({"bag_of_codes": bag_of_codes(model, train, test, answers, types), "chance": chance}))
         return
-    first_tokens = [processor.tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in answers]
-    pad = processor.tokenizer.pad_token_id
+    # Each answer's first token as the rows label it, so the choice matches what training predicts.
+    first_label = {r["answer"]: next(t for t in r["labels"] if t != IGNORE_INDEX) for r in train + test}
+    first_tokens = [first_label[a] for a in answers]
+    collate = CodesCollator(processor.tokenizer.pad_token_id)
 
-    def collate(items):
-        length = max(len(r["input_ids"]) for r in items)
-        ids = torch.full((len(items), length), pad)
-        labels = torch.full((len(items), length), IGNORE_INDEX)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, r in enumerate(items):
-            n = len(r["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        return ids, labels, mask, torch.tensor([r["image_codes"] for r in items])
-
-    def hidden(ids, mask, codes):
+    def hidden(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            return model.model(input_ids=ids, attention_mask=mask, image_codes=codes).last_hidden_state
+            return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               image_codes=batch["image_codes"]).last_hidden_state
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -165,9 +153,9 @@ def main() -> None:
         hits, totals = {}, {}
         for start in range(0, len(test), 32):
             chunk = test[start : start + 32]
-            ids, labels, mask, codes = collate(chunk)
-            states = hidden(ids, mask, codes)
-            before_answer = (labels != IGNORE_INDEX).float().argmax(1) - 1
+            batch = collate(chunk)
+            states = hidden(batch)
+            before_answer = (batch["labels"] != IGNORE_INDEX).float().argmax(1) - 1
             logits = model.lm_head(states[torch.arange(len(chunk)), before_answer].float())[:, first_tokens]
             for row, choice in zip(chunk, logits.argmax(1).tolist()):
                 totals[row["type"]] = totals.get(row["type"], 0) + 1
@@ -191,10 +179,10 @@ def main() -> None:
     print(json.dumps({"settings": vars(args), "train_rows": len(train), "test_rows": len(test), "chance": chance}), flush=True)
     for step in range(1, args.steps + 1):
         pool = easy if step <= args.single_shape_first else everything
-        ids, labels, mask, codes = collate([train[i] for i in random.sample(pool, min(args.batch_size, len(pool)))])
-        states = hidden(ids, mask, codes)
-        labelled = labels[:, 1:] != IGNORE_INDEX
-        loss = F.cross_entropy(model.lm_head(states[:, :-1][labelled].float()), labels[:, 1:][labelled])
+        batch = collate([train[i] for i in random.sample(pool, min(args.batch_size, len(pool)))])
+        labels = batch["labels"][:, 1:]
+        labelled = labels != IGNORE_INDEX
+        loss = F.cross_entropy(model.lm_head(hidden(batch)[:, :-1][labelled].float()), labels[labelled])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)

@@ -31,7 +31,7 @@ def rows(num, rng, colour_code_level):
         answer = rng.choice(sorted(palette))
         codes = [rng.choice([100, 101, 102]) for _ in range(8)]
         codes[2 * rng.randrange(4) + colour_code_level] = palette[answer]
-        out.append({"codes": codes, "answer": answer, "type": "color"})
+        out.append({"image_codes": codes, "answer": answer, "type": "color"})
     return out
 
 
