@@ -18,6 +18,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from modeling_unicode import flatten_code_map
+
 CODES_COLUMN = "codes"
 _SIGNATURE_KEY = "unicode_code_signature"
 
@@ -126,7 +128,7 @@ def encode_image_dataset(
         pixels = _pixels(batch[image_column], size, f"dataset[{image_column!r}]").to(device, dtype)
         codebook = codebook_fn() if codebook_fn is not None else None
         codes = tokenizer.encode(pixels, codebook=codebook) if codebook is not None else tokenizer.encode(pixels)
-        flat = codes.reshape(codes.shape[0], -1).to(torch.int32).cpu().numpy()
+        flat = flatten_code_map(codes).to(torch.int32).cpu().numpy()
         return {CODES_COLUMN: [row.tolist() for row in flat]}
 
     fingerprint = hashlib.sha256(
