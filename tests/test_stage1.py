@@ -119,6 +119,7 @@ for _ in range(4):
 rank = trainer.accelerator.process_index
 torch.save({"world_size": dist.get_world_size(), "codebook": trainer.unwrapped.codebook.detach().clone(),
             "encoder": trainer.unwrapped.encoder.conv_in.weight.detach().clone()}, f"{sys.argv[1]}/rank{rank}.pt")
+trainer.accelerator.end_training()  # destroys the process group; without it gloo can SIGABRT at interpreter exit
 """
 
 
@@ -134,6 +135,26 @@ def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
     assert torch.equal(ranks[0]["encoder"], ranks[1]["encoder"])
+
+
+def test_cli_destroys_the_process_group_before_it_exits(tmp_path, capsys):
+    # A run under `accelerate launch` that leaves its gloo group to interpreter shutdown can abort after saving
+    # everything (SIGABRT, exit status != 0), so the CLI must hand the group back itself, even when the command fails.
+    import torch.distributed as dist
+
+    from training.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["presets"]) in (0, None)
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        with pytest.raises(ValueError, match="no-such-preset"):
+            main(["presets", "no-such-preset"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("row_norm", ["free", "llm"])
