@@ -178,6 +178,25 @@ def test_rerun_with_other_settings_stops_and_keeps_every_folder(run_copy):
     assert f"{run_copy / 'stage1'}, {run_copy / 'llm'}, " in str(error.value)
 
 
+def test_stages_made_from_data_an_older_version_generated_are_not_reused(run_copy, monkeypatch):
+    """The Shapes world and the stage-II task rows are code, not settings; their fingerprints are recorded,
+    so a changed generator (e.g. "a orange" -> "an orange") makes the stages built on its output stale."""
+    import training.data.shapes as shapes
+    import training.tasks as tasks
+
+    before = _snapshot(run_copy)
+    monkeypatch.setattr(shapes, "indefinite_article", lambda word: "a")  # the old text
+    with pytest.raises(ValueError, match=r"stage0_text_lm: \S+text_lm was made with other settings: "
+                                         r"shapes_world_sha256: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\."):
+        run_demo(reduced(run_copy))
+    monkeypatch.undo()
+    monkeypatch.setattr(tasks.templates, "VQA", ("{question} Reply in one word.",))
+    with pytest.raises(ValueError, match=r"stage2_decompress: \S+stage2/decompress was made with other settings: "
+                                         r"task_rows_sha256: "):
+        run_demo(reduced(run_copy))
+    assert _snapshot(run_copy) == before
+
+
 def test_interrupted_stage_is_not_resumed_with_other_settings(run_copy):
     """An interrupted SFT (its checkpoints there, mllm/ not complete) resumes only under the settings it
     started with; the record of those is written before the stage runs."""

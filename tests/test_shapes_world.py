@@ -8,7 +8,7 @@ from training.data import shapes
 from training.data.shapes import (
     CAPTION_TEMPLATES, COLORS, HELD_OUT_PAIRS, SHAPES, TRAIN_PAIRS, build_shapes_world, canonical_objects,
     captions_for_scene, color_shape_pairs, make_example, questions_for_scene, render_scene, sample_scene,
-    scene_from_caption, scene_from_json, shape_coverage, text_corpus,
+    scene_from_caption, scene_from_json, shape_coverage, shapes_world_fingerprint, text_corpus,
 )
 
 
@@ -145,6 +145,13 @@ def test_existence_questions_take_the_article_their_colour_needs():
                 assert not qa["question"].startswith("Is there a orange"), qa["question"]
     assert "Is there an orange triangle?" in asked  # the present pair is asked about half the time
     assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
+
+
+def test_fingerprint_is_stable_and_follows_the_generated_text(monkeypatch):
+    first = shapes_world_fingerprint()
+    assert first == shapes_world_fingerprint() and len(first) == 16
+    monkeypatch.setattr(shapes, "indefinite_article", lambda word: "a")
+    assert shapes_world_fingerprint() != first
 
 
 def test_text_corpus_contains_captions_and_qa(world):

@@ -115,11 +115,16 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
     """stage -> the settings its output depends on, as they read back from `STAGE_RECORDS`. Each stage's
     settings contain those of the stages it builds on, so a change upstream invalidates it too. Recipe
     sections are recorded without the keys the demo's budget sets instead."""
+    from .data.shapes import shapes_world_fingerprint
+    from .tasks import task_rows_fingerprint
     from .text_lm import recipe_training_settings
 
     recipe = _recipe(args.preset)
     settings: dict[str, dict] = {}
-    upstream = {"preset": args.preset, "seed": args.seed, "text_model": preset["text_model"]}
+    # The data is code, not a setting: its fingerprints stand in for it, so a folder trained on what an
+    # older version generated is refused like one made with other settings.
+    upstream = {"preset": args.preset, "seed": args.seed, "text_model": preset["text_model"],
+                "shapes_world_sha256": shapes_world_fingerprint()}
     if preset["text_model"].get("source") == "stage0":
         upstream = settings["stage0_text_lm"] = {
             **upstream, "text_scenes": budget["text_scenes"], "stage0_steps": budget["stage0_steps"],
@@ -131,7 +136,8 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
         "recipe_stage1": _without(recipe.get("stage1", {}), "max_steps")}
     upstream = settings["code_datasets"] = {**upstream, "visual_input": args.visual_input}
     stage2 = recipe.get("stage2", {})
-    shared = {"stage2_train_images": budget["stage2_train_images"], "stage2_eval_images": budget["stage2_eval_images"],
+    shared = {"task_rows_sha256": task_rows_fingerprint(),
+              "stage2_train_images": budget["stage2_train_images"], "stage2_eval_images": budget["stage2_eval_images"],
               "recipe_stage2": _without(stage2, "train_images", "eval_images", "decompress", "sft")}
     if decompress:
         upstream = settings["stage2_decompress"] = {

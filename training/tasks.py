@@ -175,6 +175,32 @@ def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float
     return _build(dataset, rows_of, [CODES_COLUMN, "captions"], "generation", seed)
 
 
+def task_rows_fingerprint(num_examples: int = 4) -> str:
+    """A short sha256 of the conversations the stage-II task builders make (templates, sampling, turn
+    layout) from the first Shapes examples with stand-in codes. Like `shapes_world_fingerprint`, a run
+    folder records it so adapters trained on rows an older version built are not silently reused."""
+    import hashlib
+    import json
+
+    import datasets
+
+    from .data.shapes import build_split
+
+    depth, positions = 2, 8
+    examples = build_split("train", num_examples).remove_columns(["image"])
+    examples = examples.add_column(CODES_COLUMN, [list(range(depth * positions))] * num_examples)
+    digest = hashlib.sha256()
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # three bars over 4 rows would only clutter the demo's output
+    try:
+        for rows in (decompression_tasks(examples, depth), understanding_tasks(examples), generation_tasks(examples, depth)):
+            digest.update(json.dumps(rows.to_dict(), sort_keys=True).encode())
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return digest.hexdigest()[:16]
+
+
 def split_by_task(dataset) -> dict[str, Any]:
     """{task: rows of that task}, for per-task held-out losses."""
     tasks = sorted(set(dataset["task"]))
@@ -299,6 +325,7 @@ __all__ = [
     "understanding_tasks",
     "generation_tasks",
     "split_by_task",
+    "task_rows_fingerprint",
     "ConversationTokenizer",
     "tokenize_tasks",
 ]

@@ -31,5 +31,6 @@ from .shapes import (
     sample_scene,
     scene_from_caption,
     scene_request,
+    shapes_world_fingerprint,
     text_corpus,
 )

@@ -27,6 +27,7 @@ scene parser, captions, questions and the metrics all read it from this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -515,6 +516,21 @@ def text_corpus(source: Iterable[dict] | None = None, *, num_scenes: int = 1000,
         yield from row["captions"]
         for qa in row["questions"]:
             yield f"Question: {qa['question']} Answer: {qa['answer']}"
+
+
+def shapes_world_fingerprint(num_examples: int = 16) -> str:
+    """A short sha256 of what this code generates: the first train scenes' pixels, scene JSON, captions
+    and questions, and the stage-0 text of those scenes. The world is code, not a setting, so a run
+    folder records this beside its settings: stages trained on text or images an older version made
+    (say "a orange" before `indefinite_article`) are then refused instead of silently reused."""
+    digest = hashlib.sha256()
+    for index in range(num_examples):
+        example = make_example(0, "train", index)
+        digest.update(np.asarray(example["image"]).tobytes())
+        digest.update(json.dumps([example[k] for k in ("scene", "captions", "questions")], sort_keys=True).encode())
+    for line in text_corpus(num_scenes=num_examples):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def color_shape_pairs(scene: dict | str) -> set[tuple[str, str]]:
