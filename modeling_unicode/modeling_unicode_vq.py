@@ -61,7 +61,9 @@ class UniCodeVQAttnBlock(nn.Module):
         b, c, h, w = hidden.shape
         q, k, v = self.qkv(self.norm(hidden)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
         attended = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        return hidden + self.proj_out(attended.transpose(-1, -2).reshape(b, c, h, w))
+        # The transposed view is channels-last in memory; a 1x1 conv over it makes a channels-last weight gradient,
+        # which DDP must copy into its contiguous bucket every step ("Grad strides do not match bucket view strides").
+        return hidden + self.proj_out(attended.transpose(-1, -2).reshape(b, c, h, w).contiguous())
 
 
 class UniCodeVQDownsample(nn.Module):

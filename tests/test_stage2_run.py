@@ -101,6 +101,7 @@ def test_two_process_cpu_ddp_sft_with_the_accelerate_config(stage1_run, tmp_path
                *SMALL]
     result = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Grad strides do not match bucket view strides" not in result.stderr
     metrics = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
     assert (run / "mllm" / "COMPLETE").is_file()
