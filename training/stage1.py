@@ -361,7 +361,7 @@ class StageITrainer:
             self.text_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.text_optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         self.llm.eval()
         self.codebook_trainer.load_llm_rows(codebook.data, self.llm_rows(), quantizer=self.unwrapped.quantizer)
         return {"llm_text_loss": sum(losses) / len(losses)}
