@@ -246,6 +246,22 @@ def test_cli_flags_become_budget_overrides():
     assert ablate.factors == ["paradigm", "codebook"] and ablate.output == "outputs/ablate"
 
 
+def test_cli_chooses_the_stage_one_paradigm_quantizer_and_entropy_term(monkeypatch, tmp_path):
+    import training.demo as demo
+    from training.cli import _vision_flags, build_parser, main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--output", str(tmp_path), "--paradigm", "frozen", "--quantizer", "vq", "--entropy-weight", "0.05"]) == 0
+    assert (seen[0].paradigm, seen[0].quantizer, seen[0].vision_overrides) == ("frozen", "vq", {"entropy_weight": 0.05})
+    assert main(["demo", "--output", str(tmp_path)]) == 0  # unset flags leave the preset's choices alone
+    assert (seen[1].paradigm, seen[1].quantizer, seen[1].vision_overrides) == (None, None, {})
+    tokenizer = build_parser().parse_args(["train-tokenizer", "--entropy-weight", "0.1", "--dead-code-threshold", "0.5"])
+    assert _vision_flags(tokenizer) == {"entropy_weight": 0.1, "dead_code_threshold": 0.5}
+    with pytest.raises(SystemExit):  # the ablation varies the paradigm itself
+        build_parser().parse_args(["ablate", "--paradigm", "dual"])
+
+
 def test_small_preset_is_the_paper_hq_layout_with_its_own_demo_budget():
     from training.presets import list_presets, vision_tokenizer_config
 

@@ -1,6 +1,7 @@
 """`unicode-mllm`: the command line. Each stage adds its subcommand here.
 
     unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
+                      [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
     unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
@@ -64,6 +65,24 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
     return 0
 
 
+# Visual-tokenizer config fields a command line may override: flag --entropy-weight sets `entropy_weight`.
+VISION_FLAGS = {
+    "norm_handling": dict(choices=["normalize", "none"]),
+    "dead_code_threshold": dict(type=float),
+    "entropy_weight": dict(type=float, help="MAGVIT-v2 entropy term for codebook usage (default 0: off; see docs/results.md)"),
+    "entropy_temperature": dict(type=float, help="its softmax temperature (default 0.1)"),
+}
+
+
+def _add_vision_flags(parser: argparse.ArgumentParser, names) -> None:
+    for name in names:
+        parser.add_argument("--" + name.replace("_", "-"), **VISION_FLAGS[name])
+
+
+def _vision_flags(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in VISION_FLAGS if getattr(args, name, None) is not None}
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset
@@ -113,8 +132,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         dual_text_steps=stage1.get("dual_text_steps", 5),
         gan_weight=_pick(args.gan_weight, stage1, "gan_weight", 0.0),
         gan_start_step=stage1.get("gan_start_step", 0),
-        vision_overrides={k: v for k, v in {"norm_handling": args.norm_handling,
-                                            "dead_code_threshold": args.dead_code_threshold}.items() if v is not None},
+        vision_overrides=_vision_flags(args),
     )
     metrics = StageITrainer(stage_args, train_images, eval_images, text_blocks=text_blocks).train(resume=args.resume)
     print(json.dumps(metrics, indent=2))
@@ -272,7 +290,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     output = args.output or f"outputs/demo-{args.preset}"
     try:
-        run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args)))
+        run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args),
+                               paradigm=args.paradigm, quantizer=args.quantizer, vision_overrides=_vision_flags(args)))
     except DemoSettingsError as error:
         print(f"unicode-mllm demo: error: {error}", file=sys.stderr)
         return 2
@@ -308,6 +327,10 @@ def _add_demo_commands(sub) -> None:
             cmd.add_argument(flag, type=kind, help="override the recipe's demo budget")
         if name == "ablate":
             cmd.add_argument("--factors", nargs="+", choices=list(FACTORS), help="default: all of them")
+        else:  # the ablation sets these itself, one factor at a time
+            cmd.add_argument("--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)")
+            cmd.add_argument("--quantizer", choices=["vq", "rq", "hq"], help="default: the preset's")
+            _add_vision_flags(cmd, ("entropy_weight", "entropy_temperature"))
         cmd.set_defaults(func=_cmd_demo if name == "demo" else _cmd_ablate)
 # -- end demo / ablate --------------------------------------------------------------------------
 
@@ -341,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
     tok.add_argument("--train-images", type=int)
-    tok.add_argument("--norm-handling", choices=["normalize", "none"])
-    tok.add_argument("--dead-code-threshold", type=float)
+    _add_vision_flags(tok, VISION_FLAGS)
     tok.add_argument("--fp32", action="store_true", help="disable bf16 autocast of the convolutions")
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tok.add_argument("--seed", type=int, default=0)
