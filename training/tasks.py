@@ -15,6 +15,8 @@ the assistant turns.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -178,10 +180,7 @@ def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float
 def task_rows_fingerprint(num_examples: int = 4) -> str:
     """A short sha256 of the conversations the stage-II task builders make (templates, sampling, turn
     layout) from the first Shapes examples with stand-in codes. Like `shapes_world_fingerprint`, a run
-    folder records it so adapters trained on rows an older version built are not silently reused."""
-    import hashlib
-    import json
-
+    folder records it so stage-II models trained on rows an older version built are not silently reused."""
     import datasets
 
     from .data.shapes import build_split
