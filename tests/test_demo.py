@@ -229,9 +229,41 @@ def test_cli_prints_the_settings_error_without_a_traceback(run_copy, capsys):
     assert _snapshot(run_copy) == before
 
 
+def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run, tmp_path, capsys):
+    """`unicode-mllm evaluate` on a run's mllm/ with the run's own counts and seed reproduces its report."""
+    from training.cli import main
+
+    folder, report = demo_run
+    counts = ["--vqa-images", "3", "--compositional-images", "2", "--generation-prompts", "3", "--reconstruction-images", "3",
+              "--usage-images", "5", "--prior-scenes", "12", "--guidance-scale", "2.0"]
+    assert main(["evaluate", "--model", str(folder / "mllm"), *counts, "--output", str(tmp_path / "eval")]) == 0
+    written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    for section in ("metrics", "chance", "ceiling", "counts"):
+        assert written[section] == json.loads(json.dumps(report[section])), section
+    assert "| **overall** |" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "evaluation.md").read_text().startswith("# UniCode evaluation")
+
+
+@pytest.mark.parametrize("target, message", [("vision_tokenizer", "holds a 'unicode_vq' model, not a UniCode MLLM"),
+                                             ("stage1", "has no config.json")])
+def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, capsys, target, message):
+    from training.cli import main
+
+    assert main(["evaluate", "--model", str(demo_run[0] / target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unicode-mllm evaluate: error: --model ") and message in err and "Traceback" not in err
+
+
 def test_budget_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown keys \\['stage9_steps'\\]"):
         demo_budget("tiny", {"stage9_steps": 1})
+    with pytest.raises(ValueError, match=r"budget vqa_images=0 must be a whole number of at least 1"):
+        demo_budget("tiny", {"vqa_images": 0})
+    with pytest.raises(ValueError, match=r"budget decompress_steps=-1 must be .* at least 0 \(0 skips the stage\)"):
+        demo_budget("tiny", {"decompress_steps": -1})
+    with pytest.raises(ValueError, match=r"guidance_scale=-2.0 must be a positive number"):
+        demo_budget("tiny", {"guidance_scale": -2.0})
+    assert demo_budget("tiny", {"decompress_steps": 0, "guidance_scale": None})["decompress_steps"] == 0
     with pytest.raises(ValueError, match="device='tpu'"):
         run_demo(DemoArguments(output_dir="unused", device="tpu"))
 

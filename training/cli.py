@@ -3,6 +3,7 @@
     unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
                       [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
     unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
+    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--vqa-images N] [--output DIR]   # the demo's metrics, any model
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
@@ -312,6 +313,71 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate: the demo's evaluation of any UniCode MLLM ---------------------------------------------
+_EVALUATE_COUNTS = (("vqa_images", 100), ("compositional_images", 50), ("generation_prompts", 24),
+                    ("reconstruction_images", 64), ("usage_images", 1000), ("prior_scenes", 1000))
+
+
+def _unicode_model_problem(model: str) -> str | None:
+    """Why `model` (a folder or repo id) cannot be evaluated, or None; a name that is no folder here is
+    left to `from_pretrained` as a repo id."""
+    folder = Path(model)
+    if not folder.exists():
+        return None
+    config = folder / "config.json"
+    if not config.is_file():
+        return (f"--model {model} has no config.json; point it at a UniCode MLLM folder (a demo run's mllm/, a merged "
+                "adapter, or an `unicode-mllm export` folder) or a Hub repo id")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "unicode":
+        return (f"--model {model} holds a {model_type!r} model, not a UniCode MLLM (model_type 'unicode'); the visual "
+                "tokenizer alone cannot answer questions — use the run's mllm/ folder")
+    return None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpointing import atomic_write_text
+    from .evaluation import evaluate_on_shapes, metrics_markdown
+    from .stage2 import load_model_and_processor
+
+    problem = _unicode_model_problem(args.model)
+    if problem is None and args.device == "cuda" and not torch.cuda.is_available():
+        problem = "--device cuda but torch sees no CUDA device; drop --device cuda to run on CPU"
+    if problem:
+        print(f"unicode-mllm evaluate: error: {problem}", file=sys.stderr)
+        return 2
+    model, processor = load_model_and_processor(args.model)
+    model.to(args.device)
+    counts = {name: getattr(args, name) for name, _ in _EVALUATE_COUNTS}
+    results = evaluate_on_shapes(model, processor, guidance_scale=args.guidance_scale, seed=args.seed, **counts)
+    markdown = f"# UniCode evaluation — `{args.model}`\n\nShapes world, seed {args.seed}.\n\n{metrics_markdown(results)}\n"
+    print(markdown)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"model": args.model, "settings": {**counts, "guidance_scale": args.guidance_scale, "seed": args.seed,
+                                                    "device": args.device},
+                  **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
+        atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
+        atomic_write_text(out / "evaluation.md", markdown)
+        print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+    return 0
+
+
+def _add_evaluate_command(sub) -> None:
+    cmd = sub.add_parser("evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM")
+    cmd.add_argument("--model", required=True, help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id")
+    for name, default in _EVALUATE_COUNTS:
+        cmd.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
+    cmd.add_argument("--guidance-scale", type=float, default=3.0)
+    cmd.add_argument("--seed", type=int, default=0, help="which Shapes world scenes (the demo's seed gives its test split)")
+    cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md (default: print only)")
+    cmd.set_defaults(func=_cmd_evaluate)
+
+
 def _add_demo_commands(sub) -> None:
     from .ablate import FACTORS
 
@@ -372,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage2_parsers(sub)
     _add_hub_commands(sub)
     _add_demo_commands(sub)
+    _add_evaluate_command(sub)
     return parser
 
 

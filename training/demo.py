@@ -92,6 +92,14 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     if missing:
         raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
                                 f"configuration/recipes/{preset}.yaml or pass them in budget=")
+    # Checked here, before any training, rather than by the stage that would fail on it minutes later.
+    for key, value in budget.items():
+        if key == "guidance_scale":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise DemoSettingsError(f"guidance_scale={value!r} must be a positive number (1 = no guidance) or None")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "decompress_steps" else 1):
+            least = "0 (0 skips the stage)" if key == "decompress_steps" else "1"
+            raise DemoSettingsError(f"budget {key}={value!r} must be a whole number of at least {least}")
     return {**budget, "goals": goals}
 
 
@@ -384,34 +392,12 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
 
 
 def report_markdown(report: dict) -> str:
-    m, c = report["metrics"], report["chance"]
+    from .evaluation import metrics_markdown
+
     lines = [f"# UniCode demo — preset `{report['settings']['preset']}`", "",
              f"Run folder `{report['run_dir']}`; seed {report['settings']['seed']}; device {report['settings']['device']}; "
-             f"total wall time {report['wall_seconds']['total']:.0f} s.", "",
-             "## Understanding (VQA, Shapes world test split)", "",
-             "| question type | accuracy | chance (prior-only answer) | asked about another scene's image |",
-             "|---|---|---|---|"]
-    swapped = m.get("vqa_swapped_images", {})
-    for key in sorted(m["vqa"]):
-        if key.startswith("accuracy"):
-            label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
-            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
-                         f"{swapped.get(key, float('nan')):.3f} |")
-    lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
-                 f"{c['vqa_compositional']['accuracy']:.3f} | |")
-    lines += ["", "The last column asks every question about the next test scene's image: where it equals the accuracy, "
-              "the answers come from the question alone, not from the image."]
-    ceiling = report["ceiling"]["text_to_image"]
-    lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
-              "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual tokenizer) |",
-              "|---|---|---|---|"]
-    for key in ("all_correct", "color", "shape", "size", "position", "count", "unparseable"):
-        lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} | {ceiling[key]:.3f} |")
-    r = m["reconstruction"]
-    lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
-              f"PSNR {r['psnr']:.2f} dB on {report['counts']['reconstruction_images']} images; codebook usage "
-              f"{r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}) on {report['counts']['usage_images']} images.",
-              "", "## Goals", "", "| goal | target | met |", "|---|---|---|"]
+             f"total wall time {report['wall_seconds']['total']:.0f} s.", "", metrics_markdown(report),
+             "", "## Goals", "", "| goal | target | met |", "|---|---|---|"]
     for goal, met in report["goals_met"].items():
         lines.append(f"| {goal} | {report['goals'][goal]} | {'yes' if met else 'no'} |")
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds | reused |", "|---|---|---|"]
@@ -429,7 +415,7 @@ def run_demo(args: DemoArguments) -> dict:
     import torch
 
     from .data.shapes import build_split
-    from .evaluation import evaluate_model, train_question_rows
+    from .evaluation import evaluate_on_shapes
     from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
 
@@ -498,16 +484,9 @@ def run_demo(args: DemoArguments) -> dict:
     def evaluate():
         model, processor = load_model_and_processor(run / "mllm")
         model.to(args.device)
-        size = model.config.vq_config.image_size
-        # One test split: VQA (and reconstruction) take its first scenes, codebook usage all of it.
-        scenes = build_split("test", max(budget["vqa_images"], budget["usage_images"]), image_size=size, seed=args.seed)
-        test = scenes.select(range(budget["vqa_images"]))
-        compositional = build_split("compositional", budget["compositional_images"], image_size=size, seed=args.seed)
-        return evaluate_model(model, processor, test=test, compositional=compositional,
-                              usage_images=scenes["image"][: budget["usage_images"]],
-                              train_questions=train_question_rows(budget["stage2_train_images"], args.seed),
-                              generation_prompts=budget["generation_prompts"], guidance_scale=budget["guidance_scale"],
-                              reconstruction_images=min(budget["reconstruction_images"], budget["vqa_images"]), seed=args.seed)
+        return evaluate_on_shapes(model, processor, prior_scenes=budget["stage2_train_images"], seed=args.seed,
+                                  **{k: budget[k] for k in ("vqa_images", "compositional_images", "generation_prompts",
+                                                            "reconstruction_images", "usage_images", "guidance_scale")})
 
     results = clock.run("evaluation", False, evaluate)
     examples = results["examples"]

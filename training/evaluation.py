@@ -276,6 +276,58 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
+def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional_images: int = 50, generation_prompts: int = 24,
+                       reconstruction_images: int = 64, usage_images: int = 1000, prior_scenes: int = 1000,
+                       guidance_scale: Optional[float] = 3.0, seed: int = 0, batch_size: int = 16) -> dict:
+    """`evaluate_model` on Shapes world scenes generated at the model's own image size (defaults: the `tiny`
+    demo's). VQA and reconstruction take the first test scenes, codebook usage `usage_images` of them;
+    `prior_scenes` train scenes give the prior-only answers that the chance level is."""
+    from .data.shapes import build_split
+
+    for name, value in (("vqa_images", vqa_images), ("compositional_images", compositional_images),
+                        ("generation_prompts", generation_prompts), ("reconstruction_images", reconstruction_images),
+                        ("usage_images", usage_images), ("prior_scenes", prior_scenes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive number of scenes / prompts / images")
+    size = model.config.vq_config.image_size
+    scenes = build_split("test", max(vqa_images, usage_images), image_size=size, seed=seed)
+    compositional = build_split("compositional", compositional_images, image_size=size, seed=seed)
+    return evaluate_model(model, processor, test=scenes.select(range(vqa_images)), compositional=compositional,
+                          usage_images=scenes["image"][:usage_images], train_questions=train_question_rows(prior_scenes, seed),
+                          generation_prompts=generation_prompts, guidance_scale=guidance_scale,
+                          reconstruction_images=min(reconstruction_images, vqa_images), seed=seed, batch_size=batch_size)
+
+
+def metrics_markdown(results: dict) -> str:
+    """The VQA, generation and reconstruction tables of `evaluate_model`'s results (or a report holding
+    its `metrics`, `chance`, `ceiling` and `counts`)."""
+    m, c = results["metrics"], results["chance"]
+    lines = ["## Understanding (VQA, Shapes world test split)", "",
+             "| question type | accuracy | chance (prior-only answer) | asked about another scene's image |",
+             "|---|---|---|---|"]
+    swapped = m.get("vqa_swapped_images", {})
+    for key in sorted(m["vqa"]):
+        if key.startswith("accuracy"):
+            label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
+            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
+                         f"{swapped.get(key, float('nan')):.3f} |")
+    lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
+                 f"{c['vqa_compositional']['accuracy']:.3f} | |")
+    lines += ["", "The last column asks every question about the next test scene's image: where it equals the accuracy, "
+              "the answers come from the question alone, not from the image."]
+    ceiling = results["ceiling"]["text_to_image"]
+    lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
+              "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual tokenizer) |",
+              "|---|---|---|---|"]
+    for key in ("all_correct", "color", "shape", "size", "position", "count", "unparseable"):
+        lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} | {ceiling[key]:.3f} |")
+    r = m["reconstruction"]
+    lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
+              f"PSNR {r['psnr']:.2f} dB on {results['counts']['reconstruction_images']} images; codebook usage "
+              f"{r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}) on {results['counts']['usage_images']} images."]
+    return "\n".join(lines)
+
+
 def above_chance(metrics: dict, chance: dict, section: str = "vqa") -> dict[str, bool]:
     """Per key of `metrics[section]` (accuracy / accuracy_<type>): strictly above its chance level."""
     return {k: bool(v > chance[section].get(k, np.inf)) for k, v in metrics[section].items() if k.startswith("accuracy")}
@@ -294,5 +346,7 @@ __all__ = [
     "evaluate_reconstruction",
     "evaluate_codebook_usage",
     "evaluate_model",
+    "evaluate_on_shapes",
+    "metrics_markdown",
     "above_chance",
 ]
