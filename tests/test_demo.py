@@ -254,6 +254,13 @@ def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, capsys, target, m
     assert err.startswith("unicode-mllm evaluate: error: --model ") and message in err and "Traceback" not in err
 
 
+def test_evaluate_refuses_a_zero_count_before_loading_the_model(demo_run, capsys):
+    from training.cli import main
+
+    assert main(["evaluate", "--model", str(demo_run[0] / "mllm"), "--vqa-images", "0"]) == 2
+    assert "--vqa-images 0 must be a positive whole number" in capsys.readouterr().err
+
+
 def test_budget_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown keys \\['stage9_steps'\\]"):
         demo_budget("tiny", {"stage9_steps": 1})

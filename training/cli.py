@@ -339,18 +339,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpointing import atomic_write_text
-    from .evaluation import evaluate_on_shapes, metrics_markdown
+    from .evaluation import check_evaluation_counts, evaluate_on_shapes, metrics_markdown
     from .stage2 import load_model_and_processor
 
+    counts = {name: getattr(args, name) for name, _ in _EVALUATE_COUNTS}
     problem = _unicode_model_problem(args.model)
     if problem is None and args.device == "cuda" and not torch.cuda.is_available():
         problem = "--device cuda but torch sees no CUDA device; drop --device cuda to run on CPU"
+    try:
+        check_evaluation_counts(**counts)
+    except ValueError as error:
+        problem = problem or f"--{str(error).replace('_', '-').replace('=', ' ', 1)}"
     if problem:
         print(f"unicode-mllm evaluate: error: {problem}", file=sys.stderr)
         return 2
     model, processor = load_model_and_processor(args.model)
     model.to(args.device)
-    counts = {name: getattr(args, name) for name, _ in _EVALUATE_COUNTS}
     results = evaluate_on_shapes(model, processor, guidance_scale=args.guidance_scale, seed=args.seed, **counts)
     markdown = f"# UniCode evaluation — `{args.model}`\n\nShapes world, seed {args.seed}.\n\n{metrics_markdown(results)}\n"
     print(markdown)

@@ -276,6 +276,13 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
+def check_evaluation_counts(**counts: int) -> None:
+    """Every count of `evaluate_on_shapes` (scenes, prompts, images) must be a positive whole number."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive whole number of scenes / prompts / images")
+
+
 def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional_images: int = 50, generation_prompts: int = 24,
                        reconstruction_images: int = 64, usage_images: int = 1000, prior_scenes: int = 1000,
                        guidance_scale: Optional[float] = 3.0, seed: int = 0, batch_size: int = 16) -> dict:
@@ -284,11 +291,8 @@ def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional
     `prior_scenes` train scenes give the prior-only answers that the chance level is."""
     from .data.shapes import build_split
 
-    for name, value in (("vqa_images", vqa_images), ("compositional_images", compositional_images),
-                        ("generation_prompts", generation_prompts), ("reconstruction_images", reconstruction_images),
-                        ("usage_images", usage_images), ("prior_scenes", prior_scenes)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive number of scenes / prompts / images")
+    check_evaluation_counts(vqa_images=vqa_images, compositional_images=compositional_images, generation_prompts=generation_prompts,
+                            reconstruction_images=reconstruction_images, usage_images=usage_images, prior_scenes=prior_scenes)
     size = model.config.vq_config.image_size
     scenes = build_split("test", max(vqa_images, usage_images), image_size=size, seed=seed)
     compositional = build_split("compositional", compositional_images, image_size=size, seed=seed)
@@ -346,6 +350,7 @@ __all__ = [
     "evaluate_reconstruction",
     "evaluate_codebook_usage",
     "evaluate_model",
+    "check_evaluation_counts",
     "evaluate_on_shapes",
     "metrics_markdown",
     "above_chance",
