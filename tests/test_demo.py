@@ -244,6 +244,48 @@ def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run,
     assert (tmp_path / "eval" / "evaluation.md").read_text().startswith("# UniCode evaluation")
 
 
+def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, tmp_path, monkeypatch):
+    """`--adapter` (a LoRA fine-tune left unmerged, as `unicode-mllm finetune` leaves it) gives exactly the
+    figures of the same adapter merged by hand."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor
+
+    from training.cli import main
+    from training.sft import load_adapter_model, load_unicode_model
+
+    mllm = demo_run[0] / "mllm"
+    torch.manual_seed(0)  # init_lora_weights=False: a non-zero update, so the adapter changes the model
+    lora = get_peft_model(load_unicode_model(mllm), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = load_adapter_model(mllm, tmp_path / "adapter").merge_and_unload()
+    base = load_unicode_model(mllm)
+    name = next(n for n, _ in merged.named_parameters() if n.endswith("q_proj.weight"))
+    assert not torch.equal(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
+    merged.save_pretrained(tmp_path / "merged")
+    AutoProcessor.from_pretrained(mllm).save_pretrained(tmp_path / "merged")
+    counts = ["--vqa-images", "3", "--compositional-images", "2", "--generation-prompts", "2", "--usage-images", "3"]
+    assert main(["evaluate", "--model", str(mllm), "--adapter", str(tmp_path / "adapter"), *counts, "--output", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "merged"), *counts, "--output", str(tmp_path / "b")]) == 0
+    with_adapter, by_hand = (json.loads((tmp_path / out / "evaluation.json").read_text()) for out in ("a", "b"))
+    assert with_adapter["adapter"] == str(tmp_path / "adapter") and with_adapter["metrics"] == by_hand["metrics"]
+    assert main(["evaluate", "--model", str(mllm), "--adapter", str(tmp_path)]) == 2  # no adapter_config.json there
+    # The evaluated model is the merged one (a few scenes may not show the difference in the figures).
+    import training.evaluation as evaluation
+
+    class Captured(Exception):
+        pass
+
+    def capture(model, processor, **counts):
+        raise Captured(model)
+
+    monkeypatch.setattr(evaluation, "evaluate_on_shapes", capture)
+    with pytest.raises(Captured) as captured:
+        main(["evaluate", "--model", str(mllm), "--adapter", str(tmp_path / "adapter")])
+    seen = captured.value.args
+    assert torch.equal(dict(seen[0].named_parameters())[name], dict(merged.named_parameters())[name])
+
+
 @pytest.mark.parametrize("target, message", [("vision_tokenizer", "holds a 'unicode_vq' model, not a UniCode MLLM"),
                                              ("stage1", "has no config.json")])
 def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, capsys, target, message):

@@ -3,7 +3,7 @@
     unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
                       [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
     unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
-    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--vqa-images N] [--output DIR]   # the demo's metrics, any model
+    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--adapter DIR] [--output DIR]      # the demo's metrics, any model
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
@@ -344,6 +344,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     counts = {name: getattr(args, name) for name, _ in _EVALUATE_COUNTS}
     problem = _unicode_model_problem(args.model)
+    if problem is None and args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        problem = (f"--adapter {args.adapter} has no adapter_config.json; point it at a PEFT LoRA adapter folder "
+                   "(`unicode-mllm finetune`'s OUTPUT/adapter, a run's stage2/sft/adapter)")
     if problem is None and args.device == "cuda" and not torch.cuda.is_available():
         problem = "--device cuda but torch sees no CUDA device; drop --device cuda to run on CPU"
     try:
@@ -353,15 +356,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if problem:
         print(f"unicode-mllm evaluate: error: {problem}", file=sys.stderr)
         return 2
-    model, processor = load_model_and_processor(args.model)
+    if args.adapter:  # merged once, so generation runs at the plain model's speed
+        from transformers import AutoProcessor
+
+        from .sft import load_adapter_model
+
+        model, processor = load_adapter_model(args.model, args.adapter).merge_and_unload(), AutoProcessor.from_pretrained(args.model)
+    else:
+        model, processor = load_model_and_processor(args.model)
     model.to(args.device)
     results = evaluate_on_shapes(model, processor, guidance_scale=args.guidance_scale, seed=args.seed, **counts)
-    markdown = f"# UniCode evaluation — `{args.model}`\n\nShapes world, seed {args.seed}.\n\n{metrics_markdown(results)}\n"
+    title = f"`{args.model}`" + (f" + adapter `{args.adapter}`" if args.adapter else "")
+    markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {args.seed}.\n\n{metrics_markdown(results)}\n"
     print(markdown)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "settings": {**counts, "guidance_scale": args.guidance_scale, "seed": args.seed,
+        record = {"model": args.model, "adapter": args.adapter, "settings": {**counts, "guidance_scale": args.guidance_scale, "seed": args.seed,
                                                     "device": args.device},
                   **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
         atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
@@ -373,6 +384,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_evaluate_command(sub) -> None:
     cmd = sub.add_parser("evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM")
     cmd.add_argument("--model", required=True, help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id")
+    cmd.add_argument("--adapter", help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)")
     for name, default in _EVALUATE_COUNTS:
         cmd.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
     cmd.add_argument("--guidance-scale", type=float, default=3.0)
