@@ -314,13 +314,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 # -- evaluate: the demo's evaluation of any UniCode MLLM ---------------------------------------------
-_EVALUATE_COUNTS = (("vqa_images", 100), ("compositional_images", 50), ("generation_prompts", 24),
-                    ("reconstruction_images", 64), ("usage_images", 1000), ("prior_scenes", 1000))
+# Flags of `evaluate_on_shapes`'s keywords; unset ones keep its defaults (the tiny demo's budget).
+_EVALUATE_COUNTS = ("vqa_images", "compositional_images", "generation_prompts", "reconstruction_images", "usage_images",
+                    "prior_scenes")
 
 
 def _unicode_model_problem(model: str) -> str | None:
     """Why `model` (a folder or repo id) cannot be evaluated, or None; a name that is no folder here is
     left to `from_pretrained` as a repo id."""
+    from modeling_unicode import UniCodeConfig
+
     folder = Path(model)
     if not folder.exists():
         return None
@@ -329,9 +332,9 @@ def _unicode_model_problem(model: str) -> str | None:
         return (f"--model {model} has no config.json; point it at a UniCode MLLM folder (a demo run's mllm/, a merged "
                 "adapter, or an `unicode-mllm export` folder) or a Hub repo id")
     model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != "unicode":
-        return (f"--model {model} holds a {model_type!r} model, not a UniCode MLLM (model_type 'unicode'); the visual "
-                "tokenizer alone cannot answer questions — use the run's mllm/ folder")
+    if model_type != UniCodeConfig.model_type:
+        return (f"--model {model} holds a {model_type!r} model, not a UniCode MLLM (model_type {UniCodeConfig.model_type!r}); "
+                "the visual tokenizer alone cannot answer questions — use the run's mllm/ folder")
     return None
 
 
@@ -340,40 +343,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .checkpointing import atomic_write_text
     from .evaluation import check_evaluation_counts, evaluate_on_shapes, metrics_markdown
+    from .sft import require_adapter_folder
     from .stage2 import load_model_and_processor
 
-    counts = {name: getattr(args, name) for name, _ in _EVALUATE_COUNTS}
+    counts = {name: getattr(args, name) for name in _EVALUATE_COUNTS if getattr(args, name) is not None}
     problem = _unicode_model_problem(args.model)
-    if problem is None and args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        problem = (f"--adapter {args.adapter} has no adapter_config.json; point it at a PEFT LoRA adapter folder "
-                   "(`unicode-mllm finetune`'s OUTPUT/adapter, a run's stage2/sft/adapter)")
+    try:
+        if args.adapter:
+            require_adapter_folder(args.adapter)
+        check_evaluation_counts(**counts)
+    except ValueError as error:  # "vqa_images=0 must be ..." -> "--vqa-images 0 must be ...": the flag the user typed
+        name, rest = str(error).split("=", 1)
+        problem = problem or f"--{name.replace('_', '-')} {rest}"
     if problem is None and args.device == "cuda" and not torch.cuda.is_available():
         problem = "--device cuda but torch sees no CUDA device; drop --device cuda to run on CPU"
-    try:
-        check_evaluation_counts(**counts)
-    except ValueError as error:
-        problem = problem or f"--{str(error).replace('_', '-').replace('=', ' ', 1)}"
     if problem:
         print(f"unicode-mllm evaluate: error: {problem}", file=sys.stderr)
         return 2
+    model, processor = load_model_and_processor(args.model)
     if args.adapter:  # merged once, so generation runs at the plain model's speed
-        from transformers import AutoProcessor
+        from peft import PeftModel
 
-        from .sft import load_adapter_model
-
-        model, processor = load_adapter_model(args.model, args.adapter).merge_and_unload(), AutoProcessor.from_pretrained(args.model)
-    else:
-        model, processor = load_model_and_processor(args.model)
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     model.to(args.device)
-    results = evaluate_on_shapes(model, processor, guidance_scale=args.guidance_scale, seed=args.seed, **counts)
+    options = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("seed", args.seed)) if v is not None}
+    results = evaluate_on_shapes(model, processor, **counts, **options)
     title = f"`{args.model}`" + (f" + adapter `{args.adapter}`" if args.adapter else "")
-    markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {args.seed}.\n\n{metrics_markdown(results)}\n"
+    markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {results['settings']['seed']}.\n\n{metrics_markdown(results)}\n"
     print(markdown)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "adapter": args.adapter, "settings": {**counts, "guidance_scale": args.guidance_scale, "seed": args.seed,
-                                                    "device": args.device},
+        record = {"model": args.model, "adapter": args.adapter, "settings": {**results["settings"], "device": args.device},
                   **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
         atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
         atomic_write_text(out / "evaluation.md", markdown)
@@ -385,10 +386,10 @@ def _add_evaluate_command(sub) -> None:
     cmd = sub.add_parser("evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM")
     cmd.add_argument("--model", required=True, help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id")
     cmd.add_argument("--adapter", help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)")
-    for name, default in _EVALUATE_COUNTS:
-        cmd.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
-    cmd.add_argument("--guidance-scale", type=float, default=3.0)
-    cmd.add_argument("--seed", type=int, default=0, help="which Shapes world scenes (the demo's seed gives its test split)")
+    for name in _EVALUATE_COUNTS:
+        cmd.add_argument("--" + name.replace("_", "-"), type=int, help="default: the tiny demo's")
+    cmd.add_argument("--guidance-scale", type=float, help="default 3.0")
+    cmd.add_argument("--seed", type=int, help="which Shapes world scenes (default 0, the demo's own test split)")
     cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md (default: print only)")
     cmd.set_defaults(func=_cmd_evaluate)

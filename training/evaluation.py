@@ -288,18 +288,21 @@ def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional
                        guidance_scale: Optional[float] = 3.0, seed: int = 0, batch_size: int = 16) -> dict:
     """`evaluate_model` on Shapes world scenes generated at the model's own image size (defaults: the `tiny`
     demo's). VQA and reconstruction take the first test scenes, codebook usage `usage_images` of them;
-    `prior_scenes` train scenes give the prior-only answers that the chance level is."""
+    `prior_scenes` train scenes give the prior-only answers that the chance level is. The results carry
+    these `settings` too."""
     from .data.shapes import build_split
 
-    check_evaluation_counts(vqa_images=vqa_images, compositional_images=compositional_images, generation_prompts=generation_prompts,
-                            reconstruction_images=reconstruction_images, usage_images=usage_images, prior_scenes=prior_scenes)
+    counts = dict(vqa_images=vqa_images, compositional_images=compositional_images, generation_prompts=generation_prompts,
+                  reconstruction_images=reconstruction_images, usage_images=usage_images, prior_scenes=prior_scenes)
+    check_evaluation_counts(**counts)
     size = model.config.vq_config.image_size
     scenes = build_split("test", max(vqa_images, usage_images), image_size=size, seed=seed)
     compositional = build_split("compositional", compositional_images, image_size=size, seed=seed)
-    return evaluate_model(model, processor, test=scenes.select(range(vqa_images)), compositional=compositional,
-                          usage_images=scenes["image"][:usage_images], train_questions=train_question_rows(prior_scenes, seed),
-                          generation_prompts=generation_prompts, guidance_scale=guidance_scale,
-                          reconstruction_images=min(reconstruction_images, vqa_images), seed=seed, batch_size=batch_size)
+    results = evaluate_model(model, processor, test=scenes.select(range(vqa_images)), compositional=compositional,
+                             usage_images=scenes["image"][:usage_images], train_questions=train_question_rows(prior_scenes, seed),
+                             generation_prompts=generation_prompts, guidance_scale=guidance_scale,
+                             reconstruction_images=min(reconstruction_images, vqa_images), seed=seed, batch_size=batch_size)
+    return {**results, "settings": {**counts, "guidance_scale": guidance_scale, "seed": seed}}
 
 
 def metrics_markdown(results: dict) -> str:

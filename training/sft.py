@@ -367,6 +367,15 @@ def load_adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, **kw
     return PeftModel.from_pretrained(load_unicode_model(base, **kwargs), str(adapter))
 
 
+def require_adapter_folder(adapter: str | os.PathLike) -> Path:
+    """`adapter` as a Path, if it is a PEFT adapter folder; else a ValueError that says which folder to pass."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"adapter={str(adapter)!r} holds no adapter_config.json; pass the folder a stage-II run or "
+                         "`unicode-mllm finetune` saved (its adapter/)")
+    return adapter
+
+
 def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: Optional[str | os.PathLike] = None, processor_from=None) -> Path:
     """Fold a LoRA adapter into its base model and save an HF folder (model + processor) atomically.
 
@@ -375,9 +384,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: O
     from peft import PeftConfig
     from transformers import AutoProcessor
 
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(f"adapter={str(adapter)!r} holds no adapter_config.json; pass the folder a stage-II run saved")
+    adapter = require_adapter_folder(adapter)
     base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     if not base:
         raise ValueError("the adapter records no base model; pass base= the model folder it was trained on")
@@ -405,5 +412,6 @@ __all__ = [
     "task_losses",
     "load_unicode_model",
     "load_adapter_model",
+    "require_adapter_folder",
     "merge_adapter",
 ]
