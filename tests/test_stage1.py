@@ -13,7 +13,7 @@ from training.stage1 import CorruptCheckpointError, StageIArguments, StageITrain
 from training.text_lm import load_text_lm, packed_blocks
 
 from stage1_fixtures import make_tiny_llm, tiny_images, tiny_overrides
-from utils_network import free_port
+from utils_network import free_port, gloo_threads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,11 @@ for _ in range(4):
 rank = trainer.accelerator.process_index
 torch.save({"world_size": dist.get_world_size(), "codebook": trainer.unwrapped.codebook.detach().clone(),
             "encoder": trainer.unwrapped.encoder.conv_in.weight.detach().clone()}, f"{sys.argv[1]}/rank{rank}.pt")
-trainer.accelerator.end_training()  # destroys the process group; without it gloo can SIGABRT at interpreter exit
+del trainer  # the DDP model holds the gloo group's threads; freed at interpreter exit, they can SIGABRT the rank
+from training.distributed import release_process_group
+release_process_group()
+from utils_network import gloo_threads
+assert not gloo_threads(), f"rank {rank}: gloo threads outlive release_process_group: {gloo_threads()}"
 """
 
 
@@ -138,21 +142,37 @@ def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     assert torch.equal(ranks[0]["encoder"], ranks[1]["encoder"])
 
 
-def test_cli_destroys_the_process_group_before_it_exits(tmp_path, capsys):
-    # A run under `accelerate launch` that leaves its gloo group to interpreter shutdown can abort after saving
-    # everything (SIGABRT, exit status != 0), so the CLI must hand the group back itself, even when the command fails.
+@pytest.mark.parametrize("command_fails", [False, True])
+def test_cli_joins_the_gloo_threads_before_it_exits(tmp_path, monkeypatch, command_fails):
+    # A run under `accelerate launch` whose gloo threads outlive the interpreter can abort after saving everything
+    # (SIGABRT, exit status != 0). destroy_process_group() alone does not stop them while a DDP model, caught in a
+    # reference cycle or in a failed command's traceback, still holds the group; the CLI must free those first.
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    from training.cli import main
+    import training.cli as cli
 
+    def command_that_keeps_a_ddp_model_in_a_cycle(args):
+        model = DistributedDataParallel(torch.nn.Linear(2, 2))
+        model(torch.ones(1, 2)).sum().backward()
+        cycle = [model]
+        cycle.append(cycle)
+        if command_fails:
+            raise ValueError("no-such-preset")
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_presets", command_that_keeps_a_ddp_model_in_a_cycle)
+    before = len(gloo_threads())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert main(["presets"]) in (0, None)
+        assert len(gloo_threads()) > before
+        if command_fails:
+            with pytest.raises(ValueError, match="no-such-preset"):
+                cli.main(["presets"])
+        else:
+            assert cli.main(["presets"]) == 0
         assert not dist.is_initialized()
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
-        with pytest.raises(ValueError, match="no-such-preset"):
-            main(["presets", "no-such-preset"])
-        assert not dist.is_initialized()
+        assert len(gloo_threads()) == before
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,3 +8,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's running gloo threads (Linux): a process group's workers and its TCP loop."""
+    import os
+
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+        except FileNotFoundError:  # the thread ended while we listed
+            continue
+    return [name for name in names if name.startswith(("pt_gloo", "gloo_"))]

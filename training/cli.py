@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -459,22 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _release_process_group() -> None:
-    # Under `accelerate launch` every rank has joined a gloo / NCCL group. Left to interpreter shutdown, gloo's worker
-    # threads can still hold tensors while Python finalizes, and a run that finished and saved everything then dies with
-    # SIGABRT ("terminate called without an active exception", pytorch/pytorch#190489): a failed exit status for good
-    # work. Destroying the group while the interpreter is whole avoids that; nothing else may use it afterwards.
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import release_process_group
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BaseException as error:
+        # The traceback's frames hold the command's trainer (and through it the DDP model and the group's threads);
+        # clearing their locals lets release_process_group free them now. The traceback still prints every line.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
-        _release_process_group()
+        release_process_group()
 
 
 if __name__ == "__main__":
