@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,17 +163,21 @@ def test_cli_joins_the_gloo_threads_before_it_exits(tmp_path, monkeypatch, comma
         return 0
 
     monkeypatch.setattr(cli, "_cmd_presets", command_that_keeps_a_ddp_model_in_a_cycle)
-    before = len(gloo_threads())
+    before = set(gloo_threads())  # another test's group may still be alive; only this one's threads count
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert len(gloo_threads()) > before
+        started = time.monotonic()  # each thread names itself once it runs, a moment after init returns
+        while not set(gloo_threads()) - before and time.monotonic() - started < 30:
+            time.sleep(0.01)
+        ours = set(gloo_threads()) - before
+        assert ours
         if command_fails:
             with pytest.raises(ValueError, match="no-such-preset"):
                 cli.main(["presets"])
         else:
             assert cli.main(["presets"]) == 0
         assert not dist.is_initialized()
-        assert len(gloo_threads()) == before
+        assert not ours & set(gloo_threads())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

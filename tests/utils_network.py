@@ -10,15 +10,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gloo_threads() -> list[str]:
-    """The names of this process's running gloo threads (Linux): a process group's workers and its TCP loop."""
+def gloo_threads() -> dict[int, str]:
+    """This process's running gloo threads (Linux), id -> name: a process group's workers and its TCP loop."""
     import os
 
-    names = []
+    threads = {}
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/comm") as comm:
-                names.append(comm.read().strip())
+                name = comm.read().strip()
         except FileNotFoundError:  # the thread ended while we listed
             continue
-    return [name for name in names if name.startswith(("pt_gloo", "gloo_"))]
+        if name.startswith(("pt_gloo", "gloo_")):
+            threads[int(task)] = name
+    return threads
