@@ -9,6 +9,7 @@ head and generation of text and of images (`<boi>` + ĥ·ŵ·D code ids + `<eoi>
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -28,6 +29,13 @@ from .quantization_unicode import (
 )
 
 GENERATION_MODES = ("text", "image")
+
+
+def check_guidance_scale(scale) -> None:
+    """Classifier-free guidance's scale: a positive number, or None (no guidance). Checked by `generate`, and by the
+    demo and evaluation before their minutes of training or VQA, so a bad value fails there and not at the end."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
+        raise ValueError(f"guidance_scale={scale!r} must be a positive number (1 disables guidance; 3-7 is typical), or None")
 
 
 @dataclass
@@ -510,8 +518,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         if (generation_config.num_return_sequences or 1) != 1:
             raise ValueError("num_return_sequences is not supported for images; repeat the caption in the batch instead")
         scale = generation_config.guidance_scale
-        if scale is not None and scale <= 0:
-            raise ValueError(f"guidance_scale={scale} must be > 0 (1 disables guidance; 3-7 is typical), or None")
+        check_guidance_scale(scale)
         guided = scale is not None and scale != 1
 
         ids = inputs if inputs is not None else input_ids
@@ -658,4 +665,5 @@ __all__ = [
     "UniCodeImageSpanLogitsProcessor",
     "UniCodeModelOutputWithPast",
     "UniCodeCausalLMOutputWithPast",
+    "check_guidance_scale",
 ]

@@ -300,7 +300,9 @@ def test_evaluate_refuses_a_zero_count_before_loading_the_model(demo_run, capsys
     from training.cli import main
 
     assert main(["evaluate", "--model", str(demo_run[0] / "mllm"), "--vqa-images", "0"]) == 2
-    assert "--vqa-images 0 must be a positive whole number" in capsys.readouterr().err
+    assert "--vqa-images 0 must be a whole number of at least 1" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(demo_run[0] / "mllm"), "--guidance-scale", "0"]) == 2
+    assert "--guidance-scale 0.0 must be a positive number" in capsys.readouterr().err
 
 
 def test_budget_errors_name_the_key():

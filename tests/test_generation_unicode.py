@@ -113,9 +113,9 @@ def test_span_processor_masks_exactly_the_non_codes_and_then_forces_eoi():
 def test_bad_generation_requests_raise_clear_errors():
     model, processor = tiny_mllm("rq", max_positions=40)
     inputs = processor(text="a red circle", generation_mode="image")
-    with pytest.raises(ValueError, match="guidance_scale=0.0 must be > 0"):
+    with pytest.raises(ValueError, match="guidance_scale=0.0 must be a positive number"):
         model.generate(**inputs, generation_mode="image", guidance_scale=0.0)
-    with pytest.raises(ValueError, match="guidance_scale=-1.0 must be > 0"):
+    with pytest.raises(ValueError, match="guidance_scale=-1.0 must be a positive number"):
         model.generate(**inputs, generation_mode="image", guidance_scale=-1.0)
     with pytest.raises(ValueError, match="needs unconditional_input_ids"):
         model.generate(input_ids=inputs["input_ids"], generation_mode="image", guidance_scale=3.0)

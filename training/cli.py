@@ -343,7 +343,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpointing import atomic_write_text
-    from .evaluation import check_evaluation_counts, evaluate_on_shapes, metrics_markdown
+    from .evaluation import check_evaluation_settings, evaluate_on_shapes, metrics_markdown
     from .sft import require_adapter_folder
     from .stage2 import load_model_and_processor
 
@@ -352,7 +352,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         if args.adapter:
             require_adapter_folder(args.adapter)
-        check_evaluation_counts(**counts)
+        check_evaluation_settings(args.guidance_scale, **counts)
     except ValueError as error:  # "vqa_images=0 must be ..." -> "--vqa-images 0 must be ...": the flag the user typed
         name, rest = str(error).split("=", 1)
         problem = problem or f"--{name.replace('_', '-')} {rest}"

@@ -93,13 +93,20 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
         raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
                                 f"configuration/recipes/{preset}.yaml or pass them in budget=")
     # Checked here, before any training, rather than by the stage that would fail on it minutes later.
-    for key, value in budget.items():
-        if key == "guidance_scale":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise DemoSettingsError(f"guidance_scale={value!r} must be a positive number (1 = no guidance) or None")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "decompress_steps" else 1):
-            least = "0 (0 skips the stage)" if key == "decompress_steps" else "1"
-            raise DemoSettingsError(f"budget {key}={value!r} must be a whole number of at least {least}")
+    from modeling_unicode.modeling_unicode import check_guidance_scale
+
+    from .evaluation import require_whole_number
+
+    try:
+        for key, value in budget.items():
+            if key == "guidance_scale":
+                check_guidance_scale(value)
+            elif key == "decompress_steps":
+                require_whole_number(f"budget {key}", value, least=0, why=" (0 skips the stage)")
+            else:
+                require_whole_number(f"budget {key}", value)
+    except ValueError as error:
+        raise DemoSettingsError(str(error)) from None
     return {**budget, "goals": goals}
 
 

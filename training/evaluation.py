@@ -276,11 +276,20 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
-def check_evaluation_counts(**counts: int) -> None:
-    """Every count of `evaluate_on_shapes` (scenes, prompts, images) must be a positive whole number."""
+def require_whole_number(name: str, value, least: int = 1, why: str = "") -> None:
+    """The one check of a count (scenes, prompts, steps): a whole number of at least `least`, else a ValueError
+    that starts `name=value`, which the CLI turns into the flag the user typed."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}={value!r} must be a whole number of at least {least}{why}")
+
+
+def check_evaluation_settings(guidance_scale: Optional[float] = None, **counts: int) -> None:
+    """`evaluate_on_shapes`'s counts (scenes, prompts, images) and guidance scale, checked before any work."""
+    from modeling_unicode.modeling_unicode import check_guidance_scale
+
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive whole number of scenes / prompts / images")
+        require_whole_number(name, value)
+    check_guidance_scale(guidance_scale)
 
 
 def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional_images: int = 50, generation_prompts: int = 24,
@@ -294,7 +303,7 @@ def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional
 
     counts = dict(vqa_images=vqa_images, compositional_images=compositional_images, generation_prompts=generation_prompts,
                   reconstruction_images=reconstruction_images, usage_images=usage_images, prior_scenes=prior_scenes)
-    check_evaluation_counts(**counts)
+    check_evaluation_settings(guidance_scale, **counts)
     size = model.config.vq_config.image_size
     scenes = build_split("test", max(vqa_images, usage_images), image_size=size, seed=seed)
     compositional = build_split("compositional", compositional_images, image_size=size, seed=seed)
@@ -353,7 +362,8 @@ __all__ = [
     "evaluate_reconstruction",
     "evaluate_codebook_usage",
     "evaluate_model",
-    "check_evaluation_counts",
+    "require_whole_number",
+    "check_evaluation_settings",
     "evaluate_on_shapes",
     "metrics_markdown",
     "above_chance",
