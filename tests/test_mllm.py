@@ -172,6 +172,24 @@ def test_save_and_auto_load_round_trip_keeps_logits_and_one_codebook(tmp_path, t
     assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == tie
 
     assert type(AutoModel.from_pretrained(tmp_path)) is UniCodeModel
+
+
+def test_device_map_with_disk_offload_reads_and_writes_images_like_the_model_in_memory(tmp_path):
+    # A model larger than the machine loads with device_map="auto": accelerate splits it across devices, CPU and disk.
+    # The codebook is read from the (possibly offloaded) embedding table, so both directions must still agree.
+    model, processor = tiny_mllm("rq")
+    model.save_pretrained(tmp_path)
+    inputs, _ = image_batch(processor)
+    caption = processor(text=["a red circle"], generation_mode="image")
+    offloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": "200KB"},
+                                                            offload_folder=str(tmp_path / "offload")).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    with torch.no_grad():
+        assert torch.equal(offloaded(**inputs).logits, model(**inputs).logits)
+        assert torch.equal(offloaded.generate(**inputs, max_new_tokens=4, do_sample=False),
+                           model.generate(**inputs, max_new_tokens=4, do_sample=False))
+        assert torch.equal(offloaded.generate(**caption, generation_mode="image", do_sample=False),
+                           model.generate(**caption, generation_mode="image", do_sample=False))
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
     assert type(AutoModelForMultimodalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
     assert AutoConfig.from_pretrained(tmp_path).visual_input == "aggregate"
