@@ -153,13 +153,19 @@ def test_cli_joins_the_gloo_threads_before_it_exits(tmp_path, monkeypatch, comma
 
     import training.cli as cli
 
+    def train(model):
+        model(torch.ones(1, 2)).sum().backward()
+        if command_fails:
+            raise RuntimeError("a step failed")  # this frame, holding the model, is only in this error's traceback
+
     def command_that_keeps_a_ddp_model_in_a_cycle(args):
         model = DistributedDataParallel(torch.nn.Linear(2, 2))
-        model(torch.ones(1, 2)).sum().backward()
         cycle = [model]
         cycle.append(cycle)
-        if command_fails:
-            raise ValueError("no-such-preset")
+        try:
+            train(model)
+        except RuntimeError:
+            raise ValueError("no-such-preset") from None  # the step's error stays on as __context__
         return 0
 
     monkeypatch.setattr(cli, "_cmd_presets", command_that_keeps_a_ddp_model_in_a_cycle)

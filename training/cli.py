@@ -467,9 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BaseException as error:
-        # The traceback's frames hold the command's trainer (and through it the DDP model and the group's threads);
-        # clearing their locals lets release_process_group free them now. The traceback still prints every line.
-        traceback.clear_frames(error.__traceback__)
+        # The traceback's frames (and those of the errors it was raised from) hold the command's trainer, and through
+        # it the DDP model and the group's threads; clearing their locals lets release_process_group free them now.
+        # The traceback still prints every line.
+        pending, seen = [error], set()
+        while pending:
+            chained = pending.pop()
+            if chained is not None and id(chained) not in seen:
+                seen.add(id(chained))
+                traceback.clear_frames(chained.__traceback__)
+                pending += [chained.__cause__, chained.__context__]
         raise
     finally:
         release_process_group()
