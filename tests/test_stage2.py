@@ -315,6 +315,22 @@ def test_sft_config_takes_either_checkpointing_spelling_without_the_deprecation_
                 assert getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", None)) is value
 
 
+def test_an_fsdp_launch_config_on_cpu_says_it_runs_as_ddp(monkeypatch):
+    # Measured: `accelerate launch --config_file configuration/accelerate/fsdp2.yaml --num_processes 2` on this CPU
+    # machine trained with DDP reducers, not FSDP. The user must hear that, not find out from the memory bill.
+    import warnings
+
+    from training.sft import unicode_sft_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.warns(UserWarning, match="on CPU .* plain DDP: every rank holds the whole model"):
+        unicode_sft_config("unused-output-dir", use_cpu=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unicode_sft_config("unused-output-dir", use_cpu=True)
+
+
 def test_sft_starts_from_the_decompression_model_only_when_asked_or_present(tmp_path):
     """The demo with decompression turned off must not fine-tune the decompression model an earlier run
     left in the folder; the CLI default takes it when it is complete."""

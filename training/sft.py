@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -275,8 +276,17 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "per_device_eval_batch_size": 8,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
+        # Every trainable parameter (decoder, LM rows, LoRA matrices) takes part in every step and the visual
+        # tokenizer is frozen, so DDP's search for unused parameters, which Trainer turns on whenever checkpointing
+        # is off, is a wasted autograd-graph traversal per step (and a warning from every rank).
+        "ddp_find_unused_parameters": False,
     }
     defaults.update(overrides)
+    if defaults["use_cpu"] and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # accelerate builds a CPU run's Accelerator as plain multi-CPU DDP and ignores the launch config's FSDP.
+        warnings.warn("`accelerate launch` asked for FSDP, but this run is on CPU (use_cpu=True), where accelerate trains "
+                      "with plain DDP: every rank holds the whole model. Shard on GPUs, or launch with "
+                      "configuration/accelerate/ddp.yaml to say what runs.", UserWarning, stacklevel=2)
     return SFTConfig(**defaults)
 
 
