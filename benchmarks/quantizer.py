@@ -118,8 +118,8 @@ def main() -> None:
         results = {name: spawn(name, n, d, k, args.peer_chunk) for name in CONTENDERS}
         gemm = results["gemm"]["seconds"]
         print(f"\nN={n}, D={d}, K={k}: GEMM {2 * n * d * k / gemm / 1e9:.1f} GFLOP/s ({gemm:.2f} s)")
-        print(f"| contender | vectors/s | % of GEMM | extra MB | ours / vq-pytorch |")
-        print(f"|---|---|---|---|---|")
+        print("| contender | vectors/s | % of GEMM | extra MB | ours / vq-pytorch |")
+        print("|---|---|---|---|---|")
         for name in CONTENDERS[1:]:
             res = results[name]
             if "error" in res:

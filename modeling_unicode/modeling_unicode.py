@@ -161,8 +161,8 @@ class UniCodeModel(UniCodePreTrainedModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """Pixels (B, C, S, S) in [-1, 1] -> code map (B, ĥ, ŵ, D) of vocabulary ids."""
         tokenizer = self._require_vision("image input")
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(device=self.device, dtype=tokenizer.dtype)
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = pixel_values.to(self.device)  # the tokenizer takes them to its own dtype
         return tokenizer.encode(pixel_values, codebook=self.codebook())
 
     def check_image_codes(self, image_codes) -> torch.LongTensor:

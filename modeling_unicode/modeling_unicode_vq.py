@@ -318,10 +318,13 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels -> continuous features in the codebook's width, before quantization."""
         self.check_pixel_values(pixel_values)
-        return self.quant_proj(self.encoder(pixel_values))
+        # The image processor gives float32; a tokenizer loaded in bfloat16 / float16 takes them as transformers'
+        # vision models do, in its own precision.
+        return self.quant_proj(self.encoder(pixel_values.to(self.dtype)))
 
     def decode_features(self, quantized: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_proj(quantized))
+        # The quantizer works in float32 (distances, the straight-through sum); the decoder runs in the weights' dtype.
+        return self.decoder(self.post_quant_proj(quantized.to(self.dtype)))
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, codebook: Optional[torch.Tensor] = None) -> torch.LongTensor:

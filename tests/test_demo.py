@@ -244,6 +244,28 @@ def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run,
     assert (tmp_path / "eval" / "evaluation.md").read_text().startswith("# UniCode evaluation")
 
 
+def test_evaluate_runs_the_whole_model_in_the_precision_asked_for(demo_run, tmp_path, monkeypatch):
+    """`--dtype bfloat16` evaluates the model as it would be served: every weight (the visual tokenizer's too) in
+    bfloat16, fed by the processor's float32 pixels."""
+    import torch
+
+    import training.evaluation as evaluation
+    from training.cli import main
+
+    mllm = demo_run[0] / "mllm"
+    counts = ["--vqa-images", "2", "--compositional-images", "2", "--generation-prompts", "2", "--usage-images", "2"]
+    for dtype in ("float32", "bfloat16"):
+        assert main(["evaluate", "--model", str(mllm), "--dtype", dtype, *counts, "--output", str(tmp_path / dtype)]) == 0
+    full, half = (json.loads((tmp_path / dtype / "evaluation.json").read_text()) for dtype in ("float32", "bfloat16"))
+    assert half["settings"]["dtype"] == "bfloat16"
+    assert half["metrics"]["reconstruction"]["psnr"] == pytest.approx(full["metrics"]["reconstruction"]["psnr"], abs=0.5)
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_on_shapes", lambda model, processor, **options: seen.append(model) or {})
+    with pytest.raises(Exception):
+        main(["evaluate", "--model", str(mllm), "--dtype", "bfloat16"])  # stops after the capture
+    assert {parameter.dtype for parameter in seen[0].parameters()} == {torch.bfloat16}
+
+
 def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, tmp_path, monkeypatch):
     """`--adapter` (a LoRA fine-tune left unmerged, as `unicode-mllm finetune` leaves it) gives exactly the
     figures of the same adapter merged by hand."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
-from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, task_losses, unicode_lora_config
+from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, unicode_lora_config
 from training.stage2 import run_sft
 from training.tasks import (
     IGNORE_INDEX,

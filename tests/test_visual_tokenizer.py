@@ -32,6 +32,21 @@ def test_encode_decode_shapes_for_the_tiny_preset(quantizer, depth, grid):
     assert model.decode(codes).shape == (2, 3, 64, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_tokenizer_takes_the_image_processors_float32_pixels(tmp_path, dtype):
+    # from_pretrained(..., dtype=torch.bfloat16) is how people serve models; the processor still gives float32.
+    model = tiny("rq")
+    model.save_pretrained(tmp_path)
+    half = AutoModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    pixel_values = images()
+    codes = half.encode(pixel_values)
+    assert codes.shape == model.encode(pixel_values).shape
+    reconstruction = half.decode(codes)
+    assert reconstruction.dtype == dtype and reconstruction.shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        assert half(pixel_values).reconstruction.dtype == dtype
+
+
 def test_forward_returns_losses_and_statistics_and_trains_the_encoder():
     model = tiny("rq").train()
     out = model(images())

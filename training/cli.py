@@ -366,7 +366,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    model.to(args.device)
+    model.to(device=args.device, dtype=getattr(torch, args.dtype))
     options = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("seed", args.seed)) if v is not None}
     results = evaluate_on_shapes(model, processor, **counts, **options)
     title = f"`{args.model}`" + (f" + adapter `{args.adapter}`" if args.adapter else "")
@@ -375,7 +375,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "adapter": args.adapter, "settings": {**results["settings"], "device": args.device},
+        record = {"model": args.model, "adapter": args.adapter, "settings": {**results["settings"], "device": args.device, "dtype": args.dtype},
                   **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
         atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
         atomic_write_text(out / "evaluation.md", markdown)
@@ -392,6 +392,8 @@ def _add_evaluate_command(sub) -> None:
     cmd.add_argument("--guidance-scale", type=float, help="default 3.0")
     cmd.add_argument("--seed", type=int, help="which Shapes world scenes (default 0, the demo's own test split)")
     cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="the weights' precision, as the model would be served (the visual tokenizer included)")
     cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md (default: print only)")
     cmd.set_defaults(func=_cmd_evaluate)
 

@@ -26,7 +26,7 @@ import platform
 import shutil
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -421,7 +421,6 @@ def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
     import torch
 
-    from .data.shapes import build_split
     from .evaluation import evaluate_on_shapes
     from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
