@@ -3,7 +3,7 @@
     unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
                       [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
     unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
-    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--adapter DIR] [--output DIR]      # the demo's metrics, any model
+    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--adapter DIR] [--dtype bfloat16] [--output DIR]  # the demo's metrics, any model
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
