@@ -60,17 +60,20 @@ class UniCodeCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 class UniCodeImageSpanLogitsProcessor(LogitsProcessor):
     """Keeps a generated image decodable: after `<boi>` only visual codes, and `<eoi>` after exactly
-    `tokens_per_image` of them.
+    `tokens_per_image` of them. Never writes `image_token_id` (`<image>`): that placeholder only stands
+    for an input image's features, and written as output it would come back into the model without one.
 
     Stateless (reads the position of the last `<boi>`/`<eoi>` from the sequence), so it works in the
     stock text loop, in the image loop, and for prompts that already hold part of an image.
     """
 
-    def __init__(self, codebook_token_ids, boi_token_id: int, eoi_token_id: int, tokens_per_image: int):
+    def __init__(self, codebook_token_ids, boi_token_id: int, eoi_token_id: int, tokens_per_image: int,
+                 image_token_id: Optional[int] = None):
         self.codebook_token_ids = torch.as_tensor(codebook_token_ids, dtype=torch.long)
         self.boi_token_id = int(boi_token_id)
         self.eoi_token_id = int(eoi_token_id)
         self.tokens_per_image = int(tokens_per_image)
+        self.image_token_id = None if image_token_id is None else int(image_token_id)
         self._allowed = None  # (vocab,) bool mask, built once per device and vocabulary width
 
     def allowed_mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,9 @@ class UniCodeImageSpanLogitsProcessor(LogitsProcessor):
         return last_boi > last_eoi, input_ids.shape[1] - 1 - last_boi
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.image_token_id is not None and self.image_token_id < scores.shape[-1]:
+            scores = scores.clone()
+            scores[:, self.image_token_id] = float("-inf")
         in_span, written = self.span_state(input_ids)
         if not bool(in_span.any()):
             return scores
@@ -370,7 +376,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
                 "(add_image_special_tokens returns them)"
             )
         return UniCodeImageSpanLogitsProcessor(
-            config.vq_config.codebook_token_ids, config.boi_token_id, config.eoi_token_id, config.image_tokens_per_generation
+            config.vq_config.codebook_token_ids, config.boi_token_id, config.eoi_token_id, config.image_tokens_per_generation,
+            image_token_id=config.image_token_id,
         )
 
     def extract_image_tokens(self, sequences: torch.LongTensor) -> torch.LongTensor:

@@ -25,6 +25,28 @@ def test_text_generation_with_and_without_kv_cache_is_identical():
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("decoding", [dict(do_sample=False), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True)])
+def test_text_generation_never_writes_the_image_placeholder(decoding):
+    # <image> only stands for an input image's features. A model that would write it (here: its LM head's <image>
+    # logit raised so it wins every step) must not, or the next step feeds the placeholder back without pixels and
+    # fails (beam search of the random tiny model did, at its second step).
+    model, processor = tiny_mllm("rq")
+    image_token = model.config.image_token_id
+
+    def prefer_the_placeholder(module, args, logits):
+        logits = logits.clone()
+        logits[..., image_token] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(prefer_the_placeholder)
+    inputs = processor(text=[PROMPT, "USER: <image> describe the picture ASSISTANT:"], images=processor.postprocess(random_images(2)))
+    prompt_length = inputs["input_ids"].shape[1]
+    torch.manual_seed(0)
+    sequences = model.generate(**inputs, max_new_tokens=6, **decoding)
+    assert sequences.shape[1] == prompt_length + 6
+    assert not bool((sequences[:, prompt_length:] == image_token).any())
+
+
 def test_text_generation_reads_precomputed_image_codes_like_pixels():
     model, processor = tiny_mllm("hq")
     inputs = processor(text=[PROMPT, PROMPT], images=processor.postprocess(random_images(2)))
