@@ -56,27 +56,33 @@ class RunFolder:
                          "or train stage II with LoRA")
 
 
-def _missing_mllm_parts(mllm: Path) -> list[str]:
+def missing_mllm_parts(mllm: Path, shown_as: str = MLLM_DIR) -> list[str]:
+    """What `mllm` lacks to be a loadable UniCode MLLM folder (model + processor), each part named as
+    `shown_as/<file>`; [] when nothing is missing. Export checks a run's `mllm/` with it, `evaluate` any folder."""
+    from modeling_unicode.configuration_unicode import UniCodeConfig
+
     if not mllm.is_dir():
-        return [f"{MLLM_DIR}/ (the assembled MLLM; stage II writes it)"]
+        return [f"{shown_as}/ (the assembled MLLM; stage II writes it)"]
     missing = []
     config = mllm / "config.json"
     if not config.is_file():
-        missing.append(f"{MLLM_DIR}/config.json")
+        missing.append(f"{shown_as}/config.json")
     else:
         try:
             model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model_type = None
-            missing.append(f"{MLLM_DIR}/config.json that parses as a JSON object")
-        if model_type is not None and model_type != "unicode":
-            missing.append(f"{MLLM_DIR}/config.json with model_type 'unicode' (found {model_type!r})")
+            missing.append(f"{shown_as}/config.json that parses as a JSON object")
+        if model_type is not None and model_type != UniCodeConfig.model_type:
+            missing.append(f"{shown_as}/config.json with model_type {UniCodeConfig.model_type!r} (found {model_type!r}"
+                           + ("; that is the visual tokenizer alone, which cannot answer questions: use the run's mllm/"
+                              if model_type == "unicode_vq" else "") + ")")
     if not any(mllm.glob("*.safetensors")):
-        missing.append(f"{MLLM_DIR}/*.safetensors (the weights)")
+        missing.append(f"{shown_as}/*.safetensors (the weights)")
     if not ((mllm / "tokenizer.json").is_file() or (mllm / "tokenizer_config.json").is_file()):
-        missing.append(f"{MLLM_DIR}/tokenizer.json (save the processor with the model)")
+        missing.append(f"{shown_as}/tokenizer.json (save the processor with the model)")
     if not (mllm / "processor_config.json").is_file():
-        missing.append(f"{MLLM_DIR}/processor_config.json (save the processor with the model)")
+        missing.append(f"{shown_as}/processor_config.json (save the processor with the model)")
     return missing
 
 
@@ -103,7 +109,7 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
     path = Path(run_dir)
     if not path.is_dir():
         raise ValueError(f"run_dir {str(path)!r} is not a directory; pass a run folder such as outputs/tiny")
-    missing = _missing_mllm_parts(path / MLLM_DIR)
+    missing = missing_mllm_parts(path / MLLM_DIR)
     report = None
     if not (path / REPORT_FILE).is_file():
         missing.append(f"{REPORT_FILE} (metrics, settings, wall times, versions)")

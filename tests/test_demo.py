@@ -308,12 +308,22 @@ def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, t
     assert torch.equal(dict(seen[0].named_parameters())[name], dict(merged.named_parameters())[name])
 
 
-@pytest.mark.parametrize("target, message", [("vision_tokenizer", "holds a 'unicode_vq' model, not a UniCode MLLM"),
-                                             ("stage1", "has no config.json")])
-def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, capsys, target, message):
+@pytest.mark.parametrize("target, message", [
+    ("vision_tokenizer", "vision_tokenizer/config.json with model_type 'unicode' (found 'unicode_vq'; that is the visual "
+                         "tokenizer alone"),
+    ("stage1", "is not a UniCode MLLM folder; it lacks "),
+    ("corrupt", "corrupt/config.json that parses as a JSON object"),
+])
+def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, tmp_path, capsys, target, message):
     from training.cli import main
 
-    assert main(["evaluate", "--model", str(demo_run[0] / target)]) == 2
+    folder = demo_run[0] / target
+    if target == "corrupt":  # a copy of mllm/ whose config.json was cut short
+        import shutil
+
+        folder = shutil.copytree(demo_run[0] / "mllm", tmp_path / "corrupt")
+        (folder / "config.json").write_text('{"model_type": "unic')
+    assert main(["evaluate", "--model", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unicode-mllm evaluate: error: --model ") and message in err and "Traceback" not in err
 

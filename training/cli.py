@@ -323,19 +323,15 @@ _EVALUATE_COUNTS = ("vqa_images", "compositional_images", "generation_prompts", 
 def _unicode_model_problem(model: str) -> str | None:
     """Why `model` (a folder or repo id) cannot be evaluated, or None; a name that is no folder here is
     left to `from_pretrained` as a repo id."""
-    from modeling_unicode import UniCodeConfig
+    from hub_upload.run_folder import missing_mllm_parts
 
     folder = Path(model)
     if not folder.exists():
         return None
-    config = folder / "config.json"
-    if not config.is_file():
-        return (f"--model {model} has no config.json; point it at a UniCode MLLM folder (a demo run's mllm/, a merged "
-                "adapter, or an `unicode-mllm export` folder) or a Hub repo id")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != UniCodeConfig.model_type:
-        return (f"--model {model} holds a {model_type!r} model, not a UniCode MLLM (model_type {UniCodeConfig.model_type!r}); "
-                "the visual tokenizer alone cannot answer questions — use the run's mllm/ folder")
+    missing = missing_mllm_parts(folder, shown_as=model.rstrip("/"))
+    if missing:
+        return (f"--model {model} is not a UniCode MLLM folder; it lacks {'; '.join(missing)}. Point it at a demo run's "
+                "mllm/, a merged adapter, an `unicode-mllm export` folder, or a Hub repo id")
     return None
 
 
