@@ -143,6 +143,26 @@ def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     assert torch.equal(ranks[0]["encoder"], ranks[1]["encoder"])
 
 
+def test_two_process_stage0_writes_one_complete_loadable_text_lm(tmp_path):
+    # Every rank used to stage and rename its own copy; transformers writes weights on the main rank only, so the
+    # last rename could leave text_lm/ marked COMPLETE with no model in it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "training.cli", "train-text", "--preset", "tiny", "--output", str(tmp_path), "--steps", "4", "--scenes", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "find_unused_parameters=True" not in done.stderr
+    folder = tmp_path / "text_lm"
+    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "config.json", "generation_config.json", "model.safetensors",
+                                                        "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "text_lm"]  # no staging copy left behind
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+
+
 @pytest.mark.parametrize("command_fails", [False, True])
 def test_cli_joins_the_gloo_threads_before_it_exits(tmp_path, monkeypatch, command_fails):
     # A run under `accelerate launch` whose gloo threads outlive the interpreter can abort after saving everything

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ast
 import math
-import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -162,9 +162,9 @@ def train_text_lm(
     blocks = packed_blocks(tokenizer, [*english, *list(domain_texts) * domain_repeats], block_size)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(text_model, tokenizer))
-    with atomic_directory(output_dir) as staging:
+    with tempfile.TemporaryDirectory(prefix="unicode-text-lm-") as scratch:  # Trainer's own folder; it saves nothing
         args = TrainingArguments(
-            output_dir=str(staging / "trainer"),
+            output_dir=scratch,
             max_steps=max_steps,
             per_device_train_batch_size=batch_size,
             learning_rate=learning_rate,
@@ -179,11 +179,17 @@ def train_text_lm(
             dataloader_num_workers=0,
             # bf16 autocast with float32 master weights: this CPU's bf16 GEMM is ~3x its float32.
             bf16=bf16,
+            ddp_find_unused_parameters=False,  # every parameter of the LM is used in every step
         )
-        Trainer(model=model, args=args, train_dataset=_Blocks(blocks)).train()
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(staging / "trainer", ignore_errors=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks))
+        trainer.train()
+    # Under `accelerate launch` one rank writes the folder, the others wait for it: several ranks renaming their own
+    # copies into place left a folder marked COMPLETE without weights (transformers saves them on the main rank only).
+    if trainer.is_world_process_zero():
+        with atomic_directory(output_dir) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    trainer.accelerator.wait_for_everyone()
     return output_dir
 
 
