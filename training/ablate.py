@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .checkpointing import atomic_directory, is_complete
+from .checkpointing import atomic_directory, atomic_write_text, is_complete
 from .demo import STAGE_FOLDERS, DemoArguments, copy_stage_record, demo_budget, run_demo
 
 # factor -> variants other than the baseline's value (the baseline is named "baseline")
@@ -207,8 +207,8 @@ def run_ablation(output_dir: str | Path, preset: str = "tiny", factors=None, see
     table = {"preset": preset, "seed": seed, "device": device, "budget": demo_budget(preset, merged_budget),
              "rows": rows, "claims": checks, "wall_seconds": seconds}
     markdown = ablation_markdown(rows, checks, seconds)
-    (out / "ablation.json").write_text(json.dumps(table, indent=2))
-    (out / "ablation.md").write_text(markdown)
+    atomic_write_text(out / "ablation.json", json.dumps(table, indent=2))
+    atomic_write_text(out / "ablation.md", markdown)
     return {**table, "markdown": markdown}
 
 

@@ -533,8 +533,8 @@ def run_demo(args: DemoArguments) -> dict:
         "example": {"question": question, "answer": answer, "prediction": prediction, "prompt": prompt,
                     "question_image": "question.png", "generated_image": "generated.png"},
     }
-    (run / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (run / "report.md").write_text(report_markdown(report))
+    atomic_write_text(run / "report.json", json.dumps(report, indent=2, default=_json_default))
+    atomic_write_text(run / "report.md", report_markdown(report))
     if not args.quiet:
         print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / 'question.png'})")
         print(f"generated for '{prompt}': {run / 'generated.png'}")

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .checkpointing import atomic_write_text
 from .codes import CODES_COLUMN, encode_image_dataset
 from .tasks import task_features, tokenize_tasks
 
@@ -149,7 +150,7 @@ def finetune_lora(
             raise ValueError("merge=True needs the base model's folder or repo id; pass model= as a path or repo id")
         metrics["merged"] = str(merge_adapter(adapter, output_dir / "merged", base=base))
     if trainer.accelerator.is_main_process:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     metrics["trainer"] = trainer
     return metrics
 
