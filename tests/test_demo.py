@@ -229,6 +229,18 @@ def test_cli_prints_the_settings_error_without_a_traceback(run_copy, capsys):
     assert _snapshot(run_copy) == before
 
 
+def test_demo_under_a_launcher_refuses_before_any_work(tmp_path, capsys, monkeypatch):
+    """Measured: `accelerate launch --num_processes 2 -m training.cli demo` had both ranks assemble stage2/base at
+    once and one died reading the other's half-written folder. The demo is a one-process job and says so."""
+    from training.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the demo runs in one process, but this is one of 2" in err and "train --stage sft" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run, tmp_path, capsys):
     """`unicode-mllm evaluate` on a run's mllm/ with the run's own counts and seed reproduces its report."""
     from training.cli import main

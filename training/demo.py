@@ -22,6 +22,7 @@ instead of being reused or overwritten.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import textwrap
@@ -425,6 +426,13 @@ def run_demo(args: DemoArguments) -> dict:
     from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # Every rank would run every stage, evaluation and report on the same folder and race on its files.
+        raise DemoSettingsError(
+            f"the demo runs in one process, but this is one of {world_size} (accelerate launch / torchrun); run "
+            "`unicode-mllm demo` without a launcher (--device cuda for one GPU), or train on several GPUs stage by stage: "
+            "`accelerate launch -m training.cli train-tokenizer ...`, then `... train --stage sft ...`")
     if args.device not in ("cpu", "cuda"):
         raise DemoSettingsError(f"device={args.device!r} is not supported; use 'cpu' or 'cuda'")
     if args.device == "cuda" and not torch.cuda.is_available():
