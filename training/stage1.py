@@ -295,7 +295,7 @@ class StageITrainer:
             # Released code: the adversarial pull fades as the codebook is handed to the LLM.
             gan_scale = args.gan_weight * (1.0 - 0.9 * ratio)
             loss = loss + gan_scale * weight * generator_loss
-            logs["generator_loss"] = float(generator_loss)
+            logs["generator_loss"] = float(generator_loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if args.max_grad_norm:
@@ -310,7 +310,7 @@ class StageITrainer:
             self.disc_optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(disc_loss)
             self.disc_optimizer.step()
-            logs["discriminator_loss"] = float(disc_loss)
+            logs["discriminator_loss"] = float(disc_loss.detach())
 
         codebook = self.unwrapped.codebook
         llm_rows = self.iterative_target if self.config.paradigm == "iterative" else None
