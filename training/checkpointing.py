@@ -55,6 +55,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def atomic_save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG in one rename: a reader (export checks samples.png) never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .checkpointing import atomic_write_text, is_complete
+from .checkpointing import atomic_save_image, atomic_write_text, is_complete
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
@@ -506,11 +506,11 @@ def run_demo(args: DemoArguments) -> dict:
     examples = results["examples"]
     image, question, answer, prediction = examples["vqa"][0]
     prompt, generated = examples["generation"][0]
-    image.save(run / "question.png")
-    generated.save(run / "generated.png")
+    atomic_save_image(image, run / "question.png")
+    atomic_save_image(generated, run / "generated.png")
     recon = examples["reconstruction"]
-    samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
-                 examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]).save(run / "samples.png")
+    atomic_save_image(samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
+                                   examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]), run / "samples.png")
 
     wall = dict(clock.seconds)
     wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time

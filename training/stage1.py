@@ -37,7 +37,7 @@ from modeling_unicode import (
 )
 from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
-from .checkpointing import atomic_directory, atomic_write_text, latest_complete_checkpoint
+from .checkpointing import atomic_directory, atomic_save_image, atomic_write_text, latest_complete_checkpoint
 from .presets import load_preset, vision_tokenizer_config
 
 
@@ -398,7 +398,7 @@ class StageITrainer:
         grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 2S, count*S)
         path = self.work / "samples" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8_images(grid.unsqueeze(0))[0].numpy()).save(path)
+        atomic_save_image(Image.fromarray(to_uint8_images(grid.unsqueeze(0))[0].numpy()), path)
         return path
 
     # -- checkpoints ---------------------------------------------------------------------------------
