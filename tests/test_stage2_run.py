@@ -106,6 +106,10 @@ def test_two_process_cpu_ddp_sft_with_the_accelerate_config(stage1_run, tmp_path
     metrics = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
     assert (run / "mllm" / "COMPLETE").is_file()
+    # COMPLETE alone once hid a stage-0 folder without weights (several ranks renaming into place): load it.
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(run / "mllm").config.vq_config.codebook_token_ids
 
 
 @pytest.mark.parametrize("name", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
