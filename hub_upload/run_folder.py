@@ -16,6 +16,9 @@ from typing import Union
 
 MLLM_DIR = "mllm"
 REPORT_FILE = "report.json"
+# What `unicode-mllm evaluate --output <folder>` writes: the report of a model trained elsewhere (a LoRA fine-tune
+# merged with `finetune --merge`), put beside it as <folder>/mllm/ so that folder exports like a run.
+EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.png"
 ADAPTER_DIRS = ("adapter", "mllm/adapter")  # where stage II may leave a PEFT LoRA adapter
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +30,7 @@ class RunFolder:
 
     path: Path
     report: dict = field(repr=False)
+    report_file: str = REPORT_FILE
 
     @property
     def mllm(self) -> Path:
@@ -38,7 +42,7 @@ class RunFolder:
 
     @property
     def report_path(self) -> Path:
-        return self.path / REPORT_FILE
+        return self.path / self.report_file
 
     def adapter(self) -> Path:
         """The folder holding the run's PEFT adapter (`adapter_config.json` + safetensors weights)."""
@@ -111,13 +115,15 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
         raise ValueError(f"run_dir {str(path)!r} is not a directory; pass a run folder such as outputs/tiny")
     missing = missing_mllm_parts(path / MLLM_DIR)
     report = None
-    if not (path / REPORT_FILE).is_file():
-        missing.append(f"{REPORT_FILE} (metrics, settings, wall times, versions)")
+    report_file = next((name for name in (REPORT_FILE, EVALUATION_FILE) if (path / name).is_file()), None)
+    if report_file is None:
+        missing.append(f"{REPORT_FILE} (metrics, settings, wall times, versions; for a model trained elsewhere, "
+                       f"`unicode-mllm evaluate --model {path / MLLM_DIR} --output {path}` writes {EVALUATION_FILE})")
     else:
         try:
-            report = load_report(path / REPORT_FILE)
+            report = load_report(path / report_file)
         except ValueError as error:
-            missing.append(f"a valid {REPORT_FILE}: {error}")
+            missing.append(f"a valid {report_file}: {error}")
     samples = path / SAMPLES_FILE
     if not samples.is_file():
         missing.append(f"{SAMPLES_FILE} (the sample grid for the model card)")
@@ -130,7 +136,8 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
             f"{str(path)!r} is not a trained UniCode run folder; missing: " + "; ".join(missing)
             + ". A run folder comes from training (stage II writes mllm/, report.json and samples.png; see DESIGN.md)."
         )
-    return RunFolder(path=path, report=report)
+    return RunFolder(path=path, report=report, report_file=report_file)
 
 
-__all__ = ["RunFolder", "check_run_folder", "load_report", "MLLM_DIR", "REPORT_FILE", "SAMPLES_FILE"]
+__all__ = ["RunFolder", "check_run_folder", "load_report", "missing_mllm_parts", "MLLM_DIR", "REPORT_FILE", "EVALUATION_FILE",
+           "SAMPLES_FILE"]

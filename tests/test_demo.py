@@ -256,6 +256,28 @@ def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run,
     assert (tmp_path / "eval" / "evaluation.md").read_text().startswith("# UniCode evaluation")
 
 
+def test_a_model_trained_elsewhere_exports_after_evaluate(demo_run, tmp_path):
+    """A merged fine-tune has no run folder. Put it in one as mllm/, let `evaluate --output` write the report
+    (evaluation.json) and samples.png beside it, and that folder exports like a demo run."""
+    import shutil
+
+    from hub_upload.export import export_run
+    from hub_upload.run_folder import check_run_folder
+    from training.cli import main
+
+    run = tmp_path / "my_run"
+    shutil.copytree(demo_run[0] / "mllm", run / "mllm")
+    counts = ["--vqa-images", "2", "--compositional-images", "2", "--generation-prompts", "2", "--usage-images", "2"]
+    assert main(["evaluate", "--model", str(run / "mllm"), *counts, "--output", str(run)]) == 0
+    assert (run / "samples.png").read_bytes().startswith(b"\x89PNG")
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert check_run_folder(run).report_file == "evaluation.json"
+    out = export_run(run, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["auto_map"]
+    assert json.loads((out / "report.json").read_text()) == evaluation
+    assert f"{evaluation['metrics']['reconstruction']['psnr']:.2f}" in (out / "README.md").read_text()
+
+
 def test_evaluate_runs_the_whole_model_in_the_precision_asked_for(demo_run, tmp_path, monkeypatch):
     """`--dtype bfloat16` evaluates the model as it would be served: every weight (the visual tokenizer's too) in
     bfloat16, fed by the processor's float32 pixels."""

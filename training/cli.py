@@ -339,6 +339,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpointing import atomic_write_text
+    from .demo import save_samples
     from .evaluation import check_evaluation_settings, evaluate_on_shapes, metrics_markdown
     from .sft import require_adapter_folder
     from .stage2 import load_model_and_processor
@@ -375,7 +376,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                   **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
         atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
         atomic_write_text(out / "evaluation.md", markdown)
-        print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+        save_samples(results["examples"], out / "samples.png")
+        print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}, {out / 'samples.png'}")
     return 0
 
 
@@ -390,7 +392,7 @@ def _add_evaluate_command(sub) -> None:
     cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="the weights' precision, as the model would be served (the visual tokenizer included)")
-    cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md (default: print only)")
+    cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md / samples.png (default: print only)")
     cmd.set_defaults(func=_cmd_evaluate)
 
 

@@ -347,6 +347,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def save_samples(examples: dict, path) -> Path:
+    """`samples.png` from an evaluation's examples (`evaluate_model(...)["examples"]`): what the demo's run folder and
+    `unicode-mllm evaluate --output` show, and what an export's model card displays."""
+    recon = examples["reconstruction"]
+    return atomic_save_image(samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
+                                          examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]), path)
+
+
 def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, columns: int = 8):
     """One PNG: test inputs over their reconstructions, generated images over their prompts, and
     answered questions (image, question, prediction, truth)."""
@@ -508,9 +516,7 @@ def run_demo(args: DemoArguments) -> dict:
     prompt, generated = examples["generation"][0]
     atomic_save_image(image, run / "question.png")
     atomic_save_image(generated, run / "generated.png")
-    recon = examples["reconstruction"]
-    atomic_save_image(samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
-                                   examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]), run / "samples.png")
+    save_samples(examples, run / "samples.png")
 
     wall = dict(clock.seconds)
     wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
