@@ -1,6 +1,8 @@
 """A user's LoRA fine-tune (`unicode-mllm finetune` / examples/finetune_lora.py) on a 200-example
 dataset in the documented schema changes the model's answers."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -65,3 +67,21 @@ def test_finetune_refuses_a_dataset_without_the_schema(tmp_path):
     no_task = datasets.Dataset.from_list([{"image": Image.new("RGB", (16, 16))}]).cast_column("image", datasets.Image())
     with pytest.raises(ValueError, match="'messages'.*'caption'"):
         finetune_lora(str(tmp_path / "model"), no_task, tmp_path / "out", max_steps=1)
+
+
+def test_a_stopped_finetune_resumes_from_its_last_complete_checkpoint(tmp_path):
+    from training.cli import main
+
+    model, processor = tiny_mllm()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    user_dataset(40).save_to_disk(str(tmp_path / "data"))
+    common = ["finetune", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+              "--batch-size", "4"]
+    assert main([*common, "--steps", "4"]) == 0  # checkpoints every 2 steps: the run "stopped" at step 4
+    partial = tmp_path / "out" / "trainer" / "checkpoint-6"
+    partial.mkdir()  # what a kill during a save leaves: no COMPLETE marker
+    assert main([*common, "--steps", "6", "--resume"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(tmp_path / "out" / "trainer" / "checkpoint-4") and metrics["global_step"] == 6
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()

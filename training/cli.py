@@ -180,7 +180,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     metrics = finetune_lora(args.model, args.dataset, args.output, max_steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules,
-                            split=args.split, merge=args.merge, trust_remote_code=True)
+                            split=args.split, merge=args.merge, trust_remote_code=True, resume=args.resume)
     print(json.dumps({k: metrics.get(k) for k in ("train_loss", "global_step", "adapter", "merged")}, indent=2))
     return 0
 
@@ -219,6 +219,8 @@ def _add_stage2_parsers(sub) -> None:
     tune.add_argument("--lora-r", type=int, default=16)
     tune.add_argument("--target-modules", nargs="+")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT/merged")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue from the last COMPLETE checkpoint in OUTPUT/trainer (a run that was stopped or killed)")
     tune.set_defaults(func=_cmd_finetune)
 # -- hub_upload: export / push (thin wrappers; the work is in hub_upload) ---------------------------
 def _cmd_export(args: argparse.Namespace) -> int:

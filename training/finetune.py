@@ -109,12 +109,14 @@ def finetune_lora(
     image_column: str = "image",
     merge: bool = False,
     trust_remote_code: bool = True,
+    resume: bool = False,
     **sft_overrides,
 ) -> dict:
     """Fine-tune `model` (folder, repo id or loaded model) with LoRA on `dataset` (schema above).
 
     Saves the adapter (PEFT format) to `<output_dir>/adapter` and, with `merge=True`, the merged
-    model + processor to `<output_dir>/merged`. Returns metrics and those paths."""
+    model + processor to `<output_dir>/merged`; `resume=True` continues from the last complete checkpoint in
+    `<output_dir>/trainer`. Returns metrics and those paths."""
     from transformers import AutoProcessor
 
     from .sft import load_unicode_model, merge_adapter
@@ -141,7 +143,7 @@ def finetune_lora(
     trainer, metrics = run_sft(
         model, processor, rows, output_dir / "trainer", lora={"r": lora_r, "alpha": lora_alpha, "target_modules": target_modules},
         max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        save_steps=sft_overrides.pop("save_steps", max(max_steps // 2, 1)), **sft_overrides,
+        save_steps=sft_overrides.pop("save_steps", max(max_steps // 2, 1)), resume=resume, **sft_overrides,
     )
     adapter = save_adapter(trainer, output_dir / "adapter")
     metrics["adapter"] = str(adapter)
