@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 
@@ -469,16 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BaseException as error:
-        # The traceback's frames (and those of the errors it was raised from) hold the command's trainer, and through
-        # it the DDP model and the group's threads; clearing their locals lets release_process_group free them now.
-        # The traceback still prints every line.
-        pending, seen = [error], set()
-        while pending:
-            chained = pending.pop()
-            if chained is not None and id(chained) not in seen:
-                seen.add(id(chained))
-                traceback.clear_frames(chained.__traceback__)
-                pending += [chained.__cause__, chained.__context__]
+        release_process_group(error)  # the traceback holds the command's trainer, and through it the group's threads
         raise
     finally:
         release_process_group()
