@@ -19,13 +19,12 @@ or of the LM head. Everything else (encoder, decoder, code assignment, budgets) 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from .checkpointing import atomic_directory, atomic_write_text, is_complete
+from .checkpointing import atomic_directory, atomic_write_json, atomic_write_text, is_complete
 from .demo import STAGE_FOLDERS, DemoArguments, copy_stage_record, demo_budget, run_demo
 
 # factor -> variants other than the baseline's value (the baseline is named "baseline")
@@ -207,7 +206,7 @@ def run_ablation(output_dir: str | Path, preset: str = "tiny", factors=None, see
     table = {"preset": preset, "seed": seed, "device": device, "budget": demo_budget(preset, merged_budget),
              "rows": rows, "claims": checks, "wall_seconds": seconds}
     markdown = ablation_markdown(rows, checks, seconds)
-    atomic_write_text(out / "ablation.json", json.dumps(table, indent=2))
+    atomic_write_json(out / "ablation.json", table)
     atomic_write_text(out / "ablation.md", markdown)
     return {**table, "markdown": markdown}
 

@@ -9,6 +9,7 @@ readers tell a finished folder from one copied by hand or left by an older versi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -53,6 +54,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def _json_value(value):
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy / torch scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"a value of type {type(value).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path: str | os.PathLike, data) -> Path:
+    """`data` as indented JSON, written like `atomic_write_text`; NumPy / torch scalars and paths are converted.
+    Every report and metrics file goes through here."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_value))
 
 
 def atomic_save_image(image, path: str | os.PathLike) -> Path:

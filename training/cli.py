@@ -339,7 +339,7 @@ def _unicode_model_problem(model: str) -> str | None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpointing import atomic_write_text
+    from .checkpointing import atomic_write_json, atomic_write_text
     from .demo import save_samples
     from .evaluation import check_evaluation_settings, evaluate_on_shapes, metrics_markdown
     from .sft import require_adapter_folder
@@ -375,7 +375,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         record = {"model": args.model, "adapter": args.adapter, "settings": {**results["settings"], "device": args.device, "dtype": args.dtype},
                   **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
-        atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2, default=lambda v: v.item()))
+        atomic_write_json(out / "evaluation.json", record)
         atomic_write_text(out / "evaluation.md", markdown)
         save_samples(results["examples"], out / "samples.png")
         print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}, {out / 'samples.png'}")

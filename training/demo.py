@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
-from .checkpointing import atomic_save_image, atomic_write_text, is_complete
+from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
@@ -170,7 +168,7 @@ def stage_records(run: Path) -> dict[str, dict]:
 
 
 def record_stage(run: Path, stage: str, settings: dict) -> None:
-    atomic_write_text(Path(run) / STAGE_RECORDS, json.dumps({**stage_records(run), stage: settings}, indent=2))
+    atomic_write_json(Path(run) / STAGE_RECORDS, {**stage_records(run), stage: settings})
 
 
 def copy_stage_record(source: Path, destination: Path, stage: str) -> None:
@@ -547,21 +545,13 @@ def run_demo(args: DemoArguments) -> dict:
         "example": {"question": question, "answer": answer, "prediction": prediction, "prompt": prompt,
                     "question_image": "question.png", "generated_image": "generated.png"},
     }
-    atomic_write_text(run / "report.json", json.dumps(report, indent=2, default=_json_default))
+    atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", report_markdown(report))
     if not args.quiet:
         print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / 'question.png'})")
         print(f"generated for '{prompt}': {run / 'generated.png'}")
         print(f"report: {run / 'report.md'}")
     return report
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
 
 
 __all__ = ["BUDGET_KEYS", "DemoArguments", "DemoSettingsError", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",

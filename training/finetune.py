@@ -13,12 +13,11 @@ Images are tokenized once with the model's own visual tokenizer (`training.codes
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
-from .checkpointing import atomic_write_text
+from .checkpointing import atomic_write_json
 from .codes import CODES_COLUMN, encode_image_dataset
 from .tasks import task_features, tokenize_tasks
 
@@ -152,7 +151,7 @@ def finetune_lora(
             raise ValueError("merge=True needs the base model's folder or repo id; pass model= as a path or repo id")
         metrics["merged"] = str(merge_adapter(adapter, output_dir / "merged", base=base))
     if trainer.accelerator.is_main_process:
-        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        atomic_write_json(output_dir / "metrics.json", metrics)
     metrics["trainer"] = trainer
     return metrics
 

@@ -37,7 +37,7 @@ from modeling_unicode import (
 )
 from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
-from .checkpointing import atomic_directory, atomic_save_image, atomic_write_text, latest_complete_checkpoint
+from .checkpointing import atomic_directory, atomic_save_image, atomic_write_json, latest_complete_checkpoint
 from .presets import load_preset, vision_tokenizer_config
 
 
@@ -499,7 +499,7 @@ class StageITrainer:
                 with atomic_directory(self.out / "llm") as staging:
                     self.llm.save_pretrained(staging)
                     self.text_tokenizer.save_pretrained(staging)
-            atomic_write_text(self.work / "metrics.json", json.dumps({**metrics, "arguments": asdict(self.args)}, indent=2))
+            atomic_write_json(self.work / "metrics.json", {**metrics, "arguments": asdict(self.args)})
         self.accelerator.wait_for_everyone()
         return metrics
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import atomic_directory, atomic_write_text, is_complete
+from .checkpointing import atomic_directory, atomic_write_json, is_complete
 
 STAGES = ("decompress", "sft")
 
@@ -351,7 +351,7 @@ def train_stage2(args: StageIIArguments) -> dict:
                 processor.save_pretrained(staging)
         metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]) if args.lora else None,
                    "merged": str(paths["merged"]), "arguments": asdict(args)}
-        atomic_write_text(paths["root"] / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_json(paths["root"] / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
     return metrics
 
