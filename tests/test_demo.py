@@ -229,6 +229,23 @@ def test_cli_prints_the_settings_error_without_a_traceback(run_copy, capsys):
     assert _snapshot(run_copy) == before
 
 
+def test_a_device_that_cannot_run_is_refused_before_any_work(tmp_path, capsys):
+    import torch
+
+    from training.cli import main
+    from training.demo import DemoArguments, DemoSettingsError, run_demo
+
+    with pytest.raises(DemoSettingsError, match="device='gpu' is not supported; use 'cpu' or 'cuda'"):
+        run_demo(DemoArguments(output_dir=str(tmp_path / "run"), device="gpu"))
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(DemoSettingsError, match="torch sees no CUDA device; drop --device cuda"):
+        run_demo(DemoArguments(output_dir=str(tmp_path / "run"), device="cuda"))
+    assert main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--device", "cuda"]) == 2
+    assert "--device 'cuda' but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_demo_under_a_launcher_refuses_before_any_work(tmp_path, capsys, monkeypatch):
     """Measured: `accelerate launch --num_processes 2 -m training.cli demo` had both ranks assemble stage2/base at
     once and one died reading the other's half-written folder. The demo is a one-process job and says so."""

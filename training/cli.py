@@ -341,7 +341,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .checkpointing import atomic_write_json, atomic_write_text
     from .demo import save_samples
-    from .evaluation import check_evaluation_settings, evaluate_on_shapes, metrics_markdown
+    from .evaluation import check_device, check_evaluation_settings, evaluate_on_shapes, metrics_markdown
     from .sft import require_adapter_folder
     from .stage2 import load_model_and_processor
 
@@ -351,11 +351,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.adapter:
             require_adapter_folder(args.adapter)
         check_evaluation_settings(args.guidance_scale, **counts)
+        check_device(args.device)
     except ValueError as error:  # "vqa_images=0 must be ..." -> "--vqa-images 0 must be ...": the flag the user typed
         name, rest = str(error).split("=", 1)
         problem = problem or f"--{name.replace('_', '-')} {rest}"
-    if problem is None and args.device == "cuda" and not torch.cuda.is_available():
-        problem = "--device cuda but torch sees no CUDA device; drop --device cuda to run on CPU"
     if problem:
         print(f"unicode-mllm evaluate: error: {problem}", file=sys.stderr)
         return 2

@@ -426,9 +426,7 @@ def report_markdown(report: dict) -> str:
 
 def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
-    import torch
-
-    from .evaluation import evaluate_on_shapes
+    from .evaluation import check_device, evaluate_on_shapes
     from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
 
@@ -439,10 +437,10 @@ def run_demo(args: DemoArguments) -> dict:
             f"the demo runs in one process, but this is one of {world_size} (accelerate launch / torchrun); run "
             "`unicode-mllm demo` without a launcher (--device cuda for one GPU), or train on several GPUs stage by stage: "
             "`accelerate launch -m training.cli train-tokenizer ...`, then `... train --stage sft ...`")
-    if args.device not in ("cpu", "cuda"):
-        raise DemoSettingsError(f"device={args.device!r} is not supported; use 'cpu' or 'cuda'")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise DemoSettingsError("device='cuda' but torch sees no CUDA device; drop --device cuda to run on CPU")
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        raise DemoSettingsError(str(error)) from None
     if args.visual_input not in ("aggregate", "flatten"):
         raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
     run = Path(args.output_dir)

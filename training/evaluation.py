@@ -283,6 +283,14 @@ def require_whole_number(name: str, value, least: int = 1, why: str = "") -> Non
         raise ValueError(f"{name}={value!r} must be a whole number of at least {least}{why}")
 
 
+def check_device(device: str) -> None:
+    """`device` is "cpu", or "cuda" with a CUDA device present; checked before any model is loaded or trained."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; drop --device cuda to run on CPU")
+
+
 def check_evaluation_settings(guidance_scale: Optional[float] = None, **counts: int) -> None:
     """`evaluate_on_shapes`'s counts (scenes, prompts, images) and guidance scale, checked before any work."""
     from modeling_unicode.modeling_unicode import check_guidance_scale
@@ -363,6 +371,7 @@ __all__ = [
     "evaluate_codebook_usage",
     "evaluate_model",
     "require_whole_number",
+    "check_device",
     "check_evaluation_settings",
     "evaluate_on_shapes",
     "metrics_markdown",
