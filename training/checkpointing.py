@@ -43,17 +43,22 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Replace `path` with `text` in one rename: a reader sees the old text or the new, never a part."""
+def _replace_in_one_rename(path: str | os.PathLike, write) -> Path:
+    """`write(temporary)` beside `path`, then one rename over it: a reader sees the old file or the new, never a
+    part; a failed write leaves the old file and no temporary."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(text)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return _replace_in_one_rename(path, lambda temporary: temporary.write_text(text))
 
 
 def _json_value(value):
@@ -71,16 +76,8 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 
 
 def atomic_save_image(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG in one rename: a reader (export checks samples.png) never sees half a file."""
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    """A PIL image as PNG, written like `atomic_write_text` (export checks samples.png)."""
+    return _replace_in_one_rename(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
