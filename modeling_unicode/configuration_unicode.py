@@ -305,6 +305,10 @@ class UniCodeConfig(PreTrainedConfig):
             (the placeholder), `<boi>` and `<eoi>` (which bracket a generated image's code ids).
         tie_word_embeddings (`bool`, *optional*): defaults to the text config's value; transformers v5
             ties the LM head to the input embeddings only when the top-level config says so.
+        image_position_embeddings (`bool`): add a learned embedding per placeholder position to an input image's
+            code embeddings (as a ViT adds one per patch), so the LLM knows which grid cell each placeholder is
+            without counting positions from the text around it. The codes stay the LLM's own rows; only
+            this table (one row per placeholder) is new. Off in the paper's model.
     """
 
     model_type = "unicode"
@@ -322,6 +326,7 @@ class UniCodeConfig(PreTrainedConfig):
         boi_token_id: Optional[int] = None,
         eoi_token_id: Optional[int] = None,
         tie_word_embeddings: Optional[bool] = None,
+        image_position_embeddings: bool = False,
         **kwargs,
     ):
         self.text_config = self._text_config_from(text_config)
@@ -333,6 +338,7 @@ class UniCodeConfig(PreTrainedConfig):
         if tie_word_embeddings is None:
             tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.image_position_embeddings = bool(image_position_embeddings)
         super().__init__(**kwargs)
         self.validate_fields()
 

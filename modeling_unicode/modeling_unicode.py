@@ -135,7 +135,20 @@ class UniCodeModel(UniCodePreTrainedModel):
             self.vision_tokenizer.requires_grad_(False)
         else:
             self.vision_tokenizer = None
+        self.image_position_embedding = None
+        if config.image_position_embeddings:
+            self.add_image_position_embedding()
         self.post_init()
+
+    def add_image_position_embedding(self) -> nn.Embedding:
+        """The per-placeholder position table (`config.image_position_embeddings`), created at zero so a model it
+        is added to computes exactly what it did before, until training moves it."""
+        hidden = self.config.get_text_config().hidden_size
+        table = nn.Embedding(self.config.image_seq_length, hidden)
+        nn.init.zeros_(table.weight)
+        self.image_position_embedding = table.to(self.get_input_embeddings().weight.device, self.get_input_embeddings().weight.dtype)
+        self.config.image_position_embeddings = True
+        return self.image_position_embedding
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -199,6 +212,8 @@ class UniCodeModel(UniCodePreTrainedModel):
         embedding = self.get_input_embeddings()
         code_embeddings = embedding_rows(embedding, codes.to(embedding.weight.device))
         features = image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, self.config.visual_input)
+        if self.image_position_embedding is not None:
+            features = features + self.image_position_embedding.weight.to(features.dtype)
         return features, codes
 
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> torch.BoolTensor:

@@ -487,3 +487,29 @@ def test_turning_decompression_off_retrains_sft_from_the_base(run_copy):
     run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "decompress_steps": 0}))
     metrics = json.loads((run_copy / "stage2" / "sft" / "metrics.json").read_text())
     assert metrics["base"] == str(run_copy / "stage2" / "base")
+
+
+def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(demo_run, tmp_path):
+    """benchmarks/learning.py on a finished run folder: a trained variant and a decoding-only row of its model,
+    each a result.json with the table's figures, and the table prints every row."""
+    import subprocess
+    import sys
+
+    folder, _ = demo_run
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
+    common = ["--run", str(folder), "--work", str(tmp_path), "--seeds", "0", "--seconds", "2", "--vqa-images", "3",
+              "--generation-prompts", "2", "--eval-images", "4"]
+    variants = ["head=train_images:12,output_head:trained,loss_normalization:row", "sampled=decode:head,top_k:5,guidance:2.0"]
+    done = subprocess.run([sys.executable, str(script), *common, "--variants", *variants], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    head = json.loads((tmp_path / "head-s0" / "result.json").read_text())
+    sampled = json.loads((tmp_path / "sampled-s0" / "result.json").read_text())
+    assert head["steps"] >= 1 and head["sft_seconds"] >= 2 and head["tokens_per_second"] > 0
+    assert head["settings"]["output_head"] == "trained" and head["settings"]["loss_normalization"] == "row"
+    assert set(head["code_nats"]) == {"background", "shape"} and all(v > 0 for v in head["code_nats"].values())
+    assert 0 <= head["vqa"]["accuracy"] <= 1 and "accuracy" in head["vqa_swapped"] and "all_correct" in head["t2i_ceiling"]
+    assert sampled["trained_by"] == "head" and sampled["settings"]["top_k"] == 5 and sampled["steps"] == head["steps"]
+    assert (tmp_path / "head-s0" / "mllm" / "config.json").is_file() and not (tmp_path / "sampled-s0" / "scratch").exists()
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| head ") or line.startswith("| sampled ")]
+    assert len(rows) == 2

@@ -257,3 +257,24 @@ def test_a_text_only_config_refuses_images_and_image_generation():
     with pytest.raises(ValueError, match="vq_config=None"):
         model(input_ids=ids, pixel_values=random_images(1))
     assert CODEBOOK_SIZE == 256
+
+
+def test_image_position_embeddings_start_as_the_papers_input_and_save_with_the_model(tmp_path):
+    """`config.image_position_embeddings`: one learned row per placeholder added to the code embeddings; added at zero
+    the model is unchanged, once trained each placeholder differs, and the table saves and reloads."""
+    model, processor = tiny_mllm()
+    codes = model.model.encode_images(random_images(2))
+    before, _ = model.model.get_image_features(image_codes=codes)
+    table = model.model.add_image_position_embedding()
+    assert model.config.image_position_embeddings and table.weight.shape == (model.config.image_seq_length, before.shape[-1])
+    same, _ = model.model.get_image_features(image_codes=codes)
+    assert torch.equal(same, before)
+    with torch.no_grad():
+        table.weight.normal_()
+    moved, _ = model.model.get_image_features(image_codes=codes)
+    assert torch.allclose(moved - before, table.weight.expand_as(moved))
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.config.image_position_embeddings
+    assert torch.equal(reloaded.model.image_position_embedding.weight, table.weight)
+    assert torch.equal(reloaded.model.get_image_features(image_codes=codes)[0], moved)

@@ -366,3 +366,91 @@ def test_reinit_decoder_redraws_the_layers_and_keeps_the_codebook_rows(mllm, tmp
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
     with pytest.raises(ValueError, match="reinit_decoder=True needs full fine-tuning"):
         train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), reinit_decoder=True, lora=True))
+
+
+def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(mllm, codes, tmp_path):
+    """`output_head="trained"` unties the LM head (a copy of the tied rows), trains it, saves it as its own weight
+    and reloads untied; the input embedding's codebook rows do not move."""
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embedding  # tied, like the stage-0 LLMs
+    code_rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    codebook_before = embedding[code_rows].detach().clone()
+    head_before = embedding.detach().clone()
+    rows = sft_rows(train.select(range(8)), model, processor)
+    trainer, _ = run_sft(model, processor, rows, tmp_path / "sft", lora=False, output_head="trained", max_steps=3,
+                         learning_rate=1e-2, per_device_train_batch_size=4, save_strategy="no", logging_steps=1)
+    trained = trainer.model
+    assert trained.lm_head.weight is not trained.get_input_embeddings().weight and not trained.config.tie_word_embeddings
+    assert not torch.equal(trained.lm_head.weight.detach(), head_before)
+    assert torch.equal(trained.get_input_embeddings().weight[code_rows].detach(), codebook_before)
+    trained.save_pretrained(tmp_path / "out")
+    reloaded = type(trained).from_pretrained(tmp_path / "out")
+    assert reloaded.lm_head.weight is not reloaded.get_input_embeddings().weight
+    assert torch.equal(reloaded.lm_head.weight, trained.lm_head.weight.detach())
+    with pytest.raises(ValueError, match="output_head='trained' needs full fine-tuning"):
+        run_sft(model, processor, rows, tmp_path / "lora", lora={"r": 4}, output_head="trained", max_steps=1)
+    with pytest.raises(ValueError, match="output_head='frozen' is not one of"):
+        run_sft(model, processor, rows, tmp_path / "bad", lora=False, output_head="frozen", max_steps=1)
+
+
+def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):
+    """`loss_normalization="row"`: a one-word answer weighs as much as an image's codes; "token" is TRL's loss."""
+    from training.sft import _sft_trainer_class, add_labelled_positions_lm_head, unicode_sft_config
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))  # the trainer patches its model
+    rows = sft_rows(train.select(range(2)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = labels != IGNORE_INDEX
+    per_row = nats.sum(-1) / mask.sum(-1)
+    losses = {}
+    for normalization in ("row", "token"):
+        trainer = _sft_trainer_class()(model=model, args=unicode_sft_config(tmp_path / normalization, max_steps=1),
+                                       train_dataset=rows, data_collator=CodesCollator(processor.tokenizer.pad_token_id),
+                                       processing_class=processor, loss_normalization=normalization)
+        add_labelled_positions_lm_head(trainer.model)
+        with torch.no_grad():
+            losses[normalization] = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert losses["row"] == pytest.approx(float(per_row.mean()), rel=1e-4)
+    assert losses["token"] == pytest.approx(float(nats[mask].mean()), rel=1e-4)
+    assert abs(losses["row"] - losses["token"]) > 1e-3  # rows of different lengths: the two really differ
+    with pytest.raises(ValueError, match="loss_normalization='sum' is not one of"):
+        _sft_trainer_class()(model=model, args=unicode_sft_config(tmp_path / "x", max_steps=1), train_dataset=rows,
+                             data_collator=CodesCollator(processor.tokenizer.pad_token_id), processing_class=processor,
+                             loss_normalization="sum")
+
+
+def test_wall_clock_budget_ends_training_and_anneals_the_rate_over_its_seconds(mllm, codes, tmp_path, monkeypatch):
+    """`max_seconds`: the schedule follows the elapsed fraction of the budget and the run stops when it is spent."""
+    from training import sft
+
+    clock = [100.0]
+    monkeypatch.setattr(sft.time, "perf_counter", lambda: clock[0])
+    budget = sft.WallClockBudget(10.0, warmup_fraction=0.1)
+    assert budget.lr_factor(0) == 0.01  # not started: the warm-up's floor
+    budget.on_train_begin(None, None, None)
+    clock[0] = 100.5
+    assert budget.lr_factor(0) == pytest.approx(0.5)  # half-way through the warm-up
+    clock[0] = 101.0 + 4.5
+    assert budget.lr_factor(0) == pytest.approx(0.5)  # cosine half-way
+    control = type("Control", (), {"should_training_stop": False})()
+    assert not budget.on_step_end(None, None, control).should_training_stop
+    clock[0] = 110.0
+    assert budget.lr_factor(0) == pytest.approx(0.0) and budget.on_step_end(None, None, control).should_training_stop
+    with pytest.raises(ValueError, match="max_seconds=0 must be a positive"):
+        sft.WallClockBudget(0)
+    monkeypatch.undo()
+    model, processor = mllm
+    rows = sft_rows(codes[0].select(range(4)), model, processor)
+    trainer, metrics = run_sft(type(model).from_pretrained(_save(model, processor, tmp_path / "base")), processor, rows,
+                               tmp_path / "timed", lora=False, max_seconds=1.0, save_strategy="no", logging_steps=1)
+    assert 1 <= metrics["global_step"] < 10**6 and 1.0 <= metrics["train_seconds"] < 30
+    assert metrics["train_tokens"] > 0

@@ -391,6 +391,7 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
     checks = {}
     paths = {"psnr_db": ("reconstruction", "psnr"), "codebook_usage": ("reconstruction", "codebook_usage"),
              "vqa_accuracy": ("vqa", "accuracy"), "vqa_compositional_accuracy": ("vqa_compositional", "accuracy"),
+             "vqa_one_shape_accuracy": ("vqa_one_shape", "accuracy"),
              "text_to_image_all_correct": ("text_to_image", "all_correct")}
     for goal, target in goals.items():
         if goal == "vqa_above_chance_every_type":

@@ -73,7 +73,11 @@ def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: i
 
     `swapped_images`: also ask every question about ANOTHER scene's image (the next row's, cyclically),
     under `"swapped"`. A model that reads its image loses accuracy there; one that answers from the
-    question alone scores the same, whatever its accuracy says."""
+    question alone scores the same, whatever its accuracy says.
+
+    Rows with a `scene` (the Shapes world) are also scored on one-shape and on 2+-shape scenes apart, under
+    `model_one_shape` / `model_multi_shape` (and their `chance_...`)."""
+    from .data.shapes import scene_from_json
     from .metrics import load_metric
 
     images, questions, answers, kinds, scene_of = [], [], [], [], []
@@ -88,9 +92,20 @@ def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: i
     predictions = answer_questions(model, processor, images, questions, batch_size=batch_size, desc=desc)
     metric = load_metric("vqa_accuracy")
     model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)
-    chance = metric.compute(predictions=[prior.get(k, "") for k in kinds], references=answers, question_types=kinds)
+    prior_predictions = [prior.get(k, "") for k in kinds]
+    chance = metric.compute(predictions=prior_predictions, references=answers, question_types=kinds)
     examples = list(zip(images, questions, answers, predictions))
     out = {"model": model_scores, "chance": chance, "examples": examples}
+    if rows and "scene" in rows[0]:
+        # A lone shape needs no search for the object a question names; 2+ shapes need binding.
+        shapes = [len(scene_from_json(rows[i]["scene"])["objects"]) for i in scene_of]
+        for name, keep in (("one_shape", lambda n: n == 1), ("multi_shape", lambda n: n > 1)):
+            picked = [i for i, n in enumerate(shapes) if keep(n)]
+            if picked:
+                take = lambda values: [values[i] for i in picked]  # noqa: E731
+                out[f"model_{name}"] = metric.compute(predictions=take(predictions), references=take(answers), question_types=take(kinds))
+                out[f"chance_{name}"] = metric.compute(predictions=take(prior_predictions), references=take(answers),
+                                                       question_types=take(kinds))
     if swapped_images:
         if len(rows) < 2:
             raise ValueError("swapped_images=True needs at least 2 scenes in the dataset (each question gets another scene's image)")
@@ -148,7 +163,9 @@ def generate_images(model, processor, captions: list[str], guidance_scale: Optio
 
 
 def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Optional[float] = 3.0, seed: int = 0,
-                        batch_size: int = 8) -> dict:
+                        batch_size: int = 8, **sampling) -> dict:
+    """Scene match of single-shape prompts drawn greedily, or sampled (seeded) when `sampling` holds
+    `do_sample=True` and its settings (top_k, top_p, temperature)."""
     from .data.shapes import render_scene
     from .metrics import load_metric
 
@@ -158,7 +175,7 @@ def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Opti
     prompts = single_shape_prompts(num_prompts, image_size, seed)
     captions = [c for c, _ in prompts]
     scenes = [s for _, s in prompts]
-    generated = generate_images(model, processor, captions, guidance_scale, batch_size=batch_size, seed=seed)
+    generated = generate_images(model, processor, captions, guidance_scale, batch_size=batch_size, seed=seed, **sampling)
     metric = load_metric("scene_match")
     model_scores = metric.compute(predictions=generated, references=scenes)
     # Chance: the true rendering of a DIFFERENT prompt (a cyclic shift, so none keeps its own).
@@ -259,12 +276,14 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
         "vqa_compositional": _flat_scores(comp["model"]),
         # The same questions about another scene's image: equal to `vqa` means the answers ignore the image.
         "vqa_swapped_images": _flat_scores(vqa["swapped"]),
+        **{f"vqa_{name}": _flat_scores(vqa[f"model_{name}"]) for name in ("one_shape", "multi_shape") if f"model_{name}" in vqa},
         "text_to_image": _flat_scores(generation["model"]),
         "reconstruction": {"psnr": recon["psnr"], "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"]},
     }
     chance = {
         "vqa": _flat_scores(vqa["chance"]),
         "vqa_compositional": _flat_scores(comp["chance"]),
+        **{f"vqa_{name}": _flat_scores(vqa[f"chance_{name}"]) for name in ("one_shape", "multi_shape") if f"chance_{name}" in vqa},
         "text_to_image": _flat_scores(generation["chance"]),
         "vqa_prior_answers": prior,
     }
@@ -335,6 +354,9 @@ def metrics_markdown(results: dict) -> str:
             label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
             lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
                          f"{swapped.get(key, float('nan')):.3f} |")
+    for name, label in (("vqa_one_shape", "one-shape scenes"), ("vqa_multi_shape", "scenes of 2+ shapes")):
+        if name in m:
+            lines.append(f"| {label} | {m[name]['accuracy']:.3f} | {c.get(name, {}).get('accuracy', float('nan')):.3f} | |")
     lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
                  f"{c['vqa_compositional']['accuracy']:.3f} | |")
     lines += ["", "The last column asks every question about the next test scene's image: where it equals the accuracy, "

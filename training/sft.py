@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -115,7 +116,10 @@ def unicode_lora_config(
     # Anchored on the LLM decoder so a same-named layer elsewhere (the visual tokenizer) is never matched.
     pattern = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")"
     trainable = {_embedding_name(model): image_special_token_ids(model)} if train_special_tokens else None
+    base = getattr(model, "get_base_model", lambda: model)()
+    positions = ["image_position_embedding"] if getattr(base.model, "image_position_embedding", None) is not None else None
     return LoraConfig(
+        modules_to_save=positions,  # the placeholder position table is new in stage II: trained whole, not low-rank
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
         lora_dropout=dropout,
@@ -163,7 +167,40 @@ def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
         mask[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=mask.device)] = 0
     embedding.requires_grad_(True)
     embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not embedding:
+        head.weight.requires_grad_(True)  # an untied head (`untie_output_head`) is the model's own: it trains whole
+    if getattr(model.model, "image_position_embedding", None) is not None:
+        model.model.image_position_embedding.requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+OUTPUT_HEADS = ("tied", "trained")
+
+
+def untie_output_head(model) -> bool:
+    """Give the MLLM an LM head of its own, initialised as a copy of the tied input rows, so stage II can
+    train it while the input embedding (the unified codebook) stays as stage I left it.
+
+    Why: tied and frozen (the paper's setup with LoRA), the only way to write a code is to dot the hidden state
+    with codebook rows that stage 0 never trained as outputs; a from-scratch stage-0 LM's tied softmax even pushed
+    every row it never emitted along one shared direction. Unifying the codebook is about what the LLM READS;
+    the head is only a readout, and Chameleon, Emu3 and Janus all train theirs. docs/results.md ("Learning
+    benchmark") has the comparison. Returns True when the head was tied before."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to untie")
+    was_tied = head.weight is embedding or head.weight.data_ptr() == embedding.data_ptr()
+    if was_tied:
+        head.weight = nn.Parameter(embedding.detach().clone(), requires_grad=embedding.requires_grad)
+    # transformers re-ties on load and on `tie_weights()` when the top-level config asks; the text config is
+    # kept in step so an LLM extracted from the MLLM does not re-tie either.
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config()
+    if text_config is not model.config and hasattr(text_config, "tie_word_embeddings"):
+        text_config.tie_word_embeddings = False
+    return was_tied
 
 
 def reinitialize_decoder_layers(model, seed: int = 0) -> list[str]:
@@ -234,6 +271,94 @@ def add_labelled_positions_lm_head(model) -> None:
                                    is_top1=per_token[2], label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+
+
+# -- the trainer: loss per row, wall-clock budgets -------------------------------------------------
+
+LOSS_NORMALIZATIONS = ("token", "row")
+
+
+class WallClockBudget(TrainerCallback):
+    """Train for `seconds` of wall clock instead of a number of steps: the learning rate follows warm-up
+    then cosine over the elapsed FRACTION of the budget, and training stops when it is spent.
+
+    Why: recipes that change the cost of a step (longer rows, a bigger head, more data) are only comparable
+    at equal seconds, and a step schedule would end each of them at a different point of its cosine.
+    The clock starts at the first step and is not carried over a resume."""
+
+    def __init__(self, seconds: float, warmup_fraction: float = 0.03):
+        if not seconds > 0:
+            raise ValueError(f"max_seconds={seconds!r} must be a positive number of seconds")
+        self.seconds = float(seconds)
+        self.warmup_fraction = float(warmup_fraction)
+        self.started: Optional[float] = None
+
+    def elapsed_fraction(self) -> float:
+        return 0.0 if self.started is None else min(1.0, (time.perf_counter() - self.started) / self.seconds)
+
+    def lr_factor(self, _step: int) -> float:
+        fraction = self.elapsed_fraction()
+        if fraction < self.warmup_fraction:
+            return max(fraction / self.warmup_fraction, 0.01)
+        progress = (fraction - self.warmup_fraction) / max(1e-9, 1.0 - self.warmup_fraction)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.elapsed_fraction() >= 1.0:
+            control.should_training_stop = True
+        return control
+
+
+def _sft_trainer_class():
+    """`SFTTrainer` with the stage-II loss options (imported lazily: TRL is heavy)."""
+    from trl import SFTTrainer
+
+    class UniCodeSFTTrainer(SFTTrainer):
+        """TRL's `SFTTrainer` plus two stage-II options:
+
+        - `loss_normalization="row"`: every row's loss is the mean over its own labelled tokens, and the batch
+          loss the mean over rows. TRL's default ("token") averages over all labelled tokens of the batch, so a
+          text-to-image row (one label per code) outweighs a VQA row (a one-word answer) a hundredfold, and the
+          shared layers learn to draw long before they learn to look;
+        - `wall_clock`: a `WallClockBudget`, whose schedule replaces the step-based one.
+        """
+
+        def __init__(self, *args, loss_normalization: str = "token", wall_clock: Optional[WallClockBudget] = None, **kwargs):
+            if loss_normalization not in LOSS_NORMALIZATIONS:
+                raise ValueError(f"loss_normalization={loss_normalization!r} is not one of {list(LOSS_NORMALIZATIONS)}")
+            self.loss_normalization = loss_normalization
+            self.wall_clock = wall_clock
+            callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
+            super().__init__(*args, callbacks=callbacks, **kwargs)
+            if loss_normalization == "row":
+                self.loss_is_scaled_for_ga = False  # a mean per micro-batch: Trainer averages over accumulation steps
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.wall_clock is None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.wall_clock.lr_factor)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_normalization == "token" or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            labelled = outputs.label_mask.sum(-1)
+            rows = labelled > 0
+            per_row = -outputs.log_probs.sum(-1) / labelled.clamp(min=1)
+            loss = per_row[rows].sum() / rows.sum().clamp(min=1)
+            if self.model.training:
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return UniCodeSFTTrainer
 
 
 # -- SFTConfig ------------------------------------------------------------------------------------
@@ -413,7 +538,11 @@ __all__ = [
     "freeze_for_stage2",
     "image_special_token_ids",
     "prepare_full_finetune",
+    "OUTPUT_HEADS",
+    "untie_output_head",
     "reinitialize_decoder_layers",
+    "LOSS_NORMALIZATIONS",
+    "WallClockBudget",
     "add_labelled_positions_lm_head",
     "unicode_sft_config",
     "last_complete_checkpoint",

@@ -40,6 +40,10 @@ class StageIIArguments:
     lora: bool = True            # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
     train_text_embeddings: bool = False  # full fine-tuning only: the embedding rows that are not visual codes train too
     reinit_decoder: bool = False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
+    output_head: str = "tied"    # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
+    image_positions: bool = False  # a learned embedding per input-image placeholder (config.image_position_embeddings)
+    loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
+    max_seconds: Optional[float] = None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -189,18 +193,23 @@ def run_sft(
     resume: bool = False,
     eval_rows_per_task: Optional[int] = 64,
     train_text_embeddings: bool = False,
+    output_head: str = "tied",
+    loss_normalization: str = "token",
+    max_seconds: Optional[float] = None,
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
     with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
-    (trainer, {"before", "after", ...}).
+    (trainer, {"before", "after", ...}). `output_head="trained"` unties the LM head and trains it (full fine-tuning);
+    `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options.
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
-    from trl import SFTTrainer
-
     from .sft import (
+        OUTPUT_HEADS,
         CodesCollator,
         CompleteCheckpointCallback,
+        WallClockBudget,
+        _sft_trainer_class,
         add_labelled_positions_lm_head,
         last_complete_checkpoint,
         prepare_full_finetune,
@@ -208,6 +217,7 @@ def run_sft(
         task_losses,
         unicode_lora_config,
         unicode_sft_config,
+        untie_output_head,
     )
 
     for name in ("input_ids", "labels", "image_codes"):
@@ -216,6 +226,14 @@ def run_sft(
                 f"train_dataset has no {name!r} column (columns: {train_dataset.column_names}); build task rows and "
                 "tokenize them with training.tasks.tokenize_tasks"
             )
+    if output_head not in OUTPUT_HEADS:
+        raise ValueError(f"output_head={output_head!r} is not one of {list(OUTPUT_HEADS)}")
+    if output_head == "trained" and lora is not False:
+        raise ValueError("output_head='trained' needs full fine-tuning (lora=False); with LoRA the LM head stays the "
+                         "frozen, tied codebook (output_head='tied')")
+    wall_clock = WallClockBudget(max_seconds, sft_overrides.get("warmup_ratio", 0.03)) if max_seconds is not None else None
+    if wall_clock is not None:
+        sft_overrides = {**sft_overrides, "max_steps": 10**9, "warmup_steps": 0}  # the clock ends the run
     collator = CodesCollator(processor.tokenizer.pad_token_id)
     peft_config = None if lora is False else unicode_lora_config(model, **(lora or {}))
     args = unicode_sft_config(output_dir, **sft_overrides)
@@ -228,10 +246,12 @@ def run_sft(
     if train_text_embeddings and peft_config is not None:
         raise ValueError("train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen")
     if peft_config is None:
+        if output_head == "trained":
+            untie_output_head(model)
         prepare_full_finetune(model, text_rows=train_text_embeddings)
     else:
         model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
-    trainer = SFTTrainer(
+    trainer = _sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -239,6 +259,8 @@ def run_sft(
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[CompleteCheckpointCallback()],
+        loss_normalization=loss_normalization,
+        wall_clock=wall_clock,
     )
     _expose_lm_head_bias(trainer.model)
     if not _trl_compact_lm_head(trainer.args.device):
@@ -254,6 +276,7 @@ def run_sft(
         "global_step": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "train_seconds": seconds,
+        "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)),  # attended tokens, padding excluded
         "world_size": trainer.accelerator.num_processes,
     }
     return trainer, metrics
@@ -313,6 +336,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     model, processor = load_model_and_processor(base)
     if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
         reinitialize_decoder_layers(model, seed=args.seed)
+    if args.image_positions and model.model.image_position_embedding is None:
+        model.model.add_image_position_embedding()
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
     if _main_process():
@@ -338,7 +363,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     lora = args.lora and {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
     trainer, metrics = run_sft(
         model, processor, train_rows, paths["trainer"], split_by_task(eval_rows), lora, args.resume,
-        args.eval_rows_per_task, train_text_embeddings=args.train_text_embeddings, **overrides,
+        args.eval_rows_per_task, train_text_embeddings=args.train_text_embeddings, output_head=args.output_head,
+        loss_normalization=args.loss_normalization, max_seconds=args.max_seconds, **overrides,
     )
     if args.lora:
         save_adapter(trainer, paths["adapter"])
