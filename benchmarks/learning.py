@@ -122,41 +122,40 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     from training.stage2 import StageIIArguments, load_model_and_processor, shapes_code_datasets, train_stage2
 
     decoding = {k: settings.pop(k, v) for k, v in DECODING.items()}
-    trained_by = settings.pop("decode", None)  # a decoding-only row: another variant's models, other decoding
+    trained_by = settings.pop("decode", None)  # a decoding-only row: another variant's models, drawn otherwise
     folder = Path(args.work) / f"{name}-s{seed}"
+    sampling = {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]} if decoding["top_k"] else {}
     if trained_by:
-        source = json.loads((Path(args.work) / f"{trained_by}-s{seed}" / RESULT).read_text())
-        stage, metrics, wall = source["settings"], source["train_metrics"], source["stage_wall_seconds"]
-        stage = {k: v for k, v in stage.items() if k not in DECODING}
-        model_folder = Path(args.work) / f"{trained_by}-s{seed}" / "mllm"
+        # Decoding changes only the drawings: the source's training, VQA and losses stand as they were measured.
+        result = json.loads((Path(args.work) / f"{trained_by}-s{seed}" / RESULT).read_text())
+        model, processor = load_model_and_processor(Path(args.work) / f"{trained_by}-s{seed}" / "mllm")
+        generation = evaluate_generation(model.eval(), processor, args.generation_prompts, decoding["guidance"], **sampling)
+        result.update({"variant": name, "trained_by": trained_by, "settings": {**result["settings"], **decoding},
+                       "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"}})
         folder.mkdir(parents=True, exist_ok=True)
-        copy_run(Path(args.run), folder / "scratch", stage["train_images"])
-        folder = folder / "scratch"
-    else:
-        stage = {**BASE, **settings}
-        copy_run(Path(args.run), folder, stage["train_images"])
-        started = time.perf_counter()
-        stage_args = StageIIArguments(run_dir=str(folder), stage="sft", max_seconds=args.seconds, eval_images=args.eval_images,
-                                      save_steps=10**9, use_cpu=True, seed=seed,
-                                      extra={"save_strategy": "no", "bf16": True, "logging_steps": 50}, **stage)
-        metrics = train_stage2(stage_args)
-        metrics = {k: metrics[k] for k in ("train_seconds", "global_step", "train_tokens", "after") if k in metrics}
-        wall = time.perf_counter() - started
-        model_folder = folder / "mllm"
-    model, processor = load_model_and_processor(model_folder)
+        (folder / RESULT).write_text(json.dumps(result, indent=1))
+        return result
+    stage = {**BASE, **settings}
+    copy_run(Path(args.run), folder, stage["train_images"])
+    started = time.perf_counter()
+    trainer = {"save_strategy": "no", "bf16": True, "logging_steps": 50, **stage.get("extra", {})}  # extra: SFTConfig fields
+    stage_args = StageIIArguments(run_dir=str(folder), stage="sft", max_seconds=args.seconds, eval_images=args.eval_images,
+                                  save_steps=10**9, use_cpu=True, seed=seed, extra=trainer,
+                                  **{k: v for k, v in stage.items() if k != "extra"})
+    metrics = train_stage2(stage_args)
+    wall = time.perf_counter() - started
+    model, processor = load_model_and_processor(folder / "mllm")
     model.eval()
     test = build_split("test", args.vqa_images, image_size=model.config.vq_config.image_size, seed=0)
     prior = majority_answers(train_question_rows(stage["train_images"], 0))
     vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True)
-    sampling = {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]} if decoding["top_k"] else {}
     generation = evaluate_generation(model, processor, args.generation_prompts, decoding["guidance"], **sampling)
     _, eval_codes = shapes_code_datasets(folder, model, stage["train_images"], args.eval_images, seed)
     losses = code_losses(model, processor, eval_codes, model.config.vq_config.depth)
     keep = lambda scores: {k: v for k, v in scores.items() if k.startswith("accuracy")}  # noqa: E731
     result = {
         "variant": name, "seed": seed, "settings": {**stage, **decoding}, "seconds_budget": args.seconds,
-        "trained_by": trained_by or name, "train_metrics": metrics,
-        "threads": torch.get_num_threads(),
+        "trained_by": name, "threads": torch.get_num_threads(),
         "sft_seconds": metrics["train_seconds"], "steps": metrics["global_step"], "stage_wall_seconds": wall,
         "tokens_per_second": metrics.get("train_tokens", 0) / max(metrics["train_seconds"], 1e-9),
         "held_out": metrics["after"], "code_nats": losses,
@@ -166,9 +165,6 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
         "t2i_ceiling": {k: v for k, v in generation["ceiling"].items() if k != "num_images"},
     }
-    if trained_by:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder = folder.parent
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     for heavy in ("stage2", "codes", "text_lm", "llm", "vision_tokenizer"):  # keep mllm/ (the model) and the result only
         shutil.rmtree(folder / heavy, ignore_errors=True)
@@ -236,36 +232,38 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one variant spec
     args = parser.parse_args()
     work = Path(args.work)
+    if args.table:
+        print(table(work, [spec.partition("=")[0] for spec in args.variants] if args.variants != ["baseline"] else []))
+        return
     variants = [parse_variant(v) for v in args.variants]
     if args.one:
         name, settings = parse_variant(args.one)
         run_one(args, name, settings, args.seeds[0])
         return
-    if not args.table:
-        if not args.run:
-            parser.error("--run is required to train")
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        pending = [(spec, seed) for spec, (name, _) in zip(args.variants, variants) for seed in args.seeds
-                   if not (work / f"{name}-s{seed}" / RESULT).is_file()]
-        running: list[subprocess.Popen] = []
-        work.mkdir(parents=True, exist_ok=True)
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                spec, seed = pending.pop(0)
-                name = spec.partition("=")[0]
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-                command = [sys.executable, __file__, "--run", args.run, "--work", args.work, "--one", spec,
-                           "--seeds", str(seed), "--seconds", str(args.seconds), "--vqa-images", str(args.vqa_images),
-                           "--generation-prompts", str(args.generation_prompts), "--eval-images", str(args.eval_images)]
-                log = open(work / f"{name}-s{seed}.log", "w")
-                running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(2)
-            for process in [p for p in running if p.poll() is not None]:
-                running.remove(process)
-                if process.returncode:
-                    print(f"a run failed (exit {process.returncode}): {' '.join(process.args[-12:])}; see its log in {work}",
-                          file=sys.stderr)
-    print(table(work, [name for name, _ in variants] if args.variants != ["baseline"] or args.table is False else []))
+    if not args.run:
+        parser.error("--run is required to train")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    pending = [(spec, seed) for spec, (name, _) in zip(args.variants, variants) for seed in args.seeds
+               if not (work / f"{name}-s{seed}" / RESULT).is_file()]
+    running: list[subprocess.Popen] = []
+    work.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            spec, seed = pending.pop(0)
+            name = spec.partition("=")[0]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            command = [sys.executable, __file__, "--run", args.run, "--work", args.work, "--one", spec,
+                       "--seeds", str(seed), "--seconds", str(args.seconds), "--vqa-images", str(args.vqa_images),
+                       "--generation-prompts", str(args.generation_prompts), "--eval-images", str(args.eval_images)]
+            log = open(work / f"{name}-s{seed}.log", "w")
+            running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(2)
+        for process in [p for p in running if p.poll() is not None]:
+            running.remove(process)
+            if process.returncode:
+                print(f"a run failed (exit {process.returncode}): {' '.join(process.args[-12:])}; see its log in {work}",
+                      file=sys.stderr)
+    print(table(work, [name for name, _ in variants]))
 
 
 if __name__ == "__main__":

@@ -366,6 +366,27 @@ def test_reinit_decoder_redraws_the_layers_and_keeps_the_codebook_rows(mllm, tmp
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
     with pytest.raises(ValueError, match="reinit_decoder=True needs full fine-tuning"):
         train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), reinit_decoder=True, lora=True))
+    with pytest.raises(ValueError, match="decoder_layers needs reinit_decoder=True"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), decoder_layers=3, lora=False))
+
+
+def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads(mllm, tmp_path):
+    from training.sft import reinitialize_decoder_layers
+
+    model, processor = mllm
+    deeper = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    embedding = deeper.get_input_embeddings().weight.clone()
+    depth = len(deeper.model.language_model.layers) + 2
+    reinitialize_decoder_layers(deeper, seed=0, num_layers=depth)
+    assert len(deeper.model.language_model.layers) == depth == deeper.config.get_text_config().num_hidden_layers
+    assert torch.equal(deeper.get_input_embeddings().weight, embedding)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    logits = deeper(input_ids=ids).logits
+    deeper.save_pretrained(tmp_path / "deeper")
+    reloaded = type(deeper).from_pretrained(tmp_path / "deeper")
+    assert len(reloaded.model.language_model.layers) == depth and torch.allclose(reloaded(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match="decoder_layers=0 must be a whole number"):
+        reinitialize_decoder_layers(deeper, num_layers=0)
 
 
 def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(mllm, codes, tmp_path):

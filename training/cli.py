@@ -159,6 +159,8 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         lora=lora, train_text_embeddings=pick(None, "train_text_embeddings", False),
         # the recipe's fresh layers go with its full fine-tuning; `--lora` keeps the LLM's own
         reinit_decoder=pick(None, "reinit_decoder", False) and not lora, questions_per_image=pick(None, "questions_per_image", 2),
+        output_head=pick(None, "output_head", "tied") if not lora else "tied", image_positions=pick(None, "image_positions", False),
+        loss_normalization=pick(None, "loss_normalization", "token"),
         questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
         extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},
         seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,

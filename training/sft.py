@@ -203,7 +203,7 @@ def untie_output_head(model) -> bool:
     return was_tied
 
 
-def reinitialize_decoder_layers(model, seed: int = 0) -> list[str]:
+def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] = None) -> list[str]:
     """Re-draw the LLM's decoder layers and final norm with the LLM's own initialisation, keeping the
     input embedding (= the unified codebook, and the LM head when tied) and an untied LM head.
 
@@ -211,11 +211,24 @@ def reinitialize_decoder_layers(model, seed: int = 0) -> list[str]:
     fine-tuned from them, the answers attend to the question and the image path starves (docs/results.md,
     "Stage-0 initialisation": with the same embedding table, fresh layers measured 48.2 / 42.3 % VQA
     against 39.2 / 39.3 % after 1,200 SFT steps, two seeds). The rows stage I fitted the visual
-    tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names."""
+    tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names.
+
+    `num_layers`: draw that many layers instead (the model sized for the stage-II budget; the embedding
+    table, hence the codebook, does not depend on the depth)."""
     llm = model.model.language_model
     layers = getattr(llm, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not hasattr(llm, "_init_weights"):
         raise ValueError(f"reinit_decoder needs an LLM with a `layers` list of decoder layers, got {type(llm).__name__}")
+    if num_layers is not None and num_layers != len(layers):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"decoder_layers={num_layers!r} must be a whole number of at least 1")
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "layer_types", None) is not None:
+            raise ValueError(f"decoder_layers cannot resize {type(llm).__name__}, whose layers differ by type; leave it unset")
+        text_config.num_hidden_layers = num_layers
+        layer_class = type(layers[0])
+        llm.layers = layers = torch.nn.ModuleList(layer_class(text_config, layer_idx=i) for i in range(num_layers))
+        layers.to(model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype)
     parts = {"layers": layers, **({"norm": llm.norm} if isinstance(getattr(llm, "norm", None), torch.nn.Module) else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

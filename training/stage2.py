@@ -42,6 +42,7 @@ class StageIIArguments:
     reinit_decoder: bool = False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
     output_head: str = "tied"    # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
     image_positions: bool = False  # a learned embedding per input-image placeholder (config.image_position_embeddings)
+    decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
     max_seconds: Optional[float] = None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
     lora_r: int = 16
@@ -322,6 +323,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     from .sft import merge_adapter, reinitialize_decoder_layers
     from .tasks import split_by_task, tokenize_tasks
 
+    if args.decoder_layers is not None and not args.reinit_decoder:
+        raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
         raise ValueError("reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers")
     paths = stage_paths(args.run_dir, args.stage)
@@ -335,7 +338,7 @@ def train_stage2(args: StageIIArguments) -> dict:
     base = start["base"]
     model, processor = load_model_and_processor(base)
     if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
-        reinitialize_decoder_layers(model, seed=args.seed)
+        reinitialize_decoder_layers(model, seed=args.seed, num_layers=args.decoder_layers)
     if args.image_positions and model.model.image_position_embedding is None:
         model.model.add_image_position_embedding()
     vq = model.config.vq_config
