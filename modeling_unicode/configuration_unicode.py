@@ -309,6 +309,11 @@ class UniCodeConfig(PreTrainedConfig):
             code embeddings (as a ViT adds one per patch), so the LLM knows which grid cell each placeholder is
             without counting positions from the text around it. The codes stay the LLM's own rows; only
             this table (one row per placeholder) is new. Off in the paper's model.
+        code_position_embeddings (`bool`): the same for images WRITTEN as code ids: a learned embedding per index
+            of the flattened code sequence (position and level) is added to each code token's input row, so the
+            LLM drawing an image knows which cell the next code fills without counting tokens since `<boi>`.
+            The index counts the code ids of the row since its last `<boi>` (or its start), so a partial image
+            continued in a later turn keeps counting. Off in the paper's model.
     """
 
     model_type = "unicode"
@@ -327,6 +332,7 @@ class UniCodeConfig(PreTrainedConfig):
         eoi_token_id: Optional[int] = None,
         tie_word_embeddings: Optional[bool] = None,
         image_position_embeddings: bool = False,
+        code_position_embeddings: bool = False,
         **kwargs,
     ):
         self.text_config = self._text_config_from(text_config)
@@ -339,6 +345,7 @@ class UniCodeConfig(PreTrainedConfig):
             tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.image_position_embeddings = bool(image_position_embeddings)
+        self.code_position_embeddings = bool(code_position_embeddings)
         super().__init__(**kwargs)
         self.validate_fields()
 

@@ -136,19 +136,40 @@ class UniCodeModel(UniCodePreTrainedModel):
         else:
             self.vision_tokenizer = None
         self.image_position_embedding = None
+        self.code_position_embedding = None
         if config.image_position_embeddings:
             self.add_image_position_embedding()
+        if config.code_position_embeddings:
+            self.add_code_position_embedding()
         self.post_init()
+
+    def _zero_table(self, rows: int) -> nn.Embedding:
+        weight = self.get_input_embeddings().weight
+        table = nn.Embedding(rows, self.config.get_text_config().hidden_size)
+        nn.init.zeros_(table.weight)
+        return table.to(weight.device, weight.dtype)
 
     def add_image_position_embedding(self) -> nn.Embedding:
         """The per-placeholder position table (`config.image_position_embeddings`), created at zero so a model it
         is added to computes exactly what it did before, until training moves it."""
-        hidden = self.config.get_text_config().hidden_size
-        table = nn.Embedding(self.config.image_seq_length, hidden)
-        nn.init.zeros_(table.weight)
-        self.image_position_embedding = table.to(self.get_input_embeddings().weight.device, self.get_input_embeddings().weight.dtype)
+        self.image_position_embedding = self._zero_table(self.config.image_seq_length)
         self.config.image_position_embeddings = True
         return self.image_position_embedding
+
+    def add_code_position_embedding(self) -> nn.Embedding:
+        """The per-code-index table (`config.code_position_embeddings`), created at zero like the placeholders' one."""
+        self.code_position_embedding = self._zero_table(self.config.image_tokens_per_generation)
+        self.config.code_position_embeddings = True
+        return self.code_position_embedding
+
+    def code_indices(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """For each token that is a visual code, its index in its image's flattened code sequence (counting the
+        row's code ids since its last `<boi>`); -1 for every other token."""
+        is_code = torch.isin(input_ids, self.codebook_token_ids.to(input_ids.device))
+        count = is_code.long().cumsum(-1)
+        if self.config.boi_token_id is not None:
+            count = count - torch.where(input_ids == self.config.boi_token_id, count, 0).cummax(-1).values
+        return torch.where(is_code, (count - 1) % self.config.image_tokens_per_generation, -1)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -235,12 +256,18 @@ class UniCodeModel(UniCodePreTrainedModel):
         cache=None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
+        code_positions: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> UniCodeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if self.code_position_embedding is not None and (input_ids is not None or code_positions is not None):
+            # `code_positions` comes from a decoding loop that feeds one token at a time (no `<boi>` in sight).
+            index = self.code_indices(input_ids) if code_positions is None else code_positions.to(inputs_embeds.device)
+            rows = self.code_position_embedding(index.clamp(min=0)) * (index >= 0).unsqueeze(-1)
+            inputs_embeds = inputs_embeds + rows.to(inputs_embeds.dtype)
 
         codes = None
         has_images = pixel_values is not None or image_codes is not None
@@ -492,8 +519,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             all_masks.append(nn.functional.pad(mask, (extra, 0), value=0))
         return torch.cat(all_ids), torch.cat(all_masks)
 
-    def _next_token_logits(self, ids, mask, positions, cache, use_cache: bool) -> torch.Tensor:
-        outputs = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
+    def _next_token_logits(self, ids, mask, positions, cache, use_cache: bool, code_positions=None) -> torch.Tensor:
+        outputs = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache,
+                             code_positions=code_positions)
         return self.lm_head(outputs.last_hidden_state[:, -1, :]).float()
 
     @torch.no_grad()
@@ -618,7 +646,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             length = prompt_length + step + 1
             if use_cache:
                 logits = self._next_token_logits(
-                    column, full_mask[:, :length], full_positions[:, length - 1 : length], cache, True
+                    column, full_mask[:, :length], full_positions[:, length - 1 : length], cache, True,
+                    code_positions=torch.full_like(column, step),  # the code just written is the image's step-th
                 )
             else:
                 rows = torch.cat([rows, column], dim=1)

@@ -278,3 +278,29 @@ def test_image_position_embeddings_start_as_the_papers_input_and_save_with_the_m
     assert reloaded.config.image_position_embeddings
     assert torch.equal(reloaded.model.image_position_embedding.weight, table.weight)
     assert torch.equal(reloaded.model.get_image_features(image_codes=codes)[0], moved)
+
+
+def test_code_position_embeddings_index_each_written_code_and_generation_matches_without_the_cache(tmp_path):
+    """`config.code_position_embeddings`: each code id gets the row of its index in its image (counted since `<boi>`,
+    carried across turns), other tokens none; the cached decoding loop passes the index it writes, so its codes
+    equal the uncached loop's; the table saves and reloads."""
+    model, processor = tiny_mllm()
+    codes = model.model.codebook_token_ids[:5].tolist()
+    boi, text = model.config.boi_token_id, 3
+    ids = torch.tensor([[text, boi, codes[0], codes[1], text, codes[2], boi, codes[3], text]])
+    assert model.model.code_indices(ids).tolist() == [[-1, -1, 0, 1, -1, 2, -1, 0, -1]]
+    logits_before = model(input_ids=ids).logits
+    table = model.model.add_code_position_embedding()
+    assert table.weight.shape[0] == model.config.image_tokens_per_generation
+    assert torch.equal(model(input_ids=ids).logits, logits_before)  # added at zero: the same model
+    with torch.no_grad():
+        table.weight.normal_(std=0.5)
+    assert not torch.allclose(model(input_ids=ids).logits[0, 2:], logits_before[0, 2:])
+    assert torch.allclose(model(input_ids=ids).logits[0, :2], logits_before[0, :2], atol=1e-6)  # text before codes: untouched
+    inputs = processor(text=["a red circle", "a blue square"], generation_mode="image")
+    cached = model.generate(**inputs, generation_mode="image", guidance_scale=2.0)
+    uncached = model.generate(**inputs, generation_mode="image", guidance_scale=2.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.config.code_position_embeddings and torch.equal(reloaded.model.code_position_embedding.weight, table.weight)

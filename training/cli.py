@@ -160,6 +160,7 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         # the recipe's fresh layers go with its full fine-tuning; `--lora` keeps the LLM's own
         reinit_decoder=pick(None, "reinit_decoder", False) and not lora, questions_per_image=pick(None, "questions_per_image", 2),
         output_head=pick(None, "output_head", "tied") if not lora else "tied", image_positions=pick(None, "image_positions", False),
+        code_positions=pick(None, "code_positions", False),
         loss_normalization=pick(None, "loss_normalization", "token"),
         questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
         extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},

@@ -117,9 +117,9 @@ def unicode_lora_config(
     pattern = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")"
     trainable = {_embedding_name(model): image_special_token_ids(model)} if train_special_tokens else None
     base = getattr(model, "get_base_model", lambda: model)()
-    positions = ["image_position_embedding"] if getattr(base.model, "image_position_embedding", None) is not None else None
+    positions = [t for t in ("image_position_embedding", "code_position_embedding") if getattr(base.model, t, None) is not None]
     return LoraConfig(
-        modules_to_save=positions,  # the placeholder position table is new in stage II: trained whole, not low-rank
+        modules_to_save=positions or None,  # position tables are new in stage II: trained whole, not low-rank
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
         lora_dropout=dropout,
@@ -170,8 +170,9 @@ def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embedding:
         head.weight.requires_grad_(True)  # an untied head (`untie_output_head`) is the model's own: it trains whole
-    if getattr(model.model, "image_position_embedding", None) is not None:
-        model.model.image_position_embedding.requires_grad_(True)
+    for table in ("image_position_embedding", "code_position_embedding"):
+        if getattr(model.model, table, None) is not None:
+            getattr(model.model, table).requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 

@@ -42,6 +42,7 @@ class StageIIArguments:
     reinit_decoder: bool = False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
     output_head: str = "tied"    # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
     image_positions: bool = False  # a learned embedding per input-image placeholder (config.image_position_embeddings)
+    code_positions: bool = False   # a learned embedding per index of a written image's codes (config.code_position_embeddings)
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
     max_seconds: Optional[float] = None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
@@ -341,6 +342,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         reinitialize_decoder_layers(model, seed=args.seed, num_layers=args.decoder_layers)
     if args.image_positions and model.model.image_position_embedding is None:
         model.model.add_image_position_embedding()
+    if args.code_positions and model.model.code_position_embedding is None:
+        model.model.add_code_position_embedding()
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
     if _main_process():
