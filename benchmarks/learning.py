@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -57,7 +58,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     import yaml
 
     settings = {}
-    for item in spec.split(","):
+    for item in re.split(r",(?![^\[]*\])", spec):  # commas inside [a,b] belong to a list value
         key, sep, value = item.partition(":")
         if not sep:
             raise SystemExit(f"variant {text!r}: {item!r} is not key:value")

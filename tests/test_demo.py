@@ -514,3 +514,22 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(
     assert (tmp_path / "head-s0" / "mllm" / "config.json").is_file() and not (tmp_path / "head-s0" / "stage2").exists()
     rows = [line for line in done.stdout.splitlines() if line.startswith("| head ") or line.startswith("| sampled ")]
     assert len(rows) == 2
+
+
+def test_goal_margins_over_chance_and_over_swapped_images():
+    """The recipe's margin goals: every question type `margin` above its prior-only answer, and the overall accuracy
+    `margin` above the same questions asked about other scenes' images; one-shape VQA is a goal of its own."""
+    from training.demo import _goal_checks
+
+    metrics = {"vqa": {"accuracy": 0.50, "accuracy_color": 0.30, "accuracy_size": 0.58},
+               "vqa_swapped_images": {"accuracy": 0.41}, "vqa_one_shape": {"accuracy": 0.86}}
+    chance = {"vqa": {"accuracy": 0.33, "accuracy_color": 0.14, "accuracy_size": 0.52}}
+    goals = {"vqa_margin_over_chance_every_type": 0.05, "vqa_margin_over_swapped_images": 0.10, "vqa_above_chance_every_type": True,
+             "vqa_one_shape_accuracy": 0.85}
+    assert _goal_checks(metrics, chance, goals) == {"vqa_margin_over_chance_every_type": True, "vqa_margin_over_swapped_images": False,
+                                                    "vqa_above_chance_every_type": True, "vqa_one_shape_accuracy": True}
+    metrics["vqa"]["accuracy_size"] = 0.55  # above its chance, but by less than the margin
+    metrics["vqa_swapped_images"]["accuracy"] = 0.40
+    checks = _goal_checks(metrics, chance, goals)
+    assert not checks["vqa_margin_over_chance_every_type"] and checks["vqa_above_chance_every_type"]
+    assert checks["vqa_margin_over_swapped_images"]

@@ -8,6 +8,8 @@ from modeling_unicode import UniCodeVisualTokenizer, UniCodeVisualTokenizerConfi
 from training.presets import list_presets, vision_tokenizer_config
 
 TOKEN_OFFSET = 500  # codes are vocabulary ids, not 0..K-1
+SIZE = vision_tokenizer_config("tiny", codebook_token_ids=list(range(256)), codebook_size=256).image_size
+GRID = SIZE // 8  # the tiny encoder downsamples 8x
 
 
 def tiny(quantizer, depth=2, **overrides):
@@ -18,18 +20,18 @@ def tiny(quantizer, depth=2, **overrides):
     return UniCodeVisualTokenizer(config).eval()
 
 
-def images(n=2, size=64):
+def images(n=2, size=SIZE):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
 
 
-@pytest.mark.parametrize("quantizer,depth,grid", [("vq", 1, 8), ("rq", 2, 8), ("rq", 4, 8), ("hq", 5, 4)])
+@pytest.mark.parametrize("quantizer,depth,grid", [("vq", 1, GRID), ("rq", 2, GRID), ("rq", 4, GRID), ("hq", 5, GRID // 2)])
 def test_encode_decode_shapes_for_the_tiny_preset(quantizer, depth, grid):
     model = tiny(quantizer, depth)
     codes = model.encode(images())
     assert codes.shape == (2, grid, grid, depth) and codes.dtype == torch.long
     assert codes.min() >= TOKEN_OFFSET and codes.max() < TOKEN_OFFSET + 256
     assert model.config.tokens_per_image == grid * grid * depth
-    assert model.decode(codes).shape == (2, 3, 64, 64)
+    assert model.decode(codes).shape == (2, 3, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -42,7 +44,7 @@ def test_a_half_precision_tokenizer_takes_the_image_processors_float32_pixels(tm
     codes = half.encode(pixel_values)
     assert codes.shape == model.encode(pixel_values).shape
     reconstruction = half.decode(codes)
-    assert reconstruction.dtype == dtype and reconstruction.shape == (2, 3, 64, 64)
+    assert reconstruction.dtype == dtype and reconstruction.shape == (2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert half(pixel_values).reconstruction.dtype == dtype
 
@@ -50,8 +52,8 @@ def test_a_half_precision_tokenizer_takes_the_image_processors_float32_pixels(tm
 def test_forward_returns_losses_and_statistics_and_trains_the_encoder():
     model = tiny("rq").train()
     out = model(images())
-    assert out.reconstruction.shape == (2, 3, 64, 64)
-    assert out.code_counts.sum() == 2 * 8 * 8 * 2 and out.code_sums.shape == (256, 256)
+    assert out.reconstruction.shape == (2, 3, SIZE, SIZE)
+    assert out.code_counts.sum() == 2 * GRID * GRID * 2 and out.code_sums.shape == (256, 256)
     assert 0 < out.codebook_usage <= 1 and out.perplexity >= 1
     out.loss.backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through reaches the encoder
@@ -90,14 +92,14 @@ def test_external_codebook_replaces_the_stored_one():
 
 def test_bad_pixel_values_get_clear_errors():
     model = tiny("vq")
-    with pytest.raises(ValueError, match=r"\(batch, 3, 64, 64\).*RGB"):
-        model.encode(torch.zeros(1, 1, 64, 64))
-    with pytest.raises(ValueError, match="image_size is 64"):
+    with pytest.raises(ValueError, match=rf"\(batch, 3, {SIZE}, {SIZE}\).*RGB"):
+        model.encode(torch.zeros(1, 1, SIZE, SIZE))
+    with pytest.raises(ValueError, match=f"image_size is {SIZE}"):
         model.encode(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="NaN or inf"):
-        model.encode(torch.full((1, 3, 64, 64), float("nan")))
+        model.encode(torch.full((1, 3, SIZE, SIZE), float("nan")))
     with pytest.raises(TypeError, match="float tensor"):
-        model.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        model.encode(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
     with pytest.raises(TypeError, match="torch.Tensor"):
         model.encode([[0.0]])
 
@@ -107,12 +109,12 @@ def test_bad_codes_get_clear_errors():
     codes = model.encode(images(1))
     with pytest.raises(ValueError, match="not visual codes"):
         model.decode(codes - TOKEN_OFFSET)  # 0..K-1 are not the vocabulary ids
-    with pytest.raises(ValueError, match=r"shape \(batch, 8, 8, 2\)"):
+    with pytest.raises(ValueError, match=rf"shape \(batch, {GRID}, {GRID}, 2\)"):
         model.decode(codes[..., :1])
     with pytest.raises(TypeError, match="integer"):
         model.decode(codes.float())
     flat = codes.reshape(1, -1)
-    assert torch.equal(unflatten_code_map(flat, 8, 2), codes)
+    assert torch.equal(unflatten_code_map(flat, GRID, 2), codes)
 
 
 @pytest.mark.parametrize(

@@ -401,9 +401,15 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
             if target:
                 checks[goal] = all(above_chance(metrics, chance, "vqa").values())
             continue
+        if goal == "vqa_margin_over_chance_every_type":
+            checks[goal] = all(above_chance(metrics, chance, "vqa", margin=float(target)).values())
+            continue
+        if goal == "vqa_margin_over_swapped_images":
+            checks[goal] = bool(metrics["vqa"]["accuracy"] >= metrics["vqa_swapped_images"]["accuracy"] + float(target))
+            continue
         if goal not in paths:
-            raise ValueError(f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)} or "
-                             "vqa_above_chance_every_type")
+            raise ValueError(f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)}, "
+                             "vqa_above_chance_every_type, vqa_margin_over_chance_every_type or vqa_margin_over_swapped_images")
         section, key = paths[goal]
         checks[goal] = bool(metrics[section][key] >= target)
     return checks

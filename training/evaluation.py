@@ -374,8 +374,11 @@ def metrics_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def above_chance(metrics: dict, chance: dict, section: str = "vqa") -> dict[str, bool]:
-    """Per key of `metrics[section]` (accuracy / accuracy_<type>): strictly above its chance level."""
+def above_chance(metrics: dict, chance: dict, section: str = "vqa", margin: float = 0.0) -> dict[str, bool]:
+    """Per key of `metrics[section]` (accuracy / accuracy_<type>): strictly above its chance level, or with a
+    `margin`, at least that much above it."""
+    if margin:
+        return {k: bool(v >= chance[section].get(k, np.inf) + margin) for k, v in metrics[section].items() if k.startswith("accuracy")}
     return {k: bool(v > chance[section].get(k, np.inf)) for k, v in metrics[section].items() if k.startswith("accuracy")}
 
 
