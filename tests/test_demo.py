@@ -533,3 +533,41 @@ def test_goal_margins_over_chance_and_over_swapped_images():
     checks = _goal_checks(metrics, chance, goals)
     assert not checks["vqa_margin_over_chance_every_type"] and checks["vqa_above_chance_every_type"]
     assert checks["vqa_margin_over_swapped_images"]
+
+
+def test_small_recipe_runs_end_to_end_at_reduced_size(tmp_path):
+    """The GPU preset's recipe (HQ codes, the learning benchmark's stage-II levers) through the whole demo on CPU at
+    toy size: its MLLM has the trained head and both position tables, and the codebook rows are the LLM's, unmoved."""
+    import torch
+
+    from training.stage2 import load_model_and_processor
+
+    report = run_demo(DemoArguments(output_dir=str(tmp_path / "run"), preset="small", budget=REDUCED_BUDGET,
+                                    text_model_overrides={**TEXT_MODEL, "vocab_size": 600}, vision_overrides=VISION,
+                                    codebook_size=128, quiet=True))
+    assert report["settings"]["preset"] == "small"
+    model, _ = load_model_and_processor(tmp_path / "run" / "mllm")
+    assert model.config.vq_config.quantizer == "hq" and not model.config.tie_word_embeddings
+    assert model.model.image_position_embedding is not None and model.model.code_position_embedding is not None
+    base, _ = load_model_and_processor(tmp_path / "run" / "stage2" / "base")
+    rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    assert torch.equal(model.get_input_embeddings().weight[rows], base.get_input_embeddings().weight[rows])
+
+
+def test_vqa_is_also_scored_on_one_shape_and_on_multi_shape_scenes(monkeypatch):
+    """The split the goals name: questions about scenes of one shape, and about scenes of two or three, scored apart."""
+    import json as json_module
+
+    from training import evaluation
+    from training.data.shapes import build_split
+
+    test = build_split("test", 12, image_size=32, seed=0)
+    shapes = [len(json_module.loads(row["scene"])["objects"]) for row in test]
+    assert 1 in shapes and max(shapes) > 1
+    # Right about every one-shape scene, wrong about every other.
+    truth = [qa["answer"] if n == 1 else "?" for row, n in zip(test, shapes) for qa in row["questions"]]
+    monkeypatch.setattr(evaluation, "answer_questions", lambda model, processor, images, questions, **kw: truth)
+    result = evaluation.evaluate_vqa(None, None, test, prior={})
+    one = sum(len(row["questions"]) for row, n in zip(test, shapes) if n == 1)
+    assert result["model_one_shape"]["accuracy"] == 1.0 and result["model_multi_shape"]["accuracy"] == 0.0
+    assert result["model"]["accuracy"] == pytest.approx(one / len(truth))
