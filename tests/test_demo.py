@@ -513,7 +513,7 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(
     assert sampled["vqa"] == head["vqa"] and sampled["code_nats"] == head["code_nats"]  # decoding changes only the drawings
     assert (tmp_path / "head-s0" / "mllm" / "config.json").is_file() and not (tmp_path / "head-s0" / "stage2").exists()
     rows = [line for line in done.stdout.splitlines() if line.startswith("| head ") or line.startswith("| sampled ")]
-    assert len(rows) == 2
+    assert len(rows) == 4 and "| VQA |" in done.stdout and "| T2I all-correct |" in done.stdout  # a VQA and a drawing table
 
 
 def test_goal_margins_over_chance_and_over_swapped_images():
