@@ -161,6 +161,7 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
         reinit_decoder=pick(None, "reinit_decoder", False) and not lora, questions_per_image=pick(None, "questions_per_image", 2),
         output_head=pick(None, "output_head", "tied") if not lora else "tied", image_positions=pick(None, "image_positions", False),
         code_positions=pick(None, "code_positions", False),
+        decoder_layers=pick(None, "decoder_layers", None) if not lora else None,
         loss_normalization=pick(None, "loss_normalization", "token"),
         questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
         extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},

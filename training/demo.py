@@ -319,7 +319,7 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
         lora=_stage2_uses_lora(preset_name), train_text_embeddings=recipe.get("train_text_embeddings", False),
         reinit_decoder=recipe.get("reinit_decoder", False), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
         output_head=recipe.get("output_head", "tied"), image_positions=recipe.get("image_positions", False),
-        code_positions=recipe.get("code_positions", False),
+        code_positions=recipe.get("code_positions", False), decoder_layers=recipe.get("decoder_layers"),
         loss_normalization=recipe.get("loss_normalization", "token"),
         lora_dropout=recipe.get("lora_dropout", 0.05), segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
         questions_per_image=recipe.get("questions_per_image", 2),
