@@ -571,3 +571,23 @@ def test_vqa_is_also_scored_on_one_shape_and_on_multi_shape_scenes(monkeypatch):
     one = sum(len(row["questions"]) for row, n in zip(test, shapes) if n == 1)
     assert result["model_one_shape"]["accuracy"] == 1.0 and result["model_multi_shape"]["accuracy"] == 0.0
     assert result["model"]["accuracy"] == pytest.approx(one / len(truth))
+
+
+def test_demo_model_follows_the_tiny_recipes_stage_two(demo_run):
+    """The demo's MLLM is what `tiny`'s stage-II recipe asks for: its number of fresh layers, a head of its own,
+    both position tables; and its codebook rows are still the stage-0 LLM's."""
+    import torch
+
+    from training.presets import load_preset
+    from training.stage2 import load_model_and_processor
+
+    folder, _ = demo_run
+    recipe = load_preset("tiny", "recipes")["stage2"]
+    model, _ = load_model_and_processor(folder / "mllm")
+    assert len(model.model.language_model.layers) == recipe["decoder_layers"]
+    assert (not model.config.tie_word_embeddings) == (recipe["output_head"] == "trained")
+    assert (model.model.image_position_embedding is not None) == recipe["image_positions"]
+    assert (model.model.code_position_embedding is not None) == recipe["code_positions"]
+    base, _ = load_model_and_processor(folder / "stage2" / "base")
+    rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    assert torch.equal(model.get_input_embeddings().weight[rows], base.get_input_embeddings().weight[rows])
