@@ -69,7 +69,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def copy_run(source: Path, work: Path, train_images: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for name in ("text_lm", "vision_tokenizer", "llm", "stage2/base", "demo_stages.json"):
+    for name in ("text_lm", "vision_tokenizer", "llm", "stage2/base"):
         path = source / name
         if path.is_dir():
             shutil.copytree(path, work / name)

@@ -233,7 +233,7 @@ def run_sft(
     if output_head == "trained" and lora is not False:
         raise ValueError("output_head='trained' needs full fine-tuning (lora=False); with LoRA the LM head stays the "
                          "frozen, tied codebook (output_head='tied')")
-    wall_clock = WallClockBudget(max_seconds, sft_overrides.get("warmup_ratio", 0.03)) if max_seconds is not None else None
+    wall_clock = WallClockBudget(max_seconds) if max_seconds is not None else None
     if wall_clock is not None:
         sft_overrides = {**sft_overrides, "max_steps": 10**9, "warmup_steps": 0}  # the clock ends the run
     collator = CodesCollator(processor.tokenizer.pad_token_id)
