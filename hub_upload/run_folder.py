@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md): what `hub_upload` needs from `outputs/<run>/`, checked up front.
+"""The run folder (docs/design.md): what `hub_upload` needs from `outputs/<run>/`, checked up front.
 
 Export reads only `mllm/` (the assembled model, processor and tokenizer), `report.json` (the measured
 metrics and settings the model card quotes) and `samples.png` (the grid the card shows). Everything
@@ -134,7 +134,8 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
     if missing:
         raise ValueError(
             f"{str(path)!r} is not a trained UniCode run folder; missing: " + "; ".join(missing)
-            + ". A run folder comes from training (stage II writes mllm/, report.json and samples.png; see DESIGN.md)."
+            + ". A run folder comes from training (stage II writes mllm/, report.json and samples.png; "
+            "its layout is in the UniCode repository's docs/design.md)."
         )
     return RunFolder(path=path, report=report, report_file=report_file)
 

@@ -40,7 +40,8 @@ BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
 VISUAL_INPUTS = ("aggregate", "flatten")
 
-# HQ: one top code and the 2x2 block of bottom codes beneath it (PAPER.md "Visual tokenizer").
+# HQ: one top code and the 2x2 block of bottom codes beneath it (arXiv 2403.09072; the UniCode repository's
+# docs/paper.md, "Visual tokenizer", on why not the released code's 1x4 strips).
 HQ_DEPTH = 5
 
 

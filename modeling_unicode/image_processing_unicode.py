@@ -1,6 +1,6 @@
 """Image processor of UniCode: any common image -> RGB, square, scaled to [-1, 1] (PIL backend).
 
-The visual tokenizer is trained and tested at one resolution (PAPER.md "Stated limits"), so every
+The visual tokenizer is trained and tested at one resolution (arXiv 2403.09072, its stated limitations), so every
 image is brought to `size` x `size`, by squashing or by a centre crop, as configured.
 """
 

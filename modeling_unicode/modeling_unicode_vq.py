@@ -1,6 +1,7 @@
 """UniCode visual tokenizer: a VQGAN-style conv autoencoder whose codes are LLM vocabulary ids.
 
-Architecture after the VQGAN / RQ-VAE lineage the paper builds on (PAPER.md "Visual tokenizer"):
+Architecture after the VQGAN / RQ-VAE lineage the paper builds on (arXiv 2403.09072 and its released
+code; the UniCode repository's docs/paper.md, "Visual tokenizer"):
 GroupNorm + SiLU residual blocks, self-attention at chosen resolutions, a 1x1 projection into the
 LLM's embedding width where the unified codebook lives, and the mirror image back to pixels.
 """

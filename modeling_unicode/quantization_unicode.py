@@ -156,7 +156,7 @@ def hq_pack(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     [top, bottom(0,0), bottom(0,1), bottom(1,0), bottom(1,1)], the 2x2 block under each top code.
 
     The released code grouped bottom codes in 1x4 raster strips instead, which separates a top
-    code from the bottom codes it actually refines (PAPER.md).
+    code from the bottom codes it actually refines (docs/paper.md, "Visual tokenizer").
     """
     b, h, w = top.shape
     if bottom.shape != (b, 2 * h, 2 * w):

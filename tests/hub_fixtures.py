@@ -1,4 +1,4 @@
-"""A tiny but complete run folder (DESIGN.md contract) for the hub_upload tests: a random-init MLLM
+"""A tiny but complete run folder (the docs/design.md contract) for the hub_upload tests: a random-init MLLM
 with its processor in `mllm/`, a `report.json` with metrics/settings/wall times/versions, a
 `samples.png`, and optionally a PEFT LoRA adapter."""
 

@@ -142,7 +142,7 @@ def test_presets_exist_and_base_matches_the_paper_architecture():
         model = UniCodeVisualTokenizer(config)
     without_codebook = sum(p.numel() for name, p in model.named_parameters() if name != "codebook")
     # VQGAN f16 encoder/decoder + 1x1 projections to Vicuna's 4096-wide rows: 73.8 M measured
-    # (PAPER.md: "about 81 M" for the released RQ/HQ variant).
+    # (docs/paper.md: "about 81 M" for the released RQ/HQ variant).
     assert 70e6 < without_codebook < 85e6
     assert model.codebook.shape == (16384, 4096)
     latent = model.encoder(torch.empty(1, 3, 256, 256, device="meta"))

@@ -1,7 +1,7 @@
 """`unicode-mllm demo`: the whole mission in one command, offline, on the Shapes world.
 
 stage 0 (text LM) -> stage I (visual tokenizer, unified codebook) -> code datasets -> decompression
-pre-training -> instruction tuning -> evaluation -> the run folder of DESIGN.md:
+pre-training -> instruction tuning -> evaluation -> the run folder of docs/design.md:
 
     <run>/text_lm/ vision_tokenizer/ codes/ stage1/ stage2/   the stages' own outputs
     <run>/mllm/                 the final model (AutoModelForImageTextToText / AutoProcessor)

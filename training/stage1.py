@@ -4,7 +4,7 @@ A plain accelerate loop rather than `Trainer`: the codebook is updated by its pa
 by the optimizer) between steps, `dual` interleaves LLM text steps, and the adversarial term has its
 own optimizer. The same code runs on 1 CPU, 1 GPU or several processes (`accelerate launch`).
 
-Outputs (DESIGN.md run folder): `<out>/vision_tokenizer/` (HF folder; its codebook equals the
+Outputs (docs/design.md, the run folder): `<out>/vision_tokenizer/` (HF folder; its codebook equals the
 LLM rows of `codebook_token_ids` bit for bit), `<out>/llm/` for `dual` (the LLM the codebook was
 written into), `<out>/stage1/` (checkpoints, `log.jsonl`, `samples/*.png`, `metrics.json`).
 """
