@@ -209,10 +209,9 @@ def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] 
     input embedding (= the unified codebook, and the LM head when tied) and an untied LM head.
 
     Why: the decoder layers of a small LM trained from scratch in stage 0 have learnt text habits;
-    fine-tuned from them, the answers attend to the question and the image path starves (docs/results.md,
-    "Stage-0 initialisation": with the same embedding table, fresh layers measured 48.2 / 42.3 % VQA
-    against 39.2 / 39.3 % after 1,200 SFT steps, two seeds). The rows stage I fitted the visual
-    tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names.
+    fine-tuned from them, the answers attend to the question and the image path starves; fresh layers over the
+    same embedding table ground sooner (docs/results.md, "Stage-0 initialisation"). The rows stage I fitted
+    the visual tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names.
 
     `num_layers`: draw that many layers instead (the model sized for the stage-II budget; the embedding
     table, hence the codebook, does not depend on the depth)."""
@@ -247,9 +246,8 @@ def add_labelled_positions_lm_head(model) -> None:
     positions whose next-token label is not -100, with plain torch ops.
 
     Why: without Triton (CPU) TRL's chunked log-prob function scores EVERY position through the whole
-    vocabulary in an autograd function folded in torch; measured on the tiny preset (2 CPU cores,
-    batch 8) it is 60 % of a training step (0.98 s/step fused vs 0.68 s plain logits, 0.76 vs 0.36 s
-    under bf16 autocast). Stage-II rows label few positions (a VQA answer is 3 of ~90 tokens), so
+    vocabulary in an autograd function folded in torch, most of a CPU training step on the tiny preset
+    (docs/results.md, "The LM head on CPU"). Stage-II rows label few positions (a VQA answer is 3 of ~90 tokens), so
     projecting only those costs a fraction of full logits. Same loss and per-token fields as TRL's
     `FusedCausalLMOutput` (entropy and top-1 only feed its metrics, without gradient). Call it after
     `SFTTrainer` is built (it patches the model then); PEFT and DDP wrappers still route through it."""
@@ -379,7 +377,7 @@ def _sft_trainer_class():
 
 def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     """`SFTConfig` for code-column datasets. On CPU: `use_cpu=True`, fp32 unless `bf16=True` is passed
-    (autocast; measured 2x faster steps on the tiny preset on an AVX512-BF16 CPU), no gradient
+    (autocast: faster steps on CPUs with bf16 instructions), no gradient
     checkpointing (slower there, and memory is not the limit); with CUDA: bf16 where supported,
     checkpointing on."""
     from trl import SFTConfig
