@@ -475,3 +475,27 @@ def test_wall_clock_budget_ends_training_and_anneals_the_rate_over_its_seconds(m
                                tmp_path / "timed", lora=False, max_seconds=1.0, save_strategy="no", logging_steps=1)
     assert 1 <= metrics["global_step"] < 10**6 and 1.0 <= metrics["train_seconds"] < 30
     assert metrics["train_tokens"] > 0
+
+
+def test_stage2_arguments_come_from_the_recipe_once(tmp_path):
+    """The CLI and the demo build stage II through `StageIIArguments.from_recipe`: the recipe's values, then the
+    caller's, and LoRA drops the full-fine-tuning settings the recipe holds."""
+    from training.presets import load_recipe
+    from training.stage2 import StageIIArguments
+
+    recipe = load_recipe("tiny")["stage2"]
+    args = StageIIArguments.from_recipe(tmp_path, "sft", "tiny")
+    assert args.learning_rate == recipe["sft"]["learning_rate"] and args.batch_size == recipe["sft"]["batch_size"]
+    assert (args.output_head, args.decoder_layers, args.reinit_decoder) == (recipe["output_head"], recipe["decoder_layers"], True)
+    assert args.tasks == recipe["tasks"] and args.extra == recipe["trainer"] and args.lora is False
+    assert StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rate=None).learning_rate == recipe["sft"]["learning_rate"]
+    assert StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rate=5e-4).learning_rate == 5e-4
+
+    lora = StageIIArguments.from_recipe(tmp_path, "sft", "tiny", lora=True)
+    assert (lora.output_head, lora.decoder_layers, lora.reinit_decoder) == ("tied", None, False)
+    assert lora.image_positions == recipe["image_positions"]  # not a full-fine-tuning-only setting
+
+    with pytest.raises(TypeError, match="learning_rat"):
+        StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rat=1e-3)
+    with pytest.raises(ValueError, match="recipes|preset"):
+        StageIIArguments.from_recipe(tmp_path, "sft", "nosuch")

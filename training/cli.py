@@ -34,9 +34,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _recipe(preset: str) -> dict:
-    from .presets import list_presets, load_preset
+    from .presets import load_recipe
 
-    return load_preset(preset, "recipes") if preset in list_presets("recipes") else {}
+    return load_recipe(preset)
 
 
 def _pick(flag, recipe: dict, key: str, default):
@@ -144,28 +144,11 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
     from .stage2 import StageIIArguments, train_stage2
 
-    recipe = _recipe(args.preset).get("stage2", {})
-    stage = recipe.get(args.stage, {})
-    pick = lambda flag, key, default: _pick(flag, stage, key, _pick(None, recipe, key, default))  # noqa: E731
-    lora = pick(args.lora, "lora", True)
-    metrics = train_stage2(StageIIArguments(
-        run_dir=args.output, stage=args.stage, preset=args.preset, llm=args.llm,
-        max_steps=pick(args.steps, "max_steps", 200), batch_size=pick(args.batch_size, "batch_size", 8),
-        learning_rate=pick(args.lr, "learning_rate", 2e-4), lora_r=pick(args.lora_r, "lora_r", 16),
-        lora_alpha=pick(None, "lora_alpha", None), lora_dropout=pick(None, "lora_dropout", 0.05),
-        target_modules=args.target_modules, segments=pick(args.segments, "segments", 4),
-        caption_drop=pick(args.caption_drop, "caption_drop", 0.1), train_images=pick(args.train_images, "train_images", 2000),
-        eval_images=pick(args.eval_images, "eval_images", 64), save_steps=pick(args.save_steps, "save_steps", 50),
-        lora=lora, train_text_embeddings=pick(None, "train_text_embeddings", False),
-        # the recipe's fresh layers go with its full fine-tuning; `--lora` keeps the LLM's own
-        reinit_decoder=pick(None, "reinit_decoder", False) and not lora, questions_per_image=pick(None, "questions_per_image", 2),
-        output_head=pick(None, "output_head", "tied") if not lora else "tied", image_positions=pick(None, "image_positions", False),
-        code_positions=pick(None, "code_positions", False),
-        decoder_layers=pick(None, "decoder_layers", None) if not lora else None,
-        loss_normalization=pick(None, "loss_normalization", "token"),
-        questions_per_conversation=pick(None, "questions_per_conversation", 1), tasks=pick(None, "tasks", None),
-        extra={**recipe.get("trainer", {}), **stage.get("trainer", {})},
-        seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
+    metrics = train_stage2(StageIIArguments.from_recipe(
+        args.output, args.stage, args.preset, llm=args.llm, max_steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules, segments=args.segments,
+        caption_drop=args.caption_drop, train_images=args.train_images, eval_images=args.eval_images,
+        save_steps=args.save_steps, lora=args.lora, seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
     ))
     print(json.dumps({k: metrics.get(k) for k in ("before", "after", "global_step", "resumed_from", "merged")}, indent=2))
     return 0

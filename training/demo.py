@@ -65,11 +65,12 @@ class DemoArguments:
 
 
 def _recipe(preset: str) -> dict:
-    from .presets import list_presets, load_preset
+    from .presets import load_recipe
 
-    if preset not in list_presets("recipes"):
-        raise DemoSettingsError(f"preset={preset!r} has no training recipe; choose one of {list_presets('recipes')}")
-    return load_preset(preset, "recipes")
+    try:
+        return load_recipe(preset)
+    except ValueError as error:
+        raise DemoSettingsError(str(error)) from None
 
 
 def _stage2_uses_lora(preset: str) -> bool:
@@ -311,23 +312,10 @@ def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed
                      from_decompressed: Optional[bool] = None):
     from .stage2 import StageIIArguments
 
-    recipe = _recipe(preset_name).get("stage2", {})
-    section = recipe.get(stage, {})
-    return StageIIArguments(
-        run_dir=str(run), stage=stage, preset=preset_name, max_steps=budget[f"{stage}_steps"],
-        batch_size=section.get("batch_size", 8), learning_rate=section.get("learning_rate", 1e-3),
-        lora=_stage2_uses_lora(preset_name), train_text_embeddings=recipe.get("train_text_embeddings", False),
-        reinit_decoder=recipe.get("reinit_decoder", False), lora_r=recipe.get("lora_r", 16), lora_alpha=recipe.get("lora_alpha"),
-        output_head=recipe.get("output_head", "tied"), image_positions=recipe.get("image_positions", False),
-        code_positions=recipe.get("code_positions", False), decoder_layers=recipe.get("decoder_layers"),
-        loss_normalization=recipe.get("loss_normalization", "token"),
-        lora_dropout=recipe.get("lora_dropout", 0.05), segments=recipe.get("segments", 4), caption_drop=recipe.get("caption_drop", 0.1),
-        questions_per_image=recipe.get("questions_per_image", 2),
-        questions_per_conversation=recipe.get("questions_per_conversation", 1), tasks=recipe.get("tasks"),
-        train_images=budget["stage2_train_images"], eval_images=budget["stage2_eval_images"],
-        save_steps=recipe.get("save_steps", 50), seed=seed, resume=True, use_cpu=device == "cpu",
+    return StageIIArguments.from_recipe(
+        run, stage, preset_name, max_steps=budget[f"{stage}_steps"], train_images=budget["stage2_train_images"],
+        eval_images=budget["stage2_eval_images"], seed=seed, resume=True, use_cpu=device == "cpu",
         from_decompressed=from_decompressed,
-        extra={**recipe.get("trainer", {}), **section.get("trainer", {})},
     )
 
 

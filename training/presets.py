@@ -41,6 +41,11 @@ def load_preset(name: str, kind: str = "models") -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
+def load_recipe(name: str) -> dict[str, Any]:
+    """The training recipe of preset `name` (`configuration/recipes/<name>.yaml`); raises naming the recipes."""
+    return load_preset(name, "recipes") or {}
+
+
 def vision_tokenizer_config(preset: str | dict, **overrides):
     """`UniCodeVisualTokenizerConfig` of a model preset (by name or as loaded), with overrides."""
     from modeling_unicode import UniCodeVisualTokenizerConfig

@@ -67,6 +67,40 @@ class StageIIArguments:
     use_cpu: Optional[bool] = None
     extra: dict = field(default_factory=dict)  # more SFTConfig fields
 
+    # Settings that only a fully fine-tuned LLM can take: with LoRA the decoder layers and the head are frozen.
+    FULL_FINETUNE_ONLY = ("reinit_decoder", "output_head", "decoder_layers", "train_text_embeddings")
+
+    @classmethod
+    def from_recipe(cls, run_dir: str | os.PathLike, stage: str = "sft", preset: str = "tiny", **overrides) -> "StageIIArguments":
+        """The arguments of one stage-II stage from the preset's recipe (`configuration/recipes/<preset>.yaml`,
+        section `stage2` and its `<stage>` subsection), then `overrides` (None values are ignored). The one place
+        where recipe keys become arguments: the CLI, the demo and the ablation all build their stage II here.
+
+        With LoRA (from the recipe or an override) the recipe's full-fine-tuning settings are dropped unless
+        overridden, so `--lora` on a full-fine-tuning recipe keeps the LLM's own layers and tied head."""
+        from dataclasses import fields
+
+        from .presets import load_recipe
+
+        if stage not in STAGES:
+            raise ValueError(f"stage={stage!r} is not one of {list(STAGES)}")
+        recipe = dict(load_recipe(preset).get("stage2") or {})
+        section = dict(recipe.get(stage) or {})
+        names = {f.name for f in fields(cls)}
+        settings = {k: v for k, v in recipe.items() if k in names}
+        settings.update({k: v for k, v in section.items() if k in names})
+        settings["extra"] = {**(recipe.get("trainer") or {}), **(section.get("trainer") or {})}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"StageIIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}")
+        settings.update(overrides)
+        if settings.get("lora", True):
+            for name in cls.FULL_FINETUNE_ONLY:
+                if name not in overrides:
+                    settings.pop(name, None)
+        return cls(run_dir=str(run_dir), stage=stage, preset=preset, **settings)
+
 
 def stage_paths(run_dir: str | os.PathLike, stage: str, from_decompressed: Optional[bool] = None) -> dict[str, Path]:
     """Folders of one stage-II stage. `from_decompressed` (sft): None starts from the decompression
