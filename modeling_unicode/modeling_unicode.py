@@ -335,6 +335,15 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}"}
         self.post_init()
 
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # A tied head IS the embedding's parameter, so tensor parallelism must shard both on the vocabulary or neither
+        # (a sharded head over a replicated table gathers tp x vocab logits). The LLM's own plan decides for the table;
+        # the head follows it, tied or not, as its rows are the same vocabulary's.
+        embedding = self._tied_weights_keys["lm_head.weight"].rsplit(".", 1)[0]
+        if embedding in self._tp_plan:
+            self._tp_plan["lm_head"] = "colwise_gather_output"
+
     # -- plumbing -------------------------------------------------------------------------------
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

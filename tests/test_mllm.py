@@ -1,6 +1,7 @@
 """UniCodeConfig / UniCodeModel / UniCodeForConditionalGeneration: image scatter, aggregation,
 training step, one stored codebook, Auto* round trips and clear errors."""
 
+import copy
 import json
 
 import pytest
@@ -304,3 +305,16 @@ def test_code_position_embeddings_index_each_written_code_and_generation_matches
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path)
     assert reloaded.config.code_position_embeddings and torch.equal(reloaded.model.code_position_embedding.weight, table.weight)
+
+
+# -- the transformers v5 model interface (what transformers' common model tests check, in our words) --------------
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_tensor_parallel_plan_shards_the_head_with_the_embeddings(tie):
+    model, _ = tiny_mllm("rq", tie=tie)
+    embedding = "model.language_model.embed_tokens"
+    assert model.tp_plan[embedding] == "embedding_rowwise" and model.tp_plan["lm_head"] == "colwise_gather_output"
+    # An LLM without a plan: neither is sharded.
+    config = copy.deepcopy(model.config)
+    config.text_config.base_model_tp_plan = None
+    plain = UniCodeForConditionalGeneration(config)
+    assert embedding not in plain.tp_plan and "lm_head" not in plain.tp_plan
