@@ -122,6 +122,34 @@ class UniCodePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = "cache"
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        rows = new_num_tokens if new_num_tokens is not None else self.get_input_embeddings().weight.shape[0]
+        if isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0:
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of  # transformers rounds the table up to it
+        # Checked before transformers resizes: it cuts the embedding module's weight in place.
+        self._check_vocabulary_rows(rows, new_num_tokens)
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def _check_vocabulary_rows(self, rows: int, new_num_tokens=None) -> None:
+        """Refuse an embedding table of `rows` rows that would lose an id images depend on: a visual code (the
+        codebook IS those rows) or `<image>` / `<boi>` / `<eoi>`."""
+        config = self.config
+        used = []
+        if config.vq_config is not None and config.vq_config.codebook_token_ids:
+            largest = max(config.vq_config.codebook_token_ids)
+            used.append((largest, f"the codebook's largest id {largest} (vq_config.codebook_token_ids)"))
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if getattr(config, name) is not None:
+                used.append((getattr(config, name), f"{name}={getattr(config, name)}"))
+        lost = [what for token_id, what in used if token_id >= rows]
+        if lost:
+            asked = f"new_num_tokens={new_num_tokens}" if new_num_tokens is not None else f"{rows} rows"
+            keep = max(token_id for token_id, _ in used) + 1
+            raise ValueError(
+                f"resize_token_embeddings({asked}) would cut off vocabulary ids the model's images use: "
+                f"{', '.join(lost)}; resize to new_num_tokens >= {keep}"
+            )
+
 
 class UniCodeModel(UniCodePreTrainedModel):
     """LLM decoder + visual tokenizer; returns `last_hidden_state` of the mixed text/image sequence."""

@@ -309,6 +309,40 @@ def test_code_position_embeddings_index_each_written_code_and_generation_matches
 
 # -- the transformers v5 model interface (what transformers' common model tests check, in our words) --------------
 @pytest.mark.parametrize("tie", [False, True])
+def test_resizing_the_vocabulary_keeps_the_codebook_and_refuses_to_cut_into_it(tie):
+    model, _ = tiny_mllm("rq", tie=tie)
+    ids = model.model.codebook_token_ids
+    rows = model.get_input_embeddings().weight.shape[0]
+    codebook, head = model.model.codebook().detach().clone(), model.lm_head.weight.detach().clone()
+    images = random_images(2)
+    codes = model.model.encode_images(images)
+
+    largest = max(model.config.vq_config.codebook_token_ids)
+    with pytest.raises(ValueError, match=rf"new_num_tokens={largest}\b.*the codebook's largest id {largest}\b.*>= {rows}"):
+        model.resize_token_embeddings(largest)
+    assert model.get_input_embeddings().weight.shape[0] == rows == model.config.get_text_config().vocab_size
+
+    model.resize_token_embeddings(rows + 10)
+    assert model.get_input_embeddings().weight.shape[0] == rows + 10 == model.lm_head.weight.shape[0]
+    assert torch.equal(model.model.codebook(), codebook)  # bit for bit
+    assert torch.equal(model.lm_head.weight[:rows], head)
+    assert torch.equal(model.model.encode_images(images), codes)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
+    assert torch.equal(model.model.codebook_token_ids, ids)
+
+
+def test_a_shrink_that_keeps_every_id_images_use_is_allowed_and_one_past_them_is_refused():
+    model, _ = tiny_mllm("rq")
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.config.eoi_token_id = None  # frees the last row: the tiny tokenizer adds <image>, <boi>, <eoi> last
+    model.resize_token_embeddings(rows - 1)
+    assert model.get_input_embeddings().weight.shape[0] == rows - 1 == model.config.get_text_config().vocab_size
+    boi = model.config.boi_token_id
+    with pytest.raises(ValueError, match=rf"new_num_tokens={boi}\b.*boi_token_id={boi}\b.*>= {boi + 1}"):
+        model.resize_token_embeddings(boi)
+
+
+@pytest.mark.parametrize("tie", [False, True])
 def test_the_tensor_parallel_plan_shards_the_head_with_the_embeddings(tie):
     model, _ = tiny_mllm("rq", tie=tie)
     embedding = "model.language_model.embed_tokens"
