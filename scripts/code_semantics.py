@@ -102,7 +102,7 @@ def vector_probes(run: Path, pixels, keep, labels, split: int, seed: int = 0) ->
         raise SystemExit("--probes reads one vector per code position: VQ or RQ runs (HQ's input has 4 per top code)")
     with torch.no_grad():
         code_maps = torch.cat([model.model.encode_images(pixels[i : i + 64]) for i in range(0, len(pixels), 64)])
-        llm_input, _ = model.model.get_image_features(image_codes=code_maps)  # (images, ĥ·ŵ, H)
+        llm_input = model.model.get_image_features(image_codes=code_maps).pooler_output  # (images, ĥ·ŵ, H)
         codebook = model.model.codebook().float()
         indices = token_ids_to_code_indices(code_maps, model.model.codebook_token_ids)
         decoder_side = model.model.vision_tokenizer.quantizer.lookup(indices, codebook).permute(0, 2, 3, 1)

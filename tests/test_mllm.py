@@ -1,6 +1,8 @@
 """UniCodeConfig / UniCodeModel / UniCodeForConditionalGeneration: image scatter, aggregation,
 training step, one stored codebook, Auto* round trips and clear errors."""
 
+import copy
+import inspect
 import json
 
 import pytest
@@ -14,10 +16,13 @@ from transformers import (
     AutoModelForMultimodalLM,
     AutoProcessor,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import TransformersKwargs
 
 from modeling_unicode import (
     UniCodeConfig,
     UniCodeForConditionalGeneration,
+    UniCodeImageFeaturesOutput,
     UniCodeModel,
     UniCodeProcessor,
     flatten_code_map,
@@ -51,7 +56,7 @@ def test_placeholder_count_is_shared_by_config_processor_and_model(quantizer, vi
     assert image_placeholder_count(model.config.vq_config, visual_input) == expected
     inputs = processor(text=PROMPT, images=processor.postprocess(random_images(1)))
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == expected
-    features, codes = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     assert features.shape == (1, expected, HIDDEN)
 
 
@@ -106,7 +111,7 @@ def test_aggregation_matches_its_definition(quantizer):
     model, _ = tiny_mllm(quantizer)
     codes = model.model.encode_images(random_images(1))
     rows = model.get_input_embeddings()(codes)[0]  # (ĥ, ŵ, D, H)
-    features, _ = model.model.get_image_features(image_codes=codes)
+    features = model.model.get_image_features(image_codes=codes).pooler_output
     if quantizer == "hq":  # per top position, its 4 bottom codes each plus the top code, in layout order
         expected = (rows[:, :, :1] + rows[:, :, 1:]).reshape(-1, HIDDEN)
     else:  # vq: identity, rq: sum over depth
@@ -264,20 +269,20 @@ def test_image_position_embeddings_start_as_the_papers_input_and_save_with_the_m
     the model is unchanged, once trained each placeholder differs, and the table saves and reloads."""
     model, processor = tiny_mllm()
     codes = model.model.encode_images(random_images(2))
-    before, _ = model.model.get_image_features(image_codes=codes)
+    before = model.model.get_image_features(image_codes=codes).pooler_output
     table = model.model.add_image_position_embedding()
     assert model.config.image_position_embeddings and table.weight.shape == (model.config.image_seq_length, before.shape[-1])
-    same, _ = model.model.get_image_features(image_codes=codes)
+    same = model.model.get_image_features(image_codes=codes).pooler_output
     assert torch.equal(same, before)
     with torch.no_grad():
         table.weight.normal_()
-    moved, _ = model.model.get_image_features(image_codes=codes)
+    moved = model.model.get_image_features(image_codes=codes).pooler_output
     assert torch.allclose(moved - before, table.weight.expand_as(moved))
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path)
     assert reloaded.config.image_position_embeddings
     assert torch.equal(reloaded.model.image_position_embedding.weight, table.weight)
-    assert torch.equal(reloaded.model.get_image_features(image_codes=codes)[0], moved)
+    assert torch.equal(reloaded.model.get_image_features(image_codes=codes).pooler_output, moved)
 
 
 def test_code_position_embeddings_index_each_written_code_and_generation_matches_without_the_cache(tmp_path):
@@ -304,3 +309,122 @@ def test_code_position_embeddings_index_each_written_code_and_generation_matches
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path)
     assert reloaded.config.code_position_embeddings and torch.equal(reloaded.model.code_position_embedding.weight, table.weight)
+
+
+# -- the transformers v5 model interface (what transformers' common model tests check, in our words) --------------
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_the_legacy_past_key_values_name_continues_from_the_cache_like_cache():
+    model, processor = tiny_mllm("rq")
+    inputs, _ = image_batch(processor, n=1)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"], use_cache=True)
+        step = {"input_ids": ids[:, -1:], "attention_mask": mask}
+        with_cache = model(**step, cache=copy.deepcopy(prefix.cache)).logits[:, -1]
+        with_legacy_name = model(**step, past_key_values=copy.deepcopy(prefix.cache)).logits[:, -1]
+        backbone = model.model(**step, past_key_values=copy.deepcopy(prefix.cache)).last_hidden_state[:, -1]
+    torch.testing.assert_close(with_cache, full, rtol=1e-4, atol=1e-5)
+    assert torch.equal(with_legacy_name, with_cache)
+    assert torch.equal(model.lm_head(backbone), with_cache)
+
+
+def test_return_dict_false_gives_the_outputs_as_a_tuple():
+    model, processor = tiny_mllm("rq")
+    inputs, labels = image_batch(processor)
+    with torch.no_grad():
+        as_dict = model(**inputs, labels=labels)
+        as_tuple = model(**inputs, labels=labels, return_dict=False)
+        backbone = model.model(**inputs, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(**inputs)
+    assert isinstance(as_tuple, tuple) and isinstance(backbone, tuple) and isinstance(from_config, tuple)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+    assert torch.equal(model.lm_head(backbone[0]), from_config[0])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_resizing_the_vocabulary_keeps_the_codebook_and_refuses_to_cut_into_it(tie):
+    model, _ = tiny_mllm("rq", tie=tie)
+    ids = model.model.codebook_token_ids
+    rows = model.get_input_embeddings().weight.shape[0]
+    codebook, head = model.model.codebook().detach().clone(), model.lm_head.weight.detach().clone()
+    images = random_images(2)
+    codes = model.model.encode_images(images)
+
+    largest = max(model.config.vq_config.codebook_token_ids)
+    with pytest.raises(ValueError, match=rf"new_num_tokens={largest}\b.*the codebook's largest id {largest}\b.*>= {rows}"):
+        model.resize_token_embeddings(largest)
+    assert model.get_input_embeddings().weight.shape[0] == rows == model.config.get_text_config().vocab_size
+
+    model.resize_token_embeddings(rows + 10)
+    assert model.get_input_embeddings().weight.shape[0] == rows + 10 == model.lm_head.weight.shape[0]
+    assert torch.equal(model.model.codebook(), codebook)  # bit for bit
+    assert torch.equal(model.lm_head.weight[:rows], head)
+    assert torch.equal(model.model.encode_images(images), codes)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
+    assert torch.equal(model.model.codebook_token_ids, ids)
+
+
+def test_a_shrink_that_keeps_every_id_images_use_is_allowed_and_one_past_them_is_refused():
+    model, _ = tiny_mllm("rq")
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.config.eoi_token_id = None  # frees the last row: the tiny tokenizer adds <image>, <boi>, <eoi> last
+    model.resize_token_embeddings(rows - 1)
+    assert model.get_input_embeddings().weight.shape[0] == rows - 1 == model.config.get_text_config().vocab_size
+    boi = model.config.boi_token_id
+    with pytest.raises(ValueError, match=rf"new_num_tokens={boi}\b.*boi_token_id={boi}\b.*>= {boi + 1}"):
+        model.resize_token_embeddings(boi)
+
+
+def test_get_image_features_returns_the_standard_output_and_takes_the_standard_flags():
+    model, processor = tiny_mllm("rq")
+    inputs, _ = image_batch(processor)
+    vq = model.config.vq_config
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        as_tuple = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=False)
+        with_hidden = model.model.get_image_features(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        from_codes = model.model.get_image_features(image_codes=features.image_codes)
+    assert isinstance(features, BaseModelOutputWithPooling) and isinstance(features, UniCodeImageFeaturesOutput)
+    assert features.pooler_output.shape == (2, model.config.image_seq_length, HIDDEN)
+    assert features.last_hidden_state.shape == (2, vq.tokens_per_image, HIDDEN)
+    assert torch.equal(features.last_hidden_state, model.get_input_embeddings()(flatten_code_map(features.image_codes)))
+    assert torch.equal(features.image_codes, model.model.encode_images(inputs["pixel_values"]))
+    assert features.hidden_states is None and from_codes.hidden_states is None
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
+    levels = model.model.vision_tokenizer.encoder.feature_levels
+    assert len(with_hidden.hidden_states) == len(levels) and all(h.shape[0] == 2 for h in with_hidden.hidden_states)
+    for output in (with_hidden, from_codes):
+        assert torch.equal(output.pooler_output, features.pooler_output)
+    # What forward scatters into the placeholders is the pooler output.
+    placeholders = inputs["input_ids"] == model.config.image_token_id
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    assert torch.equal(seen["embeds"][placeholders], features.pooler_output.reshape(-1, HIDDEN))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_tensor_parallel_plan_shards_the_head_with_the_embeddings(tie):
+    model, _ = tiny_mllm("rq", tie=tie)
+    embedding = "model.language_model.embed_tokens"
+    assert model.tp_plan[embedding] == "embedding_rowwise" and model.tp_plan["lm_head"] == "colwise_gather_output"
+    # An LLM without a plan: neither is sharded.
+    config = copy.deepcopy(model.config)
+    config.text_config.base_model_tp_plan = None
+    plain = UniCodeForConditionalGeneration(config)
+    assert embedding not in plain.tp_plan and "lm_head" not in plain.tp_plan
+
+
+@pytest.mark.parametrize("cls", [UniCodeModel, UniCodeForConditionalGeneration])
+def test_forward_takes_transformers_standard_typed_kwargs(cls):
+    for method in (cls.forward, cls.get_image_features):
+        kwargs = inspect.signature(method).parameters["kwargs"]
+        typed = kwargs.annotation.__args__[0]
+        assert typed is TransformersKwargs and {"output_attentions", "output_hidden_states"} <= set(typed.__annotations__)
+    assert "cache" in inspect.signature(cls.forward).parameters

@@ -60,6 +60,20 @@ def test_forward_returns_losses_and_statistics_and_trains_the_encoder():
     assert model.codebook.grad is None  # the codebook learns only through its paradigm
 
 
+def test_hidden_states_are_the_encoders_feature_maps_on_request_and_change_nothing_else():
+    model = tiny("rq")
+    with torch.no_grad():
+        plain = model(images())
+        out = model(images(), output_hidden_states=True)
+        model.config.return_dict = False
+        as_tuple = model(images())
+    assert plain.hidden_states is None and isinstance(as_tuple, tuple)
+    assert len(out.hidden_states) == len(model.encoder.feature_levels)
+    assert out.hidden_states[0].shape == (2, model.config.base_channels, SIZE, SIZE)  # the stem, at full resolution
+    assert out.hidden_states[-1].shape[-1] == GRID  # the middle block, at the latent grid
+    assert torch.equal(out.codes, plain.codes) and torch.equal(out.reconstruction, plain.reconstruction)
+
+
 def test_save_and_auto_load_round_trip_is_bit_exact(tmp_path):
     model = tiny("hq")
     pixel_values = images(3)
