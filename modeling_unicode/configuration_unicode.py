@@ -39,6 +39,8 @@ DUAL_ROW_NORMS = ("free", "llm")
 BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
 VISUAL_INPUTS = ("aggregate", "flatten")
+# What `generate` and the processor produce: text, or an image as <boi> + codes + <eoi>.
+GENERATION_MODES = ("text", "image")
 
 # HQ: one top code and the 2x2 block of bottom codes beneath it (arXiv 2403.09072; the UniCode repository's
 # docs/paper.md, "Visual tokenizer", on why not the released code's 1x4 strips).

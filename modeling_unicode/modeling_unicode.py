@@ -22,7 +22,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_unicode import UniCodeConfig, add_image_special_tokens
+from .configuration_unicode import GENERATION_MODES, UniCodeConfig, add_image_special_tokens
 from .modeling_unicode_vq import UniCodeVisualTokenizer
 from .quantization_unicode import (
     embedding_rows,
@@ -31,7 +31,6 @@ from .quantization_unicode import (
     unflatten_code_map,
 )
 
-GENERATION_MODES = ("text", "image")
 
 # transformers v5 renamed `past_key_values` to `cache`; callers written for 4.x (and libraries) still pass the old
 # name, which must land in `cache` rather than in **kwargs, where the LLM would ignore it next to `cache=None`.

@@ -9,7 +9,7 @@ from typing import Optional
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .configuration_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, image_placeholder_count
+from .configuration_unicode import BOI_TOKEN, EOI_TOKEN, GENERATION_MODES, IMAGE_TOKEN, image_placeholder_count
 
 # Vicuna v1.5's conversation format (the paper's LLM), with {"type": "image"} content rendered as one
 # <image> that the processor then expands. Shipped with the processor because many LLM tokenizers
@@ -31,7 +31,6 @@ DEFAULT_CHAT_TEMPLATE = (
 # One of the paper's text-to-image instructions. Stage II trains with the same template and, with
 # probability p, an empty caption: that empty-caption prompt is the unconditional branch of CFG.
 DEFAULT_IMAGE_GENERATION_TEMPLATE = "Generate an image based on this description: '{caption}'."
-GENERATION_MODES = ("text", "image")
 
 
 class UniCodeProcessorKwargs(ProcessingKwargs, total=False):
