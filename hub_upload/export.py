@@ -116,6 +116,19 @@ def _add_auto_map(path: Path, auto_map: dict, nested: Optional[str] = None, nest
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def add_remote_code(folder: Union[str, os.PathLike]) -> Path:
+    """Make a saved MLLM folder (model + processor) load with `trust_remote_code=True` alone, on a machine
+    without this package: the model code beside the weights and `auto_map` in its configs. Run folders get it
+    too (`training.sft.save_mllm`), so their `mllm/` loads without `import modeling_unicode`."""
+    folder = Path(folder)
+    _add_auto_map(folder / "config.json", AUTO_MAP)
+    if (folder / "processor_config.json").is_file():
+        _add_auto_map(folder / "processor_config.json", {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+                      nested="image_processor", nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]})
+    _copy_code(REMOTE_CODE_FILES, folder)
+    return folder
+
+
 def _prepare_target(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
@@ -180,12 +193,9 @@ def export_run(
     processor = UniCodeProcessor.from_pretrained(run.mllm)
     staging = _prepare_target(out_dir, overwrite)
     try:
-        model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
-        _add_auto_map(staging / "processor_config.json", {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
-                      nested="image_processor", nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]})
-        _copy_code(REMOTE_CODE_FILES, staging)
+        add_remote_code(staging)
 
         vision = standalone_visual_tokenizer(model)
         vision.config.auto_map = dict(VISION_TOKENIZER_AUTO_MAP)
@@ -241,5 +251,5 @@ def export_adapter(
     return _finish(staging, out_dir)
 
 
-__all__ = ["export_run", "export_adapter", "standalone_visual_tokenizer", "check_remote_code", "AUTO_MAP",
+__all__ = ["export_run", "export_adapter", "add_remote_code", "standalone_visual_tokenizer", "check_remote_code", "AUTO_MAP",
            "REMOTE_CODE_FILES", "VISION_TOKENIZER_AUTO_MAP"]

@@ -16,6 +16,7 @@ from hub_upload.export import AUTO_MAP, REMOTE_CODE_FILES, VISION_TOKENIZER_AUTO
 from hub_upload.model_card import build_model_card, metric_rows
 from hub_upload.run_folder import check_run_folder
 from modeling_unicode import UniCodeVisualTokenizer
+from utils_mllm import tiny_mllm
 
 
 def cli(*args, cwd=REPO_ROOT):
@@ -184,3 +185,26 @@ def test_export_refuses_folders_that_are_not_trained_runs(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         export_run(run, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_a_run_folder_loads_with_only_trust_remote_code(tmp_path):
+    """A run's mllm/ (as stage II and `finetune --merge` save it) in a clean interpreter that cannot import this
+    repository: with trust_remote_code=True it loads and generates as the original; without, the error names the fix."""
+    from training.sft import save_mllm
+
+    model, processor = tiny_mllm()
+    mllm = save_mllm(model, processor, tmp_path / "run" / "mllm")
+    image = PIL.Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    image.save(tmp_path / "image.png")
+    env = clean_env(tmp_path, HF_HUB_OFFLINE="1")
+    loaded = run_probe(str(mllm), tmp_path / "image.png", tmp_path / "clean", env, "--mllm-only")
+    expected = reference_outputs(model, processor, PIL.Image.open(tmp_path / "image.png"))
+    assert loaded["blocked_loaded"] == [] and loaded["model_module"].startswith("transformers_modules.")
+    for key in ("text_ids", "image_ids", "vision_codes"):
+        assert loaded[key] == expected[key], key
+
+    without = subprocess.run([sys.executable, "-I", "-c", "from transformers import AutoModelForImageTextToText; "
+                              f"AutoModelForImageTextToText.from_pretrained({str(mllm)!r})"],
+                             cwd=tmp_path / "clean", env=env, capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+    assert without.returncode != 0 and "trust_remote_code=True" in without.stderr
