@@ -27,7 +27,7 @@ from typing import Optional, Union
 import modeling_unicode
 from modeling_unicode import UniCodeForConditionalGeneration, UniCodeProcessor, UniCodeVisualTokenizer
 
-from .model_card import build_model_card
+from .model_card import build_model_card, describe_llm, is_repo_id
 from .run_folder import RunFolder, check_run_folder
 
 CODE_DIR = Path(modeling_unicode.__file__).parent
@@ -144,12 +144,14 @@ def _finish(staging: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _model_card(run: RunFolder, model, repo_id, base_model, base_model_license, samples: bool):
+def _model_card(run: RunFolder, model, repo_id, name, base_model, base_model_license, samples: bool):
     vq = model.config.vq_config
     return build_model_card(
         run.report,
         repo_id=repo_id,
+        name=name,
         base_model=base_model,
+        llm=describe_llm(model),
         base_model_license=base_model_license,
         samples_file="samples.png" if samples else None,
         quantizer=vq.quantizer,
@@ -173,8 +175,9 @@ def export_run(
 
     Args:
         max_shard_size: safetensors shards above this size (`"5GB"`, `"200MB"` or bytes).
-        repo_id: the repository the card's usage snippets load from.
-        base_model / base_model_license: override what the report's settings say about the base LLM.
+        repo_id: the repository the card's title and usage snippets name (default: `out_dir`'s name).
+        base_model / base_model_license: the base LLM's Hub id and licence, over what the report's settings say;
+            without one the card describes the LLM by architecture and size.
         include_adapter: also copy the run's PEFT LoRA adapter into `adapter/`.
         overwrite: replace a non-empty `out_dir`.
 
@@ -209,7 +212,7 @@ def export_run(
                 shutil.copyfile(adapter / name, staging / ADAPTER_DIR / name)
         shutil.copyfile(run.samples, staging / "samples.png")
         shutil.copyfile(run.report_path, staging / "report.json")
-        _model_card(run, model, repo_id, base_model, base_model_license, samples=True).save(staging / "README.md")
+        _model_card(run, model, repo_id, out_dir.name, base_model, base_model_license, samples=True).save(staging / "README.md")
         if any(staging.rglob("*.bin")) or any(staging.rglob("*.pt")):
             raise ValueError("the export holds pickled weights (.bin/.pt); weights must be safetensors only")
     except BaseException:
@@ -240,8 +243,9 @@ def export_adapter(
         shutil.copyfile(run.report_path, staging / "report.json")
         model_config = json.loads((run.mllm / "config.json").read_text(encoding="utf-8"))
         vq = model_config.get("vq_config") or {}
-        card = build_model_card(run.report, base_model=config.get("base_model_name_or_path"), samples_file="samples.png",
-                                quantizer=vq.get("quantizer"), image_size=vq.get("image_size"))
+        base = config.get("base_model_name_or_path")
+        card = build_model_card(run.report, name=out_dir.name, base_model=base if is_repo_id(base) else None,
+                                samples_file="samples.png", quantizer=vq.get("quantizer"), image_size=vq.get("image_size"))
         card.data.tags = sorted(set(card.data.tags or []) | {"peft", "lora"})
         card.data.library_name = "peft"
         card.save(staging / "README.md")
