@@ -246,7 +246,8 @@ class StageITrainer:
         if len(train_images) == 0:
             raise ValueError("the training dataset is empty; build the Shapes world (or your dataset) with at least one image")
         if len(train_images) < args.batch_size:
-            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}")
+            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}; "
+                             "pass a smaller batch size (--batch-size)")
         if args.batch_size % self.accelerator.num_processes:
             raise ValueError(f"batch_size={args.batch_size} must divide evenly over {self.accelerator.num_processes} processes")
         self.train_images = train_images
