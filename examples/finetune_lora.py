@@ -1,11 +1,11 @@
 """Fine-tune a UniCode model with LoRA on your own images and conversations.
 
-    python examples/finetune_lora.py --model outputs/tiny/mllm --dataset my_data/ --output my_lora/ --merge
+    python examples/finetune_lora.py --model outputs/demo-tiny/mllm --dataset my_photos/ --output my_finetune/ --merge
 
-`--model` is a UniCode folder or Hub repo id (loaded with trust_remote_code=True). The dataset is a
-`save_to_disk` folder, a JSON/JSONL file or a Hub dataset with an `image` column and either
-`messages` (a conversation with one {"type": "image"} item) or `caption` (text-to-image rows); see
-training/finetune.py and the README. Same as `unicode-mllm finetune ...`.
+`--model` is a UniCode folder or Hub repo id. `--dataset` is an imagefolder (`metadata.jsonl` / `metadata.csv` with
+`file_name` and a text column), a JSON/JSONL/CSV file of image paths, a `save_to_disk` folder or a Hub dataset name;
+rows hold an image and either `messages` (a conversation with one {"type": "image"} item) or a text (text-to-image
+rows; `--text-column`). See training/finetune.py and the README. Same as `unicode-mllm finetune ...`.
 """
 
 import sys

@@ -27,7 +27,7 @@ from typing import Optional, Union
 import modeling_unicode
 from modeling_unicode import UniCodeForConditionalGeneration, UniCodeProcessor, UniCodeVisualTokenizer
 
-from .model_card import build_model_card
+from .model_card import build_model_card, describe_llm, is_repo_id
 from .run_folder import RunFolder, check_run_folder
 
 CODE_DIR = Path(modeling_unicode.__file__).parent
@@ -116,6 +116,19 @@ def _add_auto_map(path: Path, auto_map: dict, nested: Optional[str] = None, nest
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def add_remote_code(folder: Union[str, os.PathLike]) -> Path:
+    """Make a saved MLLM folder (model + processor) load with `trust_remote_code=True` alone, on a machine
+    without this package: the model code beside the weights and `auto_map` in its configs. Run folders get it
+    too (`training.sft.save_mllm`), so their `mllm/` loads without `import modeling_unicode`."""
+    folder = Path(folder)
+    _add_auto_map(folder / "config.json", AUTO_MAP)
+    if (folder / "processor_config.json").is_file():
+        _add_auto_map(folder / "processor_config.json", {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+                      nested="image_processor", nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]})
+    _copy_code(REMOTE_CODE_FILES, folder)
+    return folder
+
+
 def _prepare_target(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
@@ -131,12 +144,14 @@ def _finish(staging: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _model_card(run: RunFolder, model, repo_id, base_model, base_model_license, samples: bool):
+def _model_card(run: RunFolder, model, repo_id, name, base_model, base_model_license, samples: bool):
     vq = model.config.vq_config
     return build_model_card(
         run.report,
         repo_id=repo_id,
+        name=name,
         base_model=base_model,
+        llm=describe_llm(model),
         base_model_license=base_model_license,
         samples_file="samples.png" if samples else None,
         quantizer=vq.quantizer,
@@ -160,8 +175,9 @@ def export_run(
 
     Args:
         max_shard_size: safetensors shards above this size (`"5GB"`, `"200MB"` or bytes).
-        repo_id: the repository the card's usage snippets load from.
-        base_model / base_model_license: override what the report's settings say about the base LLM.
+        repo_id: the repository the card's title and usage snippets name (default: `out_dir`'s name).
+        base_model / base_model_license: the base LLM's Hub id and licence, over what the report's settings say;
+            without one the card describes the LLM by architecture and size.
         include_adapter: also copy the run's PEFT LoRA adapter into `adapter/`.
         overwrite: replace a non-empty `out_dir`.
 
@@ -180,12 +196,9 @@ def export_run(
     processor = UniCodeProcessor.from_pretrained(run.mllm)
     staging = _prepare_target(out_dir, overwrite)
     try:
-        model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
-        _add_auto_map(staging / "processor_config.json", {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
-                      nested="image_processor", nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]})
-        _copy_code(REMOTE_CODE_FILES, staging)
+        add_remote_code(staging)
 
         vision = standalone_visual_tokenizer(model)
         vision.config.auto_map = dict(VISION_TOKENIZER_AUTO_MAP)
@@ -199,7 +212,7 @@ def export_run(
                 shutil.copyfile(adapter / name, staging / ADAPTER_DIR / name)
         shutil.copyfile(run.samples, staging / "samples.png")
         shutil.copyfile(run.report_path, staging / "report.json")
-        _model_card(run, model, repo_id, base_model, base_model_license, samples=True).save(staging / "README.md")
+        _model_card(run, model, repo_id, out_dir.name, base_model, base_model_license, samples=True).save(staging / "README.md")
         if any(staging.rglob("*.bin")) or any(staging.rglob("*.pt")):
             raise ValueError("the export holds pickled weights (.bin/.pt); weights must be safetensors only")
     except BaseException:
@@ -230,8 +243,9 @@ def export_adapter(
         shutil.copyfile(run.report_path, staging / "report.json")
         model_config = json.loads((run.mllm / "config.json").read_text(encoding="utf-8"))
         vq = model_config.get("vq_config") or {}
-        card = build_model_card(run.report, base_model=config.get("base_model_name_or_path"), samples_file="samples.png",
-                                quantizer=vq.get("quantizer"), image_size=vq.get("image_size"))
+        base = config.get("base_model_name_or_path")
+        card = build_model_card(run.report, name=out_dir.name, base_model=base if is_repo_id(base) else None,
+                                samples_file="samples.png", quantizer=vq.get("quantizer"), image_size=vq.get("image_size"))
         card.data.tags = sorted(set(card.data.tags or []) | {"peft", "lora"})
         card.data.library_name = "peft"
         card.save(staging / "README.md")
@@ -241,5 +255,5 @@ def export_adapter(
     return _finish(staging, out_dir)
 
 
-__all__ = ["export_run", "export_adapter", "standalone_visual_tokenizer", "check_remote_code", "AUTO_MAP",
+__all__ = ["export_run", "export_adapter", "add_remote_code", "standalone_visual_tokenizer", "check_remote_code", "AUTO_MAP",
            "REMOTE_CODE_FILES", "VISION_TOKENIZER_AUTO_MAP"]

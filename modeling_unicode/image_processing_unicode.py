@@ -175,6 +175,11 @@ class UniCodeImageProcessor(BaseImageProcessor):
         left, top = (new_w - size) // 2, (new_h - size) // 2
         return image.crop((left, top, left + size, top + size))
 
+    def fit(self, image, index: int = 0) -> PIL.Image.Image:
+        """One image of any accepted kind, size and mode -> RGB, `size` x `size`, by `resize_mode`: the one
+        policy for inference and for training (`training.stage1.images_to_uint8` calls it)."""
+        return self.resize(to_rgb(self.load_image(image, index), tuple(self.background_color)))
+
     # -- the processor --------------------------------------------------------------------------
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
         """Images -> {"pixel_values": (batch, 3, size, size) float32 in [-1, 1]}, a torch tensor unless
@@ -187,8 +192,7 @@ class UniCodeImageProcessor(BaseImageProcessor):
             raise ValueError("images is empty; pass at least one image")
         arrays = []
         for index, image in enumerate(batch):
-            rgb = self.resize(to_rgb(self.load_image(image, index), tuple(self.background_color)))
-            arrays.append(pixel_values_from_uint8(np.asarray(rgb).transpose(2, 0, 1)))
+            arrays.append(pixel_values_from_uint8(np.asarray(self.fit(image, index)).transpose(2, 0, 1)))
         return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
 
     def __call__(self, images, *args, **kwargs) -> BatchFeature:

@@ -60,7 +60,7 @@ def clean_env(home: Path, **extra) -> dict:
     return env
 
 
-def run_probe(source: str, image_path: Path, workdir: Path, env: dict) -> dict:
+def run_probe(source: str, image_path: Path, workdir: Path, env: dict, *options: str) -> dict:
     """Load `source` in a clean interpreter (`python -I`, cwd outside the repository, this repository's
     packages blocked) through remote code only; returns its outputs."""
     import shutil
@@ -71,7 +71,7 @@ def run_probe(source: str, image_path: Path, workdir: Path, env: dict) -> dict:
     assert REPO_ROOT not in workdir.resolve().parents
     script = workdir / PROBE.name
     shutil.copyfile(PROBE, script)
-    done = subprocess.run([sys.executable, "-I", str(script), source, str(image_path)], cwd=workdir, env=env,
+    done = subprocess.run([sys.executable, "-I", str(script), source, str(image_path), *options], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

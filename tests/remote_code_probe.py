@@ -1,7 +1,9 @@
 """Run in a clean interpreter (`python -I`, cwd outside the repository, HF_HUB_OFFLINE=1 or a loopback
 HF_ENDPOINT): load an exported UniCode model ONLY through remote code and print what it generates.
 
-    python -I remote_code_probe.py MODEL_DIR_OR_REPO_ID IMAGE.png  ->  one JSON line on stdout
+    python -I remote_code_probe.py MODEL_DIR_OR_REPO_ID IMAGE.png [--mllm-only]  ->  one JSON line on stdout
+
+`--mllm-only`: a folder without the export's `vision_tokenizer/` (a run's `mllm/`).
 
 This repository's packages are blocked at the import system, so the editable install of the
 project cannot quietly stand in for the shipped code.
@@ -36,7 +38,7 @@ def outputs(model, processor, backbone, vision, image) -> dict:
         image_inputs = processor(text="a red circle", generation_mode="image")
         image_ids = model.generate(**image_inputs, generation_mode="image", do_sample=False, guidance_scale=2.0)
         pixels = model.decode_image_tokens(image_ids)
-        codes = vision.encode(inputs["pixel_values"])
+        codes = vision.encode(inputs["pixel_values"]) if vision is not None else backbone.encode_images(inputs["pixel_values"])
         hidden = backbone(**inputs).last_hidden_state
     return {
         "text_ids": text_ids.tolist(),
@@ -55,7 +57,9 @@ def main(source: str, image_path: str) -> None:
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     backbone = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
     causal = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
-    vision = AutoModel.from_pretrained(source, subfolder="vision_tokenizer", trust_remote_code=True).eval()
+    # A run's mllm/ has no standalone tokenizer beside it (an export does): its codes come from the MLLM.
+    vision = (None if "--mllm-only" in sys.argv else
+              AutoModel.from_pretrained(source, subfolder="vision_tokenizer", trust_remote_code=True).eval())
     result = outputs(model, processor, backbone, vision, PIL.Image.open(image_path))
     print(json.dumps({
         "model_class": type(model).__name__,
@@ -64,8 +68,8 @@ def main(source: str, image_path: str) -> None:
         "image_processor_class": type(processor.image_processor).__name__,
         "backbone_class": type(backbone).__name__,
         "causal_class": type(causal).__name__,
-        "vision_class": type(vision).__name__,
-        "vision_module": type(vision).__module__,
+        "vision_class": type(vision or backbone.vision_tokenizer).__name__,
+        "vision_module": type(vision or backbone.vision_tokenizer).__module__,
         "blocked_loaded": sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED),
         **result,
     }))

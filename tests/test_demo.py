@@ -58,12 +58,14 @@ def test_demo_writes_the_run_folder_of_the_design(demo_run):
 
     samples = Image.open(folder / "samples.png")
     assert samples.width >= 8 * 128 and samples.height >= 4 * 128
-    assert Image.open(folder / "generated.png").size == (32, 32) and Image.open(folder / "question.png").size == (32, 32)
+    assert Image.open(folder / "generated.png").size == (32, 32) and Image.open(folder / "question.png").height > 256
     model = AutoModelForImageTextToText.from_pretrained(folder / "mllm")
     processor = AutoProcessor.from_pretrained(folder / "mllm")
     assert type(model).__name__ == "UniCodeForConditionalGeneration" and type(processor).__name__ == "UniCodeProcessor"
     settings = report["settings"]
-    assert settings["base_model"] == str(folder / "text_lm") and settings["vision_tokenizer"]["codebook_size"] == 128
+    # Trained in stage 0: no Hub id to name (the card describes the LLM instead), and never the run's local path.
+    assert settings["base_model"] is None and settings["vision_tokenizer"]["codebook_size"] == 128
+    assert settings["stage2"]["lora"] is False and settings["decompression_pretraining"] is True
     assert set(report["wall_seconds"]) >= {"stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress",
                                            "stage2_sft", "evaluation", "total"}
     assert all(v > 0 for v in report["wall_seconds"].values())
@@ -591,3 +593,21 @@ def test_demo_model_follows_the_tiny_recipes_stage_two(demo_run):
     base, _ = load_model_and_processor(folder / "stage2" / "base")
     rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
     assert torch.equal(model.get_input_embeddings().weight[rows], base.get_input_embeddings().weight[rows])
+
+
+def test_the_readme_export_example_works_on_the_demo_run(demo_run, tmp_path):
+    """`unicode-mllm export outputs/demo-tiny exports/unicode-tiny`, as the README writes it: the tiny demo fine-tunes
+    fully, so the card says so (no LoRA), names no path of the machine, and the run's mllm/ carries its remote code."""
+    from huggingface_hub import ModelCard
+
+    from hub_upload.model_card import check_model_card
+    from training.cli import main
+
+    folder, _ = demo_run
+    assert json.loads((folder / "mllm" / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"]
+    assert main(["export", str(folder), str(tmp_path / "unicode-tiny")]) == 0
+    text = (tmp_path / "unicode-tiny" / "README.md").read_text()
+    check_model_card(ModelCard(text))
+    assert str(folder) not in text and str(tmp_path) not in text and "\n# unicode-tiny\n" in text
+    recipe = text.split("## Training recipe", 1)[1].split("Settings of this run", 1)[0]
+    assert "full fine-tuning" in recipe and "LoRA" not in recipe and "image-decompression pre-training (2 steps)" in recipe

@@ -16,6 +16,7 @@ from hub_upload.export import AUTO_MAP, REMOTE_CODE_FILES, VISION_TOKENIZER_AUTO
 from hub_upload.model_card import build_model_card, metric_rows
 from hub_upload.run_folder import check_run_folder
 from modeling_unicode import UniCodeVisualTokenizer
+from utils_mllm import tiny_mllm
 
 
 def cli(*args, cwd=REPO_ROOT):
@@ -184,3 +185,84 @@ def test_export_refuses_folders_that_are_not_trained_runs(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         export_run(run, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+# A demo-shaped report: what `run_demo` records of a fully fine-tuned run without decompression pre-training.
+DEMO_REPORT = {
+    "run_dir": "/home/someone/outputs/demo-tiny",
+    "metrics": {"vqa": {"accuracy": 0.4678, "accuracy_color": 0.31}, "text_to_image": {"all_correct": 0.0, "color": 0.5},
+                "reconstruction": {"psnr": 29.1, "codebook_usage": 0.347}},
+    "chance": {"vqa": {"accuracy": 0.359, "accuracy_color": 0.17}, "text_to_image": {"all_correct": 0.0, "color": 0.25},
+               "vqa_prior_answers": {"color": "red"}},
+    "ceiling": {"text_to_image": {"all_correct": 0.75, "color": 0.9}},
+    "settings": {"preset": "tiny", "seed": 0, "base_model": None,
+                 "text_model": {"source": "stage0", "architecture": "llama", "hidden_size": 32},
+                 "budget": {"stage0_steps": 150, "stage1_steps": 1000, "stage1_train_images": 4000, "decompress_steps": 0,
+                            "sft_steps": 2000},
+                 "decompression_pretraining": False,
+                 "stage2": {"lora": False, "reinit_decoder": True, "decoder_layers": 2, "output_head": "trained",
+                            "tasks": ["caption", "vqa", "text_to_image"]},
+                 "vision_tokenizer": {"image_size": 16, "quantizer": "rq", "depth": 2, "codebook_size": 256,
+                                      "paradigm": "iterative", "code_grid_size": 4},
+                 "llm_path": "/home/someone/outputs/demo-tiny/text_lm"},
+    "wall_seconds": {"stage1_tokenizer": 279.0, "total": 592.0},
+    "versions": {"torch": torch.__version__},
+}
+
+
+def test_card_from_what_the_run_did_passes_model_card_validation_and_names_no_machine_path(tmp_path):
+    from hub_upload.model_card import check_model_card
+
+    run, _, _ = write_tiny_run(tmp_path / "runs" / "demo-tiny", report=DEMO_REPORT)
+    done = cli("export", run, tmp_path / "exports" / "unicode-tiny")
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "exports" / "unicode-tiny" / "README.md").read_text()
+    card = check_model_card(ModelCard(text))  # huggingface_hub's parser, metadata errors raised
+    for machine in (str(tmp_path), "/home/someone", str(REPO_ROOT)):
+        assert machine not in text
+
+    assert text.split("---\n", 2)[2].lstrip().startswith("# unicode-tiny\n")  # the folder's name, no repo id given
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.license, data.base_model) == (
+        "transformers", "image-text-to-text", "apache-2.0", None)
+    assert data.model_name == "unicode-tiny"
+    results = {r.metric_name: (r.task_type, r.metric_value) for r in data.eval_results}
+    assert results["vqa/accuracy"] == ("visual-question-answering", 0.4678)
+    assert results["text_to_image/all_correct"] == ("text-to-image", 0.0) and len(results) == 6
+    assert "| `vqa/accuracy` | 0.4678 | 0.359 | – |" in text
+    assert "| `text_to_image/all_correct` | 0 | 0 | 0.75 |" in text
+    # The base LLM by architecture and size; the recipe as the run recorded it: full fine-tuning, no decompression.
+    assert "a 1-layer, 32-wide Llama (" in text and "trained from scratch by this run" in text
+    recipe = text.split("## Training recipe", 1)[1].split("Settings of this run", 1)[0]
+    assert "full fine-tuning of 2 freshly drawn decoder layers" in recipe and "2000 steps" in recipe
+    assert "LoRA" not in recipe and "decompression" not in recipe
+    assert "Stage I trained the visual tokenizer (RQ, a 4×4×2 code map at 16 px, a codebook of 256 LLM embedding rows) for 1000" in recipe
+    assert "![Samples from the training run](samples.png)" in text and "| `total` | 592 |" in text
+
+    card = ModelCard.load(export_run(run, tmp_path / "named", repo_id="me/my-unicode", base_model="owner/base-llm") / "README.md")
+    assert card.data.base_model == "owner/base-llm" and "\n# my-unicode\n" in card.content
+    with pytest.raises(ValueError, match=r"--base-model\) must be a Hub repo id"):
+        export_run(run, tmp_path / "path", base_model=str(run / "mllm"))
+
+
+def test_a_run_folder_loads_with_only_trust_remote_code(tmp_path):
+    """A run's mllm/ (as stage II and `finetune --merge` save it) in a clean interpreter that cannot import this
+    repository: with trust_remote_code=True it loads and generates as the original; without, the error names the fix."""
+    from training.sft import save_mllm
+
+    model, processor = tiny_mllm()
+    mllm = save_mllm(model, processor, tmp_path / "run" / "mllm")
+    image = PIL.Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    image.save(tmp_path / "image.png")
+    env = clean_env(tmp_path, HF_HUB_OFFLINE="1")
+    loaded = run_probe(str(mllm), tmp_path / "image.png", tmp_path / "clean", env, "--mllm-only")
+    expected = reference_outputs(model, processor, PIL.Image.open(tmp_path / "image.png"))
+    assert loaded["blocked_loaded"] == [] and loaded["model_module"].startswith("transformers_modules.")
+    for key in ("text_ids", "image_ids", "vision_codes"):
+        assert loaded[key] == expected[key], key
+
+    without = subprocess.run([sys.executable, "-I", "-c", "from transformers import AutoModelForImageTextToText; "
+                              f"AutoModelForImageTextToText.from_pretrained({str(mllm)!r})"],
+                             cwd=tmp_path / "clean", env=env, capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+    assert without.returncode != 0 and "trust_remote_code=True" in without.stderr

@@ -7,10 +7,11 @@
     unicode-mllm presets [NAME]
     unicode-mllm train-text --preset tiny --output outputs/tiny
     unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
+    unicode-mllm train-tokenizer --images my_photos/ [--init-from outputs/tiny/vision_tokenizer] ...  # your images
     unicode-mllm train --stage decompress --preset tiny --output outputs/tiny
     unicode-mllm train --stage sft --preset tiny --output outputs/tiny        # -> outputs/tiny/mllm
     unicode-mllm merge --adapter outputs/tiny/stage2/sft/adapter --output merged/
-    unicode-mllm finetune --model outputs/tiny/mllm --dataset my_data/ --output my_lora/
+    unicode-mllm finetune --model outputs/tiny/mllm --dataset my_photos/ --output my_lora/ [--image-column C] [--text-column C]
     unicode-mllm export outputs/tiny exports/unicode-tiny [--max-shard-size 5GB] [--adapter | --adapter-only]
     unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [--revision REV] [--dry-run]
 """
@@ -103,12 +104,25 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         raise SystemExit(f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
                          f"--output {args.output}` first, or pass --llm")
     image_size = preset["vision_tokenizer"]["image_size"]
-    num_train = _pick(args.train_images, data, "train_images", 8000)
-    num_val = data.get("validation_images", 256)
-    train = build_split("train", num_train, image_size=image_size, seed=args.seed)
-    validation = build_split("validation", num_val, image_size=image_size, seed=args.seed)
-    train_images = images_to_uint8(train["image"], image_size, "train")
-    eval_images = images_to_uint8(validation["image"], image_size, "validation")
+    if args.init_from:
+        from modeling_unicode import UniCodeVisualTokenizerConfig
+
+        image_size = UniCodeVisualTokenizerConfig.from_pretrained(args.init_from).image_size
+    if args.images:  # the user's images; a tenth (at least one) held out for the validation PSNR
+        images = _user_images(args, "train-tokenizer")
+        if images is None:
+            return 2
+        images = images.select(range(min(len(images), args.train_images or len(images))))
+        held_out = max(1, len(images) // 10) if len(images) > 1 else 0
+        pixels = images_to_uint8(images[args.image_column], image_size, str(args.images))
+        train_images, eval_images = pixels[: len(pixels) - held_out], pixels[len(pixels) - held_out:] if held_out else pixels
+    else:
+        num_train = _pick(args.train_images, data, "train_images", 8000)
+        num_val = data.get("validation_images", 256)
+        train = build_split("train", num_train, image_size=image_size, seed=args.seed)
+        validation = build_split("validation", num_val, image_size=image_size, seed=args.seed)
+        train_images = images_to_uint8(train["image"], image_size, "train")
+        eval_images = images_to_uint8(validation["image"], image_size, "validation")
     text_blocks = None
     if (args.paradigm or preset["vision_tokenizer"].get("paradigm")) == "dual":
         _, tokenizer = load_text_lm(llm_path)
@@ -134,10 +148,16 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         gan_weight=_pick(args.gan_weight, stage1, "gan_weight", 0.0),
         gan_start_step=stage1.get("gan_start_step", 0),
         vision_overrides=_vision_flags(args),
+        init_from=args.init_from,
     )
     metrics = StageITrainer(stage_args, train_images, eval_images, text_blocks=text_blocks).train(resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-column", default="image", help="the column holding images or image paths (default image)")
 
 
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
@@ -161,12 +181,28 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_images(args: argparse.Namespace, command: str):
+    """`--images` / `--dataset` loaded (the accepted layouts), or None after one error line naming the fix."""
+    from .data.real_images import load_image_dataset
+
+    try:
+        return load_image_dataset(args.dataset if command == "finetune" else args.images, args.split,
+                                  image_column=args.image_column)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"unicode-mllm {command}: error: {error}", file=sys.stderr)
+        return None
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune_lora
 
-    metrics = finetune_lora(args.model, args.dataset, args.output, max_steps=args.steps, batch_size=args.batch_size,
+    data = _user_images(args, "finetune")
+    if data is None:
+        return 2
+    metrics = finetune_lora(args.model, data, args.output, max_steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules,
-                            split=args.split, merge=args.merge, trust_remote_code=True, resume=args.resume)
+                            image_column=args.image_column, text_column=args.text_column, merge=args.merge,
+                            resume=args.resume)
     print(json.dumps({k: metrics.get(k) for k in ("train_loss", "global_step", "adapter", "merged")}, indent=2))
     return 0
 
@@ -194,10 +230,13 @@ def _add_stage2_parsers(sub) -> None:
     merge.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
     merge.set_defaults(func=_cmd_merge)
 
-    tune = sub.add_parser("finetune", help="LoRA fine-tune of a UniCode model on your dataset (README: schema)")
-    tune.add_argument("--model", required=True, help="UniCode model folder or Hub repo id (trust_remote_code)")
-    tune.add_argument("--dataset", required=True, help="load_from_disk folder, JSON/JSONL file, or Hub dataset name")
-    tune.add_argument("--split", default="train")
+    tune = sub.add_parser("finetune", help="LoRA fine-tune of a UniCode model on your images (README: layouts and columns)")
+    tune.add_argument("--model", required=True, help="UniCode model folder or Hub repo id")
+    tune.add_argument("--dataset", required=True, help="imagefolder (metadata.jsonl/.csv), JSON/JSONL/CSV file of image "
+                      "paths, save_to_disk folder, or Hub dataset name")
+    _add_image_data_flags(tune)
+    tune.add_argument("--text-column", help="text-to-image captions (default: the first of caption, text, ... present); "
+                      "rows with a 'messages' conversation train on it instead")
     tune.add_argument("--output", required=True)
     tune.add_argument("--steps", type=int, default=100)
     tune.add_argument("--batch-size", type=int, default=8)
@@ -434,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--batch-size", type=int)
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
-    tok.add_argument("--train-images", type=int)
+    tok.add_argument("--train-images", type=int, help="how many images to train on (default: the recipe's, or all of --images)")
+    tok.add_argument("--images", help="train on your images instead of the Shapes world: an imagefolder, a JSON/JSONL/CSV "
+                     "file of image paths, a save_to_disk folder or a Hub dataset name")
+    _add_image_data_flags(tok)
+    tok.add_argument("--init-from", help="fine-tune: start from this visual tokenizer folder (a run's vision_tokenizer/), "
+                     "keeping its layout and codebook ids; --llm must be the LLM it was trained with")
     _add_vision_flags(tok, VISION_FLAGS)
     tok.add_argument("--fp32", action="store_true", help="disable bf16 autocast of the convolutions")
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")

@@ -88,10 +88,10 @@ def _set_signature(dataset, signature: dict) -> None:
     dataset.info.description = json.dumps(info)
 
 
-def _pixels(images, image_size: int, argument: str) -> torch.Tensor:
+def _pixels(images, image_size: int, argument: str, image_processor=None) -> torch.Tensor:
     from .stage1 import images_to_uint8, to_pixel_values
 
-    return to_pixel_values(images_to_uint8(images, image_size, argument))
+    return to_pixel_values(images_to_uint8(images, image_size, argument, image_processor))
 
 
 @torch.no_grad()
@@ -102,8 +102,12 @@ def encode_image_dataset(
     batch_size: int = 64,
     keep_image: bool = False,
     desc: str = "tokenizing images",
+    image_processor=None,
 ):
     """`dataset` with a `codes` column (list of ĥ·ŵ·D ints per row) from `encoder`'s visual tokenizer.
+
+    Images of any size and mode are brought to the tokenizer's resolution by `image_processor` (the model's
+    `processor.image_processor`; default: `UniCodeImageProcessor` at that size), as at inference.
 
     Batched `datasets.map` with a progress bar; the fingerprint includes the tokenizer signature, so
     a dataset backed by cache files is encoded once per tokenizer (`save_code_dataset` caches the
@@ -125,14 +129,15 @@ def encode_image_dataset(
     dtype = next(tokenizer.parameters()).dtype
 
     def encode(batch):
-        pixels = _pixels(batch[image_column], size, f"dataset[{image_column!r}]").to(device, dtype)
+        pixels = _pixels(batch[image_column], size, f"dataset[{image_column!r}]", image_processor).to(device, dtype)
         codebook = codebook_fn() if codebook_fn is not None else None
         codes = tokenizer.encode(pixels, codebook=codebook) if codebook is not None else tokenizer.encode(pixels)
         flat = flatten_code_map(codes).to(torch.int32).cpu().numpy()
         return {CODES_COLUMN: [row.tolist() for row in flat]}
 
     fingerprint = hashlib.sha256(
-        f"{dataset._fingerprint}|{image_column}|{keep_image}|{json.dumps(signature, sort_keys=True)}".encode()
+        f"{dataset._fingerprint}|{image_column}|{keep_image}|{json.dumps(signature, sort_keys=True)}|"
+        f"{image_processor.to_json_string() if image_processor is not None else ''}".encode()
     ).hexdigest()[:32]
     features = dataset.features.copy()
     if not keep_image:

@@ -10,7 +10,8 @@ pre-training -> instruction tuning -> evaluation -> the run folder of docs/desig
     <run>/report.json           metrics + chance levels + text-to-image ceiling + goals, settings, wall time per stage, versions
     <run>/report.md             the same as tables
     <run>/samples.png           inputs, reconstructions, generated images under their prompts, answers
-    <run>/question.png, generated.png   the one answered question's image and one generated image
+    <run>/question.png          the one answered question's image, its question, answer and truth printed below
+    <run>/generated.png         one generated image
     <run>/demo_stages.json      the settings each finished stage was made with
 
 Budgets come from the preset recipe's `demo` section (CLI flags and `budget=` override them). Every
@@ -353,8 +354,7 @@ def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, 
     rows = [("input", [(im, None) for im in inputs[:columns]]),
             ("reconstruction", [(im, None) for im in reconstructions[:columns]]),
             ("generated", [(im, caption) for caption, im in generated[:columns]]),
-            ("VQA", [(im, f"Q: {q}\nA: {pred} ({'ok' if pred.strip().lower() == ans.lower() else 'truth: ' + ans})")
-                     for im, q, ans, pred in answered[:columns]])]
+            ("VQA", [(im, _vqa_label(q, pred, ans)) for im, q, ans, pred in answered[:columns]])]
     left = 96
     heights = [tile + (label_h if any(text for _, text in items) else 0) for _, items in rows]
     canvas = Image.new("RGB", (left + columns * tile, sum(heights) + 8), "white")
@@ -366,11 +366,30 @@ def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, 
             x = left + i * tile
             canvas.paste(image.convert("RGB").resize((tile - 4, tile - 4), Image.NEAREST), (x + 2, y + 2))
             if text:
-                lines = []
-                for part in text.split("\n"):
-                    lines += textwrap.wrap(part, 21) or [""]
-                draw.multiline_text((x + 2, y + tile), "\n".join(lines[:5]), fill="black", font=font, spacing=1)
+                draw.multiline_text((x + 2, y + tile), _wrapped(text, 21, 5), fill="black", font=font, spacing=1)
         y += height
+    return canvas
+
+
+def _wrapped(text: str, width: int, max_lines: int) -> str:
+    lines = []
+    for part in text.split("\n"):
+        lines += textwrap.wrap(part, width) or [""]
+    return "\n".join(lines[:max_lines])
+
+
+def _vqa_label(question: str, prediction: str, answer: str) -> str:
+    return f"Q: {question}\nA: {prediction} ({'ok' if prediction.strip().lower() == answer.lower() else 'truth: ' + answer})"
+
+
+def answered_question(image, question: str, prediction: str, answer: str, side: int = 256):
+    """`question.png`: the image enlarged, with its question, the model's answer and the truth printed below."""
+    from PIL import Image, ImageDraw
+
+    text = _wrapped(_vqa_label(question, prediction, answer), 40, 6)
+    canvas = Image.new("RGB", (side + 8, side + 12 + 16 * (text.count("\n") + 1)), "white")
+    canvas.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (4, 4))
+    ImageDraw.Draw(canvas).multiline_text((4, side + 8), text, fill="black", font=_font(13), spacing=2)
     return canvas
 
 
@@ -508,7 +527,7 @@ def run_demo(args: DemoArguments) -> dict:
     examples = results["examples"]
     image, question, answer, prediction = examples["vqa"][0]
     prompt, generated = examples["generation"][0]
-    atomic_save_image(image, run / "question.png")
+    atomic_save_image(answered_question(image, question, prediction, answer), run / "question.png")
     atomic_save_image(generated, run / "generated.png")
     save_samples(examples, run / "samples.png")
 
@@ -529,9 +548,13 @@ def run_demo(args: DemoArguments) -> dict:
         "stage_metrics": {"stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
                           **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()}},
         "settings": {
-            "preset": args.preset, "seed": args.seed, "device": args.device, "base_model": str(llm),
+            # The base LLM's Hub id (None: trained in stage 0, at <run>/text_lm): the model card names it.
+            "preset": args.preset, "seed": args.seed, "device": args.device,
+            "base_model": preset["text_model"].get("name_or_path"),
             "text_model": preset["text_model"], "budget": budget, "visual_input": args.visual_input,
             "decompression_pretraining": decompress,
+            "stage2": _without(_recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft",
+                               "trainer"),
             "vision_tokenizer": {k: getattr(vq, k) for k in ("image_size", "quantizer", "depth", "codebook_size", "paradigm",
                                                              "code_grid_size", "tokens_per_image")},
         },

@@ -1,14 +1,18 @@
 """A user's LoRA fine-tune of a UniCode model on their own dataset (TRL SFTTrainer + PEFT).
 
-Dataset schema (one row per example; README "Fine-tune with LoRA"):
-- understanding: `image` (PIL image / `datasets.Image`) + `messages`, a LLaVA-style conversation
-  whose user turn holds one `{"type": "image"}` item, e.g.
+The dataset comes in any layout of `training.data.real_images.ACCEPTED_LAYOUTS` (an imagefolder, a JSON / JSONL /
+CSV file of image paths, a `save_to_disk` folder, a Hub name, a `datasets.Dataset`), one row per example
+(README "Fine-tune on your own images"):
+- understanding: an image + `messages`, a LLaVA-style conversation whose user turn holds one
+  `{"type": "image"}` item, e.g.
   `[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]`
   (string contents are accepted for text-only turns);
-- text-to-image: `image` + `caption` and no `messages` (or `messages` = null): the model learns to
-  write the image's codes after the processor's image-generation prompt.
-Images are tokenized once with the model's own visual tokenizer (`training.codes`).
+- text-to-image: an image + a text (`text_column`; default the first of `CAPTION_COLUMNS` present) and no
+  `messages` (or `messages` = null): the model learns to write the image's codes after the processor's
+  image-generation prompt.
+Images of any size and mode are tokenized once with the model's own visual tokenizer (`training.codes`), brought to
+its resolution by the model's image processor, as at inference.
 """
 
 from __future__ import annotations
@@ -19,27 +23,8 @@ from typing import Optional
 
 from .checkpointing import atomic_write_json
 from .codes import CODES_COLUMN, encode_image_dataset
+from .data.real_images import CAPTION_COLUMNS, caption_texts, load_image_dataset, pick_column
 from .tasks import task_features, tokenize_tasks
-
-
-def load_user_dataset(dataset, split: str = "train"):
-    """A `datasets.Dataset` from a Dataset, a `save_to_disk` folder, a JSON/JSONL file or a Hub name."""
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset[split]
-    if isinstance(dataset, datasets.Dataset):
-        return dataset
-    if not isinstance(dataset, (str, os.PathLike)):
-        raise TypeError(f"dataset must be a datasets.Dataset, a folder, a JSON file or a Hub name, got {type(dataset).__name__}")
-    path = Path(dataset)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-    elif path.suffix in (".json", ".jsonl"):
-        loaded = datasets.load_dataset("json", data_files=str(path), split=split)
-    else:
-        loaded = datasets.load_dataset(str(dataset), split=split)
-    return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
 def _item(kind, text=None, start=None, end=None):
@@ -61,13 +46,15 @@ def _normalize_content(content, row_index: int) -> list[dict]:
     return items
 
 
-def user_rows_to_tasks(dataset, num_codes: int, image_generation_template: str):
-    """Rows of the documented schema (after encoding: `codes` instead of `image`) -> task rows."""
+def user_rows_to_tasks(dataset, num_codes: int, image_generation_template: str, text_column: Optional[str] = None):
+    """Rows of the documented schema (after encoding: `codes` instead of the image) -> task rows."""
     columns = set(dataset.column_names)
-    if CODES_COLUMN not in columns or not ({"messages", "caption"} & columns):
+    text_column = pick_column(dataset.column_names, text_column, CAPTION_COLUMNS, "text", required=False)
+    if CODES_COLUMN not in columns or not ("messages" in columns or text_column):
         raise ValueError(
-            f"the fine-tune dataset needs an 'image' column and 'messages' (a conversation) and/or 'caption' "
-            f"(text-to-image); it has {sorted(columns - {CODES_COLUMN}) + (['image'] if CODES_COLUMN in columns else [])}"
+            f"the fine-tune dataset needs an image column and 'messages' (a conversation) and/or a text column such as "
+            f"'caption' or 'text' (text-to-image; text_column= / --text-column names it); it has "
+            f"{sorted(columns - {CODES_COLUMN}) + (['image'] if CODES_COLUMN in columns else [])}"
         )
 
     def convert(row, index):
@@ -77,9 +64,10 @@ def user_rows_to_tasks(dataset, num_codes: int, image_generation_template: str):
             if not any(m["role"] == "assistant" for m in out):
                 raise ValueError(f"dataset[{index}]['messages'] has no assistant turn to learn from")
             return {"task": "conversation", "messages": out, CODES_COLUMN: row[CODES_COLUMN]}
-        caption = row.get("caption")
-        if not isinstance(caption, str):
-            raise ValueError(f"dataset[{index}] has neither messages nor a caption string")
+        caption = row.get(text_column) if text_column else None
+        caption = caption_texts(caption)[0] if caption else None
+        if not caption:
+            raise ValueError(f"dataset[{index}] has neither messages nor a text in column {text_column!r}")
         return {
             "task": "text_to_image",
             "messages": [
@@ -106,12 +94,16 @@ def finetune_lora(
     target_modules: Optional[list[str]] = None,
     split: str = "train",
     image_column: str = "image",
+    text_column: Optional[str] = None,
     merge: bool = False,
-    trust_remote_code: bool = True,
+    trust_remote_code: Optional[bool] = None,
     resume: bool = False,
     **sft_overrides,
 ) -> dict:
-    """Fine-tune `model` (folder, repo id or loaded model) with LoRA on `dataset` (schema above).
+    """Fine-tune `model` (folder, repo id or loaded model) with LoRA on `dataset` (layouts and schema above).
+
+    The model loads with this package's classes; `trust_remote_code=True` would take the code files saved beside
+    the weights instead.
 
     Saves the adapter (PEFT format) to `<output_dir>/adapter` and, with `merge=True`, the merged
     model + processor to `<output_dir>/merged`; `resume=True` continues from the last complete checkpoint in
@@ -130,14 +122,10 @@ def finetune_lora(
         base = model.name_or_path
         if processor is None:
             raise ValueError("pass processor= (the model's UniCodeProcessor) when model is an already loaded model")
-    data = load_user_dataset(dataset, split)
-    if image_column not in data.column_names:
-        raise ValueError(
-            f"the fine-tune dataset has no {image_column!r} column (columns: {data.column_names}); every row needs an "
-            "image (pass image_column= if it is named differently)"
-        )
-    coded = encode_image_dataset(data, model, image_column=image_column)
-    tasks = user_rows_to_tasks(coded, model.config.image_tokens_per_generation, processor.image_generation_template)
+    data = load_image_dataset(dataset, split, image_column=image_column)
+    coded = encode_image_dataset(data, model, image_column=image_column, image_processor=processor.image_processor)
+    tasks = user_rows_to_tasks(coded, model.config.image_tokens_per_generation, processor.image_generation_template,
+                               text_column)
     rows = tokenize_tasks(tasks, processor, model.config.get_text_config().max_position_embeddings)
     trainer, metrics = run_sft(
         model, processor, rows, output_dir / "trainer", lora={"r": lora_r, "alpha": lora_alpha, "target_modules": target_modules},
@@ -156,4 +144,4 @@ def finetune_lora(
     return metrics
 
 
-__all__ = ["load_user_dataset", "user_rows_to_tasks", "finetune_lora"]
+__all__ = ["user_rows_to_tasks", "finetune_lora"]

@@ -536,11 +536,20 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: O
     if not base:
         raise ValueError("the adapter records no base model; pass base= the model folder it was trained on")
     model = load_adapter_model(base, adapter).merge_and_unload()
-    processor = AutoProcessor.from_pretrained(str(processor_from or base))
-    with atomic_directory(output) as staging:
+    return save_mllm(model, AutoProcessor.from_pretrained(str(processor_from or base)), output)
+
+
+def save_mllm(model, processor, folder: str | os.PathLike) -> Path:
+    """An MLLM folder (model + processor), atomically, that also loads with `trust_remote_code=True` alone
+    (`hub_upload.export.add_remote_code`): without `import modeling_unicode`, transformers would otherwise
+    answer with its "update Transformers" message."""
+    from hub_upload.export import add_remote_code
+
+    with atomic_directory(folder) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-    return Path(output)
+        add_remote_code(staging)
+    return Path(folder)
 
 
 __all__ = [
@@ -565,4 +574,5 @@ __all__ = [
     "load_adapter_model",
     "require_adapter_folder",
     "merge_adapter",
+    "save_mllm",
 ]

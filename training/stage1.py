@@ -74,25 +74,30 @@ class StageIArguments:
     # Perceptual (LPIPS) term — needs LPIPS weights, which do not ship offline.
     perceptual_weight: float = 0.0
     vision_overrides: dict = field(default_factory=dict)
+    # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
+    init_from: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def images_to_uint8(images, image_size: int, argument: str = "dataset") -> torch.Tensor:
-    """A sequence of PIL images -> (N, 3, S, S) uint8, kept in memory so a step is a slice."""
-    from PIL import Image
+def images_to_uint8(images, image_size: int, argument: str = "dataset", image_processor=None) -> torch.Tensor:
+    """Images of any size and mode (PIL, paths, bytes, uint8 arrays) -> (N, 3, S, S) uint8, kept in memory so a
+    step is a slice. Each goes through `image_processor.fit` (default: `UniCodeImageProcessor(size=S)`), so
+    training sees an image exactly as the processor shows it to the model at inference."""
+    from modeling_unicode import UniCodeImageProcessor
 
+    processor = image_processor or UniCodeImageProcessor(size=image_size)
+    if processor.size != image_size:
+        raise ValueError(f"image_processor.size={processor.size} but the visual tokenizer reads {image_size}x{image_size} "
+                         "images; pass the model's own processor")
     out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8)
     for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"{argument}[{i}]['image'] must be a PIL image, got {type(image).__name__}")
-        if image.size != (image_size, image_size):
-            raise ValueError(
-                f"{argument}[{i}] is {image.size[0]}x{image.size[1]} pixels but the tokenizer's image_size is "
-                f"{image_size}; build the dataset at image_size={image_size}"
-            )
-        out[i] = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        try:
+            rgb = processor.fit(image, i)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{argument}[{i}]: {error}") from None
+        out[i] = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
     return out
 
 
@@ -190,20 +195,26 @@ class StageITrainer:
         overrides = {k: v for k, v in {"paradigm": args.paradigm, "quantizer": args.quantizer, "depth": args.depth,
                                         "codebook_size": args.codebook_size}.items() if v is not None}
         overrides.update(args.vision_overrides)
-        probe = vision_tokenizer_config(preset, **overrides)
-        hidden = self.llm.get_input_embeddings().weight.shape[1]
+        start = UniCodeVisualTokenizer.from_pretrained(args.init_from) if args.init_from else None
+        probe = start.config if start is not None else vision_tokenizer_config(preset, **overrides)
+        hidden, rows = self.llm.get_input_embeddings().weight.shape[1], self.llm.get_input_embeddings().weight.shape[0]
         if hidden != probe.code_dim:
             raise ValueError(
-                f"the LLM at llm_path={args.llm_path!r} has hidden size {hidden} but preset {args.preset!r} has "
-                f"code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so set "
-                f"vision_tokenizer.code_dim={hidden} (or pick the preset made for this LLM)"
+                f"the LLM at llm_path={args.llm_path!r} has hidden size {hidden} but "
+                + (f"the tokenizer at init_from={args.init_from!r}" if start is not None else f"preset {args.preset!r}")
+                + f" has code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so pass the LLM it was "
+                f"made for (or set vision_tokenizer.code_dim={hidden})"
             )
-        ids, selection = select_codebook_rows(self.llm.get_input_embeddings().weight, probe.codebook_size, self.text_tokenizer)
-        self.config = vision_tokenizer_config(preset, **overrides, codebook_token_ids=ids, codebook_selection=selection)
+        if start is not None:
+            self.config = self._fine_tune_config(start.config, overrides, rows)
+            ids = list(self.config.codebook_token_ids)
+        else:
+            ids, selection = select_codebook_rows(self.llm.get_input_embeddings().weight, probe.codebook_size, self.text_tokenizer)
+            self.config = vision_tokenizer_config(preset, **overrides, codebook_token_ids=ids, codebook_selection=selection)
         self.token_ids = torch.tensor(ids, device=self.device)
 
         torch.manual_seed(args.seed)
-        model = UniCodeVisualTokenizer(self.config).to(self.device)
+        model = (start or UniCodeVisualTokenizer(self.config)).to(self.device)
         with torch.no_grad():
             model.codebook.copy_(self.llm_rows())  # every paradigm starts from the LLM's rows
         self.codebook_trainer = UniCodeCodebookTrainer(self.config, model.codebook).to(self.device)
@@ -235,7 +246,8 @@ class StageITrainer:
         if len(train_images) == 0:
             raise ValueError("the training dataset is empty; build the Shapes world (or your dataset) with at least one image")
         if len(train_images) < args.batch_size:
-            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}")
+            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}; "
+                             "pass a smaller batch size (--batch-size)")
         if args.batch_size % self.accelerator.num_processes:
             raise ValueError(f"batch_size={args.batch_size} must divide evenly over {self.accelerator.num_processes} processes")
         self.train_images = train_images
@@ -243,6 +255,21 @@ class StageITrainer:
         self.step = 0
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _fine_tune_config(self, config, overrides: dict, llm_rows: int):
+        """The config of the tokenizer at `init_from`, with the options that leave its weights' shapes alone."""
+        layout = {k: v for k, v in overrides.items()
+                  if k in ("image_size", "quantizer", "depth", "codebook_size", "code_dim") and v != getattr(config, k)}
+        if layout:
+            raise ValueError(f"init_from={self.args.init_from!r} keeps that tokenizer's layout, which {layout} would change; "
+                             "drop those options, or train a new tokenizer without init_from")
+        if max(config.codebook_token_ids) >= llm_rows:
+            raise ValueError(f"the tokenizer at init_from={self.args.init_from!r} uses vocabulary ids up to "
+                             f"{max(config.codebook_token_ids)}, beyond the {llm_rows} rows of the LLM at "
+                             f"llm_path={self.args.llm_path!r}; pass the LLM it was trained with (--llm)")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
     def _lr_factor(self, step: int) -> float:
         warmup = max(1, self.args.warmup_steps)
         if step < warmup:

@@ -148,6 +148,7 @@ def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optiona
     `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes)."""
     from modeling_unicode import UniCodeForConditionalGeneration, UniCodeImageProcessor, UniCodeProcessor, UniCodeVisualTokenizer
 
+    from .sft import save_mllm
     from .text_lm import load_text_lm
 
     run = Path(run_dir)
@@ -160,10 +161,7 @@ def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optiona
     model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
     model = UniCodeForConditionalGeneration.from_pretrained_parts(model_llm, tokenizer, vision, visual_input=visual_input)
     processor = UniCodeProcessor.from_model_config(model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size))
-    with atomic_directory(out) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-    return out
+    return save_mllm(model, processor, out)
 
 
 def load_model_and_processor(path: str | os.PathLike):
@@ -355,7 +353,7 @@ def save_adapter(trainer, folder: str | os.PathLike) -> Path:
 
 def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
-    from .sft import merge_adapter, reinitialize_decoder_layers
+    from .sft import merge_adapter, reinitialize_decoder_layers, save_mllm
     from .tasks import split_by_task, tokenize_tasks
 
     if args.decoder_layers is not None and not args.reinit_decoder:
@@ -412,9 +410,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         if args.lora:
             merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
         else:
-            with atomic_directory(paths["merged"]) as staging:
-                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
-                processor.save_pretrained(staging)
+            save_mllm(trainer.accelerator.unwrap_model(trainer.model), processor, paths["merged"])
         metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]) if args.lora else None,
                    "merged": str(paths["merged"]), "arguments": asdict(args)}
         atomic_write_json(paths["root"] / "metrics.json", metrics)

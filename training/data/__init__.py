@@ -2,11 +2,13 @@
 real images (Fashion-MNIST, scikit-image samples) and adapters for Hugging Face datasets."""
 
 from .real_images import (
+    ACCEPTED_LAYOUTS,
     FASHION_MNIST_LABELS,
     fashion_mnist_available,
     load_caption_dataset,
     load_conversation_dataset,
     load_fashion_mnist,
+    load_image_dataset,
     load_skimage_images,
 )
 from .scene_parser import degrade_image, parse_scene

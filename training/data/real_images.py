@@ -8,14 +8,16 @@
   downloader). Rows: ``image`` (RGB), ``label`` (ClassLabel of the names), ``name``.
 - Any image-caption dataset -> rows ``image``, ``captions`` (list of str), as the Shapes
   world; any LLaVA-style conversation dataset -> rows ``image``, ``messages``
-  (list of {role, content}, roles user/assistant, ``<image>`` kept in the text). Both accept
-  a Hub name, a folder written by ``save_to_disk`` or a JSON / JSON-lines file.
+  (list of {role, content}, roles user/assistant, ``<image>`` kept in the text). Both read
+  every layout of ``load_image_dataset``: the one loader of users' images, which ``unicode-mllm finetune`` and
+  ``train-tokenizer --images`` use too.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,52 +141,148 @@ def load_skimage_images(names=None, image_size: int | None = None):
 # ---------------------------------------------------------------------------------------------
 # Generic Hugging Face adapters
 
-_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "picture", "pixel_values")
-_CAPTION_COLUMNS = ("captions", "caption", "text", "sentences", "sentences_raw", "alt_text", "txt", "description")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "picture", "pixel_values")
+CAPTION_COLUMNS = ("captions", "caption", "text", "sentences", "sentences_raw", "alt_text", "txt", "description")
 
 
-def _load_any(name_or_path, split: str, **load_kwargs):
-    """A Hub name, a save_to_disk folder or a JSON(-lines) file -> one Dataset split."""
+# The layouts `load_image_dataset` tells apart by what the source is; an unknown one is answered with this list.
+ACCEPTED_LAYOUTS = (
+    "an imagefolder: a folder of images with metadata.jsonl or metadata.csv (a file_name column plus a text column)",
+    "a JSON, JSONL or CSV file whose image column holds image paths (relative to the file's folder, or absolute)",
+    "a folder written by datasets' save_to_disk",
+    "a Hub dataset name (owner/name)",
+    "a datasets.Dataset (from Python)",
+)
+_TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv"}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _layout_error(source, why: str) -> ValueError:
+    return ValueError(f"dataset {str(source)!r} {why}; use one of: " + "; ".join(ACCEPTED_LAYOUTS))
+
+
+def _is_imagefolder(path: Path) -> bool:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if any((path / f"metadata{suffix}").is_file() for suffix in (".jsonl", ".csv")):
+        return True
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    return any(p.suffix.lower() in extensions for p in path.rglob("*") if p.is_file())
+
+
+def image_root_of(source):
+    """The folder that relative image paths in `source` are read from: a JSON / CSV file's own; else None (the
+    working folder)."""
+    return Path(source).parent if isinstance(source, (str, os.PathLike)) and Path(source).is_file() else None
+
+
+def image_paths_to_images(dataset, image_column: str, root=None):
+    """`dataset` with `image_column` as `datasets.Image`; a column of file paths (relative ones taken from
+    `root`) becomes one, each file checked first so a wrong path names its row."""
     import datasets
 
-    path = Path(str(name_or_path))
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split must be one of {list(loaded)} for {path}, got {split!r}")
-            loaded = loaded[split]
-        return loaded
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(path), split="train", **load_kwargs)
-    return datasets.load_dataset(str(name_or_path), split=split, **load_kwargs)
+    feature = dataset.features[image_column]
+    if isinstance(feature, datasets.Image):
+        return dataset
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(f"column {image_column!r} holds {feature}, not images or image file paths; pass image_column= "
+                         "(--image-column) the column that holds them")
+
+    def resolve(row, index):
+        value = row[image_column]
+        if not value:
+            raise ValueError(f"row {index} has no image path in column {image_column!r}")
+        if "://" in value:  # a URL: datasets.Image opens it
+            return {image_column: value}
+        path = Path(value) if root is None or Path(value).is_absolute() else Path(root) / value
+        if not path.is_file():
+            raise FileNotFoundError(f"row {index}: image {value!r} not found at {path}; image paths are read relative to "
+                                    f"{root or 'the working folder'}")
+        return {image_column: str(path)}
+
+    return dataset.map(resolve, with_indices=True, desc="image paths").cast_column(image_column, datasets.Image())
 
 
-def _pick(columns, wanted, candidates, what):
+def load_image_dataset(source, split: str = "train", image_column=None, image_root=None, **load_kwargs):
+    """One split of an image dataset in any layout people share images in (`ACCEPTED_LAYOUTS`), told apart by
+    what `source` is: a `datasets.Dataset` (or `DatasetDict`), a `save_to_disk` folder, an imagefolder (loaded by
+    datasets' own `imagefolder` builder), a JSON / JSONL / CSV file, or a Hub name `owner/name`.
+
+    With `image_column`, that column must exist and is returned as `datasets.Image`: image paths in it are read
+    relative to `image_root` (default: the JSON / CSV file's folder). Images keep their own size and mode; the
+    image processor brings them to the model's (`training.stage1.images_to_uint8`)."""
+    import datasets
+
+    root = image_root or image_root_of(source)
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise ValueError(f"split={split!r} is not in the DatasetDict; it has {list(source)}")
+        dataset = source[split]
+    elif isinstance(source, datasets.Dataset):
+        dataset = source
+    elif not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"dataset is a {type(source).__name__}; pass a path, a Hub dataset name or a datasets.Dataset")
+    else:
+        path = Path(source)
+        if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"split={split!r} is not in {path}; it has {list(dataset)}")
+                dataset = dataset[split]
+        elif path.is_dir():
+            if not _is_imagefolder(path):
+                raise _layout_error(source, "is a folder with neither images nor a save_to_disk dataset")
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, **load_kwargs)
+        elif path.is_file():
+            builder = _TABLE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise _layout_error(source, f"is a {path.suffix or 'suffix-less'} file")
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
+        elif _HUB_NAME.match(str(source)):
+            dataset = datasets.load_dataset(str(source), split=split, **load_kwargs)
+        else:
+            raise _layout_error(source, "is no file or folder here, nor a Hub dataset name (owner/name)")
+    if image_column is None:
+        return dataset
+    if image_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no {image_column!r} column (columns: {dataset.column_names}); pass "
+                         "image_column= (--image-column) the column that holds the images")
+    return image_paths_to_images(dataset, image_column, root)
+
+
+def caption_texts(value) -> list[str]:
+    """A caption cell (a string, a list of them, or {"raw": ...} sentence records) as a list of strings."""
+    if isinstance(value, dict):
+        value = value.get("raw", next(iter(value.values())))
+    return [str(v.get("raw", v) if isinstance(v, dict) else v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def pick_column(columns, wanted, candidates, what, required: bool = True):
+    """`wanted` if it is a column, else the first of `candidates` that is one (None when not `required`)."""
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{what}_column={wanted!r} is not a column; columns are {list(columns)}")
+            raise ValueError(f"{what}_column={wanted!r} (--{what}-column) is not a column; columns are {list(columns)}")
         return wanted
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(f"no {what} column found among {list(columns)}; pass {what}_column=")
+    if not required:
+        return None
+    raise ValueError(f"no {what} column found among {list(columns)}; pass {what}_column= (--{what}-column)")
 
 
 def load_caption_dataset(name_or_path, split: str = "train", image_column=None, caption_column=None, **load_kwargs):
     """Any image-caption dataset as rows ``image`` (datasets Image) and ``captions`` (list of str)."""
     import datasets
 
-    dataset = _load_any(name_or_path, split, **load_kwargs)
-    image_column = _pick(dataset.column_names, image_column, _IMAGE_COLUMNS, "image")
-    caption_column = _pick(dataset.column_names, caption_column, _CAPTION_COLUMNS, "caption")
+    dataset = load_image_dataset(name_or_path, split, **load_kwargs)
+    image_column = pick_column(dataset.column_names, image_column, IMAGE_COLUMNS, "image")
+    caption_column = pick_column(dataset.column_names, caption_column, CAPTION_COLUMNS, "caption")
+    dataset = image_paths_to_images(dataset, image_column, image_root_of(name_or_path))
 
     def standardize(row):
-        value = row[caption_column]
-        if isinstance(value, dict):  # e.g. {"raw": ...} sentence records
-            value = value.get("raw", next(iter(value.values())))
-        captions = [str(v.get("raw", v) if isinstance(v, dict) else v) for v in value] if isinstance(value, list) else [str(value)]
-        return {"image": row[image_column], "captions": captions}
+        return {"image": row[image_column], "captions": caption_texts(row[caption_column])}
 
     features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))})
     return dataset.map(standardize, remove_columns=dataset.column_names, features=features)
@@ -199,19 +297,14 @@ def load_conversation_dataset(name_or_path, split: str = "train", image_folder=N
     resolved against ``image_folder`` (default: the JSON file's folder)."""
     import datasets
 
-    dataset = _load_any(name_or_path, split, **load_kwargs)
+    dataset = load_image_dataset(name_or_path, split, **load_kwargs)
     for column in ("image", "conversations"):
         if column not in dataset.column_names:
             raise ValueError(f"a LLaVA-style dataset needs an {column!r} column; columns are {dataset.column_names}")
-    base = Path(image_folder) if image_folder is not None else Path(str(name_or_path)).parent
+    dataset = image_paths_to_images(dataset, "image", image_folder or image_root_of(name_or_path))
 
     def standardize(row):
         image = row["image"]
-        if isinstance(image, str):
-            path = Path(image) if Path(image).is_absolute() else base / image
-            if not path.is_file():
-                raise FileNotFoundError(f"image {image!r} not found under {base}; pass image_folder=")
-            image = str(path)
         messages = []
         for turn in row["conversations"]:
             role = _ROLES.get(turn["from"])
