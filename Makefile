@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: install demo ablate test test-slow bench tokenizer clean
+.PHONY: install demo ablate test lint format test-slow bench tokenizer clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,17 @@ demo: install
 ablate: install
 	$(VENV)/bin/unicode-mllm ablate --preset tiny --output outputs/ablate
 
+# The style check first (ruff.toml: line length 119, import order, pyflakes), then the default suite.
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test-slow: install
 	$(PY) -m pytest -q -m slow tests

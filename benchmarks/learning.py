@@ -37,8 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The recipe this benchmark starts from (the tiny demo's stage II before this benchmark existed); each lever
 # changes what it names, nothing else.
-BASE = {"lora": False, "reinit_decoder": True, "learning_rate": 1e-3, "batch_size": 8, "train_images": 1000,
-        "questions_per_image": 2, "segments": 4, "caption_drop": 0.1}
+BASE = {
+    "lora": False,
+    "reinit_decoder": True,
+    "learning_rate": 1e-3,
+    "batch_size": 8,
+    "train_images": 1000,
+    "questions_per_image": 2,
+    "segments": 4,
+    "caption_drop": 0.1,
+}
 DECODING = {"guidance": 3.0, "top_k": None, "temperature": 1.0}
 LEVERS = {
     "baseline": {},
@@ -91,7 +99,9 @@ def code_losses(model, processor, eval_codes, depth: int) -> dict:
     from training.sft import CodesCollator
     from training.tasks import generation_tasks, tokenize_tasks
 
-    rows = tokenize_tasks(generation_tasks(eval_codes, depth, segments=1, caption_drop=0.0), processor, desc="code loss rows")
+    rows = tokenize_tasks(
+        generation_tasks(eval_codes, depth, segments=1, caption_drop=0.0), processor, desc="code loss rows"
+    )
     codebook = set(model.config.vq_config.codebook_token_ids)
     grid, size = model.config.vq_config.code_grid_size, model.config.vq_config.image_size
     collate = CodesCollator(processor.tokenizer.pad_token_id)
@@ -119,30 +129,55 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     import torch
 
     from training.data.shapes import build_split
-    from training.evaluation import (evaluate_generation, evaluate_vqa, majority_answers, train_question_rows)
+    from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows
     from training.stage2 import StageIIArguments, load_model_and_processor, shapes_code_datasets, train_stage2
 
     decoding = {k: settings.pop(k, v) for k, v in DECODING.items()}
     trained_by = settings.pop("decode", None)  # a decoding-only row: another variant's models, drawn otherwise
     folder = Path(args.work) / f"{name}-s{seed}"
-    sampling = {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]} if decoding["top_k"] else {}
+    sampling = (
+        {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]}
+        if decoding["top_k"]
+        else {}
+    )
     if trained_by:
         # Decoding changes only the drawings: the source's training, VQA and losses stand as they were measured.
         result = json.loads((Path(args.work) / f"{trained_by}-s{seed}" / RESULT).read_text())
         model, processor = load_model_and_processor(Path(args.work) / f"{trained_by}-s{seed}" / "mllm")
-        generation = evaluate_generation(model.eval(), processor, args.generation_prompts, decoding["guidance"], **sampling)
-        result.update({"variant": name, "trained_by": trained_by, "settings": {**result["settings"], **decoding},
-                       "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"}})
+        generation = evaluate_generation(
+            model.eval(), processor, args.generation_prompts, decoding["guidance"], **sampling
+        )
+        result.update(
+            {
+                "variant": name,
+                "trained_by": trained_by,
+                "settings": {**result["settings"], **decoding},
+                "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
+            }
+        )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULT).write_text(json.dumps(result, indent=1))
         return result
     stage = {**BASE, **settings}
     copy_run(Path(args.run), folder, stage["train_images"])
     started = time.perf_counter()
-    trainer = {"save_strategy": "no", "bf16": True, "logging_steps": 50, **stage.get("extra", {})}  # extra: SFTConfig fields
-    stage_args = StageIIArguments(run_dir=str(folder), stage="sft", max_seconds=args.seconds, eval_images=args.eval_images,
-                                  save_steps=10**9, use_cpu=True, seed=seed, extra=trainer,
-                                  **{k: v for k, v in stage.items() if k != "extra"})
+    trainer = {
+        "save_strategy": "no",
+        "bf16": True,
+        "logging_steps": 50,
+        **stage.get("extra", {}),
+    }  # extra: SFTConfig fields
+    stage_args = StageIIArguments(
+        run_dir=str(folder),
+        stage="sft",
+        max_seconds=args.seconds,
+        eval_images=args.eval_images,
+        save_steps=10**9,
+        use_cpu=True,
+        seed=seed,
+        extra=trainer,
+        **{k: v for k, v in stage.items() if k != "extra"},
+    )
     metrics = train_stage2(stage_args)
     wall = time.perf_counter() - started
     model, processor = load_model_and_processor(folder / "mllm")
@@ -155,19 +190,35 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     losses = code_losses(model, processor, eval_codes, model.config.vq_config.depth)
     keep = lambda scores: {k: v for k, v in scores.items() if k.startswith("accuracy")}  # noqa: E731
     result = {
-        "variant": name, "seed": seed, "settings": {**stage, **decoding}, "seconds_budget": args.seconds,
-        "trained_by": name, "threads": torch.get_num_threads(),
-        "sft_seconds": metrics["train_seconds"], "steps": metrics["global_step"], "stage_wall_seconds": wall,
+        "variant": name,
+        "seed": seed,
+        "settings": {**stage, **decoding},
+        "seconds_budget": args.seconds,
+        "trained_by": name,
+        "threads": torch.get_num_threads(),
+        "sft_seconds": metrics["train_seconds"],
+        "steps": metrics["global_step"],
+        "stage_wall_seconds": wall,
         "tokens_per_second": metrics.get("train_tokens", 0) / max(metrics["train_seconds"], 1e-9),
-        "held_out": metrics["after"], "code_nats": losses,
-        "vqa": keep(vqa["model"]), "vqa_chance": keep(vqa["chance"]), "vqa_swapped": keep(vqa["swapped"]),
-        "vqa_one_shape": keep(vqa["model_one_shape"]), "vqa_multi_shape": keep(vqa["model_multi_shape"]),
+        "held_out": metrics["after"],
+        "code_nats": losses,
+        "vqa": keep(vqa["model"]),
+        "vqa_chance": keep(vqa["chance"]),
+        "vqa_swapped": keep(vqa["swapped"]),
+        "vqa_one_shape": keep(vqa["model_one_shape"]),
+        "vqa_multi_shape": keep(vqa["model_multi_shape"]),
         "vqa_one_shape_chance": keep(vqa["chance_one_shape"]),
         "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
         "t2i_ceiling": {k: v for k, v in generation["ceiling"].items() if k != "num_images"},
     }
     (folder / RESULT).write_text(json.dumps(result, indent=1))
-    for heavy in ("stage2", "codes", "text_lm", "llm", "vision_tokenizer"):  # keep mllm/ (the model) and the result only
+    for heavy in (
+        "stage2",
+        "codes",
+        "text_lm",
+        "llm",
+        "vision_tokenizer",
+    ):  # keep mllm/ (the model) and the result only
         shutil.rmtree(folder / heavy, ignore_errors=True)
     return result
 
@@ -188,22 +239,34 @@ def table(work: Path, names: list[str]) -> str:
     for path in sorted(work.glob(f"*/{RESULT}")):
         result = json.loads(path.read_text())
         by_name.setdefault(result["variant"], []).append(result)
-    columns = [("VQA", "vqa.accuracy", True), ("swapped", "vqa_swapped.accuracy", False),
-               ("chance", "vqa_chance.accuracy", False), ("1-shape", "vqa_one_shape.accuracy", True),
-               ("2+-shape", "vqa_multi_shape.accuracy", False)]
+    columns = [
+        ("VQA", "vqa.accuracy", True),
+        ("swapped", "vqa_swapped.accuracy", False),
+        ("chance", "vqa_chance.accuracy", False),
+        ("1-shape", "vqa_one_shape.accuracy", True),
+        ("2+-shape", "vqa_multi_shape.accuracy", False),
+    ]
     types = ("color", "shape", "size", "count", "existence", "position", "relation")
     columns += [(t[:5], f"vqa.accuracy_{t}", False) for t in types]
-    drawing = [("T2I all-correct", "t2i.all_correct", True), ("colour", "t2i.color", False), ("shape", "t2i.shape", False),
-               ("size", "t2i.size", False), ("position", "t2i.position", False), ("unparseable", "t2i.unparseable", False),
-               ("ceiling", "t2i_ceiling.all_correct", False), ("nats/code background", "code_nats.background", False),
-               ("nats/code shape", "code_nats.shape", False), ("answer loss", "held_out.vqa", False),
-               ("steps", "steps", False), ("tokens/s", "tokens_per_second", False)]
+    drawing = [
+        ("T2I all-correct", "t2i.all_correct", True),
+        ("colour", "t2i.color", False),
+        ("shape", "t2i.shape", False),
+        ("size", "t2i.size", False),
+        ("position", "t2i.position", False),
+        ("unparseable", "t2i.unparseable", False),
+        ("ceiling", "t2i_ceiling.all_correct", False),
+        ("nats/code background", "code_nats.background", False),
+        ("nats/code shape", "code_nats.shape", False),
+        ("answer loss", "held_out.vqa", False),
+        ("steps", "steps", False),
+        ("tokens/s", "tokens_per_second", False),
+    ]
     return "\n\n".join(_rows(by_name, names, part) for part in (columns, drawing))
 
 
 def _rows(by_name: dict, names: list[str], columns: list) -> str:
-    lines = ["| variant | seeds | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = ["| variant | seeds | " + " | ".join(c[0] for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name in names or sorted(by_name):
         results = by_name.get(name)
         if not results:
@@ -216,7 +279,10 @@ def _rows(by_name: dict, names: list[str], columns: list) -> str:
             elif label.startswith("nats") or label == "answer loss":
                 cells.append(f"{mean:.2f}")
             else:
-                cells.append(f"{100 * mean:.1f}" + (f" ({' / '.join(f'{100 * v:.1f}' for v in values)})" if show_seeds and len(values) > 1 else ""))
+                cells.append(
+                    f"{100 * mean:.1f}"
+                    + (f" ({' / '.join(f'{100 * v:.1f}' for v in values)})" if show_seeds and len(values) > 1 else "")
+                )
         lines.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -248,8 +314,12 @@ def main() -> None:
     if not args.run:
         parser.error("--run is required to train")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    pending = [(spec, seed) for spec, (name, _) in zip(args.variants, variants) for seed in args.seeds
-               if not (work / f"{name}-s{seed}" / RESULT).is_file()]
+    pending = [
+        (spec, seed)
+        for spec, (name, _) in zip(args.variants, variants)
+        for seed in args.seeds
+        if not (work / f"{name}-s{seed}" / RESULT).is_file()
+    ]
     running: list[subprocess.Popen] = []
     work.mkdir(parents=True, exist_ok=True)
     while pending or running:
@@ -257,17 +327,36 @@ def main() -> None:
             spec, seed = pending.pop(0)
             name = spec.partition("=")[0]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            command = [sys.executable, __file__, "--run", args.run, "--work", args.work, "--one", spec,
-                       "--seeds", str(seed), "--seconds", str(args.seconds), "--vqa-images", str(args.vqa_images),
-                       "--generation-prompts", str(args.generation_prompts), "--eval-images", str(args.eval_images)]
+            command = [
+                sys.executable,
+                __file__,
+                "--run",
+                args.run,
+                "--work",
+                args.work,
+                "--one",
+                spec,
+                "--seeds",
+                str(seed),
+                "--seconds",
+                str(args.seconds),
+                "--vqa-images",
+                str(args.vqa_images),
+                "--generation-prompts",
+                str(args.generation_prompts),
+                "--eval-images",
+                str(args.eval_images),
+            ]
             log = open(work / f"{name}-s{seed}.log", "w")
             running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
         time.sleep(2)
         for process in [p for p in running if p.poll() is not None]:
             running.remove(process)
             if process.returncode:
-                print(f"a run failed (exit {process.returncode}): {' '.join(process.args[-12:])}; see its log in {work}",
-                      file=sys.stderr)
+                print(
+                    f"a run failed (exit {process.returncode}): {' '.join(process.args[-12:])}; see its log in {work}",
+                    file=sys.stderr,
+                )
     print(table(work, [name for name, _ in variants]))
 
 

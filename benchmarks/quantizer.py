@@ -51,8 +51,9 @@ def run_worker(name: str, n: int, d: int, k: int, peer_chunk: int) -> dict:
         from modeling_unicode import UniCodeQuantizer, UniCodeVisualTokenizerConfig
 
         depth = 4 if name.endswith("rq4") else 1
-        config = UniCodeVisualTokenizerConfig(quantizer="rq" if depth > 1 else "vq", depth=depth, codebook_size=k,
-                                              code_dim=d, norm_handling="none")
+        config = UniCodeVisualTokenizerConfig(
+            quantizer="rq" if depth > 1 else "vq", depth=depth, codebook_size=k, code_dim=d, norm_handling="none"
+        )
         quantizer = UniCodeQuantizer(config)
         features = vectors.reshape(n // GRID**2, GRID, GRID, d).permute(0, 3, 1, 2).contiguous()
         setup = lambda: quantizer(features, codebook)  # noqa: E731
@@ -130,8 +131,10 @@ def main() -> None:
             peer = {"ours_vq": "vqpytorch_vq", "ours_rq4": "vqpytorch_rq4", "ours_search": "vqpytorch_vq"}.get(name)
             if peer and "seconds" in results.get(peer, {}):
                 ratio = f"{results[peer]['seconds'] / res['seconds']:.2f}x faster"
-            print(f"| {name} | {n / res['seconds']:,.0f} | {100 * levels * gemm / res['seconds']:.0f} % "
-                  f"| {res['extra_mb']:,.0f} | {ratio} |")
+            print(
+                f"| {name} | {n / res['seconds']:,.0f} | {100 * levels * gemm / res['seconds']:.0f} % "
+                f"| {res['extra_mb']:,.0f} | {ratio} |"
+            )
             rows.append({"shape": [n, d, k], **res})
     print("\n" + json.dumps(rows))
 

@@ -85,9 +85,12 @@ def check_remote_code(files=REMOTE_CODE_FILES, code_dir: Path = CODE_DIR) -> Non
                 if root not in ALLOWED_REMOTE_IMPORTS and root not in sys.stdlib_module_names and root != "__future__":
                     problems.append(f"{name} imports {root}")
     if problems:
-        raise ValueError("the model code cannot ship as Hub remote code: " + "; ".join(problems)
-                         + f". Remote code may import only {sorted(ALLOWED_REMOTE_IMPORTS)}, the standard library and "
-                         "its siblings as `from .x import y`")
+        raise ValueError(
+            "the model code cannot ship as Hub remote code: "
+            + "; ".join(problems)
+            + f". Remote code may import only {sorted(ALLOWED_REMOTE_IMPORTS)}, the standard library and "
+            "its siblings as `from .x import y`"
+        )
 
 
 def standalone_visual_tokenizer(model: UniCodeForConditionalGeneration) -> UniCodeVisualTokenizer:
@@ -123,15 +126,22 @@ def add_remote_code(folder: Union[str, os.PathLike]) -> Path:
     folder = Path(folder)
     _add_auto_map(folder / "config.json", AUTO_MAP)
     if (folder / "processor_config.json").is_file():
-        _add_auto_map(folder / "processor_config.json", {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
-                      nested="image_processor", nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]})
+        _add_auto_map(
+            folder / "processor_config.json",
+            {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+            nested="image_processor",
+            nested_map={"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]},
+        )
     _copy_code(REMOTE_CODE_FILES, folder)
     return folder
 
 
 def _prepare_target(out_dir: Path, overwrite: bool) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True "
+            "(--overwrite)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed at the end: an interrupted export leaves no half folder.
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -212,7 +222,9 @@ def export_run(
                 shutil.copyfile(adapter / name, staging / ADAPTER_DIR / name)
         shutil.copyfile(run.samples, staging / "samples.png")
         shutil.copyfile(run.report_path, staging / "report.json")
-        _model_card(run, model, repo_id, out_dir.name, base_model, base_model_license, samples=True).save(staging / "README.md")
+        _model_card(run, model, repo_id, out_dir.name, base_model, base_model_license, samples=True).save(
+            staging / "README.md"
+        )
         if any(staging.rglob("*.bin")) or any(staging.rglob("*.pt")):
             raise ValueError("the export holds pickled weights (.bin/.pt); weights must be safetensors only")
     except BaseException:
@@ -244,8 +256,14 @@ def export_adapter(
         model_config = json.loads((run.mllm / "config.json").read_text(encoding="utf-8"))
         vq = model_config.get("vq_config") or {}
         base = config.get("base_model_name_or_path")
-        card = build_model_card(run.report, name=out_dir.name, base_model=base if is_repo_id(base) else None,
-                                samples_file="samples.png", quantizer=vq.get("quantizer"), image_size=vq.get("image_size"))
+        card = build_model_card(
+            run.report,
+            name=out_dir.name,
+            base_model=base if is_repo_id(base) else None,
+            samples_file="samples.png",
+            quantizer=vq.get("quantizer"),
+            image_size=vq.get("image_size"),
+        )
         card.data.tags = sorted(set(card.data.tags or []) | {"peft", "lora"})
         card.data.library_name = "peft"
         card.save(staging / "README.md")
@@ -255,5 +273,13 @@ def export_adapter(
     return _finish(staging, out_dir)
 
 
-__all__ = ["export_run", "export_adapter", "add_remote_code", "standalone_visual_tokenizer", "check_remote_code", "AUTO_MAP",
-           "REMOTE_CODE_FILES", "VISION_TOKENIZER_AUTO_MAP"]
+__all__ = [
+    "export_run",
+    "export_adapter",
+    "add_remote_code",
+    "standalone_visual_tokenizer",
+    "check_remote_code",
+    "AUTO_MAP",
+    "REMOTE_CODE_FILES",
+    "VISION_TOKENIZER_AUTO_MAP",
+]

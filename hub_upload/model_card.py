@@ -47,7 +47,11 @@ def _number(value: Any) -> Optional[str]:
 
 def metric_rows(report: dict) -> list[tuple[str, str]]:
     """(name, formatted value) of every numeric metric in the report, in the report's order."""
-    return [(name, text) for name, value in flatten(report.get("metrics", {})).items() if (text := _number(value)) is not None]
+    return [
+        (name, text)
+        for name, value in flatten(report.get("metrics", {})).items()
+        if (text := _number(value)) is not None
+    ]
 
 
 def base_model_of(report: dict) -> Optional[str]:
@@ -66,8 +70,13 @@ def base_model_of(report: dict) -> Optional[str]:
 def is_repo_id(name: Any) -> bool:
     """`owner/name`, and no file or folder here: a local path (outputs/tiny/text_lm, /abs/x.gguf) must not become
     `base_model` metadata."""
-    return (isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and not name.endswith(".gguf") and not Path(name).exists())
+    return (
+        isinstance(name, str)
+        and name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not name.endswith(".gguf")
+        and not Path(name).exists()
+    )
 
 
 def _shown(value: Any) -> Any:
@@ -96,8 +105,10 @@ def _scalar_rows(tree: Any) -> list[tuple[str, str]]:
 def metric_baseline_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(name, value, chance, ceiling) of every numeric metric; "–" where the report has no such baseline."""
     chance, ceiling = flatten(report.get("chance") or {}), flatten(report.get("ceiling") or {})
-    return [(name, value, _number(chance.get(name)) or "–", _number(ceiling.get(name)) or "–")
-            for name, value in metric_rows(report)]
+    return [
+        (name, value, _number(chance.get(name)) or "–", _number(ceiling.get(name)) or "–")
+        for name, value in metric_rows(report)
+    ]
 
 
 # The Hub task a metric measures, by the report's section (model-index `task.type`).
@@ -112,15 +123,24 @@ def _eval_results(report: dict) -> list[EvalResult]:
             continue
         section = name.split("/")[0]
         task = next((t for prefix, t in _TASKS.items() if section.startswith(prefix)), "image-text-to-text")
-        results.append(EvalResult(task_type=task, dataset_type=SHAPES_WORLD[0], dataset_name=SHAPES_WORLD[1],
-                                  metric_type=name.split("/")[-1], metric_name=name, metric_value=value))
+        results.append(
+            EvalResult(
+                task_type=task,
+                dataset_type=SHAPES_WORLD[0],
+                dataset_name=SHAPES_WORLD[1],
+                metric_type=name.split("/")[-1],
+                metric_name=name,
+                metric_value=value,
+            )
+        )
     return results
 
 
 _PARADIGMS = {
     "iterative": "the language-driven iterative codebook (it follows the LLM's embedding rows and ends equal to them)",
     "frozen": "a frozen codebook (the LLM's embedding rows, never updated)",
-    "dual": "the dual codebook (its own EMA codebook, written into the LLM's rows at intervals while the LLM trains on text)",
+    "dual": "the dual codebook (its own EMA codebook, written into the LLM's rows at intervals while the LLM trains "
+    "on text)",
 }
 
 
@@ -142,8 +162,10 @@ def recipe_sentences(settings: dict) -> list[str]:
         quantizer = (vision.get("quantizer") or settings.get("quantizer") or "").upper()
         steps = f" for {budget['stage1_steps']} steps" if "stage1_steps" in budget else ""
         images = f" on {budget['stage1_train_images']} Shapes-world images" if "stage1_train_images" in budget else ""
-        sentences.append(f"Stage I trained the visual tokenizer ({quantizer}{shape}{size}{rows}){steps}{images}, with "
-                         f"{_PARADIGMS.get(paradigm, paradigm)}.")
+        sentences.append(
+            f"Stage I trained the visual tokenizer ({quantizer}{shape}{size}{rows}){steps}{images}, with "
+            f"{_PARADIGMS.get(paradigm, paradigm)}."
+        )
     stage2 = settings.get("stage2")
     if isinstance(stage2, dict):
         parts = []
@@ -157,15 +179,27 @@ def recipe_sentences(settings: dict) -> list[str]:
             how = "LoRA on the LLM's linear layers"
         elif stage2.get("reinit_decoder"):
             layers = stage2.get("decoder_layers")
-            how = f"full fine-tuning of {layers} freshly drawn decoder layers" if layers else "full fine-tuning of freshly drawn decoder layers"
+            how = (
+                f"full fine-tuning of {layers} freshly drawn decoder layers"
+                if layers
+                else "full fine-tuning of freshly drawn decoder layers"
+            )
         else:
             how = "full fine-tuning of the decoder"
-        head = "; the LM head is a copy of the embedding rows that trains" if stage2.get("output_head") == "trained" else ""
-        sentences.append(f"Stage II: {' '.join(parts)}, by {how}, with the input embedding (the codebook) frozen so the "
-                         f"codebook stays unified{head}.")
+        head = (
+            "; the LM head is a copy of the embedding rows that trains"
+            if stage2.get("output_head") == "trained"
+            else ""
+        )
+        sentences.append(
+            f"Stage II: {' '.join(parts)}, by {how}, with the input embedding (the codebook) frozen so the "
+            f"codebook stays unified{head}."
+        )
     if not sentences:
-        sentences.append("The report does not record how this model was trained (it comes from `unicode-mllm evaluate`); "
-                         "only its evaluation is shown.")
+        sentences.append(
+            "The report does not record how this model was trained (it comes from `unicode-mllm evaluate`); "
+            "only its evaluation is shown."
+        )
     return sentences
 
 
@@ -196,10 +230,14 @@ def build_model_card(
         quantizer, image_size, tokens_per_image: from the model's config, for the description.
     """
     if not isinstance(report, dict) or not metric_rows(report):
-        raise ValueError("report must be a run's report.json with numeric values under 'metrics'; evaluate the run first")
+        raise ValueError(
+            "report must be a run's report.json with numeric values under 'metrics'; evaluate the run first"
+        )
     if base_model is not None and not is_repo_id(base_model):
-        raise ValueError(f"base_model={base_model!r} (--base-model) must be a Hub repo id such as owner/name, not a local "
-                         "path; leave it out to describe the LLM by its architecture and size")
+        raise ValueError(
+            f"base_model={base_model!r} (--base-model) must be a Hub repo id such as owner/name, not a local "
+            "path; leave it out to describe the LLM by its architecture and size"
+        )
     base_model = base_model or base_model_of(report)
     license_text = base_model_license or KNOWN_BASE_LICENSES.get(base_model or "")
     settings = report.get("settings", {}) or {}
@@ -220,19 +258,24 @@ def build_model_card(
     llm = llm or "a causal LM"
     text_model = settings.get("text_model")
     if base_model is not None:
-        base_text = f"`{base_model}`" + (f", licence: {license_text}" if license_text else ", licence: see the base model's card")
+        base_text = f"`{base_model}`" + (
+            f", licence: {license_text}" if license_text else ", licence: see the base model's card"
+        )
     elif isinstance(text_model, dict) and text_model.get("source") == "stage0":
         base_text = f"{llm}, trained from scratch by this run (no third-party weights)"
     else:
         base_text = f"{llm}; the run does not record its Hub id"
     shape = ""
     if quantizer and image_size and tokens_per_image:
-        shape = (f" This checkpoint reads and writes {image_size}×{image_size} images as {tokens_per_image} vocabulary ids "
-                 f"(`{quantizer}` stacked code map); other sizes are resized by its processor.")
+        shape = (
+            f" This checkpoint reads and writes {image_size}×{image_size} images as {tokens_per_image} vocabulary ids "
+            f"(`{quantizer}` stacked code map); other sizes are resized by its processor."
+        )
     sections = [
         f"# {title}",
         "A multimodal LLM with **one codebook for text and images**, after *UniCode: Learning a Unified Codebook "
-        f"for Multimodal LLMs* ([arXiv 2403.09072]({PAPER})). The visual tokenizer quantizes an image into rows of the "
+        f"for Multimodal LLMs* ([arXiv 2403.09072]({PAPER})). The visual tokenizer quantizes an image into rows of "
+        "the "
         "LLM's own input-embedding table, so an image is a sequence of ordinary vocabulary ids that the LLM reads "
         "(understanding) and writes (generation), and the tokenizer's decoder turns ids back into pixels." + shape,
         f"- **Base LLM**: {base_text}.\n- **Code licence**: Apache-2.0 (the `*.py` files of this repository).\n"
@@ -243,7 +286,8 @@ def build_model_card(
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
         f"model = AutoModelForImageTextToText.from_pretrained(\"{source}\", trust_remote_code=True)\n"
         f"processor = AutoProcessor.from_pretrained(\"{source}\", trust_remote_code=True)\n"
-        "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", \"text\": \"What is in the picture?\"}]}]\n"
+        "messages = [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", \"text\": \"What "
+        "is in the picture?\"}]}]\n"
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)\n"
         "inputs = processor(images=[Image.open(\"picture.png\")], text=prompt)\n"
         "ids = model.generate(**inputs, max_new_tokens=32)\n"
@@ -251,10 +295,13 @@ def build_model_card(
         "Generate an image (classifier-free guidance batched into one forward per step):\n\n```python\n"
         "inputs = processor(text=\"a red circle left of a blue square\", generation_mode=\"image\")\n"
         "ids = model.generate(**inputs, generation_mode=\"image\", guidance_scale=3.0, do_sample=True)\n"
-        "image = processor.post_process_multimodal_output(model.decode_image_tokens(ids), generation_mode=\"image\")[0]\n"
+        "image = processor.post_process_multimodal_output(model.decode_image_tokens(ids), "
+        "generation_mode=\"image\")[0]\n"
         "image.save(\"generated.png\")\n```",
-        "## Evaluation\n\nMeasured by the training run on the Shapes world and copied from its report (`report.json`, shipped "
-        "in this repository). Chance: the same metric for a baseline that ignores the input (VQA: always the answer most "
+        "## Evaluation\n\nMeasured by the training run on the Shapes world and copied from its report (`report.json`, "
+        "shipped "
+        "in this repository). Chance: the same metric for a baseline that ignores the input (VQA: always the answer "
+        "most "
         "frequent in training; text-to-image: the true image of another prompt). Ceiling: text-to-image scored on the "
         "requested scene passed through the model's own visual tokenizer, what a perfect code writer would reach.\n\n"
         + _table(metric_baseline_rows(report), ("metric", "value", "chance", "ceiling")),
@@ -310,9 +357,20 @@ def describe_llm(model) -> str:
     count = sum(p.numel() for p in model.model.language_model.parameters())
     size = f"{count / 1e9:.1f} B" if count >= 1e9 else f"{count / 1e6:.1f} M" if count >= 1e6 else f"{count:,}"
     architecture = {"llama": "Llama", "gemma3_text": "Gemma 3", "gemma": "Gemma", "qwen2": "Qwen2"}.get(
-        text.model_type, text.model_type)
+        text.model_type, text.model_type
+    )
     return f"a {text.num_hidden_layers}-layer, {text.hidden_size}-wide {architecture} ({size} parameters)"
 
 
-__all__ = ["build_model_card", "check_model_card", "describe_llm", "is_repo_id", "metric_rows", "metric_baseline_rows",
-           "recipe_sentences", "base_model_of", "flatten", "KNOWN_BASE_LICENSES"]
+__all__ = [
+    "build_model_card",
+    "check_model_card",
+    "describe_llm",
+    "is_repo_id",
+    "metric_rows",
+    "metric_baseline_rows",
+    "recipe_sentences",
+    "base_model_of",
+    "flatten",
+    "KNOWN_BASE_LICENSES",
+]

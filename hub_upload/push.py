@@ -37,10 +37,11 @@ class PushResult:
     endpoint: Optional[str] = None
 
     def summary(self) -> str:
+        target = f"{self.repo_id}@{self.revision}"
         if self.dry_run:
             listing = "\n".join(f"  {name}" for name in self.files)
-            return f"dry run: would push {len(self.files)} files to {self.repo_id}@{self.revision} in one commit:\n{listing}"
-        return f"pushed {len(self.files)} files to {self.repo_id}@{self.revision} in one commit {self.commit_oid}: {self.commit_url}"
+            return f"dry run: would push {len(self.files)} files to {target} in one commit:\n{listing}"
+        return f"pushed {len(self.files)} files to {target} in one commit {self.commit_oid}: {self.commit_url}"
 
 
 def validate_repo_id(repo_id) -> str:
@@ -48,7 +49,11 @@ def validate_repo_id(repo_id) -> str:
     if not isinstance(repo_id, str):
         raise TypeError(f"repo_id must be a string such as 'your-name/unicode-tiny', got {type(repo_id).__name__}")
     parts = repo_id.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_REPO_NAME.match(part) for part in parts) or repo_id.endswith((".git", ".")):
+    if (
+        not 1 <= len(parts) <= 2
+        or not all(_REPO_NAME.match(part) for part in parts)
+        or repo_id.endswith((".git", "."))
+    ):
         raise ValueError(
             f"repo_id {repo_id!r} is not a valid Hub repository id; use NAME or OWNER/NAME made of letters, digits, "
             "'-', '_' and '.', such as 'your-name/unicode-tiny'"
@@ -62,18 +67,24 @@ def folder_files(folder: Union[str, os.PathLike]) -> list[str]:
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r} is not a directory; pass the OUT_DIR of `unicode-mllm export`")
     # A model export has config.json; an adapter-only export has adapter_config.json instead.
-    missing = [] if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file() else ["config.json"]
+    missing = (
+        [] if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file() else ["config.json"]
+    )
     missing += [name for name in REQUIRED_FILES if name != "config.json" and not (folder / name).is_file()]
     missing += [] if any(folder.glob("*.safetensors")) else ["*.safetensors"]
     if missing:
-        raise ValueError(f"{str(folder)!r} is not an exported model folder (missing {', '.join(missing)}); "
-                         "run `unicode-mllm export RUN_DIR OUT_DIR` first")
+        raise ValueError(
+            f"{str(folder)!r} is not an exported model folder (missing {', '.join(missing)}); "
+            "run `unicode-mllm export RUN_DIR OUT_DIR` first"
+        )
     files = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if path.is_file() and not SKIPPED_DIRS.intersection(relative.parts[:-1]):
             if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-                raise ValueError(f"{relative} is a pickled file; the Hub repo holds safetensors weights only — re-export")
+                raise ValueError(
+                    f"{relative} is a pickled file; the Hub repo holds safetensors weights only — re-export"
+                )
             files.append(relative.as_posix())
     return files
 
@@ -145,8 +156,11 @@ def push_folder(
         )
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = {401: "the token is invalid or expired", 403: "the token cannot write to this repository",
-                404: "the repository or revision does not exist"}.get(status, "the server failed")
+        hint = {
+            401: "the token is invalid or expired",
+            403: "the token cannot write to this repository",
+            404: "the repository or revision does not exist",
+        }.get(status, "the server failed")
         detail = _scrub(str(error).strip().splitlines()[0] if str(error).strip() else "", token)
         raise PushError(f"could not {step} at {endpoint} (HTTP {status}: {hint}): {detail}") from None
     except (OSError, TransportError) as error:  # connection refused, DNS, TLS, timeouts

@@ -52,12 +52,15 @@ class RunFolder:
                 if not (folder / "adapter_model.safetensors").is_file():
                     raise ValueError(
                         f"{folder} has adapter_config.json but no adapter_model.safetensors; weights are exported as "
-                        "safetensors only (save the adapter with PeftModel.save_pretrained(..., safe_serialization=True))"
+                        "safetensors only (save the adapter with PeftModel.save_pretrained(..., "
+                        "safe_serialization=True))"
                     )
                 return folder
         looked = ", ".join(str(self.path / name) for name in ADAPTER_DIRS)
-        raise ValueError(f"no PEFT adapter in this run (looked for adapter_config.json in {looked}); drop the adapter option "
-                         "or train stage II with LoRA")
+        raise ValueError(
+            f"no PEFT adapter in this run (looked for adapter_config.json in {looked}); drop the adapter option "
+            "or train stage II with LoRA"
+        )
 
 
 def missing_mllm_parts(mllm: Path, shown_as: str = MLLM_DIR) -> list[str]:
@@ -78,9 +81,15 @@ def missing_mllm_parts(mllm: Path, shown_as: str = MLLM_DIR) -> list[str]:
             model_type = None
             missing.append(f"{shown_as}/config.json that parses as a JSON object")
         if model_type is not None and model_type != UniCodeConfig.model_type:
-            missing.append(f"{shown_as}/config.json with model_type {UniCodeConfig.model_type!r} (found {model_type!r}"
-                           + ("; that is the visual tokenizer alone, which cannot answer questions: use the run's mllm/"
-                              if model_type == "unicode_vq" else "") + ")")
+            missing.append(
+                f"{shown_as}/config.json with model_type {UniCodeConfig.model_type!r} (found {model_type!r}"
+                + (
+                    "; that is the visual tokenizer alone, which cannot answer questions: use the run's mllm/"
+                    if model_type == "unicode_vq"
+                    else ""
+                )
+                + ")"
+            )
     if not any(mllm.glob("*.safetensors")):
         missing.append(f"{shown_as}/*.safetensors (the weights)")
     if not ((mllm / "tokenizer.json").is_file() or (mllm / "tokenizer_config.json").is_file()):
@@ -98,7 +107,9 @@ def load_report(path: Union[str, os.PathLike]) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); rewrite it from the run's evaluation") from None
     if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or not report["metrics"]:
-        raise ValueError(f"{path} has no 'metrics' object; the model card quotes measured metrics, so evaluate the run first")
+        raise ValueError(
+            f"{path} has no 'metrics' object; the model card quotes measured metrics, so evaluate the run first"
+        )
     return report
 
 
@@ -117,8 +128,10 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
     report = None
     report_file = next((name for name in (REPORT_FILE, EVALUATION_FILE) if (path / name).is_file()), None)
     if report_file is None:
-        missing.append(f"{REPORT_FILE} (metrics, settings, wall times, versions; for a model trained elsewhere, "
-                       f"`unicode-mllm evaluate --model {path / MLLM_DIR} --output {path}` writes {EVALUATION_FILE})")
+        missing.append(
+            f"{REPORT_FILE} (metrics, settings, wall times, versions; for a model trained elsewhere, "
+            f"`unicode-mllm evaluate --model {path / MLLM_DIR} --output {path}` writes {EVALUATION_FILE})"
+        )
     else:
         try:
             report = load_report(path / report_file)
@@ -133,12 +146,21 @@ def check_run_folder(run_dir: Union[str, os.PathLike]) -> RunFolder:
                 missing.append(f"{SAMPLES_FILE} that is a PNG image")
     if missing:
         raise ValueError(
-            f"{str(path)!r} is not a trained UniCode run folder; missing: " + "; ".join(missing)
+            f"{str(path)!r} is not a trained UniCode run folder; missing: "
+            + "; ".join(missing)
             + ". A run folder comes from training (stage II writes mllm/, report.json and samples.png; "
             "its layout is in the UniCode repository's docs/design.md)."
         )
     return RunFolder(path=path, report=report, report_file=report_file)
 
 
-__all__ = ["RunFolder", "check_run_folder", "load_report", "missing_mllm_parts", "MLLM_DIR", "REPORT_FILE", "EVALUATION_FILE",
-           "SAMPLES_FILE"]
+__all__ = [
+    "RunFolder",
+    "check_run_folder",
+    "load_report",
+    "missing_mllm_parts",
+    "MLLM_DIR",
+    "REPORT_FILE",
+    "EVALUATION_FILE",
+    "SAMPLES_FILE",
+]

@@ -65,6 +65,13 @@ for _auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMul
 AutoImageProcessor.register(UniCodeConfig, image_processor_classes={"pil": UniCodeImageProcessor}, exist_ok=True)
 AutoProcessor.register(UniCodeConfig, UniCodeProcessor, exist_ok=True)
 
-_AUTO = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM",
-         "AutoImageProcessor", "AutoProcessor"}
+_AUTO = {
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
+    "AutoModelForMultimodalLM",
+    "AutoImageProcessor",
+    "AutoProcessor",
+}
 __all__ = [name for name in dir() if not name.startswith("_") and name not in _AUTO]

@@ -18,6 +18,7 @@ BOI_TOKEN = "<boi>"
 EOI_TOKEN = "<eoi>"
 IMAGE_SPECIAL_TOKENS = {"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN}
 
+
 def add_image_special_tokens(tokenizer) -> dict[str, int]:
     """Add `<image>`, `<boi>`, `<eoi>` to `tokenizer` as named special tokens (idempotent).
 
@@ -91,7 +92,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         dual_row_norm (`str`): `"dual"`: `"free"` (the paper's) writes the learned codebook into the
             LLM rows as it is, at whatever length the EMA gave it; `"llm"` first scales it to the mean
             length of the LLM's other rows (the quantizer absorbs the factor exactly; needs
-            `level_scales` or `norm_handling="normalize"`). docs/results.md (the previous recipe's ablation) measures both.
+            `level_scales` or `norm_handling="normalize"`). docs/results.md (the previous recipe's ablation) measures
+            both.
         commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
         entropy_weight (`float`): weight of an assignment-entropy term on the level-0 search during
             training (0 disables, the paper's setting): the mean entropy of each feature's soft
@@ -236,8 +238,10 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
         if self.dual_row_norm == "llm" and not (self.level_scales or self.norm_handling == "normalize"):
-            raise ValueError("dual_row_norm='llm' rescales the codebook rows, which only level_scales=True or "
-                             "norm_handling='normalize' can absorb exactly; set one of them or dual_row_norm='free'")
+            raise ValueError(
+                "dual_row_norm='llm' rescales the codebook rows, which only level_scales=True or "
+                "norm_handling='normalize' can absorb exactly; set one of them or dual_row_norm='free'"
+            )
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must list at least one stage, e.g. [1, 2, 2, 4]")
         for name in ("image_size", "in_channels", "base_channels", "z_channels", "codebook_size", "code_dim"):
@@ -260,7 +264,9 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         if self.entropy_weight < 0:
             raise ValueError(f"entropy_weight={self.entropy_weight} must be >= 0 (0 disables the entropy term)")
         if self.entropy_temperature <= 0:
-            raise ValueError(f"entropy_temperature={self.entropy_temperature} must be > 0 (0.1 is the measured setting)")
+            raise ValueError(
+                f"entropy_temperature={self.entropy_temperature} must be > 0 (0.1 is the measured setting)"
+            )
         if self.code_norm is not None and self.code_norm <= 0:
             raise ValueError(f"code_norm={self.code_norm} must be positive, or None for sqrt(code_dim)")
         ids = self.codebook_token_ids
@@ -391,7 +397,8 @@ class UniCodeConfig(PreTrainedConfig):
         if self.vq_config is None:
             raise ValueError(
                 f"{what} needs a visual tokenizer, but this UniCode config has vq_config=None (a text-only model); "
-                "build the model with UniCodeForConditionalGeneration.from_pretrained_parts(llm, tokenizer, vision_tokenizer)"
+                "build the model with UniCodeForConditionalGeneration.from_pretrained_parts(llm, tokenizer, "
+                "vision_tokenizer)"
             )
 
     def validate_fields(self) -> None:
@@ -403,7 +410,8 @@ class UniCodeConfig(PreTrainedConfig):
         hidden = getattr(text, "hidden_size", None)
         if hidden is not None and vq.code_dim != hidden:
             raise ValueError(
-                f"vq_config.code_dim={vq.code_dim} differs from text_config.hidden_size={hidden}; the codebook is rows "
+                f"vq_config.code_dim={vq.code_dim} differs from text_config.hidden_size={hidden}; the codebook is "
+                "rows "
                 "of the LLM's embedding table, so set code_dim to the LLM's hidden size"
             )
         if vq.codebook_token_ids is None:
@@ -413,13 +421,15 @@ class UniCodeConfig(PreTrainedConfig):
             )
         if vq.store_codebook:
             raise ValueError(
-                "vq_config.store_codebook=True inside an MLLM would store the codebook twice; set store_codebook=False "
+                "vq_config.store_codebook=True inside an MLLM would store the codebook twice; set "
+                "store_codebook=False "
                 "(the MLLM reads the LLM's embedding rows of codebook_token_ids)"
             )
         vocab = getattr(text, "vocab_size", None)
         if vocab is not None and max(vq.codebook_token_ids) >= vocab:
             raise ValueError(
-                f"vq_config.codebook_token_ids reaches id {max(vq.codebook_token_ids)} but text_config.vocab_size={vocab}; "
+                f"vq_config.codebook_token_ids reaches id {max(vq.codebook_token_ids)} but "
+                f"text_config.vocab_size={vocab}; "
                 "the codebook must be rows of the LLM's embedding table"
             )
         codes = set(vq.codebook_token_ids)
@@ -427,7 +437,8 @@ class UniCodeConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and value in codes:
                 raise ValueError(
-                    f"{name}={value} is also a visual code in vq_config.codebook_token_ids; special tokens must never be "
+                    f"{name}={value} is also a visual code in vq_config.codebook_token_ids; special tokens must never "
+                    "be "
                     "codes (select the codebook rows after adding the image special tokens)"
                 )
 

@@ -17,8 +17,12 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 RESIZE_MODES = ("squash", "center_crop")
 # PIL's own default bomb limit (about 89 Mpx); anything larger is refused before it is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-_RESAMPLE = {"nearest": PIL.Image.Resampling.NEAREST, "bilinear": PIL.Image.Resampling.BILINEAR,
-             "bicubic": PIL.Image.Resampling.BICUBIC, "lanczos": PIL.Image.Resampling.LANCZOS}
+_RESAMPLE = {
+    "nearest": PIL.Image.Resampling.NEAREST,
+    "bilinear": PIL.Image.Resampling.BILINEAR,
+    "bicubic": PIL.Image.Resampling.BICUBIC,
+    "lanczos": PIL.Image.Resampling.LANCZOS,
+}
 
 
 def _sixteen_bit_to_eight(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -58,7 +62,9 @@ def to_rgb(image: PIL.Image.Image, background=(255, 255, 255)) -> PIL.Image.Imag
     try:
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, ...
     except (ValueError, OSError) as error:
-        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB ({error}); convert it to RGB first") from error
+        raise ValueError(
+            f"cannot convert a PIL image of mode {mode!r} to RGB ({error}); convert it to RGB first"
+        ) from error
 
 
 def pixel_values_from_uint8(images):
@@ -142,7 +148,9 @@ class UniCodeImageProcessor(BaseImageProcessor):
             self._check_pixels(image.width, image.height, index)
             image.load()
         except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"image {index} could not be decoded ({error}); the file is corrupt or not an image") from error
+            raise ValueError(
+                f"image {index} could not be decoded ({error}); the file is corrupt or not an image"
+            ) from error
         return image
 
     def load_image(self, image, index: int = 0) -> PIL.Image.Image:
@@ -152,7 +160,11 @@ class UniCodeImageProcessor(BaseImageProcessor):
         if isinstance(image, (bytes, bytearray, str, os.PathLike)):
             return self._open(image, index)
         if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            if (
+                image.dtype != np.uint8
+                or image.ndim not in (2, 3)
+                or (image.ndim == 3 and image.shape[2] not in (1, 3, 4))
+            ):
                 raise ValueError(
                     f"image {index} is a NumPy array of dtype {image.dtype} and shape {image.shape}; pass uint8 "
                     "(H, W), (H, W, 3) or (H, W, 4) arrays, or PIL images"
@@ -160,7 +172,8 @@ class UniCodeImageProcessor(BaseImageProcessor):
             self._check_pixels(image.shape[1], image.shape[0], index)
             return PIL.Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
         raise TypeError(
-            f"image {index} is a {type(image).__name__}; pass PIL images, encoded bytes, file paths or uint8 NumPy arrays"
+            f"image {index} is a {type(image).__name__}; pass PIL images, encoded bytes, file paths or uint8 NumPy "
+            "arrays"
         )
 
     # -- geometry -------------------------------------------------------------------------------

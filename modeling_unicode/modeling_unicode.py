@@ -31,7 +31,6 @@ from .quantization_unicode import (
     unflatten_code_map,
 )
 
-
 # transformers v5 renamed `past_key_values` to `cache`; callers written for 4.x (and libraries) still pass the old
 # name, which must land in `cache` rather than in **kwargs, where the LLM would ignore it next to `cache=None`.
 _accept_legacy_cache_name = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -41,7 +40,9 @@ def check_guidance_scale(scale) -> None:
     """Classifier-free guidance's scale: a positive number, or None (no guidance). Checked by `generate`, and by the
     demo and evaluation before their minutes of training or VQA, so a bad value fails there and not at the end."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
-        raise ValueError(f"guidance_scale={scale!r} must be a positive number (1 disables guidance; 3-7 is typical), or None")
+        raise ValueError(
+            f"guidance_scale={scale!r} must be a positive number (1 disables guidance; 3-7 is typical), or None"
+        )
 
 
 @dataclass
@@ -92,8 +93,14 @@ class UniCodeImageSpanLogitsProcessor(LogitsProcessor):
     stock text loop, in the image loop, and for prompts that already hold part of an image.
     """
 
-    def __init__(self, codebook_token_ids, boi_token_id: int, eoi_token_id: int, tokens_per_image: int,
-                 image_token_id: Optional[int] = None):
+    def __init__(
+        self,
+        codebook_token_ids,
+        boi_token_id: int,
+        eoi_token_id: int,
+        tokens_per_image: int,
+        image_token_id: Optional[int] = None,
+    ):
         self.codebook_token_ids = torch.as_tensor(codebook_token_ids, dtype=torch.long)
         self.boi_token_id = int(boi_token_id)
         self.eoi_token_id = int(eoi_token_id)
@@ -247,7 +254,9 @@ class UniCodeModel(UniCodePreTrainedModel):
 
     def codebook(self) -> torch.Tensor:
         """The K code vectors: the LLM's input embeddings of `codebook_token_ids`, as the LLM sees them."""
-        return embedding_rows(self.get_input_embeddings(), self.codebook_token_ids.to(self.get_input_embeddings().weight.device))
+        return embedding_rows(
+            self.get_input_embeddings(), self.codebook_token_ids.to(self.get_input_embeddings().weight.device)
+        )
 
     # -- images -> codes -> embeddings ----------------------------------------------------------
     @torch.no_grad()
@@ -262,16 +271,22 @@ class UniCodeModel(UniCodePreTrainedModel):
         """Validate precomputed codes, (B, ĥ, ŵ, D) or flattened (B, ĥ·ŵ·D), and return the code map."""
         vq = self._require_vision("image_codes").config
         grid, depth = vq.code_grid_size, vq.depth
-        if not isinstance(image_codes, torch.Tensor) or image_codes.is_floating_point() or image_codes.dtype == torch.bool:
+        if (
+            not isinstance(image_codes, torch.Tensor)
+            or image_codes.is_floating_point()
+            or image_codes.dtype == torch.bool
+        ):
             raise TypeError(
                 "image_codes must be an integer torch.Tensor of vocabulary ids (from encode_images or a generated "
-                f"image), got {image_codes.dtype if isinstance(image_codes, torch.Tensor) else type(image_codes).__name__}"
+                "image), got "
+                f"{image_codes.dtype if isinstance(image_codes, torch.Tensor) else type(image_codes).__name__}"
             )
         if image_codes.dim() == 2:
             image_codes = unflatten_code_map(image_codes, grid, depth)
         if image_codes.dim() != 4 or tuple(image_codes.shape[1:]) != (grid, grid, depth):
             raise ValueError(
-                f"image_codes must have shape (num_images, {grid}, {grid}, {depth}) or (num_images, {grid * grid * depth}), "
+                f"image_codes must have shape (num_images, {grid}, {grid}, {depth}) or (num_images, "
+                f"{grid * grid * depth}), "
                 f"got {tuple(image_codes.shape)}"
             )
         image_codes = image_codes.long().to(self.codebook_token_ids.device)
@@ -320,7 +335,9 @@ class UniCodeModel(UniCodePreTrainedModel):
     def get_placeholder_mask(self, input_ids, inputs_embeds) -> torch.BoolTensor:
         image_token_id = self.config.image_token_id
         if image_token_id is None:
-            raise ValueError("config.image_token_id is None; set it to the id of <image> (add_image_special_tokens returns it)")
+            raise ValueError(
+                "config.image_token_id is None; set it to the id of <image> (add_image_special_tokens returns it)"
+            )
         if input_ids is not None:
             return input_ids == image_token_id
         placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
@@ -354,13 +371,16 @@ class UniCodeModel(UniCodePreTrainedModel):
         codes = None
         has_images = pixel_values is not None or image_codes is not None
         if has_images:
-            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes, return_dict=True)
+            image_features = self.get_image_features(
+                pixel_values=pixel_values, image_codes=image_codes, return_dict=True
+            )
             features, codes = image_features.pooler_output, image_features.image_codes
             mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             if int(mask.sum()) != features.shape[0] * features.shape[1]:
                 raise ValueError(
                     f"input_ids hold {int(mask.sum())} <image> placeholders but {features.shape[0]} image(s) need "
-                    f"{features.shape[0]} x {features.shape[1]} = {features.shape[0] * features.shape[1]}; give one image "
+                    f"{features.shape[0]} x {features.shape[1]} = {features.shape[0] * features.shape[1]}; give one "
+                    "image "
                     "per <image> in the text and let UniCodeProcessor expand each <image> into its placeholders"
                 )
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -495,7 +515,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
+            )
         return UniCodeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -522,7 +544,10 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
                 "(add_image_special_tokens returns them)"
             )
         return UniCodeImageSpanLogitsProcessor(
-            config.vq_config.codebook_token_ids, config.boi_token_id, config.eoi_token_id, config.image_tokens_per_generation,
+            config.vq_config.codebook_token_ids,
+            config.boi_token_id,
+            config.eoi_token_id,
+            config.image_tokens_per_generation,
             image_token_id=config.image_token_id,
         )
 
@@ -567,14 +592,20 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         `unconditional_input_ids`/`unconditional_attention_mask` (the same template with an empty
         caption, as `UniCodeProcessor(..., generation_mode="image")` returns) and `guidance_scale`."""
         if generation_mode not in GENERATION_MODES:
-            raise ValueError(f"generation_mode={generation_mode!r} is not supported; use one of {list(GENERATION_MODES)}")
+            raise ValueError(
+                f"generation_mode={generation_mode!r} is not supported; use one of {list(GENERATION_MODES)}"
+            )
         if generation_mode == "image":
             return self._generate_image(inputs, **kwargs)
         if kwargs.get("guidance_scale") is not None:
             raise ValueError("guidance_scale applies to generation_mode='image'; drop it for text generation")
         for name in ("unconditional_input_ids", "unconditional_attention_mask"):
             kwargs.pop(name, None)
-        if self.config.vq_config is not None and self.config.boi_token_id is not None and self.config.eoi_token_id is not None:
+        if (
+            self.config.vq_config is not None
+            and self.config.boi_token_id is not None
+            and self.config.eoi_token_id is not None
+        ):
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
             processors.append(self.image_span_logits_processor())
             kwargs["logits_processor"] = processors
@@ -582,7 +613,11 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         return super().generate(inputs, guidance_scale=None, **kwargs)
 
     def _pad_token_id(self, generation_config: GenerationConfig) -> int:
-        for candidate in (generation_config.pad_token_id, self.config.get_text_config().pad_token_id, generation_config.eos_token_id):
+        for candidate in (
+            generation_config.pad_token_id,
+            self.config.get_text_config().pad_token_id,
+            generation_config.eos_token_id,
+        ):
             if isinstance(candidate, (list, tuple)):
                 candidate = candidate[0] if candidate else None
             if isinstance(candidate, torch.Tensor):
@@ -598,7 +633,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         if mask is None:
             mask = torch.ones_like(ids)
         if mask.shape != ids.shape:
-            raise ValueError(f"the attention mask of {name} has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+            raise ValueError(
+                f"the attention mask of {name} has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}"
+            )
         if bool((mask[:, -1] == 0).any()):
             raise ValueError(
                 f"{name} is right-padded; image generation continues every row at its end, so pad on the left "
@@ -624,8 +661,15 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         return torch.cat(all_ids), torch.cat(all_masks)
 
     def _next_token_logits(self, ids, mask, positions, cache, use_cache: bool, code_positions=None) -> torch.Tensor:
-        outputs = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache,
-                             code_positions=code_positions, return_dict=True)
+        outputs = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
+            code_positions=code_positions,
+            return_dict=True,
+        )
         return self.lm_head(outputs.last_hidden_state[:, -1, :]).float()
 
     @torch.no_grad()
@@ -658,7 +702,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         config = self.config
         config.require_vision("image generation")
         if config.boi_token_id is None or config.eoi_token_id is None:
-            raise ValueError("config.boi_token_id / eoi_token_id are None; set them (add_image_special_tokens returns them)")
+            raise ValueError(
+                "config.boi_token_id / eoi_token_id are None; set them (add_image_special_tokens returns them)"
+            )
         for name in ("pixel_values", "image_codes", "inputs_embeds"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported with generation_mode='image'; generate from a text prompt")
@@ -670,29 +716,44 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         if generation_config.num_beams not in (None, 1):
             raise ValueError("image generation samples or decodes greedily; set num_beams=1")
         if (generation_config.num_return_sequences or 1) != 1:
-            raise ValueError("num_return_sequences is not supported for images; repeat the caption in the batch instead")
+            raise ValueError(
+                "num_return_sequences is not supported for images; repeat the caption in the batch instead"
+            )
         scale = generation_config.guidance_scale
         check_guidance_scale(scale)
         guided = scale is not None and scale != 1
 
         ids = inputs if inputs is not None else input_ids
         if ids is None:
-            raise ValueError("image generation needs input_ids: a prompt, e.g. UniCodeProcessor(text=caption, generation_mode='image')")
-        ids, mask = self._append_boi(*self._check_prompt("input_ids", ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)))
+            raise ValueError(
+                "image generation needs input_ids: a prompt, e.g. UniCodeProcessor(text=caption, "
+                "generation_mode='image')"
+            )
+        ids, mask = self._append_boi(
+            *self._check_prompt(
+                "input_ids", ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+            )
+        )
         batch = ids.shape[0]
         pad = self._pad_token_id(generation_config)
         if guided:
             if unconditional_input_ids is None:
                 raise ValueError(
                     f"guidance_scale={scale} needs unconditional_input_ids (the same prompt template with an empty "
-                    "caption); UniCodeProcessor(text=..., generation_mode='image') returns them, or pass guidance_scale=None"
+                    "caption); UniCodeProcessor(text=..., generation_mode='image') returns them, or pass "
+                    "guidance_scale=None"
                 )
             u_mask = None if unconditional_attention_mask is None else unconditional_attention_mask.to(self.device)
-            u_ids, u_mask = self._append_boi(*self._check_prompt("unconditional_input_ids", unconditional_input_ids.to(self.device), u_mask))
+            u_ids, u_mask = self._append_boi(
+                *self._check_prompt("unconditional_input_ids", unconditional_input_ids.to(self.device), u_mask)
+            )
             if u_ids.shape[0] == 1 and batch > 1:
                 u_ids, u_mask = u_ids.expand(batch, -1), u_mask.expand(batch, -1)
             if u_ids.shape[0] != batch:
-                raise ValueError(f"unconditional_input_ids has {u_ids.shape[0]} rows for {batch} prompts; give one per prompt or one for all")
+                raise ValueError(
+                    f"unconditional_input_ids has {u_ids.shape[0]} rows for {batch} prompts; give one per prompt or "
+                    "one for all"
+                )
             rows, row_mask = self._left_pad_stack([(ids, mask), (u_ids, u_mask)], pad)
         else:
             rows, row_mask = ids, mask
@@ -737,7 +798,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             scores = span.restrict_to_codes(step_logits) if span is not None else step_logits
             scores = processors(sequences[:, : start + step], scores)
             if generation_config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
+                next_tokens = torch.multinomial(
+                    torch.softmax(scores, dim=-1), num_samples=1, generator=generator
+                ).squeeze(1)
             else:
                 next_tokens = scores.argmax(dim=-1)
             if return_dict:
@@ -750,7 +813,11 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             length = prompt_length + step + 1
             if use_cache:
                 logits = self._next_token_logits(
-                    column, full_mask[:, :length], full_positions[:, length - 1 : length], cache, True,
+                    column,
+                    full_mask[:, :length],
+                    full_positions[:, length - 1 : length],
+                    cache,
+                    True,
                     code_positions=torch.full_like(column, step),  # the code just written is the image's step-th
                 )
             else:
@@ -758,12 +825,16 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
                 logits = self._next_token_logits(rows, full_mask[:, :length], full_positions[:, :length], None, False)
         sequences[:, -1] = config.eoi_token_id
         if return_dict:
-            return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores_out), logits=tuple(raw_logits), cache=cache)
+            return GenerateDecoderOnlyOutput(
+                sequences=sequences, scores=tuple(scores_out), logits=tuple(raw_logits), cache=cache
+            )
         return sequences
 
     # -- assembly -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained_parts(cls, llm: PreTrainedModel, tokenizer, vision_tokenizer: UniCodeVisualTokenizer, visual_input: str = "aggregate"):
+    def from_pretrained_parts(
+        cls, llm: PreTrainedModel, tokenizer, vision_tokenizer: UniCodeVisualTokenizer, visual_input: str = "aggregate"
+    ):
         """Assemble an MLLM from a causal LM, its tokenizer and a trained visual tokenizer.
 
         Adds `<image>`, `<boi>`, `<eoi>` to `tokenizer` (resizing `llm`'s embeddings if needed),
@@ -773,7 +844,8 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         vq_config = vision_tokenizer.config
         if vq_config.codebook_token_ids is None or vision_tokenizer.codebook is None:
             raise ValueError(
-                "vision_tokenizer must be a trained standalone tokenizer with store_codebook=True and codebook_token_ids set"
+                "vision_tokenizer must be a trained standalone tokenizer with store_codebook=True and "
+                "codebook_token_ids set"
             )
         special = add_image_special_tokens(tokenizer)
         codes = set(vq_config.codebook_token_ids)
@@ -791,8 +863,10 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         if own.shape != llm_rows.shape or not torch.equal(own, llm_rows):
             gap = (own - llm_rows).abs().max().item() if own.shape == llm_rows.shape else float("nan")
             raise ValueError(
-                f"the visual tokenizer's codebook differs from the LLM's embedding rows of its codebook_token_ids (max |diff| "
-                f"{gap:.3g}); the codebook must be unified: finish stage I with the r=1 tail (ramp/constant), or for the "
+                "the visual tokenizer's codebook differs from the LLM's embedding rows of its codebook_token_ids "
+                "(max |diff| "
+                f"{gap:.3g}); the codebook must be unified: finish stage I with the r=1 tail (ramp/constant), or for "
+                "the "
                 "dual paradigm use the LLM saved beside the tokenizer"
             )
         mllm_vq = copy.deepcopy(vq_config)
@@ -807,7 +881,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         vq_state = {k: v for k, v in vision_tokenizer.state_dict().items() if k != "codebook"}
         model.model.vision_tokenizer.load_state_dict(vq_state)
         model.model.vision_tokenizer.to(vision_tokenizer.dtype)
-        model.generation_config = copy.deepcopy(llm.generation_config) if llm.generation_config is not None else GenerationConfig()
+        model.generation_config = (
+            copy.deepcopy(llm.generation_config) if llm.generation_config is not None else GenerationConfig()
+        )
         if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model.to(llm.device)

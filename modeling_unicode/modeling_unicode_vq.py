@@ -149,8 +149,14 @@ class UniCodeVQEncoder(nn.Module):
         `hidden_states` of `UniCodeVisualTokenizer.forward` and `UniCodeModel.get_image_features`); empty if not
         `enabled`. Hooks, so the encoder's own forward stays one plain path for training."""
         feature_maps = []
-        hooks = [level.register_forward_hook(lambda module, args, output: feature_maps.append(output))
-                 for level in self.feature_levels] if enabled else []
+        hooks = (
+            [
+                level.register_forward_hook(lambda module, args, output: feature_maps.append(output))
+                for level in self.feature_levels
+            ]
+            if enabled
+            else []
+        )
         try:
             yield feature_maps
         finally:
@@ -205,8 +211,10 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     codes (`torch.LongTensor` of shape `(batch, ĥ, ŵ, D)`): the code map, as vocabulary ids.
     reconstruction_loss, commitment_loss (`torch.FloatTensor`): the two terms of `loss`.
     code_counts (`torch.FloatTensor` of shape `(K,)`), code_sums (`(K, H)`): EMA statistics of this batch.
-    code_features (`torch.FloatTensor` of shape `(N·levels, H)`): every level's inputs in codebook units (dead-code restarts).
-    level_fit (`torch.FloatTensor` of shape `(levels, 2)`): terms of each level's least-squares row scale (`level_scales`).
+    code_features (`torch.FloatTensor` of shape `(N·levels, H)`): every level's inputs in codebook units (dead-code
+    restarts).
+    level_fit (`torch.FloatTensor` of shape `(levels, 2)`): terms of each level's least-squares row scale
+    (`level_scales`).
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the encoder's feature map
         at each level (`UniCodeVQEncoder.feature_levels`), each `(batch, channels, height, width)`.
@@ -292,7 +300,9 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             return self.codebook
         expected = (self.config.codebook_size, self.config.code_dim)
         if tuple(codebook.shape) != expected:
-            raise ValueError(f"codebook must have shape (codebook_size, code_dim) = {expected}, got {tuple(codebook.shape)}")
+            raise ValueError(
+                f"codebook must have shape (codebook_size, code_dim) = {expected}, got {tuple(codebook.shape)}"
+            )
         return codebook
 
     def check_pixel_values(self, pixel_values) -> None:
@@ -323,7 +333,12 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
 
     def check_codes(self, codes) -> torch.Tensor:
         """Validate a code map of vocabulary ids and return it as code indices 0..K-1."""
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        if (
+            not isinstance(codes, torch.Tensor)
+            or codes.is_floating_point()
+            or codes.is_complex()
+            or codes.dtype == torch.bool
+        ):
             raise TypeError(
                 f"codes must be an integer torch.Tensor of vocabulary ids, got "
                 f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}"
@@ -336,7 +351,9 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             )
         indices = token_ids_to_code_indices(codes.long(), self.codebook_token_ids, argument="codes")
         if self.codebook_token_ids is None and bool(((indices < 0) | (indices >= self.config.codebook_size)).any()):
-            raise ValueError(f"codes must be code indices in [0, {self.config.codebook_size}) (no codebook_token_ids set)")
+            raise ValueError(
+                f"codes must be code indices in [0, {self.config.codebook_size}) (no codebook_token_ids set)"
+            )
         return indices
 
     # -- the three entry points -----------------------------------------------------------------

@@ -69,7 +69,11 @@ class UniCodeProcessor(ProcessorMixin):
         image_generation_template: str = DEFAULT_IMAGE_GENERATION_TEMPLATE,
         **kwargs,
     ):
-        missing = [token for token in (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN) if tokenizer is not None and token not in tokenizer.get_vocab()]
+        missing = [
+            token
+            for token in (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
+            if tokenizer is not None and token not in tokenizer.get_vocab()
+        ]
         if missing:
             raise ValueError(
                 f"the tokenizer has no {missing}; add them with modeling_unicode.add_image_special_tokens(tokenizer) "
@@ -115,7 +119,9 @@ class UniCodeProcessor(ProcessorMixin):
     # -- text + images in ---------------------------------------------------------------------------
     def __call__(self, images=None, text=None, generation_mode: str = "text", **kwargs) -> BatchFeature:
         if generation_mode not in GENERATION_MODES:
-            raise ValueError(f"generation_mode={generation_mode!r} is not supported; use one of {list(GENERATION_MODES)}")
+            raise ValueError(
+                f"generation_mode={generation_mode!r} is not supported; use one of {list(GENERATION_MODES)}"
+            )
         if generation_mode == "image":
             return self._image_generation_inputs(images, text, **kwargs)
         if isinstance(text, (list, tuple)) and len(text) > 1:
@@ -136,7 +142,9 @@ class UniCodeProcessor(ProcessorMixin):
 
     def _image_generation_inputs(self, images, text, **kwargs) -> BatchFeature:
         if images is not None:
-            raise ValueError("generation_mode='image' takes captions only; image-conditioned generation uses generation_mode='text'")
+            raise ValueError(
+                "generation_mode='image' takes captions only; image-conditioned generation uses generation_mode='text'"
+            )
         if text is None:
             raise ValueError("generation_mode='image' needs text: one caption or a list of captions")
         captions = [text] if isinstance(text, str) else list(text)
@@ -146,8 +154,12 @@ class UniCodeProcessor(ProcessorMixin):
         return_tensors = kwargs.pop("return_tensors", "pt")
         kwargs.setdefault("padding", len(captions) > 1)
         kwargs["padding_side"] = "left"
-        conditional = self.tokenizer([self.image_generation_prompt(c) for c in captions], return_tensors=return_tensors, **kwargs)
-        unconditional = self.tokenizer([self.image_generation_prompt("")] * len(captions), return_tensors=return_tensors, **kwargs)
+        conditional = self.tokenizer(
+            [self.image_generation_prompt(c) for c in captions], return_tensors=return_tensors, **kwargs
+        )
+        unconditional = self.tokenizer(
+            [self.image_generation_prompt("")] * len(captions), return_tensors=return_tensors, **kwargs
+        )
         return BatchFeature(
             {
                 "input_ids": conditional["input_ids"],
@@ -158,11 +170,15 @@ class UniCodeProcessor(ProcessorMixin):
         )
 
     # -- outputs -----------------------------------------------------------------------------------
-    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None, **kwargs):
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens=True, generation_mode=None, **kwargs
+    ):
         """`generation_mode="text"` (or None): decoded strings. `"image"`: PIL images from the pixels
         that `UniCodeForConditionalGeneration.decode_image_tokens` returns."""
         if generation_mode in (None, "text"):
-            return self.post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+            return self.post_process_image_text_to_text(
+                generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs
+            )
         if generation_mode == "image":
             dtype = getattr(generated_outputs, "dtype", None)
             if dtype is not None and not getattr(dtype, "is_floating_point", str(dtype).startswith("float")):

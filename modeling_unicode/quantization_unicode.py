@@ -54,7 +54,9 @@ def select_codebook_rows(
     Returns the ids in ascending order (code k <-> ids[k]) and a record of the rule for the config.
     """
     if embedding_weight.dim() != 2:
-        raise ValueError(f"embedding_weight must be the (vocab_size, hidden_size) table, got shape {tuple(embedding_weight.shape)}")
+        raise ValueError(
+            f"embedding_weight must be the (vocab_size, hidden_size) table, got shape {tuple(embedding_weight.shape)}"
+        )
     vocab_rows = embedding_weight.shape[0]
     limit = vocab_rows if tokenizer is None else min(vocab_rows, len(tokenizer))
     excluded = set(int(i) for i in excluded_token_ids)
@@ -86,7 +88,9 @@ def select_codebook_rows(
     return chosen.tolist(), record
 
 
-def token_ids_to_code_indices(token_ids: torch.Tensor, codebook_token_ids: Optional[torch.Tensor], argument: str = "codes") -> torch.Tensor:
+def token_ids_to_code_indices(
+    token_ids: torch.Tensor, codebook_token_ids: Optional[torch.Tensor], argument: str = "codes"
+) -> torch.Tensor:
     """Vocabulary ids -> code indices 0..K-1; a `ValueError` names any id that is not a code."""
     if codebook_token_ids is None:
         return token_ids
@@ -145,7 +149,8 @@ def unflatten_code_map(sequence: torch.Tensor, grid_size: int, depth: int) -> to
     expected = grid_size * grid_size * depth
     if sequence.dim() != 2 or sequence.shape[1] != expected:
         raise ValueError(
-            f"a flattened code sequence must have shape (batch, {expected}) = (batch, {grid_size}x{grid_size}x{depth}), "
+            f"a flattened code sequence must have shape (batch, {expected}) = (batch, "
+            f"{grid_size}x{grid_size}x{depth}), "
             f"got {tuple(sequence.shape)}"
         )
     return sequence.reshape(sequence.shape[0], grid_size, grid_size, depth)
@@ -160,7 +165,9 @@ def hq_pack(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     """
     b, h, w = top.shape
     if bottom.shape != (b, 2 * h, 2 * w):
-        raise ValueError(f"bottom codes must have shape {(b, 2 * h, 2 * w)} for top {(b, h, w)}, got {tuple(bottom.shape)}")
+        raise ValueError(
+            f"bottom codes must have shape {(b, 2 * h, 2 * w)} for top {(b, h, w)}, got {tuple(bottom.shape)}"
+        )
     blocks = bottom.reshape(b, h, 2, w, 2).permute(0, 1, 3, 2, 4).reshape(b, h, w, 4)
     return torch.cat([top.unsqueeze(-1), blocks], dim=-1)
 
@@ -174,7 +181,9 @@ def hq_unpack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[..., 0], bottom
 
 
-def image_input_embeddings(code_embeddings: torch.Tensor, quantizer: str, visual_input: str = "aggregate") -> torch.Tensor:
+def image_input_embeddings(
+    code_embeddings: torch.Tensor, quantizer: str, visual_input: str = "aggregate"
+) -> torch.Tensor:
     """Embeddings of a code map (B, ĥ, ŵ, D, H) -> the image's LLM input sequence (B, N, H).
 
     `flatten`: every code in the flattened layout (N = ĥ·ŵ·D), i.e. exactly what the LLM would see
@@ -189,7 +198,9 @@ def image_input_embeddings(code_embeddings: torch.Tensor, quantizer: str, visual
     `configuration_unicode.image_placeholder_count` gives N; the two must change together.
     """
     if code_embeddings.dim() != 5:
-        raise ValueError(f"code_embeddings must have shape (batch, ĥ, ŵ, depth, hidden), got {tuple(code_embeddings.shape)}")
+        raise ValueError(
+            f"code_embeddings must have shape (batch, ĥ, ŵ, depth, hidden), got {tuple(code_embeddings.shape)}"
+        )
     b, h, w, d, hidden = code_embeddings.shape
     if visual_input == "flatten":
         return code_embeddings.reshape(b, h * w * d, hidden)
@@ -222,7 +233,10 @@ def nearest_code(
     so the N x K distance matrix never exists at once and the cost is the GEMM.
     """
     if vectors.dim() != 2 or codebook.dim() != 2 or vectors.shape[1] != codebook.shape[1]:
-        raise ValueError(f"nearest_code needs vectors (N, H) and codebook (K, H), got {tuple(vectors.shape)} and {tuple(codebook.shape)}")
+        raise ValueError(
+            f"nearest_code needs vectors (N, H) and codebook (K, H), got {tuple(vectors.shape)} and "
+            f"{tuple(codebook.shape)}"
+        )
     vectors = vectors.detach()
     codebook = codebook.detach().to(vectors.dtype)
     if codebook_sq_norms is None:
@@ -343,8 +357,10 @@ class UniCodeQuantizer(nn.Module):
         bias scales with the rows, the fitted level scales (or, normalized, the base scale, which
         divides by the mean row norm by itself) by 1/alpha."""
         if not (self.normalize or self.level_scale is not None):
-            raise ValueError("this quantizer has neither level_scales nor normalized features, so a row scale "
-                             "would change its decoder input; build it with level_scales=True")
+            raise ValueError(
+                "this quantizer has neither level_scales nor normalized features, so a row scale "
+                "would change its decoder input; build it with level_scales=True"
+            )
         if self.codebook_projection is not None and self.codebook_projection.bias is not None:
             self.codebook_projection.bias.mul_(alpha)
         if not self.normalize:
@@ -360,7 +376,9 @@ class UniCodeQuantizer(nn.Module):
         solution = torch.linalg.solve(weight, (searched.double() - self.codebook_projection.bias.double()).T).T
         return solution.to(searched.dtype)
 
-    def forward(self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False) -> QuantizerOutput:
+    def forward(
+        self, features: torch.Tensor, codebook: torch.Tensor, return_statistics: bool = False
+    ) -> QuantizerOutput:
         """features (B, H, latent, latent) -> QuantizerOutput.
 
         Runs in float32 even under autocast: nearest-code decisions between close codebook rows
@@ -610,7 +628,9 @@ class UniCodeCodebookTrainer(nn.Module):
         return alpha
 
     @torch.no_grad()
-    def load_llm_rows(self, codebook: torch.Tensor, llm_rows: torch.Tensor, quantizer: Optional["UniCodeQuantizer"] = None) -> None:
+    def load_llm_rows(
+        self, codebook: torch.Tensor, llm_rows: torch.Tensor, quantizer: Optional["UniCodeQuantizer"] = None
+    ) -> None:
         """Dual paradigm: take the LLM's rows back as the codebook and restart the EMA from them (in
         the searched space, like the statistics)."""
         codebook.copy_(llm_rows.detach().to(codebook.dtype))

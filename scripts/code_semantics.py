@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a run folder with vision_tokenizer/ (demo or train-tokenizer)")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--coverage", type=float, default=0.6, help="least coloured fraction of a labelled patch")
-    parser.add_argument("--probes", action="store_true", help="also probe the LLM's image input vectors (needs <run>/mllm)")
+    parser.add_argument(
+        "--probes", action="store_true", help="also probe the LLM's image input vectors (needs <run>/mllm)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -68,8 +70,10 @@ def main() -> None:
         kept.append(keep)
     codes, labels = np.concatenate(codes), np.concatenate(labels)
     if len(labels) < 10:
-        raise SystemExit(f"only {len(labels)} patches of {grid}x{grid} are at least {args.coverage:.0%} one colour; "
-                         "lower --coverage (a coarse grid's patches are mostly background)")
+        raise SystemExit(
+            f"only {len(labels)} patches of {grid}x{grid} are at least {args.coverage:.0%} one colour; "
+            "lower --coverage (a coarse grid's patches are mostly background)"
+        )
     split = len(labels) * 8 // 10
     chance = float(np.mean(labels[split:] == np.bincount(labels[:split]).argmax()))
     levels = []
@@ -78,12 +82,29 @@ def main() -> None:
         for code, label in zip(codes[:split, level], labels[:split]):
             table[int(code)][int(label)] += 1
         predicted = [table[int(c)].most_common(1)[0][0] if int(c) in table else -1 for c in codes[split:, level]]
-        levels.append({"level": level, "accuracy": round(float(np.mean(np.array(predicted) == labels[split:])), 3),
-                       "distinct_codes": len(table)})
+        levels.append(
+            {
+                "level": level,
+                "accuracy": round(float(np.mean(np.array(predicted) == labels[split:])), 3),
+                "distinct_codes": len(table),
+            }
+        )
     probes = vector_probes(run, pixels, np.stack(kept), labels, split) if args.probes else None
-    print(json.dumps({"run": str(run), "quantizer": config.quantizer, "paradigm": config.paradigm,
-                      "patches": int(len(labels)), "coverage": args.coverage, "colours": len(COLORS),
-                      "chance": round(chance, 3), "levels": levels, **({"probes": probes} if probes else {})}))
+    print(
+        json.dumps(
+            {
+                "run": str(run),
+                "quantizer": config.quantizer,
+                "paradigm": config.paradigm,
+                "patches": int(len(labels)),
+                "coverage": args.coverage,
+                "colours": len(COLORS),
+                "chance": round(chance, 3),
+                "levels": levels,
+                **({"probes": probes} if probes else {}),
+            }
+        )
+    )
 
 
 def vector_probes(run: Path, pixels, keep, labels, split: int, seed: int = 0) -> dict:
@@ -107,8 +128,10 @@ def vector_probes(run: Path, pixels, keep, labels, split: int, seed: int = 0) ->
         indices = token_ids_to_code_indices(code_maps, model.model.codebook_token_ids)
         decoder_side = model.model.vision_tokenizer.quantizer.lookup(indices, codebook).permute(0, 2, 3, 1)
     mask = torch.as_tensor(keep).reshape(len(pixels), -1)
-    inputs = {"llm_image_input": llm_input.float()[mask],
-              "decoder_quantized_vector": decoder_side.reshape(len(pixels), -1, decoder_side.shape[-1])[mask]}
+    inputs = {
+        "llm_image_input": llm_input.float()[mask],
+        "decoder_quantized_vector": decoder_side.reshape(len(pixels), -1, decoder_side.shape[-1])[mask],
+    }
     y = torch.as_tensor(labels).long()
     results = {}
     for name, x in inputs.items():
@@ -116,8 +139,13 @@ def vector_probes(run: Path, pixels, keep, labels, split: int, seed: int = 0) ->
         for kind in ("linear", "mlp"):
             torch.manual_seed(seed)
             hidden = x.shape[1]
-            probe = (torch.nn.Linear(hidden, len(COLORS)) if kind == "linear" else
-                     torch.nn.Sequential(torch.nn.Linear(hidden, 256), torch.nn.GELU(), torch.nn.Linear(256, len(COLORS))))
+            probe = (
+                torch.nn.Linear(hidden, len(COLORS))
+                if kind == "linear"
+                else torch.nn.Sequential(
+                    torch.nn.Linear(hidden, 256), torch.nn.GELU(), torch.nn.Linear(256, len(COLORS))
+                )
+            )
             optimizer = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
             for _ in range(600):
                 loss = torch.nn.functional.cross_entropy(probe(x[:split]), y[:split])

@@ -55,7 +55,9 @@ def main() -> None:
     codes = torch.tensor(validation[CODES_COLUMN])  # (scenes, ĥ·ŵ·D) vocabulary ids
     slots = codes.shape[1] // (grid * grid)
     slot_of = torch.arange(codes.shape[1]) % slots
-    background = [collections.Counter(codes[:, slot_of == s].flatten().tolist()).most_common(1)[0][0] for s in range(slots)]
+    background = [
+        collections.Counter(codes[:, slot_of == s].flatten().tolist()).most_common(1)[0][0] for s in range(slots)
+    ]
     guided = args.guidance_scale != 1.0
 
     def code_logits(prompt_ids: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -92,9 +94,14 @@ def main() -> None:
         distinct = len(set(others[others != background[s]].tolist()))
         teacher_forced[f"slot{s}"] = {
             "background_id": background[s],
-            "background_share": round(counts[f"slot{s}_background"] / max(1, counts[f"slot{s}_background"] + counts[f"slot{s}_other"]), 3),
-            **{key: round(sums[f"slot{s}_{key}"] / max(1, counts[f"slot{s}_{kind}"]), 3)
-               for kind in ("background", "other") for key in (f"{kind}_nll", f"p_background_at_{kind}")},
+            "background_share": round(
+                counts[f"slot{s}_background"] / max(1, counts[f"slot{s}_background"] + counts[f"slot{s}_other"]), 3
+            ),
+            **{
+                key: round(sums[f"slot{s}_{key}"] / max(1, counts[f"slot{s}_{kind}"]), 3)
+                for kind in ("background", "other")
+                for key in (f"{kind}_nll", f"p_background_at_{kind}")
+            },
             "distinct_other_ids_in_training": distinct,
             "uniform_other_nll": round(math.log(max(1, distinct)), 3),
         }
@@ -103,18 +110,36 @@ def main() -> None:
     captions, scenes = [c for c, _ in prompts], [s for _, s in prompts]
     metric = load_metric("scene_match")
     free_running = {}
-    for name, sampling in (("greedy", {}), ("sampled", {"do_sample": True, "temperature": 1.0, "top_k": 0}),
-                           (f"top{args.top_k}", {"do_sample": True, "temperature": 1.0, "top_k": args.top_k})):
-        images, generated = generate_images(model, processor, captions, args.guidance_scale, seed=0, return_codes=True,
-                                            desc=name, **sampling)
-        share = float(sum((generated[:, slot_of == s] == background[s]).sum() for s in range(slots))) / generated.numel()
+    for name, sampling in (
+        ("greedy", {}),
+        ("sampled", {"do_sample": True, "temperature": 1.0, "top_k": 0}),
+        (f"top{args.top_k}", {"do_sample": True, "temperature": 1.0, "top_k": args.top_k}),
+    ):
+        images, generated = generate_images(
+            model, processor, captions, args.guidance_scale, seed=0, return_codes=True, desc=name, **sampling
+        )
+        share = (
+            float(sum((generated[:, slot_of == s] == background[s]).sum() for s in range(slots))) / generated.numel()
+        )
         scores = metric.compute(predictions=images, references=scenes)
-        free_running[name] = {"distinct_ids": len(set(generated.flatten().tolist())), "background_share": round(share, 3),
-                              **{k: round(v, 3) for k, v in scores.items() if k != "num_images"}}
+        free_running[name] = {
+            "distinct_ids": len(set(generated.flatten().tolist())),
+            "background_share": round(share, 3),
+            **{k: round(v, 3) for k, v in scores.items() if k != "num_images"},
+        }
 
-    print(json.dumps({"run": str(run), "guidance_scale": args.guidance_scale, "validation_scenes": len(codes),
-                      "training_scenes": len(reference) if train_folders else 0,
-                      "teacher_forced": teacher_forced, "free_running": free_running}))
+    print(
+        json.dumps(
+            {
+                "run": str(run),
+                "guidance_scale": args.guidance_scale,
+                "validation_scenes": len(codes),
+                "training_scenes": len(reference) if train_folders else 0,
+                "teacher_forced": teacher_forced,
+                "free_running": free_running,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

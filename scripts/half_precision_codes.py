@@ -34,7 +34,9 @@ def main() -> None:
         return AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
 
     full = load(torch.float32)
-    images = list(build_split("test", args.images, image_size=full.config.vq_config.image_size, seed=args.seed)["image"])
+    images = list(
+        build_split("test", args.images, image_size=full.config.vq_config.image_size, seed=args.seed)["image"]
+    )
     psnr = load_metric("psnr")
     reconstructions, reference = reconstruct_images(full, images)
     reference = torch.stack(reference)
@@ -43,8 +45,10 @@ def main() -> None:
         reconstructions, codes = reconstruct_images(load(dtype), images)
         same = (torch.stack(codes) == reference).float()
         levels = ", ".join(f"{same[..., level].mean():.2%}" for level in range(same.shape[-1]))
-        print(f"{str(dtype).split('.')[-1]}: {same.mean():.2%} of code ids as in float32 (per level: {levels}); "
-              f"PSNR {psnr.compute(predictions=reconstructions, references=images)['psnr']:.2f} dB")
+        print(
+            f"{str(dtype).split('.')[-1]}: {same.mean():.2%} of code ids as in float32 (per level: {levels}); "
+            f"PSNR {psnr.compute(predictions=reconstructions, references=images)['psnr']:.2f} dB"
+        )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def main():
     conditions = {
         "clean": clean,
         "jpeg75": [degrade_image(im, jpeg_quality=75) for im in clean],
-        "jpeg75+blur(0/0.5/1.0)": [degrade_image(im, jpeg_quality=75, blur_radius=blurs[i % 3]) for i, im in enumerate(clean)],
+        "jpeg75+blur(0/0.5/1.0)": [
+            degrade_image(im, jpeg_quality=75, blur_radius=blurs[i % 3]) for i, im in enumerate(clean)
+        ],
     }
     print(f"{args.num} scenes, {args.image_size} px, seed {args.seed}")
     print(f"{'condition':26s} {'accuracy':>9s} {'wrong':>6s} {'refused':>8s}")
@@ -54,9 +56,14 @@ def main():
     size = args.image_size
     noise = {
         "uniform noise": [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.num // 4)],
-        "gaussian noise": [np.clip(rng.normal(200, 40, (size, size, 3)), 0, 255).astype(np.uint8) for _ in range(args.num // 4)],
+        "gaussian noise": [
+            np.clip(rng.normal(200, 40, (size, size, 3)), 0, 255).astype(np.uint8) for _ in range(args.num // 4)
+        ],
     }
-    noisy = [np.clip(np.asarray(im, np.float32) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8) for im in clean[: args.num // 4]]
+    noisy = [
+        np.clip(np.asarray(im, np.float32) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        for im in clean[: args.num // 4]
+    ]
     for name, images in noise.items():
         refused = sum(parse_scene(im) is None for im in images)
         print(f"{name:26s} refused {refused}/{len(images)} = {refused / len(images):.4f}")

@@ -38,19 +38,58 @@ def main() -> None:
             if not metrics_path.is_file() and args.no_train:
                 continue
             if not metrics_path.is_file():
-                cmd = [sys.executable, "-m", "training.cli", "train-tokenizer", "--preset", "tiny", "--llm", args.llm,
-                       "--paradigm", paradigm, "--quantizer", quantizer, *QUANTIZERS[quantizer], "--steps", str(args.steps),
-                       "--train-images", str(args.train_images), "--output", str(out), "--resume"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "training.cli",
+                    "train-tokenizer",
+                    "--preset",
+                    "tiny",
+                    "--llm",
+                    args.llm,
+                    "--paradigm",
+                    paradigm,
+                    "--quantizer",
+                    quantizer,
+                    *QUANTIZERS[quantizer],
+                    "--steps",
+                    str(args.steps),
+                    "--train-images",
+                    str(args.train_images),
+                    "--output",
+                    str(out),
+                    "--resume",
+                ]
                 started = time.perf_counter()
                 subprocess.run(cmd, check=True)
                 print(f"{paradigm}/{quantizer}: {time.perf_counter() - started:.0f} s", flush=True)
             metrics = json.loads(metrics_path.read_text())
-            rows.append({key: metrics[key] for key in ("paradigm", "quantizer", "depth", "tokens_per_image", "psnr", "usage",
-                                                      "perplexity", "train_seconds", "steps")})
-    lines = ["| paradigm | quantizer | codes/image | PSNR (dB) | usage | perplexity | train time (s) |", "|---|---|---|---|---|---|---|"]
+            rows.append(
+                {
+                    key: metrics[key]
+                    for key in (
+                        "paradigm",
+                        "quantizer",
+                        "depth",
+                        "tokens_per_image",
+                        "psnr",
+                        "usage",
+                        "perplexity",
+                        "train_seconds",
+                        "steps",
+                    )
+                }
+            )
+    lines = [
+        "| paradigm | quantizer | codes/image | PSNR (dB) | usage | perplexity | train time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['paradigm']} | {r['quantizer']}{r['depth'] if r['quantizer'] == 'rq' else ''} | {r['tokens_per_image']} | "
-                     f"{r['psnr']:.2f} | {100 * r['usage']:.1f} % | {r['perplexity']:.0f} | {r['train_seconds']:.0f} |")
+        lines.append(
+            f"| {r['paradigm']} | {r['quantizer']}{r['depth'] if r['quantizer'] == 'rq' else ''} | "
+            f"{r['tokens_per_image']} | "
+            f"{r['psnr']:.2f} | {100 * r['usage']:.1f} % | {r['perplexity']:.0f} | {r['train_seconds']:.0f} |"
+        )
     table = "\n".join(lines)
     print(table)
     root.mkdir(parents=True, exist_ok=True)

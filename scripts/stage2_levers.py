@@ -7,8 +7,9 @@ reused): SFT with the given settings into a scratch copy, then the demo's evalua
 
 `--oracle-codes` replaces every image's codes, in training and in evaluation, by a colour oracle: at
 each code position one fixed codebook id per dominant Shapes colour of the patch (another for
-background), the same id at every depth. Eight perfectly consistent codes (seven colours, background) instead of thousands: if the
-LM does not ground on those either, better visual codes cannot be what the demo's VQA is missing.
+background), the same id at every depth. Eight perfectly consistent codes (seven colours, background)
+instead of thousands: if the LM does not ground on those either, better visual codes cannot be what the
+demo's VQA is missing.
 
 Prints one JSON line: the settings, SFT seconds and s/step, VQA overall / per type (with chance),
 text-to-image scene match.
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 
 ORACLE_COVERAGE = 0.3  # a patch a third covered by a shape already reads as that shape's colour
 
@@ -45,8 +45,7 @@ def use_colour_oracle(work: Path) -> None:
     import numpy as np
     import torch
 
-    from modeling_unicode import UniCodeVisualTokenizer
-    from modeling_unicode import modeling_unicode
+    from modeling_unicode import UniCodeVisualTokenizer, modeling_unicode
     from training.codes import CODES_COLUMN
     from training.data.shapes import render_scene
 
@@ -55,10 +54,20 @@ def use_colour_oracle(work: Path) -> None:
     for folder in sorted(p for p in (work / "codes").iterdir() if (p / "COMPLETE").exists()):
         dataset = datasets.load_from_disk(str(folder))
         signature = dataset.info.description  # the tokenizer's signature: the cache stays valid
-        dataset = dataset.map(lambda row: {CODES_COLUMN: colour_oracle_codes(render_scene(row["scene"], size), ids, grid, depth)
-                                           .reshape(-1).tolist()}, desc=f"oracle codes ({folder.name})")
+        dataset = dataset.map(
+            lambda row: {
+                CODES_COLUMN: colour_oracle_codes(render_scene(row["scene"], size), ids, grid, depth)
+                .reshape(-1)
+                .tolist()
+            },
+            desc=f"oracle codes ({folder.name})",
+        )
         dataset.info.description = signature
-        kept = {name: (folder / name).read_bytes() for name in ("COMPLETE", "code_signature.json") if (folder / name).exists()}
+        kept = {
+            name: (folder / name).read_bytes()
+            for name in ("COMPLETE", "code_signature.json")
+            if (folder / name).exists()
+        }
         rewritten = folder.with_name(folder.name + ".oracle")
         dataset.save_to_disk(str(rewritten))
         shutil.rmtree(folder)
@@ -82,16 +91,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--text-embeddings", action="store_true", help="full fine-tuning: train the non-code embedding rows")
-    parser.add_argument("--reinit-decoder", action="store_true", help="full fine-tuning from the assembled base: fresh decoder layers")
+    parser.add_argument(
+        "--text-embeddings", action="store_true", help="full fine-tuning: train the non-code embedding rows"
+    )
+    parser.add_argument(
+        "--reinit-decoder", action="store_true", help="full fine-tuning from the assembled base: fresh decoder layers"
+    )
     parser.add_argument("--questions-per-image", type=int, default=2)
     parser.add_argument("--questions-per-conversation", type=int, default=1)
     parser.add_argument("--segments", type=int, default=4)
     parser.add_argument("--tasks", nargs="*", default=None, help="SFT tasks (default: all)")
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--from-base", action="store_true", help="skip the decompression model (SFT from stage2/base)")
-    parser.add_argument("--visual-input", choices=("aggregate", "flatten"), default=None,
-                        help="re-assemble the base with this image input (implies --from-base)")
+    parser.add_argument(
+        "--visual-input",
+        choices=("aggregate", "flatten"),
+        default=None,
+        help="re-assemble the base with this image input (implies --from-base)",
+    )
     parser.add_argument("--trainer", nargs="*", default=[], help="SFTConfig fields, key=value (YAML values)")
     parser.add_argument("--seed", type=int, default=0, help="SFT seed (the code dataset and trainer order)")
     parser.add_argument("--oracle-codes", action="store_true", help="train and evaluate on colour-oracle codes")
@@ -122,10 +139,25 @@ def main() -> None:
         use_colour_oracle(work)
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.trainer)}
     stage_args = StageIIArguments(
-        run_dir=str(work), stage="sft", max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-        lora=not args.full, train_text_embeddings=args.text_embeddings, reinit_decoder=args.reinit_decoder, lora_r=args.lora_r, segments=args.segments, questions_per_image=args.questions_per_image,
-        questions_per_conversation=args.questions_per_conversation, tasks=args.tasks, train_images=args.train_images, eval_images=32,
-        save_steps=10**6, use_cpu=True, seed=args.seed, extra={"save_strategy": "no", **extra},
+        run_dir=str(work),
+        stage="sft",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lora=not args.full,
+        train_text_embeddings=args.text_embeddings,
+        reinit_decoder=args.reinit_decoder,
+        lora_r=args.lora_r,
+        segments=args.segments,
+        questions_per_image=args.questions_per_image,
+        questions_per_conversation=args.questions_per_conversation,
+        tasks=args.tasks,
+        train_images=args.train_images,
+        eval_images=32,
+        save_steps=10**6,
+        use_cpu=True,
+        seed=args.seed,
+        extra={"save_strategy": "no", **extra},
     )
     started = time.perf_counter()
     metrics = train_stage2(stage_args)
@@ -138,14 +170,22 @@ def main() -> None:
     generation = evaluate_generation(model, processor, args.generation_prompts, 3.0)
     eval_seconds = time.perf_counter() - started
     keep = lambda d: {k: round(v, 3) for k, v in d.items() if k.startswith("accuracy")}  # noqa: E731
-    print("\n" + json.dumps({
-        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "work")},
-        "sft_seconds": round(sft_seconds, 1), "train_seconds": round(metrics["train_seconds"], 1),
-        "s_per_step": round(metrics["train_seconds"] / args.steps, 3), "eval_seconds": round(eval_seconds, 1),
-        "held_out_loss_after": {k: round(v, 3) for k, v in metrics["after"].items()},
-        "vqa": keep(vqa["model"]), "vqa_chance": keep(vqa["chance"]),
-        "text_to_image": {k: round(v, 3) for k, v in generation["model"].items() if k != "num_images"},
-    }))
+    print(
+        "\n"
+        + json.dumps(
+            {
+                "settings": {k: v for k, v in vars(args).items() if k not in ("run", "work")},
+                "sft_seconds": round(sft_seconds, 1),
+                "train_seconds": round(metrics["train_seconds"], 1),
+                "s_per_step": round(metrics["train_seconds"] / args.steps, 3),
+                "eval_seconds": round(eval_seconds, 1),
+                "held_out_loss_after": {k: round(v, 3) for k, v in metrics["after"].items()},
+                "vqa": keep(vqa["model"]),
+                "vqa_chance": keep(vqa["chance"]),
+                "text_to_image": {k: round(v, 3) for k, v in generation["model"].items() if k != "num_images"},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,13 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a demo run folder (its stage2/base is the starting model)")
     parser.add_argument("--types", default="color", help="comma-separated question types, or 'all'")
     parser.add_argument("--single-shape", action="store_true", help="train and test on one-shape scenes only")
-    parser.add_argument("--single-shape-first", type=int, default=0, metavar="N",
-                        help="a curriculum: the first N steps draw rows of one-shape scenes only")
+    parser.add_argument(
+        "--single-shape-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a curriculum: the first N steps draw rows of one-shape scenes only",
+    )
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=0)
@@ -79,13 +84,19 @@ def main() -> None:
     parser.add_argument("--test-scenes", type=int, default=600)
     parser.add_argument("--reports", type=int, default=4, help="evaluations during the run")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--question-first", action="store_true",
-                        help="the question before the image in the user turn (training and test rows): the answer then "
-                             "sits at a fixed offset from every image position, whatever the question's length")
-    parser.add_argument("--bag-of-codes", action="store_true",
-                        help="instead of training the LM: a logistic regression from each image's code-id histogram "
-                             "(one per level) to the answer, on the same rows. It ignores the question, so it measures "
-                             "what the codes carry for questions whose answer the image alone fixes (one-shape colour)")
+    parser.add_argument(
+        "--question-first",
+        action="store_true",
+        help="the question before the image in the user turn (training and test rows): the answer then "
+        "sits at a fixed offset from every image position, whatever the question's length",
+    )
+    parser.add_argument(
+        "--bag-of-codes",
+        action="store_true",
+        help="instead of training the LM: a logistic regression from each image's code-id histogram "
+        "(one per level) to the answer, on the same rows. It ignores the question, so it measures "
+        "what the codes carry for questions whose answer the image alone fixes (one-shape colour)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -118,11 +129,20 @@ def main() -> None:
             one_shape = len(scene_from_json(scene["scene"])["objects"]) == 1
             for qa in scene["questions"]:
                 if qa["type"] in types:
-                    user = ([_text(qa["question"] + "\n"), _item("image")] if args.question_first
-                            else [_item("image"), _text("\n" + qa["question"])])
+                    user = (
+                        [_text(qa["question"] + "\n"), _item("image")]
+                        if args.question_first
+                        else [_item("image"), _text("\n" + qa["question"])]
+                    )
                     messages = [_turn("user", *user), _turn("assistant", _text(qa["answer"]))]
-                    out.append({**conversation(messages, scene[CODES_COLUMN]), "answer": qa["answer"], "type": qa["type"],
-                                "single": one_shape})
+                    out.append(
+                        {
+                            **conversation(messages, scene[CODES_COLUMN]),
+                            "answer": qa["answer"],
+                            "type": qa["type"],
+                            "single": one_shape,
+                        }
+                    )
         return out
 
     train, test = rows("train", args.train_scenes), rows("test", args.test_scenes)
@@ -144,8 +164,9 @@ def main() -> None:
 
     def hidden(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               image_codes=batch["image_codes"]).last_hidden_state
+            return model.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_codes=batch["image_codes"]
+            ).last_hidden_state
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -161,22 +182,28 @@ def main() -> None:
                 totals[row["type"]] = totals.get(row["type"], 0) + 1
                 hits[row["type"]] = hits.get(row["type"], 0) + (answers[choice] == row["answer"])
         model.train()
-        return {"overall": round(sum(hits.values()) / sum(totals.values()), 3),
-                **{t: round(hits[t] / totals[t], 3) for t in types if t in totals}}
+        return {
+            "overall": round(sum(hits.values()) / sum(totals.values()), 3),
+            **{t: round(hits[t] / totals[t], 3) for t in types if t in totals},
+        }
 
     for name, parameter in model.named_parameters():
         parameter.requires_grad = ".layers." in name or name.endswith("language_model.norm.weight")
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup))
-                                                 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+    )
     easy = [i for i, r in enumerate(train) if r["single"]]
     if args.single_shape_first and not easy:
         raise SystemExit("--single-shape-first needs one-shape scenes among the train rows")
     everything = list(range(len(train)))
     model.train()
     started = time.time()
-    print(json.dumps({"settings": vars(args), "train_rows": len(train), "test_rows": len(test), "chance": chance}), flush=True)
+    print(
+        json.dumps({"settings": vars(args), "train_rows": len(train), "test_rows": len(test), "chance": chance}),
+        flush=True,
+    )
     for step in range(1, args.steps + 1):
         pool = easy if step <= args.single_shape_first else everything
         batch = collate([train[i] for i in random.sample(pool, min(args.batch_size, len(pool)))])
@@ -189,8 +216,17 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         if step % max(1, args.steps // args.reports) == 0 or step == args.steps:
-            print(json.dumps({"step": step, "seconds": round(time.time() - started), "loss": round(loss.item(), 3),
-                              "accuracy": evaluate()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        "seconds": round(time.time() - started),
+                        "loss": round(loss.item(), 3),
+                        "accuracy": evaluate(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

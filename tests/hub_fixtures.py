@@ -11,7 +11,6 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
-
 from utils_mllm import tiny_mllm
 
 REPORT = {
@@ -20,8 +19,13 @@ REPORT = {
         "stage1": {"psnr": 21.734, "codebook_usage": 0.8125},
         "stage2": {"vqa_accuracy": 0.4219, "scene_match": 0.3333, "fid": 87.5},
     },
-    "settings": {"preset": "tiny", "quantizer": "rq", "paradigm": "iterative", "text_model": {"source": "stage0"},
-                 "datasets": ["shapes-world"]},
+    "settings": {
+        "preset": "tiny",
+        "quantizer": "rq",
+        "paradigm": "iterative",
+        "text_model": {"source": "stage0"},
+        "datasets": ["shapes-world"],
+    },
     "wall_times": {"stage1": 12.5, "stage2": 30.25},
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
 }
@@ -39,7 +43,9 @@ def write_tiny_run(path, *, quantizer: str = "rq", seed: int = 0, adapter: bool 
     if adapter:
         from peft import LoraConfig, get_peft_model
 
-        lora = get_peft_model(tiny_mllm(quantizer, seed=seed)[0], LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        lora = get_peft_model(
+            tiny_mllm(quantizer, seed=seed)[0], LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        )
         lora.save_pretrained(path / "adapter")
     return path, model, processor
 
@@ -52,10 +58,18 @@ def clean_env(home: Path, **extra) -> dict:
     """Environment of a clean interpreter: its own HF cache and module cache, no PYTHONPATH."""
     import os
 
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT")}
-    env.update(HF_HOME=str(home / "hf_home"), HF_MODULES_CACHE=str(home / "modules"), OMP_NUM_THREADS="1",
-               HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT")
+    }
+    env.update(
+        HF_HOME=str(home / "hf_home"),
+        HF_MODULES_CACHE=str(home / "modules"),
+        OMP_NUM_THREADS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.update(extra)
     return env
 
@@ -71,15 +85,22 @@ def run_probe(source: str, image_path: Path, workdir: Path, env: dict, *options:
     assert REPO_ROOT not in workdir.resolve().parents
     script = workdir / PROBE.name
     shutil.copyfile(PROBE, script)
-    done = subprocess.run([sys.executable, "-I", str(script), source, str(image_path), *options], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), source, str(image_path), *options],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def reference_outputs(model, processor, image) -> dict:
     """The probe's outputs computed on the original in-process model (and its standalone tokenizer)."""
-    from hub_upload.export import standalone_visual_tokenizer
     from remote_code_probe import outputs
+
+    from hub_upload.export import standalone_visual_tokenizer
 
     return outputs(model, processor, model.model, standalone_visual_tokenizer(model), image)

@@ -68,7 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
             payload = json.loads(body)
             repo_id = f"{payload.get('organization') or DEFAULT_USER}/{payload['name']}"
             with self.hub.lock:
-                self.hub.repos.setdefault(repo_id, {"private": payload.get("visibility") == "private", "branches": {"main": []}})
+                self.hub.repos.setdefault(
+                    repo_id, {"private": payload.get("visibility") == "private", "branches": {"main": []}}
+                )
             return self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
@@ -81,8 +83,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                  for f in files]})
+                return self._json(
+                    200,
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                )
             if action == "branch":
                 with self.hub.lock:
                     repo["branches"].setdefault(revision, list(repo["branches"]["main"]))
@@ -109,9 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
             tree = dict(repo["branches"][revision][-1]["files"]) if repo["branches"][revision] else {}
             tree.update(files)
             repo["branches"][revision].append({"oid": oid, "files": tree})
-            self.hub.commits.append({"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": files})
-        return self._json(200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                                "pullRequestUrl": None})
+            self.hub.commits.append(
+                {"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": files}
+            )
+        return self._json(
+            200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        )
 
     def _head_commit(self, repo_id: str, revision: str):
         repo = self.hub.repos.get(repo_id)
@@ -137,8 +144,19 @@ class _Handler(BaseHTTPRequestHandler):
             if commit is None:
                 return self._error(404, error, f"{repo_id}@{revision}: {error}", head=head)
             siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(commit["files"].items())]
-            return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": commit["oid"], "private": False,
-                                    "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
+            return self._json(
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit["oid"],
+                    "private": False,
+                    "siblings": siblings,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                },
+            )
         # /{owner}/{name}/resolve/{revision}/{path}
         if len(parts) >= 6 and parts[3] == "resolve":
             repo_id, revision, filename = f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:])
@@ -148,15 +166,28 @@ class _Handler(BaseHTTPRequestHandler):
             data = commit["files"].get(filename)
             if data is None:
                 self.send_response(404)
-                for key, value in {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found",
-                                   "X-Repo-Commit": commit["oid"], "Content-Length": "0"}.items():
+                for key, value in {
+                    "X-Error-Code": "EntryNotFound",
+                    "X-Error-Message": "Entry not found",
+                    "X-Repo-Commit": commit["oid"],
+                    "Content-Length": "0",
+                }.items():
                     self.send_header(key, value)
                 return self.end_headers()
             with self.hub.lock:
                 self.hub.downloads.append(filename) if not head else None
             etag = hashlib.sha256(data).hexdigest()
-            return self._send(200, data, {"X-Repo-Commit": commit["oid"], "ETag": f'"{etag}"',
-                                          "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}, head=head)
+            return self._send(
+                200,
+                data,
+                {
+                    "X-Repo-Commit": commit["oid"],
+                    "ETag": f'"{etag}"',
+                    "Content-Type": "application/octet-stream",
+                    "Accept-Ranges": "bytes",
+                },
+                head=head,
+            )
         return self._error(404, "NotFound", f"no route for GET {path}", head=head)
 
     def _tree(self, repo_id: str, revision: str, folder: str, head: bool):
@@ -169,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, data in sorted(commit["files"].items()):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue

@@ -23,7 +23,6 @@ class _Block(importlib.abc.MetaPathFinder):
         return None
 
 
-
 def outputs(model, processor, backbone, vision, image) -> dict:
     """Greedy text ids, greedy guided image ids, the standalone tokenizer's codes and the backbone's
     hidden states for one image: the same calls on the original model give the reference."""
@@ -38,7 +37,11 @@ def outputs(model, processor, backbone, vision, image) -> dict:
         image_inputs = processor(text="a red circle", generation_mode="image")
         image_ids = model.generate(**image_inputs, generation_mode="image", do_sample=False, guidance_scale=2.0)
         pixels = model.decode_image_tokens(image_ids)
-        codes = vision.encode(inputs["pixel_values"]) if vision is not None else backbone.encode_images(inputs["pixel_values"])
+        codes = (
+            vision.encode(inputs["pixel_values"])
+            if vision is not None
+            else backbone.encode_images(inputs["pixel_values"])
+        )
         hidden = backbone(**inputs).last_hidden_state
     return {
         "text_ids": text_ids.tolist(),
@@ -58,21 +61,28 @@ def main(source: str, image_path: str) -> None:
     backbone = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
     causal = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
     # A run's mllm/ has no standalone tokenizer beside it (an export does): its codes come from the MLLM.
-    vision = (None if "--mllm-only" in sys.argv else
-              AutoModel.from_pretrained(source, subfolder="vision_tokenizer", trust_remote_code=True).eval())
+    vision = (
+        None
+        if "--mllm-only" in sys.argv
+        else AutoModel.from_pretrained(source, subfolder="vision_tokenizer", trust_remote_code=True).eval()
+    )
     result = outputs(model, processor, backbone, vision, PIL.Image.open(image_path))
-    print(json.dumps({
-        "model_class": type(model).__name__,
-        "model_module": type(model).__module__,
-        "processor_class": type(processor).__name__,
-        "image_processor_class": type(processor.image_processor).__name__,
-        "backbone_class": type(backbone).__name__,
-        "causal_class": type(causal).__name__,
-        "vision_class": type(vision or backbone.vision_tokenizer).__name__,
-        "vision_module": type(vision or backbone.vision_tokenizer).__module__,
-        "blocked_loaded": sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED),
-        **result,
-    }))
+    print(
+        json.dumps(
+            {
+                "model_class": type(model).__name__,
+                "model_module": type(model).__module__,
+                "processor_class": type(processor).__name__,
+                "image_processor_class": type(processor.image_processor).__name__,
+                "backbone_class": type(backbone).__name__,
+                "causal_class": type(causal).__name__,
+                "vision_class": type(vision or backbone.vision_tokenizer).__name__,
+                "vision_module": type(vision or backbone.vision_tokenizer).__module__,
+                "blocked_loaded": sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED),
+                **result,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,19 @@ def make_tiny_run(folder: Path) -> Path:
         return folder
     make_tiny_llm(folder / "text_lm")
     overrides = tiny_overrides(image_size=32, channel_multipliers=[1, 2, 2, 2])
-    args = StageIArguments(output_dir=str(folder), llm_path=str(folder / "text_lm"), codebook_size=128, max_steps=2,
-                           batch_size=4, warmup_steps=1, log_every=1, sample_every=0, checkpoint_every=0, eval_images=4,
-                           vision_overrides=overrides)
+    args = StageIArguments(
+        output_dir=str(folder),
+        llm_path=str(folder / "text_lm"),
+        codebook_size=128,
+        max_steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        log_every=1,
+        sample_every=0,
+        checkpoint_every=0,
+        eval_images=4,
+        vision_overrides=overrides,
+    )
     images = tiny_images(8, size=32)
     StageITrainer(args, images, images[:4]).train()
     return folder

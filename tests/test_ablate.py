@@ -4,31 +4,50 @@ may, the separate-codebook variant really uses new vocabulary rows, and the tabl
 import json
 
 import pytest
+from test_demo import REDUCED_BUDGET, TEXT_MODEL, VISION
 
 from training.ablate import FACTORS, claims, run_ablation
 
-from test_demo import REDUCED_BUDGET, TEXT_MODEL, VISION
-
-OVERRIDES = {"text_model_overrides": TEXT_MODEL, "vision_overrides": {**VISION, "dual_sync_interval": 2},
-             "codebook_size": 128, "quiet": True}
+OVERRIDES = {
+    "text_model_overrides": TEXT_MODEL,
+    "vision_overrides": {**VISION, "dual_sync_interval": 2},
+    "codebook_size": 128,
+    "quiet": True,
+}
 
 
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablate")
-    return out, run_ablation(out, factors=["paradigm", "decompression", "codebook", "visual_input"], budget=REDUCED_BUDGET,
-                             demo_overrides=OVERRIDES)
+    return out, run_ablation(
+        out,
+        factors=["paradigm", "decompression", "codebook", "visual_input"],
+        budget=REDUCED_BUDGET,
+        demo_overrides=OVERRIDES,
+    )
 
 
 def test_table_has_a_measured_row_per_variant(ablation):
     out, table = ablation
-    expected = {"baseline", "paradigm=frozen", "paradigm=dual", "decompression=off", "codebook=separate", "visual_input=flatten"}
+    expected = {
+        "baseline",
+        "paradigm=frozen",
+        "paradigm=dual",
+        "decompression=off",
+        "codebook=separate",
+        "visual_input=flatten",
+    }
     assert set(table["rows"]) == expected
     assert json.loads((out / "ablation.json").read_text())["rows"] == json.loads(json.dumps(table["rows"]))
     markdown = (out / "ablation.md").read_text()
     assert all(f"| {name} |" in markdown for name in expected)
     for row in table["rows"].values():
-        assert 0 <= row["vqa_accuracy"] <= 1 and 0 <= row["t2i_all_correct"] <= 1 and row["psnr"] > 0 and row["wall_seconds"] > 0
+        assert (
+            0 <= row["vqa_accuracy"] <= 1
+            and 0 <= row["t2i_all_correct"] <= 1
+            and row["psnr"] > 0
+            and row["wall_seconds"] > 0
+        )
         assert row["t2i_loss"] == row["stage2_sft_loss_after"]["text_to_image"] > 0  # the SFT's held-out measurement
     # Each variant's row is its own run folder's report, not a copy of the baseline's.
     for name, row in table["rows"].items():
@@ -42,7 +61,10 @@ def test_variants_change_only_their_factor(ablation):
     out, _ = ablation
     report = lambda name: json.loads((out / name / "report.json").read_text())  # noqa: E731
     assert report("paradigm=dual")["settings"]["vision_tokenizer"]["paradigm"] == "dual"
-    assert not report("paradigm=frozen")["reused"]["stage1_tokenizer"] and report("paradigm=frozen")["reused"]["stage0_text_lm"]
+    assert (
+        not report("paradigm=frozen")["reused"]["stage1_tokenizer"]
+        and report("paradigm=frozen")["reused"]["stage0_text_lm"]
+    )
     assert report("decompression=off")["reused"]["stage1_tokenizer"]
     assert "stage2_decompress" not in report("decompression=off")["wall_seconds"]
     assert not (out / "decompression=off" / "stage2" / "decompress").exists()
@@ -64,14 +86,20 @@ def test_separate_codebook_uses_new_vocabulary_rows(ablation):
 
 
 def test_claims_and_factor_errors():
-    rows = {name: {"vqa_accuracy": v, "t2i_all_correct": v} for name, v in
-            (("baseline", 0.6), ("paradigm=frozen", 0.5), ("paradigm=dual", 0.55))}
+    rows = {
+        name: {"vqa_accuracy": v, "t2i_all_correct": v}
+        for name, v in (("baseline", 0.6), ("paradigm=frozen", 0.5), ("paradigm=dual", 0.55))
+    }
     assert claims(rows)["iterative > frozen > dual (VQA)"] is False
     assert claims(rows)["decompression pre-training helps generation"] is None
     tie = {**rows, "decompression=off": {"vqa_accuracy": 0.6, "t2i_all_correct": 0.6}}
     assert claims(tie)["decompression pre-training helps generation"] is False  # equal scores show no help
     # Held-out losses: lower is better, and the generation claims can be read where all-correct ties at 0.
-    losses = {"baseline": {"t2i_loss": 3.1}, "decompression=off": {"t2i_loss": 3.05}, "codebook=separate": {"t2i_loss": 3.7}}
+    losses = {
+        "baseline": {"t2i_loss": 3.1},
+        "decompression=off": {"t2i_loss": 3.05},
+        "codebook=separate": {"t2i_loss": 3.7},
+    }
     assert claims(losses)["decompression pre-training helps generation (held-out text-to-image loss)"] is False
     assert claims(losses)["unified >= separate (held-out text-to-image loss)"] is True
     losses["decompression=off"]["t2i_loss"] = 3.2

@@ -3,7 +3,13 @@
 import pytest
 from PIL import Image
 
-from training.checkpointing import atomic_directory, atomic_save_image, atomic_write_json, atomic_write_text, is_complete
+from training.checkpointing import (
+    atomic_directory,
+    atomic_save_image,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+)
 
 
 class Interrupted(Exception):
@@ -60,8 +66,10 @@ def test_json_reports_take_numpy_and_torch_scalars_and_paths_and_refuse_the_rest
     import numpy as np
     import torch
 
-    path = atomic_write_json(tmp_path / "metrics.json", {"psnr": np.float32(30.5), "steps": np.int64(3),
-                                                         "loss": torch.tensor(0.25), "run": Path("outputs/demo")})
+    path = atomic_write_json(
+        tmp_path / "metrics.json",
+        {"psnr": np.float32(30.5), "steps": np.int64(3), "loss": torch.tensor(0.25), "run": Path("outputs/demo")},
+    )
     assert json.loads(path.read_text()) == {"psnr": 30.5, "steps": 3, "loss": 0.25, "run": "outputs/demo"}
     with pytest.raises(TypeError, match="ndarray is not JSON serialisable"):
         atomic_write_json(path, {"codes": np.zeros(3)})

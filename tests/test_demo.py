@@ -13,18 +13,43 @@ import pytest
 from training.demo import DemoArguments, demo_budget, run_demo
 
 REDUCED_BUDGET = {
-    "text_scenes": 40, "stage0_steps": 2, "stage1_steps": 3, "stage1_train_images": 16, "stage1_eval_images": 4,
-    "stage2_train_images": 12, "stage2_eval_images": 4, "decompress_steps": 2, "sft_steps": 3, "vqa_images": 3,
-    "compositional_images": 2, "generation_prompts": 3, "reconstruction_images": 3, "usage_images": 5, "guidance_scale": 2.0,
+    "text_scenes": 40,
+    "stage0_steps": 2,
+    "stage1_steps": 3,
+    "stage1_train_images": 16,
+    "stage1_eval_images": 4,
+    "stage2_train_images": 12,
+    "stage2_eval_images": 4,
+    "decompress_steps": 2,
+    "sft_steps": 3,
+    "vqa_images": 3,
+    "compositional_images": 2,
+    "generation_prompts": 3,
+    "reconstruction_images": 3,
+    "usage_images": 5,
+    "guidance_scale": 2.0,
 }
-TEXT_MODEL = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2}
+TEXT_MODEL = {
+    "vocab_size": 600,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 VISION = {"image_size": 32, "base_channels": 8, "channel_multipliers": [1, 2, 2, 2], "z_channels": 8, "code_dim": 32}
 
 
 def reduced(folder: Path, **extra) -> DemoArguments:
-    return DemoArguments(output_dir=str(folder), budget=REDUCED_BUDGET, text_model_overrides=TEXT_MODEL,
-                         vision_overrides=VISION, codebook_size=128, quiet=True, **extra)
+    return DemoArguments(
+        output_dir=str(folder),
+        budget=REDUCED_BUDGET,
+        text_model_overrides=TEXT_MODEL,
+        vision_overrides=VISION,
+        codebook_size=128,
+        quiet=True,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +91,15 @@ def test_demo_writes_the_run_folder_of_the_design(demo_run):
     # Trained in stage 0: no Hub id to name (the card describes the LLM instead), and never the run's local path.
     assert settings["base_model"] is None and settings["vision_tokenizer"]["codebook_size"] == 128
     assert settings["stage2"]["lora"] is False and settings["decompression_pretraining"] is True
-    assert set(report["wall_seconds"]) >= {"stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress",
-                                           "stage2_sft", "evaluation", "total"}
+    assert set(report["wall_seconds"]) >= {
+        "stage0_text_lm",
+        "stage1_tokenizer",
+        "code_datasets",
+        "stage2_decompress",
+        "stage2_sft",
+        "evaluation",
+        "total",
+    }
     assert all(v > 0 for v in report["wall_seconds"].values())
     assert report["versions"]["torch"] and report["versions"]["transformers"]
 
@@ -76,8 +108,13 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     """Recompute reconstruction PSNR / usage and the VQA chance level from the saved model and the
     same data: they must match the report; the question counts follow the data."""
     from training.data.shapes import build_split
-    from training.evaluation import (evaluate_codebook_usage, evaluate_reconstruction, evaluate_vqa, majority_answers,
-                                     train_question_rows)
+    from training.evaluation import (
+        evaluate_codebook_usage,
+        evaluate_reconstruction,
+        evaluate_vqa,
+        majority_answers,
+        train_question_rows,
+    )
     from training.stage2 import load_model_and_processor
 
     folder, report = demo_run
@@ -106,8 +143,9 @@ def test_report_metrics_are_measured_not_constants(demo_run):
     from training.metrics import load_metric
 
     scenes = [s for _, s in single_shape_prompts(3, 32, 0)]
-    ceiling = load_metric("scene_match").compute(predictions=reconstruct_images(model, [render_scene(s) for s in scenes])[0],
-                                                 references=scenes)
+    ceiling = load_metric("scene_match").compute(
+        predictions=reconstruct_images(model, [render_scene(s) for s in scenes])[0], references=scenes
+    )
     assert report["ceiling"]["text_to_image"]["all_correct"] == pytest.approx(ceiling["all_correct"])
     assert report["ceiling"]["text_to_image"]["unparseable"] == pytest.approx(ceiling["unparseable"])
     for section in ("vqa", "vqa_compositional", "vqa_swapped_images", "text_to_image"):
@@ -142,7 +180,10 @@ def test_rerun_reuses_every_training_stage(demo_run):
     folder, first = demo_run
     mtime = (folder / "mllm" / "COMPLETE").stat().st_mtime
     again = run_demo(reduced(folder))
-    assert all(again["reused"][s] for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress", "stage2_sft"))
+    assert all(
+        again["reused"][s]
+        for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets", "stage2_decompress", "stage2_sft")
+    )
     assert (folder / "mllm" / "COMPLETE").stat().st_mtime == mtime
     # Reused stages keep the seconds measured when they ran; evaluation is deterministic (greedy).
     assert again["wall_seconds"]["stage1_tokenizer"] == first["wall_seconds"]["stage1_tokenizer"]
@@ -163,12 +204,19 @@ def _snapshot(folder: Path) -> dict:
 
 def test_rerun_with_other_settings_stops_and_keeps_every_folder(run_copy):
     before = _snapshot(run_copy)
-    with pytest.raises(ValueError, match=r"stage2_sft: \S+stage2/sft was made with other settings: sft_steps: 3 -> 4\.") as error:
+    with pytest.raises(
+        ValueError, match=r"stage2_sft: \S+stage2/sft was made with other settings: sft_steps: 3 -> 4\."
+    ) as error:
         run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "sft_steps": 4}))
-    assert "--output" in str(error.value) and f"delete {run_copy / 'stage2/sft'}, {run_copy / 'mllm'} to retrain" in str(error.value)
+    assert "--output" in str(
+        error.value
+    ) and f"delete {run_copy / 'stage2/sft'}, {run_copy / 'mllm'} to retrain" in str(error.value)
     # A changed upstream stage is named first: its output and everything after it are stale.
-    with pytest.raises(ValueError, match=r"stage1_tokenizer: \S+vision_tokenizer was made with other settings: "
-                                         r"stage1_steps: 3 -> 4\."):
+    with pytest.raises(
+        ValueError,
+        match=r"stage1_tokenizer: \S+vision_tokenizer was made with other settings: "
+        r"stage1_steps: 3 -> 4\.",
+    ):
         run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "stage1_steps": 4, "sft_steps": 4}))
     with pytest.raises(ValueError, match=r"stage1_tokenizer: .*vision_tokenizer.code_dim: 32 -> 16"):
         run_demo(replace(reduced(run_copy), vision_overrides={**VISION, "code_dim": 16}))
@@ -188,13 +236,19 @@ def test_stages_made_from_data_an_older_version_generated_are_not_reused(run_cop
 
     before = _snapshot(run_copy)
     monkeypatch.setattr(shapes, "indefinite_article", lambda word: "a")  # the old text
-    with pytest.raises(ValueError, match=r"stage0_text_lm: \S+text_lm was made with other settings: "
-                                         r"shapes_world_sha256: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"stage0_text_lm: \S+text_lm was made with other settings: "
+        r"shapes_world_sha256: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\.",
+    ):
         run_demo(reduced(run_copy))
     monkeypatch.undo()
     monkeypatch.setattr(tasks.templates, "VQA", ("{question} Reply in one word.",))
-    with pytest.raises(ValueError, match=r"stage2_decompress: \S+stage2/decompress was made with other settings: "
-                                         r"task_rows_sha256: "):
+    with pytest.raises(
+        ValueError,
+        match=r"stage2_decompress: \S+stage2/decompress was made with other settings: "
+        r"task_rows_sha256: ",
+    ):
         run_demo(reduced(run_copy))
     assert _snapshot(run_copy) == before
 
@@ -206,15 +260,20 @@ def test_interrupted_stage_is_not_resumed_with_other_settings(run_copy):
     assert records["stage2_sft (started)"] == records["stage2_sft"]
     (run_copy / "mllm" / "COMPLETE").unlink()  # as if the run stopped before the merged model was done
     before = _snapshot(run_copy)
-    with pytest.raises(ValueError, match=r"stage2_sft: an interrupted run of it left \S+stage2/sft, \S+mllm, started "
-                                         r"with other settings: sft_steps: 3 -> 4\. Its checkpoints are kept"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage2_sft: an interrupted run of it left \S+stage2/sft, \S+mllm, started "
+        r"with other settings: sft_steps: 3 -> 4\. Its checkpoints are kept",
+    ):
         run_demo(replace(reduced(run_copy), budget={**REDUCED_BUDGET, "sft_steps": 4}))
     assert _snapshot(run_copy) == before
 
 
 def test_folder_without_a_record_of_its_settings_is_not_reused(run_copy):
     (run_copy / "demo_stages.json").unlink()  # as a run folder made before the records existed
-    with pytest.raises(ValueError, match=r"stage0_text_lm: \S+text_lm is complete but \S+ has no record of the settings"):
+    with pytest.raises(
+        ValueError, match=r"stage0_text_lm: \S+text_lm is complete but \S+ has no record of the settings"
+    ):
         run_demo(reduced(run_copy))
     assert (run_copy / "text_lm" / "COMPLETE").is_file() and not (run_copy / "demo_stages.json").exists()
 
@@ -227,7 +286,9 @@ def test_cli_prints_the_settings_error_without_a_traceback(run_copy, capsys):
     before = _snapshot(run_copy)
     assert main(["demo", "--output", str(run_copy)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("unicode-mllm demo: error: stage0_text_lm: ") and "Traceback" not in err and "--output" in err
+    assert (
+        err.startswith("unicode-mllm demo: error: stage0_text_lm: ") and "Traceback" not in err and "--output" in err
+    )
     assert _snapshot(run_copy) == before
 
 
@@ -265,8 +326,22 @@ def test_evaluate_command_gives_the_demo_reports_figures_for_its_model(demo_run,
     from training.cli import main
 
     folder, report = demo_run
-    counts = ["--vqa-images", "3", "--compositional-images", "2", "--generation-prompts", "3", "--reconstruction-images", "3",
-              "--usage-images", "5", "--prior-scenes", "12", "--guidance-scale", "2.0"]
+    counts = [
+        "--vqa-images",
+        "3",
+        "--compositional-images",
+        "2",
+        "--generation-prompts",
+        "3",
+        "--reconstruction-images",
+        "3",
+        "--usage-images",
+        "5",
+        "--prior-scenes",
+        "12",
+        "--guidance-scale",
+        "2.0",
+    ]
     assert main(["evaluate", "--model", str(folder / "mllm"), *counts, "--output", str(tmp_path / "eval")]) == 0
     written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     for section in ("metrics", "chance", "ceiling", "counts"):
@@ -308,10 +383,14 @@ def test_evaluate_runs_the_whole_model_in_the_precision_asked_for(demo_run, tmp_
     mllm = demo_run[0] / "mllm"
     counts = ["--vqa-images", "2", "--compositional-images", "2", "--generation-prompts", "2", "--usage-images", "2"]
     for dtype in ("float32", "bfloat16"):
-        assert main(["evaluate", "--model", str(mllm), "--dtype", dtype, *counts, "--output", str(tmp_path / dtype)]) == 0
+        assert (
+            main(["evaluate", "--model", str(mllm), "--dtype", dtype, *counts, "--output", str(tmp_path / dtype)]) == 0
+        )
     full, half = (json.loads((tmp_path / dtype / "evaluation.json").read_text()) for dtype in ("float32", "bfloat16"))
     assert half["settings"]["dtype"] == "bfloat16"
-    assert half["metrics"]["reconstruction"]["psnr"] == pytest.approx(full["metrics"]["reconstruction"]["psnr"], abs=0.5)
+    assert half["metrics"]["reconstruction"]["psnr"] == pytest.approx(
+        full["metrics"]["reconstruction"]["psnr"], abs=0.5
+    )
     seen = []
     monkeypatch.setattr(evaluation, "evaluate_on_shapes", lambda model, processor, **options: seen.append(model) or {})
     with pytest.raises(Exception):
@@ -331,7 +410,9 @@ def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, t
 
     mllm = demo_run[0] / "mllm"
     torch.manual_seed(0)  # init_lora_weights=False: a non-zero update, so the adapter changes the model
-    lora = get_peft_model(load_unicode_model(mllm), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        load_unicode_model(mllm), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")
     merged = load_adapter_model(mllm, tmp_path / "adapter").merge_and_unload()
     base = load_unicode_model(mllm)
@@ -340,7 +421,21 @@ def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, t
     merged.save_pretrained(tmp_path / "merged")
     AutoProcessor.from_pretrained(mllm).save_pretrained(tmp_path / "merged")
     counts = ["--vqa-images", "3", "--compositional-images", "2", "--generation-prompts", "2", "--usage-images", "3"]
-    assert main(["evaluate", "--model", str(mllm), "--adapter", str(tmp_path / "adapter"), *counts, "--output", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(mllm),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                *counts,
+                "--output",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", "--model", str(tmp_path / "merged"), *counts, "--output", str(tmp_path / "b")]) == 0
     with_adapter, by_hand = (json.loads((tmp_path / out / "evaluation.json").read_text()) for out in ("a", "b"))
     assert with_adapter["adapter"] == str(tmp_path / "adapter") and with_adapter["metrics"] == by_hand["metrics"]
@@ -361,12 +456,18 @@ def test_evaluate_with_an_adapter_equals_evaluating_the_merged_model(demo_run, t
     assert torch.equal(dict(seen[0].named_parameters())[name], dict(merged.named_parameters())[name])
 
 
-@pytest.mark.parametrize("target, message", [
-    ("vision_tokenizer", "vision_tokenizer/config.json with model_type 'unicode' (found 'unicode_vq'; that is the visual "
-                         "tokenizer alone"),
-    ("stage1", "is not a UniCode MLLM folder; it lacks "),
-    ("corrupt", "corrupt/config.json that parses as a JSON object"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (
+            "vision_tokenizer",
+            "vision_tokenizer/config.json with model_type 'unicode' (found 'unicode_vq'; that is the visual "
+            "tokenizer alone",
+        ),
+        ("stage1", "is not a UniCode MLLM folder; it lacks "),
+        ("corrupt", "corrupt/config.json that parses as a JSON object"),
+    ],
+)
 def test_evaluate_names_a_folder_that_is_not_an_mllm(demo_run, tmp_path, capsys, target, message):
     from training.cli import main
 
@@ -420,11 +521,32 @@ def test_cli_chooses_the_stage_one_paradigm_quantizer_and_entropy_term(monkeypat
 
     seen = []
     monkeypatch.setattr(demo, "run_demo", seen.append)
-    assert main(["demo", "--output", str(tmp_path), "--paradigm", "frozen", "--quantizer", "vq", "--entropy-weight", "0.05"]) == 0
-    assert (seen[0].paradigm, seen[0].quantizer, seen[0].vision_overrides) == ("frozen", "vq", {"entropy_weight": 0.05})
+    assert (
+        main(
+            [
+                "demo",
+                "--output",
+                str(tmp_path),
+                "--paradigm",
+                "frozen",
+                "--quantizer",
+                "vq",
+                "--entropy-weight",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    assert (seen[0].paradigm, seen[0].quantizer, seen[0].vision_overrides) == (
+        "frozen",
+        "vq",
+        {"entropy_weight": 0.05},
+    )
     assert main(["demo", "--output", str(tmp_path)]) == 0  # unset flags leave the preset's choices alone
     assert (seen[1].paradigm, seen[1].quantizer, seen[1].vision_overrides) == (None, None, {})
-    tokenizer = build_parser().parse_args(["train-tokenizer", "--entropy-weight", "0.1", "--dead-code-threshold", "0.5"])
+    tokenizer = build_parser().parse_args(
+        ["train-tokenizer", "--entropy-weight", "0.1", "--dead-code-threshold", "0.5"]
+    )
     assert _vision_flags(tokenizer) == {"entropy_weight": 0.1, "dead_code_threshold": 0.5}
     with pytest.raises(SystemExit):  # the ablation varies the paradigm itself
         build_parser().parse_args(["ablate", "--paradigm", "dual"])
@@ -464,7 +586,9 @@ def test_swapped_image_vqa_asks_each_question_about_the_next_scene(monkeypatch):
         assert swapped[start].tobytes() == test[(scene + 1) % 3]["image"].tobytes()
     assert result["model"]["accuracy"] == 1.0 and result["swapped"]["accuracy"] == 0.0
     with pytest.raises(ValueError, match="at least 2 scenes"):
-        evaluation.evaluate_vqa(None, None, build_split("test", 1, image_size=32, seed=0), prior={}, swapped_images=True)
+        evaluation.evaluate_vqa(
+            None, None, build_split("test", 1, image_size=32, seed=0), prior={}, swapped_images=True
+        )
 
 
 def test_small_preset_vocabulary_fits_the_offline_text_corpus():
@@ -499,23 +623,49 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(
 
     folder, _ = demo_run
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
-    common = ["--run", str(folder), "--work", str(tmp_path), "--seeds", "0", "--seconds", "2", "--vqa-images", "3",
-              "--generation-prompts", "2", "--eval-images", "4"]
-    variants = ["head=train_images:12,output_head:trained,loss_normalization:row", "sampled=decode:head,top_k:5,guidance:2.0"]
-    done = subprocess.run([sys.executable, str(script), *common, "--variants", *variants], capture_output=True, text=True,
-                          timeout=600)
+    common = [
+        "--run",
+        str(folder),
+        "--work",
+        str(tmp_path),
+        "--seeds",
+        "0",
+        "--seconds",
+        "2",
+        "--vqa-images",
+        "3",
+        "--generation-prompts",
+        "2",
+        "--eval-images",
+        "4",
+    ]
+    variants = [
+        "head=train_images:12,output_head:trained,loss_normalization:row",
+        "sampled=decode:head,top_k:5,guidance:2.0",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(script), *common, "--variants", *variants], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     head = json.loads((tmp_path / "head-s0" / "result.json").read_text())
     sampled = json.loads((tmp_path / "sampled-s0" / "result.json").read_text())
     assert head["steps"] >= 1 and head["sft_seconds"] >= 2 and head["tokens_per_second"] > 0
     assert head["settings"]["output_head"] == "trained" and head["settings"]["loss_normalization"] == "row"
     assert set(head["code_nats"]) == {"background", "shape"} and all(v > 0 for v in head["code_nats"].values())
-    assert 0 <= head["vqa"]["accuracy"] <= 1 and "accuracy" in head["vqa_swapped"] and "all_correct" in head["t2i_ceiling"]
+    assert (
+        0 <= head["vqa"]["accuracy"] <= 1
+        and "accuracy" in head["vqa_swapped"]
+        and "all_correct" in head["t2i_ceiling"]
+    )
     assert sampled["trained_by"] == "head" and sampled["settings"]["top_k"] == 5 and sampled["steps"] == head["steps"]
-    assert sampled["vqa"] == head["vqa"] and sampled["code_nats"] == head["code_nats"]  # decoding changes only the drawings
+    assert (
+        sampled["vqa"] == head["vqa"] and sampled["code_nats"] == head["code_nats"]
+    )  # decoding changes only the drawings
     assert (tmp_path / "head-s0" / "mllm" / "config.json").is_file() and not (tmp_path / "head-s0" / "stage2").exists()
     rows = [line for line in done.stdout.splitlines() if line.startswith("| head ") or line.startswith("| sampled ")]
-    assert len(rows) == 4 and "| VQA |" in done.stdout and "| T2I all-correct |" in done.stdout  # a VQA and a drawing table
+    assert (
+        len(rows) == 4 and "| VQA |" in done.stdout and "| T2I all-correct |" in done.stdout
+    )  # a VQA and a drawing table
 
 
 def test_goal_margins_over_chance_and_over_swapped_images():
@@ -523,13 +673,24 @@ def test_goal_margins_over_chance_and_over_swapped_images():
     `margin` above the same questions asked about other scenes' images; one-shape VQA is a goal of its own."""
     from training.demo import _goal_checks
 
-    metrics = {"vqa": {"accuracy": 0.50, "accuracy_color": 0.30, "accuracy_size": 0.58},
-               "vqa_swapped_images": {"accuracy": 0.41}, "vqa_one_shape": {"accuracy": 0.86}}
+    metrics = {
+        "vqa": {"accuracy": 0.50, "accuracy_color": 0.30, "accuracy_size": 0.58},
+        "vqa_swapped_images": {"accuracy": 0.41},
+        "vqa_one_shape": {"accuracy": 0.86},
+    }
     chance = {"vqa": {"accuracy": 0.33, "accuracy_color": 0.14, "accuracy_size": 0.52}}
-    goals = {"vqa_margin_over_chance_every_type": 0.05, "vqa_margin_over_swapped_images": 0.10, "vqa_above_chance_every_type": True,
-             "vqa_one_shape_accuracy": 0.85}
-    assert _goal_checks(metrics, chance, goals) == {"vqa_margin_over_chance_every_type": True, "vqa_margin_over_swapped_images": False,
-                                                    "vqa_above_chance_every_type": True, "vqa_one_shape_accuracy": True}
+    goals = {
+        "vqa_margin_over_chance_every_type": 0.05,
+        "vqa_margin_over_swapped_images": 0.10,
+        "vqa_above_chance_every_type": True,
+        "vqa_one_shape_accuracy": 0.85,
+    }
+    assert _goal_checks(metrics, chance, goals) == {
+        "vqa_margin_over_chance_every_type": True,
+        "vqa_margin_over_swapped_images": False,
+        "vqa_above_chance_every_type": True,
+        "vqa_one_shape_accuracy": True,
+    }
     metrics["vqa"]["accuracy_size"] = 0.55  # above its chance, but by less than the margin
     metrics["vqa_swapped_images"]["accuracy"] = 0.40
     checks = _goal_checks(metrics, chance, goals)
@@ -544,9 +705,17 @@ def test_small_recipe_runs_end_to_end_at_reduced_size(tmp_path):
 
     from training.stage2 import load_model_and_processor
 
-    report = run_demo(DemoArguments(output_dir=str(tmp_path / "run"), preset="small", budget=REDUCED_BUDGET,
-                                    text_model_overrides={**TEXT_MODEL, "vocab_size": 600}, vision_overrides=VISION,
-                                    codebook_size=128, quiet=True))
+    report = run_demo(
+        DemoArguments(
+            output_dir=str(tmp_path / "run"),
+            preset="small",
+            budget=REDUCED_BUDGET,
+            text_model_overrides={**TEXT_MODEL, "vocab_size": 600},
+            vision_overrides=VISION,
+            codebook_size=128,
+            quiet=True,
+        )
+    )
     assert report["settings"]["preset"] == "small"
     model, _ = load_model_and_processor(tmp_path / "run" / "mllm")
     assert model.config.vq_config.quantizer == "hq" and not model.config.tie_word_embeddings
@@ -557,7 +726,8 @@ def test_small_recipe_runs_end_to_end_at_reduced_size(tmp_path):
 
 
 def test_vqa_is_also_scored_on_one_shape_and_on_multi_shape_scenes(monkeypatch):
-    """The split the goals name: questions about scenes of one shape, and about scenes of two or three, scored apart."""
+    """The split the goals name: questions about scenes of one shape, and about scenes of two or three, scored
+    apart."""
     import json as json_module
 
     from training import evaluation
@@ -610,4 +780,8 @@ def test_the_readme_export_example_works_on_the_demo_run(demo_run, tmp_path):
     check_model_card(ModelCard(text))
     assert str(folder) not in text and str(tmp_path) not in text and "\n# unicode-tiny\n" in text
     recipe = text.split("## Training recipe", 1)[1].split("Settings of this run", 1)[0]
-    assert "full fine-tuning" in recipe and "LoRA" not in recipe and "image-decompression pre-training (2 steps)" in recipe
+    assert (
+        "full fine-tuning" in recipe
+        and "LoRA" not in recipe
+        and "image-decompression pre-training (2 steps)" in recipe
+    )

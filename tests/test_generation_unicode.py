@@ -3,9 +3,9 @@ vq/rq/hq, batched classifier-free guidance against a two-pass reference, and cle
 
 import pytest
 import torch
+from utils_mllm import random_images, tiny_mllm
 
 from modeling_unicode import UniCodeImageSpanLogitsProcessor
-from utils_mllm import random_images, tiny_mllm
 
 PROMPT = "USER: <image> what color is the circle? ASSISTANT:"
 
@@ -18,14 +18,18 @@ def image_span(model, sequences):
 
 def test_text_generation_with_and_without_kv_cache_is_identical():
     model, processor = tiny_mllm("rq")
-    inputs = processor(text=[PROMPT, "USER: <image> describe the picture ASSISTANT:"], images=processor.postprocess(random_images(2)))
+    inputs = processor(
+        text=[PROMPT, "USER: <image> describe the picture ASSISTANT:"], images=processor.postprocess(random_images(2))
+    )
     cached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
     assert cached.shape == (2, inputs["input_ids"].shape[1] + 8)
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("decoding", [dict(do_sample=False), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True)])
+@pytest.mark.parametrize(
+    "decoding", [dict(do_sample=False), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True)]
+)
 def test_text_generation_never_writes_the_image_placeholder(decoding):
     # <image> only stands for an input image's features. A model that would write it (here: its LM head's <image>
     # logit raised so it wins every step) must not, or the next step feeds the placeholder back without pixels and
@@ -39,7 +43,9 @@ def test_text_generation_never_writes_the_image_placeholder(decoding):
         return logits
 
     model.lm_head.register_forward_hook(prefer_the_placeholder)
-    inputs = processor(text=[PROMPT, "USER: <image> describe the picture ASSISTANT:"], images=processor.postprocess(random_images(2)))
+    inputs = processor(
+        text=[PROMPT, "USER: <image> describe the picture ASSISTANT:"], images=processor.postprocess(random_images(2))
+    )
     prompt_length = inputs["input_ids"].shape[1]
     torch.manual_seed(0)
     sequences = model.generate(**inputs, max_new_tokens=6, **decoding)
@@ -53,7 +59,11 @@ def test_text_generation_reads_precomputed_image_codes_like_pixels():
     codes = model.model.encode_images(inputs["pixel_values"])
     from_pixels = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     from_codes = model.generate(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=codes, max_new_tokens=5, do_sample=False
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        image_codes=codes,
+        max_new_tokens=5,
+        do_sample=False,
     )
     assert torch.equal(from_pixels, from_codes)
 
@@ -63,7 +73,9 @@ def test_image_generation_writes_exactly_the_image_span_and_decodes_it(quantizer
     model, processor = tiny_mllm(quantizer)
     inputs = processor(text=["a red circle", "a big blue square on the left"], generation_mode="image")
     torch.manual_seed(0)
-    sequences = model.generate(**inputs, generation_mode="image", guidance_scale=3.0, do_sample=True, top_k=50, top_p=0.9)
+    sequences = model.generate(
+        **inputs, generation_mode="image", guidance_scale=3.0, do_sample=True, top_k=50, top_p=0.9
+    )
     prompt_length = inputs["input_ids"].shape[1]
     assert sequences.shape == (2, prompt_length + 1 + expected + 1)
     assert torch.equal(sequences[:, :prompt_length], inputs["input_ids"])
@@ -90,8 +102,12 @@ def test_batched_guidance_equals_a_two_pass_reference():
     scale = 4.0
     inputs = processor(text=["a red circle", "a big blue square on the left of a triangle"], generation_mode="image")
     out = model.generate(
-        **inputs, generation_mode="image", guidance_scale=scale, do_sample=False,
-        return_dict_in_generate=True, output_logits=True,
+        **inputs,
+        generation_mode="image",
+        guidance_scale=scale,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     boi = torch.tensor([model.config.boi_token_id])
     n = model.config.image_tokens_per_generation
@@ -142,11 +158,18 @@ def test_bad_generation_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="needs unconditional_input_ids"):
         model.generate(input_ids=inputs["input_ids"], generation_mode="image", guidance_scale=3.0)
     with pytest.raises(ValueError, match="max_position_embeddings=40"):
-        model.generate(**processor(text="a red circle on the left of a big blue square", generation_mode="image"), generation_mode="image")
+        model.generate(
+            **processor(text="a red circle on the left of a big blue square", generation_mode="image"),
+            generation_mode="image",
+        )
     with pytest.raises(ValueError, match="generation_mode='video'"):
         model.generate(**inputs, generation_mode="video")
     with pytest.raises(ValueError, match="right-padded"):
-        model.generate(input_ids=inputs["input_ids"], attention_mask=torch.cat([inputs["attention_mask"][:, 1:], torch.zeros(1, 1, dtype=torch.long)], 1), generation_mode="image")
+        model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=torch.cat([inputs["attention_mask"][:, 1:], torch.zeros(1, 1, dtype=torch.long)], 1),
+            generation_mode="image",
+        )
     with pytest.raises(ValueError, match="repeat the caption"):
         model.generate(input_ids=inputs["input_ids"], generation_mode="image", num_return_sequences=2, do_sample=True)
     with pytest.raises(ValueError, match="num_beams=1"):

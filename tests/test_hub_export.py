@@ -8,20 +8,26 @@ import sys
 import PIL.Image
 import pytest
 import torch
+from hub_fixtures import REPO_ROOT, REPORT, clean_env, reference_outputs, run_probe, write_tiny_run
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from utils_mllm import tiny_mllm
 
-from hub_fixtures import REPO_ROOT, REPORT, clean_env, reference_outputs, run_probe, write_tiny_run
 from hub_upload.export import AUTO_MAP, REMOTE_CODE_FILES, VISION_TOKENIZER_AUTO_MAP, export_adapter, export_run
 from hub_upload.model_card import build_model_card, metric_rows
 from hub_upload.run_folder import check_run_folder
 from modeling_unicode import UniCodeVisualTokenizer
-from utils_mllm import tiny_mllm
 
 
 def cli(*args, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=clean_env(REPO_ROOT / "outputs" / "test-artifacts" / "cli-home"))
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(REPO_ROOT / "outputs" / "test-artifacts" / "cli-home"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +41,32 @@ def test_export_layout_sharding_and_card(tiny_run, tmp_path):
 
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["model_type"] == "unicode"
-    assert set(AUTO_MAP) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText",
-                             "AutoModelForMultimodalLM", "AutoProcessor", "AutoImageProcessor"}
+    assert set(AUTO_MAP) >= {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForCausalLM",
+        "AutoModelForImageTextToText",
+        "AutoModelForMultimodalLM",
+        "AutoProcessor",
+        "AutoImageProcessor",
+    }
     processor_config = json.loads((out / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_unicode.UniCodeProcessor"}
-    assert processor_config["image_processor"]["auto_map"] == {"AutoImageProcessor": "image_processing_unicode.UniCodeImageProcessor"}
+    assert processor_config["image_processor"]["auto_map"] == {
+        "AutoImageProcessor": "image_processing_unicode.UniCodeImageProcessor"
+    }
     for name in REMOTE_CODE_FILES:  # shipped unchanged, flat
         assert (out / name).read_bytes() == (REPO_ROOT / "modeling_unicode" / name).read_bytes()
     assert not (out / "pipeline_unicode_diffusers.py").exists() and not (out / "__init__.py").exists()
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "samples.png",
-                 "report.json", "README.md"):
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "samples.png",
+        "report.json",
+        "README.md",
+    ):
         assert (out / name).is_file(), name
 
     # Sharded safetensors, nothing pickled, and the shards hold exactly the model's weights.
@@ -82,17 +104,28 @@ def test_export_layout_sharding_and_card(tiny_run, tmp_path):
     snippets = [block.split("```", 1)[0] for block in card.text.split("```python\n")[1:]]
     assert len(snippets) == 2
     PIL.Image.new("RGB", (24, 24), (0, 90, 200)).save(tmp_path / "picture.png")
-    code = "\n".join(snippets).replace("someone/unicode-tiny", str(out)).replace('"picture.png"', repr(str(tmp_path / "picture.png")))
+    code = (
+        "\n".join(snippets)
+        .replace("someone/unicode-tiny", str(out))
+        .replace('"picture.png"', repr(str(tmp_path / "picture.png")))
+    )
     code = code.replace('"generated.png"', repr(str(tmp_path / "generated.png")))
     exec(compile(code, "model-card-snippets", "exec"), {})
     assert PIL.Image.open(tmp_path / "generated.png").size == (16, 16)
 
 
 def test_model_card_numbers_come_from_report():
-    report = {**REPORT, "metrics": {"vqa_accuracy": 0.123456, "fid": 7.0, "steps": 300, "note": "text is skipped"},
-              "settings": {"text_model": {"source": "pretrained", "name_or_path": "lmsys/vicuna-7b-v1.5"}}}
+    report = {
+        **REPORT,
+        "metrics": {"vqa_accuracy": 0.123456, "fid": 7.0, "steps": 300, "note": "text is skipped"},
+        "settings": {"text_model": {"source": "pretrained", "name_or_path": "lmsys/vicuna-7b-v1.5"}},
+    }
     card = build_model_card(report, repo_id="a/b")
-    assert "| `vqa_accuracy` | 0.1235 |" in card.text and "| `fid` | 7 |" in card.text and "| `steps` | 300 |" in card.text
+    assert (
+        "| `vqa_accuracy` | 0.1235 |" in card.text
+        and "| `fid` | 7 |" in card.text
+        and "| `steps` | 300 |" in card.text
+    )
     assert "note" not in dict(metric_rows(report))
     assert card.data.base_model == "lmsys/vicuna-7b-v1.5" and "llama2" in card.text and "Apache-2.0" in card.text
     with pytest.raises(ValueError, match="metrics"):
@@ -106,19 +139,30 @@ def test_clean_interpreter_loads_export_through_remote_code(tiny_run, tmp_path):
     run, model, processor = tiny_run
     done = cli("export", run, tmp_path / "export", "--max-shard-size", "150KB")
     assert done.returncode == 0, done.stderr
-    image = PIL.Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    image = PIL.Image.fromarray(
+        (torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()
+    )
     image.save(tmp_path / "image.png")
 
-    loaded = run_probe(str(tmp_path / "export"), tmp_path / "image.png", tmp_path / "clean",
-                       clean_env(tmp_path, HF_HUB_OFFLINE="1"))
+    loaded = run_probe(
+        str(tmp_path / "export"), tmp_path / "image.png", tmp_path / "clean", clean_env(tmp_path, HF_HUB_OFFLINE="1")
+    )
     expected = reference_outputs(model, processor, PIL.Image.open(tmp_path / "image.png"))
 
     assert loaded["blocked_loaded"] == []
-    assert loaded["model_module"].startswith("transformers_modules.") and loaded["vision_module"].startswith("transformers_modules.")
+    assert loaded["model_module"].startswith("transformers_modules.") and loaded["vision_module"].startswith(
+        "transformers_modules."
+    )
     assert (loaded["model_class"], loaded["causal_class"], loaded["backbone_class"]) == (
-        "UniCodeForConditionalGeneration", "UniCodeForConditionalGeneration", "UniCodeModel")
+        "UniCodeForConditionalGeneration",
+        "UniCodeForConditionalGeneration",
+        "UniCodeModel",
+    )
     assert (loaded["processor_class"], loaded["image_processor_class"], loaded["vision_class"]) == (
-        "UniCodeProcessor", "UniCodeImageProcessor", "UniCodeVisualTokenizer")
+        "UniCodeProcessor",
+        "UniCodeImageProcessor",
+        "UniCodeVisualTokenizer",
+    )
     assert loaded["text_ids"] == expected["text_ids"]
     assert loaded["image_ids"] == expected["image_ids"]
     assert len(loaded["image_ids"][0]) > model.config.image_tokens_per_generation
@@ -130,11 +174,18 @@ def test_clean_interpreter_loads_export_through_remote_code(tiny_run, tmp_path):
 def test_lora_adapter_export(tmp_path):
     run, _, _ = write_tiny_run(tmp_path / "run", adapter=True)
     out = export_run(run, tmp_path / "full", include_adapter=True)
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).is_file()
 
     alone = export_adapter(run, tmp_path / "adapter_only")
-    assert sorted(p.name for p in alone.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                       "report.json", "samples.png"]
+    assert sorted(p.name for p in alone.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "report.json",
+        "samples.png",
+    ]
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(alone)
@@ -176,7 +227,9 @@ def test_export_refuses_folders_that_are_not_trained_runs(tiny_run, tmp_path):
 
     # The CLI: a clear message on stderr and a non-zero exit, no traceback.
     done = cli("export", tmp_path / "empty", tmp_path / "out2")
-    assert done.returncode == 2 and "not a trained UniCode run folder" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2 and "not a trained UniCode run folder" in done.stderr and "Traceback" not in done.stderr
+    )
     assert "report.json" in done.stderr and not (tmp_path / "out2").exists()
 
     # A non-empty target is not overwritten without asking.
@@ -190,21 +243,47 @@ def test_export_refuses_folders_that_are_not_trained_runs(tiny_run, tmp_path):
 # A demo-shaped report: what `run_demo` records of a fully fine-tuned run without decompression pre-training.
 DEMO_REPORT = {
     "run_dir": "/home/someone/outputs/demo-tiny",
-    "metrics": {"vqa": {"accuracy": 0.4678, "accuracy_color": 0.31}, "text_to_image": {"all_correct": 0.0, "color": 0.5},
-                "reconstruction": {"psnr": 29.1, "codebook_usage": 0.347}},
-    "chance": {"vqa": {"accuracy": 0.359, "accuracy_color": 0.17}, "text_to_image": {"all_correct": 0.0, "color": 0.25},
-               "vqa_prior_answers": {"color": "red"}},
+    "metrics": {
+        "vqa": {"accuracy": 0.4678, "accuracy_color": 0.31},
+        "text_to_image": {"all_correct": 0.0, "color": 0.5},
+        "reconstruction": {"psnr": 29.1, "codebook_usage": 0.347},
+    },
+    "chance": {
+        "vqa": {"accuracy": 0.359, "accuracy_color": 0.17},
+        "text_to_image": {"all_correct": 0.0, "color": 0.25},
+        "vqa_prior_answers": {"color": "red"},
+    },
     "ceiling": {"text_to_image": {"all_correct": 0.75, "color": 0.9}},
-    "settings": {"preset": "tiny", "seed": 0, "base_model": None,
-                 "text_model": {"source": "stage0", "architecture": "llama", "hidden_size": 32},
-                 "budget": {"stage0_steps": 150, "stage1_steps": 1000, "stage1_train_images": 4000, "decompress_steps": 0,
-                            "sft_steps": 2000},
-                 "decompression_pretraining": False,
-                 "stage2": {"lora": False, "reinit_decoder": True, "decoder_layers": 2, "output_head": "trained",
-                            "tasks": ["caption", "vqa", "text_to_image"]},
-                 "vision_tokenizer": {"image_size": 16, "quantizer": "rq", "depth": 2, "codebook_size": 256,
-                                      "paradigm": "iterative", "code_grid_size": 4},
-                 "llm_path": "/home/someone/outputs/demo-tiny/text_lm"},
+    "settings": {
+        "preset": "tiny",
+        "seed": 0,
+        "base_model": None,
+        "text_model": {"source": "stage0", "architecture": "llama", "hidden_size": 32},
+        "budget": {
+            "stage0_steps": 150,
+            "stage1_steps": 1000,
+            "stage1_train_images": 4000,
+            "decompress_steps": 0,
+            "sft_steps": 2000,
+        },
+        "decompression_pretraining": False,
+        "stage2": {
+            "lora": False,
+            "reinit_decoder": True,
+            "decoder_layers": 2,
+            "output_head": "trained",
+            "tasks": ["caption", "vqa", "text_to_image"],
+        },
+        "vision_tokenizer": {
+            "image_size": 16,
+            "quantizer": "rq",
+            "depth": 2,
+            "codebook_size": 256,
+            "paradigm": "iterative",
+            "code_grid_size": 4,
+        },
+        "llm_path": "/home/someone/outputs/demo-tiny/text_lm",
+    },
     "wall_seconds": {"stage1_tokenizer": 279.0, "total": 592.0},
     "versions": {"torch": torch.__version__},
 }
@@ -224,7 +303,11 @@ def test_card_from_what_the_run_did_passes_model_card_validation_and_names_no_ma
     assert text.split("---\n", 2)[2].lstrip().startswith("# unicode-tiny\n")  # the folder's name, no repo id given
     data = card.data
     assert (data.library_name, data.pipeline_tag, data.license, data.base_model) == (
-        "transformers", "image-text-to-text", "apache-2.0", None)
+        "transformers",
+        "image-text-to-text",
+        "apache-2.0",
+        None,
+    )
     assert data.model_name == "unicode-tiny"
     results = {r.metric_name: (r.task_type, r.metric_value) for r in data.eval_results}
     assert results["vqa/accuracy"] == ("visual-question-answering", 0.4678)
@@ -236,10 +319,15 @@ def test_card_from_what_the_run_did_passes_model_card_validation_and_names_no_ma
     recipe = text.split("## Training recipe", 1)[1].split("Settings of this run", 1)[0]
     assert "full fine-tuning of 2 freshly drawn decoder layers" in recipe and "2000 steps" in recipe
     assert "LoRA" not in recipe and "decompression" not in recipe
-    assert "Stage I trained the visual tokenizer (RQ, a 4×4×2 code map at 16 px, a codebook of 256 LLM embedding rows) for 1000" in recipe
+    assert (
+        "Stage I trained the visual tokenizer (RQ, a 4×4×2 code map at 16 px, a codebook of 256 LLM embedding rows) "
+        "for 1000" in recipe
+    )
     assert "![Samples from the training run](samples.png)" in text and "| `total` | 592 |" in text
 
-    card = ModelCard.load(export_run(run, tmp_path / "named", repo_id="me/my-unicode", base_model="owner/base-llm") / "README.md")
+    card = ModelCard.load(
+        export_run(run, tmp_path / "named", repo_id="me/my-unicode", base_model="owner/base-llm") / "README.md"
+    )
     assert card.data.base_model == "owner/base-llm" and "\n# my-unicode\n" in card.content
     with pytest.raises(ValueError, match=r"--base-model\) must be a Hub repo id"):
         export_run(run, tmp_path / "path", base_model=str(run / "mllm"))
@@ -247,12 +335,15 @@ def test_card_from_what_the_run_did_passes_model_card_validation_and_names_no_ma
 
 def test_a_run_folder_loads_with_only_trust_remote_code(tmp_path):
     """A run's mllm/ (as stage II and `finetune --merge` save it) in a clean interpreter that cannot import this
-    repository: with trust_remote_code=True it loads and generates as the original; without, the error names the fix."""
+    repository: with trust_remote_code=True it loads and generates as the original; without, the error names the
+    fix."""
     from training.sft import save_mllm
 
     model, processor = tiny_mllm()
     mllm = save_mllm(model, processor, tmp_path / "run" / "mllm")
-    image = PIL.Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    image = PIL.Image.fromarray(
+        (torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()
+    )
     image.save(tmp_path / "image.png")
     env = clean_env(tmp_path, HF_HUB_OFFLINE="1")
     loaded = run_probe(str(mllm), tmp_path / "image.png", tmp_path / "clean", env, "--mllm-only")
@@ -261,8 +352,19 @@ def test_a_run_folder_loads_with_only_trust_remote_code(tmp_path):
     for key in ("text_ids", "image_ids", "vision_codes"):
         assert loaded[key] == expected[key], key
 
-    without = subprocess.run([sys.executable, "-I", "-c", "from transformers import AutoModelForImageTextToText; "
-                              f"AutoModelForImageTextToText.from_pretrained({str(mllm)!r})"],
-                             cwd=tmp_path / "clean", env=env, capture_output=True, text=True, timeout=300,
-                             stdin=subprocess.DEVNULL)
+    without = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            "from transformers import AutoModelForImageTextToText; "
+            f"AutoModelForImageTextToText.from_pretrained({str(mllm)!r})",
+        ],
+        cwd=tmp_path / "clean",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert without.returncode != 0 and "trust_remote_code=True" in without.stderr

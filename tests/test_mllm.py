@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import TransformersKwargs
+from utils_mllm import CODEBOOK_SIZE, HIDDEN, random_images, tiny_mllm, tiny_parts, vq_config
 
 from modeling_unicode import (
     UniCodeConfig,
@@ -28,7 +29,6 @@ from modeling_unicode import (
     flatten_code_map,
     image_placeholder_count,
 )
-from utils_mllm import CODEBOOK_SIZE, HIDDEN, random_images, tiny_mllm, tiny_parts, vq_config
 
 PROMPT = "USER: <image> what color is the circle? ASSISTANT:"
 
@@ -46,10 +46,17 @@ def image_batch(processor, n=2, answers=("red", "blue square")):
     return inputs, labels
 
 
-@pytest.mark.parametrize("quantizer,visual_input,expected", [
-    ("vq", "aggregate", 16), ("rq", "aggregate", 16), ("hq", "aggregate", 16),
-    ("vq", "flatten", 16), ("rq", "flatten", 32), ("hq", "flatten", 20),
-])
+@pytest.mark.parametrize(
+    "quantizer,visual_input,expected",
+    [
+        ("vq", "aggregate", 16),
+        ("rq", "aggregate", 16),
+        ("hq", "aggregate", 16),
+        ("vq", "flatten", 16),
+        ("rq", "flatten", 32),
+        ("hq", "flatten", 20),
+    ],
+)
 def test_placeholder_count_is_shared_by_config_processor_and_model(quantizer, visual_input, expected):
     model, processor = tiny_mllm(quantizer, visual_input=visual_input)
     assert model.config.image_seq_length == expected == processor.num_image_tokens
@@ -99,7 +106,9 @@ def test_pixel_values_and_precomputed_image_codes_give_identical_logits():
     with torch.no_grad():
         from_pixels = model(**inputs)
         codes = from_pixels.image_codes
-        from_codes = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=codes).logits
+        from_codes = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=codes
+        ).logits
         from_flat_codes = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_codes=flatten_code_map(codes)
         ).logits
@@ -186,15 +195,20 @@ def test_device_map_with_disk_offload_reads_and_writes_images_like_the_model_in_
     model.save_pretrained(tmp_path)
     inputs, _ = image_batch(processor)
     caption = processor(text=["a red circle"], generation_mode="image")
-    offloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": "200KB"},
-                                                            offload_folder=str(tmp_path / "offload")).eval()
+    offloaded = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, device_map="auto", max_memory={"cpu": "200KB"}, offload_folder=str(tmp_path / "offload")
+    ).eval()
     assert "disk" in set(offloaded.hf_device_map.values())
     with torch.no_grad():
         assert torch.equal(offloaded(**inputs).logits, model(**inputs).logits)
-        assert torch.equal(offloaded.generate(**inputs, max_new_tokens=4, do_sample=False),
-                           model.generate(**inputs, max_new_tokens=4, do_sample=False))
-        assert torch.equal(offloaded.generate(**caption, generation_mode="image", do_sample=False),
-                           model.generate(**caption, generation_mode="image", do_sample=False))
+        assert torch.equal(
+            offloaded.generate(**inputs, max_new_tokens=4, do_sample=False),
+            model.generate(**inputs, max_new_tokens=4, do_sample=False),
+        )
+        assert torch.equal(
+            offloaded.generate(**caption, generation_mode="image", do_sample=False),
+            model.generate(**caption, generation_mode="image", do_sample=False),
+        )
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
     assert type(AutoModelForMultimodalLM.from_pretrained(tmp_path)) is UniCodeForConditionalGeneration
     assert AutoConfig.from_pretrained(tmp_path).visual_input == "aggregate"
@@ -271,7 +285,10 @@ def test_image_position_embeddings_start_as_the_papers_input_and_save_with_the_m
     codes = model.model.encode_images(random_images(2))
     before = model.model.get_image_features(image_codes=codes).pooler_output
     table = model.model.add_image_position_embedding()
-    assert model.config.image_position_embeddings and table.weight.shape == (model.config.image_seq_length, before.shape[-1])
+    assert model.config.image_position_embeddings and table.weight.shape == (
+        model.config.image_seq_length,
+        before.shape[-1],
+    )
     same = model.model.get_image_features(image_codes=codes).pooler_output
     assert torch.equal(same, before)
     with torch.no_grad():
@@ -301,14 +318,18 @@ def test_code_position_embeddings_index_each_written_code_and_generation_matches
     with torch.no_grad():
         table.weight.normal_(std=0.5)
     assert not torch.allclose(model(input_ids=ids).logits[0, 2:], logits_before[0, 2:])
-    assert torch.allclose(model(input_ids=ids).logits[0, :2], logits_before[0, :2], atol=1e-6)  # text before codes: untouched
+    assert torch.allclose(
+        model(input_ids=ids).logits[0, :2], logits_before[0, :2], atol=1e-6
+    )  # text before codes: untouched
     inputs = processor(text=["a red circle", "a blue square"], generation_mode="image")
     cached = model.generate(**inputs, generation_mode="image", guidance_scale=2.0)
     uncached = model.generate(**inputs, generation_mode="image", guidance_scale=2.0, use_cache=False)
     assert torch.equal(cached, uncached)
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path)
-    assert reloaded.config.code_position_embeddings and torch.equal(reloaded.model.code_position_embedding.weight, table.weight)
+    assert reloaded.config.code_position_embeddings and torch.equal(
+        reloaded.model.code_position_embedding.weight, table.weight
+    )
 
 
 # -- the transformers v5 model interface (what transformers' common model tests check, in our words) --------------
@@ -319,7 +340,9 @@ def test_the_legacy_past_key_values_name_continues_from_the_cache_like_cache():
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         full = model(**inputs).logits[:, -1]
-        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"], use_cache=True)
+        prefix = model(
+            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"], use_cache=True
+        )
         step = {"input_ids": ids[:, -1:], "attention_mask": mask}
         with_cache = model(**step, cache=copy.deepcopy(prefix.cache)).logits[:, -1]
         with_legacy_name = model(**step, past_key_values=copy.deepcopy(prefix.cache)).logits[:, -1]
@@ -353,7 +376,9 @@ def test_resizing_the_vocabulary_keeps_the_codebook_and_refuses_to_cut_into_it(t
     codes = model.model.encode_images(images)
 
     largest = max(model.config.vq_config.codebook_token_ids)
-    with pytest.raises(ValueError, match=rf"new_num_tokens={largest}\b.*the codebook's largest id {largest}\b.*>= {rows}"):
+    with pytest.raises(
+        ValueError, match=rf"new_num_tokens={largest}\b.*the codebook's largest id {largest}\b.*>= {rows}"
+    ):
         model.resize_token_embeddings(largest)
     assert model.get_input_embeddings().weight.shape[0] == rows == model.config.get_text_config().vocab_size
 
@@ -389,7 +414,9 @@ def test_get_image_features_returns_the_standard_output_and_takes_the_standard_f
     assert isinstance(features, BaseModelOutputWithPooling) and isinstance(features, UniCodeImageFeaturesOutput)
     assert features.pooler_output.shape == (2, model.config.image_seq_length, HIDDEN)
     assert features.last_hidden_state.shape == (2, vq.tokens_per_image, HIDDEN)
-    assert torch.equal(features.last_hidden_state, model.get_input_embeddings()(flatten_code_map(features.image_codes)))
+    assert torch.equal(
+        features.last_hidden_state, model.get_input_embeddings()(flatten_code_map(features.image_codes))
+    )
     assert torch.equal(features.image_codes, model.model.encode_images(inputs["pixel_values"]))
     assert features.hidden_states is None and from_codes.hidden_states is None
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
@@ -426,5 +453,7 @@ def test_forward_takes_transformers_standard_typed_kwargs(cls):
     for method in (cls.forward, cls.get_image_features):
         kwargs = inspect.signature(method).parameters["kwargs"]
         typed = kwargs.annotation.__args__[0]
-        assert typed is TransformersKwargs and {"output_attentions", "output_hidden_states"} <= set(typed.__annotations__)
+        assert typed is TransformersKwargs and {"output_attentions", "output_hidden_states"} <= set(
+            typed.__annotations__
+        )
     assert "cache" in inspect.signature(cls.forward).parameters

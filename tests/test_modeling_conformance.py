@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from utils_transformers_tests import CommonTestsUnavailable, load_modeling_common
 
 from modeling_unicode import (
     UniCodeConfig,
@@ -23,7 +24,6 @@ from modeling_unicode import (
     UniCodeVisualTokenizer,
     UniCodeVisualTokenizerConfig,
 )
-from utils_transformers_tests import CommonTestsUnavailable, load_modeling_common
 
 
 class UniCodeModelTester:
@@ -126,8 +126,10 @@ else:
             # registers these classes with AutoModel and AutoModelForImageTextToText at run time instead.
             cls.registered = [
                 patch.dict(MODEL_MAPPING_NAMES, {UniCodeConfig.model_type: UniCodeModel.__name__}),
-                patch.dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-                           {UniCodeConfig.model_type: UniCodeForConditionalGeneration.__name__}),
+                patch.dict(
+                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                    {UniCodeConfig.model_type: UniCodeForConditionalGeneration.__name__},
+                ),
             ]
             for registration in cls.registered:
                 registration.start()
@@ -165,20 +167,29 @@ else:
             with torch.no_grad():
                 features = model.get_image_features(pixel_values=inputs["pixel_values"])
             tester, vq = self.model_tester, config.vq_config
-            self.assertEqual(features.last_hidden_state.shape, (tester.batch_size, vq.tokens_per_image, tester.hidden_size))
-            self.assertEqual(features.pooler_output.shape, (tester.batch_size, tester.image_seq_length, tester.hidden_size))
-            self.assertEqual(features.image_codes.shape, (tester.batch_size, vq.code_grid_size, vq.code_grid_size, vq.depth))
+            self.assertEqual(
+                features.last_hidden_state.shape, (tester.batch_size, vq.tokens_per_image, tester.hidden_size)
+            )
+            self.assertEqual(
+                features.pooler_output.shape, (tester.batch_size, tester.image_seq_length, tester.hidden_size)
+            )
+            self.assertEqual(
+                features.image_codes.shape, (tester.batch_size, vq.code_grid_size, vq.code_grid_size, vq.depth)
+            )
 
-        @unittest.skip("the images' tokenizer is a conv autoencoder whose spatial attention runs through SDPA and "
-                       "returns no weights; image features have no transformer layers to report attentions of")
+        @unittest.skip(
+            "the images' tokenizer is a conv autoencoder whose spatial attention runs through SDPA and "
+            "returns no weights; image features have no transformer layers to report attentions of"
+        )
         def test_get_image_features_attentions(self):
             pass
 
-        @unittest.skip("the source distribution ships no tests/generation/test_utils.py, so GenerationTesterMixin "
-                       "cannot be inherited; UniCodeGenerationTest checks generation instead")
+        @unittest.skip(
+            "the source distribution ships no tests/generation/test_utils.py, so GenerationTesterMixin "
+            "cannot be inherited; UniCodeGenerationTest checks generation instead"
+        )
         def test_generation_tester_mixin_inheritance(self):
             pass
-
 
     class UniCodeVisualTokenizerTester:
         """A standalone visual tokenizer (it stores its codebook) on 16 px images."""
@@ -192,14 +203,19 @@ else:
 
         def get_config(self) -> UniCodeVisualTokenizerConfig:
             return UniCodeVisualTokenizerConfig(
-                image_size=self.image_size, base_channels=8, channel_multipliers=[1, 2, 2], z_channels=8,
-                quantizer="rq", depth=2, codebook_size=32, code_dim=32,
+                image_size=self.image_size,
+                base_channels=8,
+                channel_multipliers=[1, 2, 2],
+                z_channels=8,
+                quantizer="rq",
+                depth=2,
+                codebook_size=32,
+                code_dim=32,
             )
 
         def prepare_config_and_inputs_for_common(self):
             pixel_values = torch.rand(self.batch_size, 3, self.image_size, self.image_size) * 2 - 1
             return self.get_config(), {"pixel_values": pixel_values}
-
 
     class UniCodeVisualTokenizerTest(common.ModelTesterMixin, unittest.TestCase):
         all_model_classes = (UniCodeVisualTokenizer,)
@@ -213,8 +229,10 @@ else:
         def test_model_get_set_embeddings(self):
             pass
 
-        @unittest.skip("its hidden states are conv feature maps (batch, channels, height, width), not the "
-                       "(sequence, hidden) per-layer states this test measures; tests/test_visual_tokenizer.py checks them")
+        @unittest.skip(
+            "its hidden states are conv feature maps (batch, channels, height, width), not the "
+            "(sequence, hidden) per-layer states this test measures; tests/test_visual_tokenizer.py checks them"
+        )
         def test_hidden_states_output(self):
             pass
 
@@ -256,7 +274,9 @@ class UniCodeGenerationTest(unittest.TestCase):
         for index in range(2):
             row = {key: value[index : index + 1] for key, value in inputs.items()}
             keep = row["attention_mask"][0].bool()
-            alone = self.generate({**row, "input_ids": row["input_ids"][:, keep], "attention_mask": row["attention_mask"][:, keep]})
+            alone = self.generate(
+                {**row, "input_ids": row["input_ids"][:, keep], "attention_mask": row["attention_mask"][:, keep]}
+            )
             start = int((~keep).sum())
             self.assertTrue(torch.equal(batched[index, start : start + alone.shape[1]], alone[0]), f"row {index}")
 

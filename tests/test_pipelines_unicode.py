@@ -6,7 +6,6 @@ import importlib.util
 import pytest
 import torch
 from transformers import pipeline
-
 from utils_mllm import random_images, tiny_mllm
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -17,18 +16,24 @@ def test_image_text_to_text_pipeline_answers_about_an_image():
     model, processor = tiny_mllm("rq")
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     image = processor.postprocess(random_images(1))[0]
-    out = pipe(images=image, text="USER: <image> what color is the circle? ASSISTANT:", max_new_tokens=4, do_sample=False)
+    out = pipe(
+        images=image, text="USER: <image> what color is the circle? ASSISTANT:", max_new_tokens=4, do_sample=False
+    )
     assert isinstance(out[0]["generated_text"], str)
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": " what shape?"}]}]
     out = pipe(text=chat, max_new_tokens=3, do_sample=False)
     assert out[0]["generated_text"][-1]["role"] == "assistant"
 
 
-@pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' any-to-any pipeline requires torchvision, which does not import here")
+@pytest.mark.skipif(
+    not HAS_TORCHVISION, reason="transformers' any-to-any pipeline requires torchvision, which does not import here"
+)
 def test_any_to_any_pipeline_generates_text_and_images():
     model, processor = tiny_mllm("rq")
     pipe = pipeline("any-to-any", model=model, processor=processor)
-    image = pipe("a red circle", generation_mode="image", processor_kwargs={"generation_mode": "image"}, guidance_scale=3.0)
+    image = pipe(
+        "a red circle", generation_mode="image", processor_kwargs={"generation_mode": "image"}, guidance_scale=3.0
+    )
     assert image[0]["generated_image"].size == (16, 16)
     text = pipe(text="USER: what color? ASSISTANT:", max_new_tokens=3)
     assert isinstance(text[0]["generated_text"], str)
@@ -45,7 +50,9 @@ def test_the_calls_any_to_any_makes_for_an_image():
     assert len(images) == 1 and images[0].size == (16, 16)
     with_cfg = processor(text="a red circle", generation_mode="image")  # processor_kwargs={"generation_mode": "image"}
     sequences = model.generate(**with_cfg, generation_mode="image", guidance_scale=3.0)
-    assert processor.post_process_multimodal_output(model.decode_image_tokens(sequences), generation_mode="image")[0].size == (16, 16)
+    assert processor.post_process_multimodal_output(model.decode_image_tokens(sequences), generation_mode="image")[
+        0
+    ].size == (16, 16)
 
 
 def test_any_to_any_pipeline_runs_when_its_torchvision_check_is_lifted(monkeypatch):
@@ -56,7 +63,13 @@ def test_any_to_any_pipeline_runs_when_its_torchvision_check_is_lifted(monkeypat
     monkeypatch.setattr(any_to_any, "requires_backends", lambda *args, **kwargs: None)
     model, processor = tiny_mllm("vq")
     pipe = pipeline("any-to-any", model=model, processor=processor)
-    out = pipe("a red circle", generation_mode="image", processor_kwargs={"generation_mode": "image"}, guidance_scale=3.0, do_sample=False)
+    out = pipe(
+        "a red circle",
+        generation_mode="image",
+        processor_kwargs={"generation_mode": "image"},
+        guidance_scale=3.0,
+        do_sample=False,
+    )
     assert out[0]["generated_image"].size == (16, 16)
     text = pipe(text="USER: what color is the circle? ASSISTANT:", max_new_tokens=3, do_sample=False)
     assert isinstance(text[0]["generated_text"], str)
@@ -78,7 +91,9 @@ def test_diffusers_text_to_image_pipeline_generates_saves_and_reloads(tmp_path):
     assert type(reloaded.model) is type(model)
     out = reloaded("a red circle", guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.image_token_ids, first.image_token_ids)
-    arrays = reloaded(["a red circle", "a blue square"], num_images_per_prompt=2, output_type="np", do_sample=False).images
+    arrays = reloaded(
+        ["a red circle", "a blue square"], num_images_per_prompt=2, output_type="np", do_sample=False
+    ).images
     assert arrays.shape == (4, 16, 16, 3) and arrays.min() >= 0 and arrays.max() <= 1
     with pytest.raises(ValueError, match="output_type='latent'"):
         reloaded("a red circle", output_type="latent")

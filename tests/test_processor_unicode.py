@@ -8,9 +8,9 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor
+from utils_mllm import tiny_mllm, tiny_tokenizer
 
 from modeling_unicode import IMAGE_TOKEN, UniCodeImageProcessor, UniCodeProcessor
-from utils_mllm import tiny_mllm, tiny_tokenizer
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:
@@ -19,16 +19,19 @@ def png_bytes(image: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode,value,expected_rgb", [
-    ("L", 255, (255, 255, 255)),
-    ("1", 1, (255, 255, 255)),
-    ("LA", (0, 0), (255, 255, 255)),          # fully transparent black -> the white background
-    ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
-    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
-    ("I;16", 65535, (255, 255, 255)),         # 16-bit white stays white (PIL's convert would clip)
-    ("I;16", 32896, (128, 128, 128)),
-    ("I", 65535, (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "mode,value,expected_rgb",
+    [
+        ("L", 255, (255, 255, 255)),
+        ("1", 1, (255, 255, 255)),
+        ("LA", (0, 0), (255, 255, 255)),  # fully transparent black -> the white background
+        ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("I;16", 65535, (255, 255, 255)),  # 16-bit white stays white (PIL's convert would clip)
+        ("I;16", 32896, (128, 128, 128)),
+        ("I", 65535, (255, 255, 255)),
+    ],
+)
 def test_every_common_mode_becomes_rgb_in_minus_one_to_one(mode, value, expected_rgb):
     processor = UniCodeImageProcessor(size=8)
     pixels = processor(PIL.Image.new(mode, (5, 7), value))["pixel_values"]
@@ -98,14 +101,19 @@ def test_chat_template_renders_image_content_and_expands_placeholders():
         {"role": "user", "content": "and the square?"},
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == f"USER: {IMAGE_TOKEN} what color is the circle?\nASSISTANT: red</s>\nUSER: and the square?\nASSISTANT:"
+    assert (
+        prompt
+        == f"USER: {IMAGE_TOKEN} what color is the circle?\nASSISTANT: red</s>\nUSER: and the square?\nASSISTANT:"
+    )
     image = processor.postprocess(torch.zeros(1, 3, 16, 16))
     inputs = processor(text=prompt, images=image)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
     assert inputs["pixel_values"].shape == (1, 3, 16, 16)
     tokenized = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image", "image": image[0]}, {"type": "text", "text": " describe"}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
     )
     assert int((tokenized["input_ids"] == model.config.image_token_id).sum()) == 16 and "pixel_values" in tokenized
 
@@ -113,7 +121,9 @@ def test_chat_template_renders_image_content_and_expands_placeholders():
 def test_batches_pad_on_the_left_and_image_count_must_match_the_text():
     _, processor = tiny_mllm("rq")
     images = processor.postprocess(torch.zeros(2, 3, 16, 16))
-    batch = processor(text=["USER: <image> hi ASSISTANT:", "USER: <image> what is the big red circle? ASSISTANT:"], images=images)
+    batch = processor(
+        text=["USER: <image> hi ASSISTANT:", "USER: <image> what is the big red circle? ASSISTANT:"], images=images
+    )
     assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][0, 0] == 0
     with pytest.raises(ValueError, match="should be the same as the number of images"):
         processor(text="USER: <image> <image> hi", images=images[:1])
@@ -131,7 +141,9 @@ def test_image_generation_prompts_come_with_the_empty_caption_unconditional_prom
     assert empty == "USER: Generate an image based on this description: ''.\nASSISTANT:"
     assert inputs["unconditional_input_ids"][0].tolist() == processor.tokenizer(empty).input_ids
     with pytest.raises(ValueError, match="captions only"):
-        processor(text="a red circle", images=processor.postprocess(torch.zeros(1, 3, 16, 16)), generation_mode="image")
+        processor(
+            text="a red circle", images=processor.postprocess(torch.zeros(1, 3, 16, 16)), generation_mode="image"
+        )
     with pytest.raises(ValueError, match="must not contain <image>"):
         processor(text="a <image> circle", generation_mode="image")
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_unicode import (
     UniCodeCodebookTrainer,
@@ -70,7 +70,13 @@ def test_hq_layout_groups_the_2x2_block_under_each_top_code():
     codes = hq_pack(top, bottom)
     assert codes.shape == (2, 3, 3, 5)
     # Top position (1, 2) owns bottom pixels rows 2-3, cols 4-5, in raster order.
-    assert codes[0, 1, 2].tolist() == [top[0, 1, 2], bottom[0, 2, 4], bottom[0, 2, 5], bottom[0, 3, 4], bottom[0, 3, 5]]
+    assert codes[0, 1, 2].tolist() == [
+        top[0, 1, 2],
+        bottom[0, 2, 4],
+        bottom[0, 2, 5],
+        bottom[0, 3, 4],
+        bottom[0, 3, 5],
+    ]
     back_top, back_bottom = hq_unpack(codes)
     assert torch.equal(back_top, top) and torch.equal(back_bottom, bottom)
     flat = flatten_code_map(codes)
@@ -113,7 +119,9 @@ def test_special_and_added_tokens_are_never_codes():
     assert len(ids) == 150 and len(set(ids)) == 150
     assert not set(ids) & (set(banned) | {0})
     assert record["rule"] == "smallest_norm_above_quantile"
-    all_ids, record = select_codebook_rows(table, codebook_size=len(tokenizer) - len(banned) - 1, tokenizer=tokenizer, excluded_token_ids=[0])
+    all_ids, record = select_codebook_rows(
+        table, codebook_size=len(tokenizer) - len(banned) - 1, tokenizer=tokenizer, excluded_token_ids=[0]
+    )
     assert record["rule"] == "all_usable_rows" and not set(all_ids) & set(banned)
 
 
@@ -193,8 +201,16 @@ def test_schedules_end_bit_identical_to_llm_rows(schedule):
 
 
 def test_dual_writes_and_reads_rows_of_a_real_llama_embedding_table():
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     embedding = llama.get_input_embeddings()
     token_ids = torch.arange(100, 164)
     config, quantizer = make_quantizer("vq", paradigm="dual")
@@ -243,8 +259,14 @@ def test_dead_code_restarts_reseed_unused_codes_from_features():
     codebook = torch.randn(64, 16)
     trainer = UniCodeCodebookTrainer(config, codebook)
     out = quantizer(torch.randn(1, 16, 2, 2), codebook, return_statistics=True)  # 4 vectors: >= 60 codes unused
-    trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=torch.zeros(64, 16), ratio=0.0,
-                   restart_candidates=out.features)
+    trainer.update(
+        codebook,
+        out.code_counts,
+        out.code_sums,
+        llm_rows=torch.zeros(64, 16),
+        ratio=0.0,
+        restart_candidates=out.features,
+    )
     used = out.code_counts > 0
     # Every unused code now sits on one of the batch's features (up to Laplace smoothing).
     nearest_feature_distance = torch.cdist(codebook[~used], out.features).min(dim=1).values
@@ -262,8 +284,9 @@ def test_level_scales_let_a_fixed_codebook_quantize_residuals_at_their_own_scale
     features = (3 * codebook[pick[0]] + codebook[pick[1]]).permute(0, 3, 1, 2)
 
     def residual_error(level_scales):
-        config, quantizer = make_quantizer("rq", depth=2, paradigm="frozen", norm_handling="none", level_scales=level_scales,
-                                           ema_decay=0.5)
+        config, quantizer = make_quantizer(
+            "rq", depth=2, paradigm="frozen", norm_handling="none", level_scales=level_scales, ema_decay=0.5
+        )
         trainer = UniCodeCodebookTrainer(config, codebook)
         for _ in range(30 if level_scales else 0):
             out = quantizer(features, codebook, return_statistics=True)
@@ -273,7 +296,9 @@ def test_level_scales_let_a_fixed_codebook_quantize_residuals_at_their_own_scale
 
     plain, _ = residual_error(False)
     fitted, quantizer = residual_error(True)
-    assert quantizer.level_scale[0] == pytest.approx(3.0, rel=0.1) and quantizer.level_scale[1] == pytest.approx(1.0, rel=0.2)
+    assert quantizer.level_scale[0] == pytest.approx(3.0, rel=0.1) and quantizer.level_scale[1] == pytest.approx(
+        1.0, rel=0.2
+    )
     assert fitted < 0.05 * plain
     assert torch.equal(codebook, rows)  # the rows themselves never move
 
@@ -292,7 +317,9 @@ def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_
     with torch.no_grad():  # an encoder-only forward adds no codebook loss
         plain = quantizer(features, codebook).commitment_loss
         searched = quantizer.project(codebook)
-        assert plain == pytest.approx(float(0.25 * (features - searched[out.indices[..., 0]].permute(0, 3, 1, 2)).pow(2).mean()), rel=1e-5)
+        assert plain == pytest.approx(
+            float(0.25 * (features - searched[out.indices[..., 0]].permute(0, 3, 1, 2)).pow(2).mean()), rel=1e-5
+        )
     trainer = UniCodeCodebookTrainer(config, codebook)
     trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=0.25, quantizer=quantizer)
     size = trainer.ema_cluster_size
@@ -309,8 +336,9 @@ def test_match_row_norm_rescales_the_rows_and_keeps_every_decoder_input(kind, de
     """Dual paradigm: the rows handed to the LLM take the LLM's row length, and neither the codes nor
     the quantized latent change (the projection bias and level scales absorb the factor)."""
     torch.manual_seed(0)
-    config, quantizer = make_quantizer(kind, depth=depth, paradigm="dual", norm_handling=norm_handling,
-                                       level_scales=True, codebook_projection=True)
+    config, quantizer = make_quantizer(
+        kind, depth=depth, paradigm="dual", norm_handling=norm_handling, level_scales=True, codebook_projection=True
+    )
     with torch.no_grad():
         quantizer.codebook_projection.weight.add_(0.1 * torch.randn(16, 16))
         quantizer.codebook_projection.bias.normal_()
@@ -340,7 +368,9 @@ def test_entropy_term_spreads_assignments_and_only_trains():
     """The assignment-entropy term: per-feature entropy minus batch entropy of the soft assignments,
     added only in training; descending it moves features from one shared code to many."""
     torch.manual_seed(0)
-    config, quantizer = make_quantizer("rq", depth=2, norm_handling="none", entropy_weight=1.0, entropy_temperature=0.1)
+    config, quantizer = make_quantizer(
+        "rq", depth=2, norm_handling="none", entropy_weight=1.0, entropy_temperature=0.1
+    )
     codebook = torch.randn(64, 16)
     features = (0.05 * torch.randn(2, 16, 4, 4) + codebook[3].reshape(1, 16, 1, 1)).requires_grad_(True)
     plain_config, plain = make_quantizer("rq", depth=2, norm_handling="none")
@@ -358,7 +388,9 @@ def test_entropy_term_spreads_assignments_and_only_trains():
     assert float(entropy.detach()) == pytest.approx(float(expected), abs=1e-4)
     quantizer.eval()
     with torch.no_grad():
-        assert float(quantizer(features, codebook).commitment_loss) == pytest.approx(baseline, rel=1e-6)  # eval: no term
+        assert float(quantizer(features, codebook).commitment_loss) == pytest.approx(
+            baseline, rel=1e-6
+        )  # eval: no term
     # Gradient descent on the term alone spreads the batch over more codes.
     quantizer.train()
     moving = features.detach().clone().requires_grad_(True)

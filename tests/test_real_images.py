@@ -9,8 +9,12 @@ import pytest
 from PIL import Image
 
 from training.data.real_images import (
-    FASHION_MNIST_LABELS, fashion_mnist_available, load_caption_dataset, load_conversation_dataset,
-    load_fashion_mnist, load_skimage_images,
+    FASHION_MNIST_LABELS,
+    fashion_mnist_available,
+    load_caption_dataset,
+    load_conversation_dataset,
+    load_fashion_mnist,
+    load_skimage_images,
 )
 
 needs_fmnist = pytest.mark.skipif(
@@ -60,7 +64,9 @@ def test_caption_adapter_on_a_local_dataset(tmp_path):
     paths = _save_images(tmp_path, 3)
     local = datasets.Dataset.from_dict(
         {"img": [str(p) for p in paths], "caption": ["a cat", "a dog", "a bird"], "extra": [1, 2, 3]},
-        features=datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string"), "extra": datasets.Value("int32")}),
+        features=datasets.Features(
+            {"img": datasets.Image(), "caption": datasets.Value("string"), "extra": datasets.Value("int32")}
+        ),
     )
     local.save_to_disk(str(tmp_path / "saved"))
     ds = load_caption_dataset(tmp_path / "saved")
@@ -73,14 +79,22 @@ def test_caption_adapter_on_a_local_dataset(tmp_path):
 def test_llava_conversation_adapter(tmp_path):
     paths = _save_images(tmp_path, 2)
     records = [
-        {"id": str(i), "image": p.name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"picture {i}"}]}
+        {
+            "id": str(i),
+            "image": p.name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": f"picture {i}"},
+            ],
+        }
         for i, p in enumerate(paths)
     ]
     (tmp_path / "llava.json").write_text(json.dumps(records))
     ds = load_conversation_dataset(tmp_path / "llava.json")
     assert ds[1]["messages"] == [
-        {"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": "picture 1"}]
+        {"role": "user", "content": "<image>\nWhat is shown?"},
+        {"role": "assistant", "content": "picture 1"},
+    ]
     assert ds[0]["image"].size == (16, 16)
 
 

@@ -6,15 +6,33 @@ import pytest
 
 from training.data import shapes
 from training.data.shapes import (
-    CAPTION_TEMPLATES, COLORS, HELD_OUT_PAIRS, SHAPES, TRAIN_PAIRS, build_shapes_world, canonical_objects,
-    captions_for_scene, color_shape_pairs, make_example, questions_for_scene, render_scene, sample_scene,
-    scene_from_caption, scene_from_json, shape_coverage, shapes_world_fingerprint, text_corpus,
+    CAPTION_TEMPLATES,
+    COLORS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    TRAIN_PAIRS,
+    build_shapes_world,
+    canonical_objects,
+    captions_for_scene,
+    color_shape_pairs,
+    make_example,
+    questions_for_scene,
+    render_scene,
+    sample_scene,
+    scene_from_caption,
+    scene_from_json,
+    shape_coverage,
+    shapes_world_fingerprint,
+    text_corpus,
 )
 
 
 def _raw(dataset_dict):
     """Every split with undecoded image bytes, for byte comparison."""
-    return {name: split.cast_column("image", datasets.Image(decode=False)).to_dict() for name, split in dataset_dict.items()}
+    return {
+        name: split.cast_column("image", datasets.Image(decode=False)).to_dict()
+        for name, split in dataset_dict.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +122,13 @@ def test_scene_from_caption_rejects_text_it_cannot_ground():
 
 
 def test_questions_answer_correctly_on_a_hand_made_scene():
-    scene = {"image_size": 64, "objects": [
-        {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
-        {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
-    ]}
+    scene = {
+        "image_size": 64,
+        "objects": [
+            {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
+            {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
+        ],
+    }
     kinds = set()
     for seed in range(40):
         for qa in questions_for_scene(scene, np.random.default_rng(seed)):
@@ -128,15 +149,18 @@ def test_questions_answer_correctly_on_a_hand_made_scene():
             if q == "How many green shapes are there?":
                 assert a == "0"
             if q.startswith("Is there "):
-                present = q[len("Is there "):-1].split(" ", 1)[1] in ("red circle", "blue square")
+                present = q[len("Is there ") : -1].split(" ", 1)[1] in ("red circle", "blue square")
                 assert a == ("yes" if present else "no")
     assert kinds == set(shapes.QUESTION_TYPES)
 
 
 def test_existence_questions_take_the_article_their_colour_needs():
-    scene = {"image_size": 64, "objects": [
-        {"shape": "triangle", "color": "orange", "size": "large", "position": "center", "row": 1, "col": 1},
-    ]}
+    scene = {
+        "image_size": 64,
+        "objects": [
+            {"shape": "triangle", "color": "orange", "size": "large", "position": "center", "row": 1, "col": 1},
+        ],
+    }
     asked = set()
     for seed in range(40):
         for qa in questions_for_scene(scene, np.random.default_rng(seed)):

@@ -14,28 +14,39 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-
 from hub_fixtures import REPO_ROOT, clean_env, write_tiny_run
 from utils_network import free_port
+
 from hub_upload.export import export_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = REPO_ROOT / "outputs" / "test-artifacts"
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1400"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1400",
+]
 
 selenium = pytest.importorskip("selenium", reason="the Space test needs selenium (pip install -e .[dev])")
 gradio = pytest.importorskip("gradio", reason="the Space test needs gradio (pip install -e .[dev])")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+        allow_module_level=True,
+    )
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +58,34 @@ def space(tmp_path_factory):
     app_dir = root / "app"
     shutil.copytree(REPO_ROOT / "hub_upload" / "space", app_dir)
     port = free_port()
-    env = clean_env(root, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", UNICODE_MODEL=str(export),
-                    GRADIO_TEMP_DIR=str(root / "gradio"))
+    env = clean_env(
+        root,
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        UNICODE_MODEL=str(export),
+        GRADIO_TEMP_DIR=str(root / "gradio"),
+    )
     log = open(root / "app.log", "w")
     # `python -I` from a folder outside the repository: the app must not need this project's packages.
-    process = subprocess.Popen([sys.executable, "-I", "app.py", "--host", "127.0.0.1", "--port", str(port),
-                                "--min-new-tokens", "3", "--max-new-tokens", "6"],
-                               cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "app.py",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--min-new-tokens",
+            "3",
+            "--max-new-tokens",
+            "6",
+        ],
+        cwd=app_dir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while True:
@@ -88,17 +120,21 @@ def browser(tmp_path):
 
 
 def open_tab(driver, name: str) -> None:
-    tab = WebDriverWait(driver, 30).until(EC.element_to_be_clickable(
-        (By.XPATH, f"//button[@role='tab' and normalize-space(.)='{name}']")))
+    tab = WebDriverWait(driver, 30).until(
+        EC.element_to_be_clickable((By.XPATH, f"//button[@role='tab' and normalize-space(.)='{name}']"))
+    )
     tab.click()
 
 
 def upload(driver, elem_id: str, path: Path) -> None:
-    field = WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, f"#{elem_id} input[type=file]")))
+    field = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, f"#{elem_id} input[type=file]"))
+    )
     field.send_keys(str(path))
     # Wait for the upload to land: the component lists the file by name.
-    WebDriverWait(driver, 30).until(EC.presence_of_element_located(
-        (By.CSS_SELECTOR, f"#{elem_id} td.filename[aria-label='{path.name}']")))
+    WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, f"#{elem_id} td.filename[aria-label='{path.name}']"))
+    )
 
 
 def click(driver, elem_id: str) -> None:
@@ -115,7 +151,9 @@ def textbox_value(driver, elem_id: str) -> str:
 
 def test_space_in_headless_chromium(space, browser, tmp_path):
     url, root = space
-    image = PIL.Image.fromarray((torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    image = PIL.Image.fromarray(
+        (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()
+    )
     image_path = tmp_path / "shapes.png"
     image.save(image_path)
     browser.get(url)
@@ -161,10 +199,13 @@ def test_space_in_headless_chromium(space, browser, tmp_path):
     click_css(browser, "#ask-image button[aria-label='Clear']")  # a filled File component shows no upload field
     upload(browser, "ask-image", not_image)
     click(browser, "ask-button")
+
     def bad_upload_message(driver):
         # Read the text inside the wait: Gradio's error toast dismisses itself, and on a loaded machine
         # it can be gone (or half-rendered) by the time a later assertion looks at the page.
-        for element in driver.find_elements(By.XPATH, "//*[contains(normalize-space(.), 'is not an image this demo can read')]"):
+        for element in driver.find_elements(
+            By.XPATH, "//*[contains(normalize-space(.), 'is not an image this demo can read')]"
+        ):
             try:
                 text = element.text
             except StaleElementReferenceException:

@@ -5,7 +5,6 @@ import importlib.util
 
 import PIL.Image
 import pytest
-
 from hub_fixtures import REPO_ROOT
 from utils_mllm import tiny_mllm
 

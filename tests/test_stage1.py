@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage1_fixtures import make_tiny_llm, tiny_images, tiny_overrides
+from utils_network import free_port, gloo_threads
 
 from training.stage1 import CorruptCheckpointError, StageIArguments, StageITrainer
 from training.text_lm import load_text_lm, packed_blocks
-
-from stage1_fixtures import make_tiny_llm, tiny_images, tiny_overrides
-from utils_network import free_port, gloo_threads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,10 +24,22 @@ def llm_dir(tmp_path_factory):
 
 
 def make_trainer(out, llm_dir, steps=6, paradigm="iterative", quantizer="rq", codebook_size=128, **kw):
-    args = StageIArguments(output_dir=str(out), llm_path=str(llm_dir), paradigm=paradigm, quantizer=quantizer,
-                           codebook_size=codebook_size, max_steps=steps, batch_size=4, warmup_steps=2, log_every=2,
-                           sample_every=0, checkpoint_every=kw.pop("checkpoint_every", 0), eval_images=8,
-                           vision_overrides=tiny_overrides(), **kw)
+    args = StageIArguments(
+        output_dir=str(out),
+        llm_path=str(llm_dir),
+        paradigm=paradigm,
+        quantizer=quantizer,
+        codebook_size=codebook_size,
+        max_steps=steps,
+        batch_size=4,
+        warmup_steps=2,
+        log_every=2,
+        sample_every=0,
+        checkpoint_every=kw.pop("checkpoint_every", 0),
+        eval_images=8,
+        vision_overrides=tiny_overrides(),
+        **kw,
+    )
     images = tiny_images()
     _, tokenizer = load_text_lm(llm_dir)
     blocks = packed_blocks(tokenizer, ["the red circle is at the top left"] * 50, 16)
@@ -52,7 +63,10 @@ def test_every_paradigm_ends_with_the_codebook_equal_to_the_llm_rows(tmp_path, l
     if paradigm == "dual":
         # The dual run really alternated: the LLM was trained on text and now holds the visual codebook.
         assert not torch.equal(tokenizer_model.codebook, start)
-        assert any("llm_text_loss" in json.loads(line) for line in (tmp_path / "stage1" / "log.jsonl").read_text().splitlines())
+        assert any(
+            "llm_text_loss" in json.loads(line)
+            for line in (tmp_path / "stage1" / "log.jsonl").read_text().splitlines()
+        )
 
     assert (tmp_path / "stage1" / "samples" / "final.png").is_file()
     assert json.loads((tmp_path / "stage1" / "metrics.json").read_text())["psnr"] > 0
@@ -104,7 +118,11 @@ def test_bad_inputs_are_named(tmp_path, llm_dir):
     with pytest.raises(ValueError, match="training dataset is empty"):
         StageITrainer(StageIArguments(**args, codebook_size=64, vision_overrides=tiny_overrides()), images[:0], images)
     with pytest.raises(ValueError, match="perceptual_weight > 0 needs LPIPS"):
-        StageITrainer(StageIArguments(**args, codebook_size=64, perceptual_weight=1.0, vision_overrides=tiny_overrides()), images, images)
+        StageITrainer(
+            StageIArguments(**args, codebook_size=64, perceptual_weight=1.0, vision_overrides=tiny_overrides()),
+            images,
+            images,
+        )
 
 
 WORKER = r"""
@@ -131,8 +149,26 @@ assert not gloo_threads(), f"rank {rank}: gloo threads outlive release_process_g
 def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), str(tmp_path), str(llm_dir), str(REPO / "tests")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+        str(llm_dir),
+        str(REPO / "tests"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -148,16 +184,46 @@ def test_two_process_stage0_writes_one_complete_loadable_text_lm(tmp_path):
     # last rename could leave text_lm/ marked COMPLETE with no model in it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "training.cli", "train-text", "--preset", "tiny", "--output", str(tmp_path), "--steps", "4", "--scenes", "50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "training.cli",
+        "train-text",
+        "--preset",
+        "tiny",
+        "--output",
+        str(tmp_path),
+        "--steps",
+        "4",
+        "--scenes",
+        "50",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "find_unused_parameters=True" not in done.stderr
     folder = tmp_path / "text_lm"
-    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "config.json", "generation_config.json", "model.safetensors",
-                                                        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "COMPLETE",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name != "text_lm"]  # no staging copy left behind
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
@@ -216,10 +282,21 @@ def test_cli_joins_the_gloo_threads_before_it_exits(tmp_path, monkeypatch, comma
 def test_dual_row_norm_llm_hands_over_rows_as_long_as_the_text_rows(tmp_path, llm_dir, row_norm):
     """Under the paper's dual the codebook reaches the LLM at the length the EMA gave it (far from the
     text rows' here); `dual_row_norm="llm"` hands it over at the text rows' length, still unified."""
-    args = StageIArguments(output_dir=str(tmp_path), llm_path=str(llm_dir), paradigm="dual", quantizer="rq",
-                           codebook_size=128, max_steps=6, batch_size=4, warmup_steps=2, log_every=2, sample_every=0,
-                           checkpoint_every=0, eval_images=8,
-                           vision_overrides=tiny_overrides(level_scales=True, norm_handling="none", dual_row_norm=row_norm))
+    args = StageIArguments(
+        output_dir=str(tmp_path),
+        llm_path=str(llm_dir),
+        paradigm="dual",
+        quantizer="rq",
+        codebook_size=128,
+        max_steps=6,
+        batch_size=4,
+        warmup_steps=2,
+        log_every=2,
+        sample_every=0,
+        checkpoint_every=0,
+        eval_images=8,
+        vision_overrides=tiny_overrides(level_scales=True, norm_handling="none", dual_row_norm=row_norm),
+    )
     _, tokenizer = load_text_lm(llm_dir)
     blocks = packed_blocks(tokenizer, ["the red circle is at the top left"] * 50, 16)
     images = tiny_images()

@@ -6,7 +6,10 @@ import json
 import datasets
 import pytest
 import torch
+from stage2_fixtures import shapes_at
+from utils_mllm import tiny_mllm
 
+from training import templates
 from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
 from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, unicode_lora_config
 from training.stage2 import run_sft
@@ -20,10 +23,6 @@ from training.tasks import (
     tokenize_tasks,
     understanding_tasks,
 )
-from training import templates
-
-from stage2_fixtures import shapes_at
-from utils_mllm import tiny_mllm
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +33,20 @@ def mllm():
 @pytest.fixture(scope="module")
 def codes(mllm):
     model, _ = mllm
-    return encode_image_dataset(shapes_at(16, 48), model, batch_size=16), encode_image_dataset(shapes_at(16, 12, "validation"), model)
+    return encode_image_dataset(shapes_at(16, 48), model, batch_size=16), encode_image_dataset(
+        shapes_at(16, 12, "validation"), model
+    )
 
 
 def sft_rows(codes_ds, model, processor, seed=0):
     depth = model.config.vq_config.depth
-    rows = datasets.concatenate_datasets([
-        decompression_tasks(codes_ds, depth, segments=2, seed=seed),
-        understanding_tasks(codes_ds, seed=seed),
-        generation_tasks(codes_ds, depth, segments=2, seed=seed),
-    ])
+    rows = datasets.concatenate_datasets(
+        [
+            decompression_tasks(codes_ds, depth, segments=2, seed=seed),
+            understanding_tasks(codes_ds, seed=seed),
+            generation_tasks(codes_ds, depth, segments=2, seed=seed),
+        ]
+    )
     return tokenize_tasks(rows, processor)
 
 
@@ -80,7 +83,9 @@ def test_tasks_match_the_processor_and_train_only_the_answers(mllm, codes):
     decompress = tokenize_tasks(decompression_tasks(train.select([0]), depth, segments=4), processor)[0]
     answers = [t for t, lab in zip(decompress["input_ids"], decompress["labels"]) if lab != IGNORE_INDEX]
     eos = processor.tokenizer.eos_token_id
-    assert [t for t in answers if t != eos and t not in processor.tokenizer("\n", add_special_tokens=False)["input_ids"]] == row_codes
+    assert [
+        t for t in answers if t != eos and t not in processor.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ] == row_codes
     assert decompress["image_codes"] == row_codes
     assert decompress["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
 
@@ -132,8 +137,17 @@ def trained(mllm, codes, tmp_path_factory):
     codebook = model.model.codebook().detach().clone()
     out = tmp_path_factory.mktemp("sft")
     trainer, metrics = run_sft(
-        model, processor, sft_rows(train, model, processor), out / "trainer", held_out, lora={"r": 8},
-        max_steps=150, learning_rate=5e-3, save_steps=75, logging_steps=75, per_device_train_batch_size=8,
+        model,
+        processor,
+        sft_rows(train, model, processor),
+        out / "trainer",
+        held_out,
+        lora={"r": 8},
+        max_steps=150,
+        learning_rate=5e-3,
+        save_steps=75,
+        logging_steps=75,
+        per_device_train_batch_size=8,
     )
     return trainer, metrics, out, held_out, codebook
 
@@ -161,8 +175,8 @@ def test_sft_lowers_the_held_out_loss_of_every_task_and_keeps_the_codebook(train
 def test_adapter_reloads_and_merge_gives_the_same_logits(trained, mllm, codes, tmp_path):
     from peft import PeftModel
 
-    from training.stage2 import save_adapter
     from training.sft import load_unicode_model
+    from training.stage2 import save_adapter
 
     trainer, _, _, held_out, _ = trained
     _, processor = mllm
@@ -224,16 +238,31 @@ def test_full_finetune_trains_the_decoder_and_leaves_the_codebook_bit_identical(
     embedding = model.get_input_embeddings().weight
     special = [processor.image_token_id, processor.boi_token_id, processor.eoi_token_id]
     rows_before = embedding.detach()[special].clone()
-    decoder_before = {n: p.detach().clone() for n, p in model.model.language_model.named_parameters() if "embed" not in n}
+    decoder_before = {
+        n: p.detach().clone() for n, p in model.model.language_model.named_parameters() if "embed" not in n
+    }
     held_out = split_by_task(sft_rows(validation, model, processor, seed=1))
-    trainer, metrics = run_sft(model, processor, sft_rows(train, model, processor), tmp_path / "trainer", held_out,
-                               lora=False, max_steps=40, learning_rate=3e-3, save_steps=1000, logging_steps=40)
+    trainer, metrics = run_sft(
+        model,
+        processor,
+        sft_rows(train, model, processor),
+        tmp_path / "trainer",
+        held_out,
+        lora=False,
+        max_steps=40,
+        learning_rate=3e-3,
+        save_steps=1000,
+        logging_steps=40,
+    )
     trained = trainer.model
     assert not hasattr(trained, "peft_config")
     assert torch.equal(trained.model.codebook().detach(), codebook)  # unified codebook untouched
     assert not torch.equal(trained.get_input_embeddings().weight.detach()[special], rows_before)
-    changed = [n for n, p in trained.model.language_model.named_parameters() if n in decoder_before
-               and not torch.equal(p.detach(), decoder_before[n])]
+    changed = [
+        n
+        for n, p in trained.model.language_model.named_parameters()
+        if n in decoder_before and not torch.equal(p.detach(), decoder_before[n])
+    ]
     assert set(changed) == set(decoder_before)
     assert not any(p.requires_grad for p in trained.model.vision_tokenizer.parameters())
     assert metrics["after"]["vqa"] < metrics["before"]["vqa"]
@@ -245,16 +274,22 @@ def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mll
     model, processor = mllm
     train, _ = codes
     row = train[0]
-    rows = tokenize_tasks(understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8),
-                          processor)
+    rows = tokenize_tasks(
+        understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8), processor
+    )
     vqa = [r for r in rows if r["task"] == "vqa"]
     assert len(vqa) == 1 and vqa[0]["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
     ids, labels = vqa[0]["input_ids"], vqa[0]["labels"]
     first_answer = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    messages = [t for t in understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8)
-                if t["task"] == "vqa"][0]["messages"]
+    messages = [
+        t
+        for t in understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8)
+        if t["task"] == "vqa"
+    ][0]["messages"]
     first_question = messages[0]["content"][1]["text"].strip()
-    prompt = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])["input_ids"][0]
+    prompt = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])["input_ids"][
+        0
+    ]
     assert ids[:first_answer] == prompt.tolist()
     tokenizer = processor.tokenizer
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).split()  # noqa: E731
@@ -312,7 +347,10 @@ def test_sft_config_takes_either_checkpointing_spelling_without_the_deprecation_
         for spelling in ("gradient_checkpointing", "activation_checkpointing"):
             for value in (True, False):
                 config = unicode_sft_config("unused-output-dir", use_cpu=True, **{spelling: value})
-                assert getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", None)) is value
+                assert (
+                    getattr(config, "activation_checkpointing", getattr(config, "gradient_checkpointing", None))
+                    is value
+                )
 
 
 def test_an_fsdp_launch_config_on_cpu_says_it_runs_as_ddp(monkeypatch):
@@ -384,7 +422,9 @@ def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads
     logits = deeper(input_ids=ids).logits
     deeper.save_pretrained(tmp_path / "deeper")
     reloaded = type(deeper).from_pretrained(tmp_path / "deeper")
-    assert len(reloaded.model.language_model.layers) == depth and torch.allclose(reloaded(input_ids=ids).logits, logits)
+    assert len(reloaded.model.language_model.layers) == depth and torch.allclose(
+        reloaded(input_ids=ids).logits, logits
+    )
     with pytest.raises(ValueError, match="decoder_layers=0 must be a whole number"):
         reinitialize_decoder_layers(deeper, num_layers=0)
 
@@ -401,10 +441,23 @@ def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(m
     codebook_before = embedding[code_rows].detach().clone()
     head_before = embedding.detach().clone()
     rows = sft_rows(train.select(range(8)), model, processor)
-    trainer, _ = run_sft(model, processor, rows, tmp_path / "sft", lora=False, output_head="trained", max_steps=3,
-                         learning_rate=1e-2, per_device_train_batch_size=4, save_strategy="no", logging_steps=1)
+    trainer, _ = run_sft(
+        model,
+        processor,
+        rows,
+        tmp_path / "sft",
+        lora=False,
+        output_head="trained",
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_steps=1,
+    )
     trained = trainer.model
-    assert trained.lm_head.weight is not trained.get_input_embeddings().weight and not trained.config.tie_word_embeddings
+    assert (
+        trained.lm_head.weight is not trained.get_input_embeddings().weight and not trained.config.tie_word_embeddings
+    )
     assert not torch.equal(trained.lm_head.weight.detach(), head_before)
     assert torch.equal(trained.get_input_embeddings().weight[code_rows].detach(), codebook_before)
     trained.save_pretrained(tmp_path / "out")
@@ -429,14 +482,21 @@ def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    nats = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     mask = labels != IGNORE_INDEX
     per_row = nats.sum(-1) / mask.sum(-1)
     losses = {}
     for normalization in ("row", "token"):
-        trainer = _sft_trainer_class()(model=model, args=unicode_sft_config(tmp_path / normalization, max_steps=1),
-                                       train_dataset=rows, data_collator=CodesCollator(processor.tokenizer.pad_token_id),
-                                       processing_class=processor, loss_normalization=normalization)
+        trainer = _sft_trainer_class()(
+            model=model,
+            args=unicode_sft_config(tmp_path / normalization, max_steps=1),
+            train_dataset=rows,
+            data_collator=CodesCollator(processor.tokenizer.pad_token_id),
+            processing_class=processor,
+            loss_normalization=normalization,
+        )
         add_labelled_positions_lm_head(trainer.model)
         with torch.no_grad():
             losses[normalization] = float(trainer.compute_loss(trainer.model, dict(batch)))
@@ -444,9 +504,14 @@ def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):
     assert losses["token"] == pytest.approx(float(nats[mask].mean()), rel=1e-4)
     assert abs(losses["row"] - losses["token"]) > 1e-3  # rows of different lengths: the two really differ
     with pytest.raises(ValueError, match="loss_normalization='sum' is not one of"):
-        _sft_trainer_class()(model=model, args=unicode_sft_config(tmp_path / "x", max_steps=1), train_dataset=rows,
-                             data_collator=CodesCollator(processor.tokenizer.pad_token_id), processing_class=processor,
-                             loss_normalization="sum")
+        _sft_trainer_class()(
+            model=model,
+            args=unicode_sft_config(tmp_path / "x", max_steps=1),
+            train_dataset=rows,
+            data_collator=CodesCollator(processor.tokenizer.pad_token_id),
+            processing_class=processor,
+            loss_normalization="sum",
+        )
 
 
 def test_wall_clock_budget_ends_training_and_anneals_the_rate_over_its_seconds(mllm, codes, tmp_path, monkeypatch):
@@ -471,8 +536,16 @@ def test_wall_clock_budget_ends_training_and_anneals_the_rate_over_its_seconds(m
     monkeypatch.undo()
     model, processor = mllm
     rows = sft_rows(codes[0].select(range(4)), model, processor)
-    trainer, metrics = run_sft(type(model).from_pretrained(_save(model, processor, tmp_path / "base")), processor, rows,
-                               tmp_path / "timed", lora=False, max_seconds=1.0, save_strategy="no", logging_steps=1)
+    trainer, metrics = run_sft(
+        type(model).from_pretrained(_save(model, processor, tmp_path / "base")),
+        processor,
+        rows,
+        tmp_path / "timed",
+        lora=False,
+        max_seconds=1.0,
+        save_strategy="no",
+        logging_steps=1,
+    )
     assert 1 <= metrics["global_step"] < 10**6 and 1.0 <= metrics["train_seconds"] < 30
     assert metrics["train_tokens"] > 0
 
@@ -486,9 +559,16 @@ def test_stage2_arguments_come_from_the_recipe_once(tmp_path):
     recipe = load_recipe("tiny")["stage2"]
     args = StageIIArguments.from_recipe(tmp_path, "sft", "tiny")
     assert args.learning_rate == recipe["sft"]["learning_rate"] and args.batch_size == recipe["sft"]["batch_size"]
-    assert (args.output_head, args.decoder_layers, args.reinit_decoder) == (recipe["output_head"], recipe["decoder_layers"], True)
+    assert (args.output_head, args.decoder_layers, args.reinit_decoder) == (
+        recipe["output_head"],
+        recipe["decoder_layers"],
+        True,
+    )
     assert args.tasks == recipe["tasks"] and args.extra == recipe["trainer"] and args.lora is False
-    assert StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rate=None).learning_rate == recipe["sft"]["learning_rate"]
+    assert (
+        StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rate=None).learning_rate
+        == recipe["sft"]["learning_rate"]
+    )
     assert StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rate=5e-4).learning_rate == 5e-4
 
     lora = StageIIArguments.from_recipe(tmp_path, "sft", "tiny", lora=True)

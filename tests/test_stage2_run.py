@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from training.cli import main
-
 from stage2_fixtures import make_tiny_run
 from utils_network import free_port
+
+from training.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--train-images", "16", "--eval-images", "4", "--cpu"]
@@ -33,7 +32,11 @@ def fresh_run(stage1_run, folder):
 
 
 def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def test_cli_decompress_then_sft_gives_a_loadable_mllm(stage1_run, tmp_path):
@@ -41,11 +44,33 @@ def test_cli_decompress_then_sft_gives_a_loadable_mllm(stage1_run, tmp_path):
 
     run = fresh_run(stage1_run, tmp_path / "run")
     # --lora: this is the adapter + merge path (the tiny recipe itself fine-tunes fully)
-    assert main(["train", "--stage", "decompress", "--output", str(run), "--steps", "4", "--save-steps", "2", "--lora", *SMALL]) == 0
-    assert main(["train", "--stage", "sft", "--output", str(run), "--steps", "4", "--save-steps", "2", "--lora", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "decompress",
+                "--output",
+                str(run),
+                "--steps",
+                "4",
+                "--save-steps",
+                "2",
+                "--lora",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train", "--stage", "sft", "--output", str(run), "--steps", "4", "--save-steps", "2", "--lora", *SMALL])
+        == 0
+    )
     sft = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert sft["base"] == str(run / "stage2" / "decompress" / "model")  # sft continues the decompressed model
-    assert (run / "mllm" / "COMPLETE").is_file() and (run / "stage2" / "sft" / "adapter" / "adapter_config.json").is_file()
+    assert (run / "mllm" / "COMPLETE").is_file() and (
+        run / "stage2" / "sft" / "adapter" / "adapter_config.json"
+    ).is_file()
     assert any(p.name.startswith("train-16") for p in (run / "codes").iterdir())
     model = AutoModelForImageTextToText.from_pretrained(run / "mllm")
     processor = AutoProcessor.from_pretrained(run / "mllm")
@@ -65,8 +90,21 @@ def _last_step(trainer_dir: Path) -> int:
 def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_path):
     run = fresh_run(stage1_run, tmp_path / "run")
     trainer_dir = run / "stage2" / "sft" / "trainer"
-    command = [sys.executable, "-m", "training.cli", "train", "--stage", "sft", "--output", str(run), "--steps", "100000",
-               "--save-steps", "3", *SMALL]
+    command = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "train",
+        "--stage",
+        "sft",
+        "--output",
+        str(run),
+        "--steps",
+        "100000",
+        "--save-steps",
+        "3",
+        *SMALL,
+    ]
     process = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -86,8 +124,24 @@ def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_pa
     partial.mkdir()
     (partial / "trainer_state.json").write_text("{")
     step = int(last.name.split("-")[1])
-    assert main(["train", "--stage", "sft", "--output", str(run), "--steps", str(step + 2), "--save-steps", "3",
-                 "--resume", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "sft",
+                "--output",
+                str(run),
+                "--steps",
+                str(step + 2),
+                "--save-steps",
+                "3",
+                "--resume",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "stage2" / "sft" / "metrics.json").read_text())
     assert metrics["resumed_from"] == str(last) and metrics["global_step"] == step + 2
     assert not partial.exists()
@@ -95,10 +149,31 @@ def test_killed_sft_resumes_from_the_last_complete_checkpoint(stage1_run, tmp_pa
 
 def test_two_process_cpu_ddp_sft_with_the_accelerate_config(stage1_run, tmp_path):
     run = fresh_run(stage1_run, tmp_path / "run")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configuration/accelerate/ddp.yaml"),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               "-m", "training.cli", "train", "--stage", "sft", "--output", str(run), "--steps", "3", "--save-steps", "2",
-               *SMALL]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configuration/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "training.cli",
+        "train",
+        "--stage",
+        "sft",
+        "--output",
+        str(run),
+        "--steps",
+        "3",
+        "--save-steps",
+        "2",
+        *SMALL,
+    ]
     result = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Grad strides do not match bucket view strides" not in result.stderr

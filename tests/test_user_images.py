@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from utils_mllm import tiny_mllm
 
 from training.cli import main
 from training.data.real_images import ACCEPTED_LAYOUTS, load_image_dataset
 from training.finetune import finetune_lora
 from training.stage1 import images_to_uint8, to_pixel_values
-
-from utils_mllm import tiny_mllm
 
 # (width, height, mode): square at the model's 16 px, larger, non-square both ways, grayscale, with alpha.
 SHAPES = [(16, 16, "RGB"), (64, 64, "RGB"), (40, 24, "RGB"), (20, 36, "L"), (48, 48, "L"), (30, 18, "RGBA")]
@@ -40,8 +39,10 @@ def write_photos(folder):
 
 
 def conversation(caption: str) -> list:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this picture"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this picture"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+    ]
 
 
 def imagefolder_jsonl(root):
@@ -86,8 +87,10 @@ def csv_file(root):
 
 
 def in_memory():
-    return datasets.Dataset.from_dict({"image": [photo(i) for i in range(len(SHAPES))], "caption": CAPTIONS},
-                                      features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    return datasets.Dataset.from_dict(
+        {"image": [photo(i) for i in range(len(SHAPES))], "caption": CAPTIONS},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
 
 
 def saved(root):
@@ -124,8 +127,25 @@ def assert_trained(out, steps=2):
 def test_each_layout_fine_tunes_two_steps_from_the_command_line(layout, model_dir, tmp_path):
     make, flags = LAYOUTS[layout]
     source = make(tmp_path)
-    assert main(["finetune", "--model", str(model_dir), "--dataset", str(source), "--output", str(tmp_path / "out"),
-                 "--steps", "2", "--batch-size", "2", *flags]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                *flags,
+            ]
+        )
+        == 0
+    )
     assert_trained(tmp_path / "out")
 
 
@@ -140,8 +160,24 @@ def test_a_dataset_in_python_and_a_hub_name_fine_tune(model_dir, tmp_path, monke
         return in_memory()
 
     monkeypatch.setattr(datasets, "load_dataset", hub)
-    assert main(["finetune", "--model", str(model_dir), "--dataset", "someone/photos", "--output", str(tmp_path / "hub"),
-                 "--steps", "2", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "someone/photos",
+                "--output",
+                str(tmp_path / "hub"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert asked == [("someone/photos", "train")]
     assert_trained(tmp_path / "hub")
 
@@ -172,17 +208,22 @@ def parquet_file(root):
     return root / "data.parquet"
 
 
-@pytest.mark.parametrize("make, why", [
-    (folder_of_notes, "neither images nor a save_to_disk dataset"),
-    (parquet_file, "is a .parquet file"),
-    (lambda root: root / "missing", "is no file or folder here"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (folder_of_notes, "neither images nor a save_to_disk dataset"),
+        (parquet_file, "is a .parquet file"),
+        (lambda root: root / "missing", "is no file or folder here"),
+    ],
+)
 def test_an_unknown_layout_gets_one_message_listing_the_accepted_ones(make, why, tmp_path, model_dir, capsys):
     source = make(tmp_path)
     with pytest.raises(ValueError, match=why) as error:
         load_image_dataset(source)
     assert all(layout in str(error.value) for layout in ACCEPTED_LAYOUTS)
-    assert main(["finetune", "--model", str(model_dir), "--dataset", str(source), "--output", str(tmp_path / "out")]) == 2
+    assert (
+        main(["finetune", "--model", str(model_dir), "--dataset", str(source), "--output", str(tmp_path / "out")]) == 2
+    )
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "imagefolder" in message and "save_to_disk" in message and "Hub" in message
 
@@ -192,8 +233,22 @@ def test_a_wrong_image_path_or_column_names_the_row_and_the_flag(tmp_path, model
     (source.parent / "images" / "photo_2.png").unlink()
     with pytest.raises(FileNotFoundError, match="row 2: image 'images/photo_2.png' not found"):
         load_image_dataset(source, image_column="image")
-    assert main(["finetune", "--model", str(model_dir), "--dataset", str(source), "--output", str(tmp_path / "out"),
-                 "--image-column", "photo"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--image-column",
+                "photo",
+            ]
+        )
+        == 2
+    )
     assert "no 'photo' column" in capsys.readouterr().err
 
 
@@ -212,8 +267,23 @@ def test_train_tokenizer_trains_and_fine_tunes_on_an_imagefolder(tmp_path):
     # Fine-tune: zero steps from it give it back (the start is the tokenizer, not a fresh draw); two steps move it.
     for steps in ("0", "2"):
         again = tmp_path / f"again-{steps}"
-        assert main(["train-tokenizer", "--output", str(again), "--llm", str(run / "text_lm"), "--init-from",
-                     str(run / "vision_tokenizer"), "--steps", steps, *common]) == 0
+        assert (
+            main(
+                [
+                    "train-tokenizer",
+                    "--output",
+                    str(again),
+                    "--llm",
+                    str(run / "text_lm"),
+                    "--init-from",
+                    str(run / "vision_tokenizer"),
+                    "--steps",
+                    steps,
+                    *common,
+                ]
+            )
+            == 0
+        )
         tuned = UniCodeVisualTokenizer.from_pretrained(again / "vision_tokenizer")
         assert tuned.config.codebook_token_ids == trained.config.codebook_token_ids
         same = all(torch.equal(a, b) for a, b in zip(tuned.encoder.parameters(), trained.encoder.parameters()))

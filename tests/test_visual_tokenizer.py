@@ -24,7 +24,9 @@ def images(n=2, size=SIZE):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
 
 
-@pytest.mark.parametrize("quantizer,depth,grid", [("vq", 1, GRID), ("rq", 2, GRID), ("rq", 4, GRID), ("hq", 5, GRID // 2)])
+@pytest.mark.parametrize(
+    "quantizer,depth,grid", [("vq", 1, GRID), ("rq", 2, GRID), ("rq", 4, GRID), ("hq", 5, GRID // 2)]
+)
 def test_encode_decode_shapes_for_the_tiny_preset(quantizer, depth, grid):
     model = tiny(quantizer, depth)
     codes = model.encode(images())
@@ -97,7 +99,9 @@ def test_external_codebook_replaces_the_stored_one():
     ).eval()
     without_store.load_state_dict({k: v for k, v in model.state_dict().items() if k != "codebook"})
     pixel_values = images()
-    assert torch.equal(without_store.encode(pixel_values, codebook=external), model.encode(pixel_values, codebook=external))
+    assert torch.equal(
+        without_store.encode(pixel_values, codebook=external), model.encode(pixel_values, codebook=external)
+    )
     with pytest.raises(ValueError, match="stores no codebook"):
         without_store.encode(pixel_values)
     with pytest.raises(ValueError, match="codebook must have shape"):

@@ -19,12 +19,15 @@ def load_probe():
 
 
 def fake_model(token_ids, depth):
-    return SimpleNamespace(model=SimpleNamespace(codebook_token_ids=torch.tensor(token_ids)),
-                           config=SimpleNamespace(vq_config=SimpleNamespace(depth=depth, code_grid_size=2)))
+    return SimpleNamespace(
+        model=SimpleNamespace(codebook_token_ids=torch.tensor(token_ids)),
+        config=SimpleNamespace(vq_config=SimpleNamespace(depth=depth, code_grid_size=2)),
+    )
 
 
 def rows(num, rng, colour_code_level):
-    """A 2 x 2 grid, depth 2, flattened raster-then-depth; the answer's code sits at `colour_code_level` of one position."""
+    """A 2 x 2 grid, depth 2, flattened raster-then-depth; the answer's code sits at `colour_code_level` of one
+    position."""
     palette = {"red": 110, "blue": 111, "green": 112}
     out = []
     for _ in range(num):

@@ -89,7 +89,9 @@ def tiny_parts(quantizer: str = "rq", tie: bool = False, max_positions: int = 51
 def tiny_mllm(quantizer: str = "rq", visual_input: str = "aggregate", **kwargs):
     """(model, processor) of a random-init UniCode MLLM."""
     llm, tokenizer, vision = tiny_parts(quantizer, **kwargs)
-    model = UniCodeForConditionalGeneration.from_pretrained_parts(llm, tokenizer, vision, visual_input=visual_input).eval()
+    model = UniCodeForConditionalGeneration.from_pretrained_parts(
+        llm, tokenizer, vision, visual_input=visual_input
+    ).eval()
     processor = UniCodeProcessor.from_model_config(model.config, tokenizer, UniCodeImageProcessor(size=16))
     return model, processor
 

@@ -27,9 +27,9 @@ PACKAGE = "transformers_common_tests"
 SOURCES = ("test_modeling_common.py",)
 STAND_INS = {
     "exporters/test_export.py": '"""Stand-in: the source distribution does not ship tests/exporters/."""\n\n\n'
-                                "class ExportTesterMixin:\n    pass\n",
+    "class ExportTesterMixin:\n    pass\n",
     "generation/test_utils.py": '"""Stand-in: the source distribution does not ship tests/generation/."""\n\n\n'
-                                "class GenerationTesterMixin:\n    pass\n",
+    "class GenerationTesterMixin:\n    pass\n",
 }
 
 
@@ -47,8 +47,19 @@ def cache_root() -> Path:
 
 def _download_sdist(folder: Path) -> Path:
     version = transformers.__version__
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"transformers=={version}", "--dest", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"transformers=={version}",
+        "--dest",
+        str(folder),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -103,7 +114,8 @@ def ensure_common_tests() -> Path:
 
 
 def load_modeling_common() -> ModuleType:
-    """transformers' `tests/test_modeling_common.py` for the installed version; `CommonTestsUnavailable` says why not."""
+    """transformers' `tests/test_modeling_common.py` for the installed version; `CommonTestsUnavailable` says why
+    not."""
     root = str(ensure_common_tests())
     if root not in sys.path:
         sys.path.insert(0, root)

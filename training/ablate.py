@@ -60,7 +60,9 @@ def make_separate_codebook(run: str | Path) -> Path:
     first = len(tokenizer)
     added = tokenizer.add_tokens([f"<vis_{i}>" for i in range(k)])
     if added != k:
-        raise ValueError(f"the tokenizer already has some <vis_i> tokens ({added} of {k} added); start from a fresh text_lm")
+        raise ValueError(
+            f"the tokenizer already has some <vis_i> tokens ({added} of {k} added); start from a fresh text_lm"
+        )
     llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_ids = list(range(first, first + k))
     with torch.no_grad():
@@ -77,7 +79,9 @@ def make_separate_codebook(run: str | Path) -> Path:
     return run / "llm"
 
 
-def _variant_arguments(base: DemoArguments, factor: Optional[str], value: Optional[str], folder: Path) -> DemoArguments:
+def _variant_arguments(
+    base: DemoArguments, factor: Optional[str], value: Optional[str], folder: Path
+) -> DemoArguments:
     from dataclasses import replace
 
     args = replace(base, output_dir=str(folder))
@@ -111,14 +115,25 @@ def _row(name: str, factor: str, report: dict, baseline_report: dict) -> dict:
     wall = report["wall_seconds"]
     held_out = report.get("stage_metrics", {}).get("stage2_sft", {}).get("after") or {}
     # A reused stage counts at the baseline's seconds: the variant's cost from scratch.
-    seconds = sum((baseline_report["wall_seconds"].get(s, 0.0) if report["reused"].get(s) and name != "baseline" else wall.get(s, 0.0))
-                  for s in TRAINING_STAGES) + wall.get("evaluation", 0.0)
+    seconds = sum(
+        (
+            baseline_report["wall_seconds"].get(s, 0.0)
+            if report["reused"].get(s) and name != "baseline"
+            else wall.get(s, 0.0)
+        )
+        for s in TRAINING_STAGES
+    ) + wall.get("evaluation", 0.0)
     return {
-        "variant": name, "factor": factor,
-        "vqa_accuracy": metrics["vqa"]["accuracy"], "vqa_compositional": metrics["vqa_compositional"]["accuracy"],
-        "t2i_all_correct": metrics["text_to_image"]["all_correct"], "t2i_color": metrics["text_to_image"]["color"],
-        "t2i_shape": metrics["text_to_image"]["shape"], "psnr": metrics["reconstruction"]["psnr"],
-        "codebook_usage": metrics["reconstruction"]["codebook_usage"], "wall_seconds": seconds,
+        "variant": name,
+        "factor": factor,
+        "vqa_accuracy": metrics["vqa"]["accuracy"],
+        "vqa_compositional": metrics["vqa_compositional"]["accuracy"],
+        "t2i_all_correct": metrics["text_to_image"]["all_correct"],
+        "t2i_color": metrics["text_to_image"]["color"],
+        "t2i_shape": metrics["text_to_image"]["shape"],
+        "psnr": metrics["reconstruction"]["psnr"],
+        "codebook_usage": metrics["reconstruction"]["codebook_usage"],
+        "wall_seconds": seconds,
         "stage2_sft_loss_after": held_out,
         # Nats per code on held-out scenes: a generation signal where every all-correct score is 0.
         "t2i_loss": held_out.get("text_to_image"),
@@ -127,6 +142,7 @@ def _row(name: str, factor: str, report: dict, baseline_report: dict) -> dict:
 
 def claims(rows: dict[str, dict]) -> dict[str, Optional[bool]]:
     """The paper's claims, checked on the measured rows (None where a variant was not run)."""
+
     def get(name, key):
         return rows[name].get(key) if name in rows else None  # None: not run, or not measured
 
@@ -136,36 +152,56 @@ def claims(rows: dict[str, dict]) -> dict[str, Optional[bool]]:
         values = [(get(a, k), get(b, k), k.endswith("_loss")) for a, b, k in pairs]
         if any(x is None or y is None for x, y, _ in values):
             return None
-        return all(((y > x) if strict else (y >= x)) if loss else ((x > y) if strict else (x >= y)) for x, y, loss in values)
+        return all(
+            ((y > x) if strict else (y >= x)) if loss else ((x > y) if strict else (x >= y)) for x, y, loss in values
+        )
 
     iterative = "baseline"
     return {
-        "iterative > frozen > dual (VQA)": holds((iterative, "paradigm=frozen", "vqa_accuracy"),
-                                                 ("paradigm=frozen", "paradigm=dual", "vqa_accuracy"), strict=True),
-        "HQ >= RQ >= VQ (VQA)": holds(("quantizer=hq", "baseline", "vqa_accuracy"), ("baseline", "quantizer=vq", "vqa_accuracy")),
-        "decompression pre-training helps generation": holds(("baseline", "decompression=off", "t2i_all_correct"), strict=True),
+        "iterative > frozen > dual (VQA)": holds(
+            (iterative, "paradigm=frozen", "vqa_accuracy"),
+            ("paradigm=frozen", "paradigm=dual", "vqa_accuracy"),
+            strict=True,
+        ),
+        "HQ >= RQ >= VQ (VQA)": holds(
+            ("quantizer=hq", "baseline", "vqa_accuracy"), ("baseline", "quantizer=vq", "vqa_accuracy")
+        ),
+        "decompression pre-training helps generation": holds(
+            ("baseline", "decompression=off", "t2i_all_correct"), strict=True
+        ),
         # Both pairs below share the baseline's code assignment, so their held-out code losses compare.
-        "decompression pre-training helps generation (held-out text-to-image loss)":
-            holds(("baseline", "decompression=off", "t2i_loss"), strict=True),
-        "unified >= separate (VQA and generation)": holds(("baseline", "codebook=separate", "vqa_accuracy"),
-                                                          ("baseline", "codebook=separate", "t2i_all_correct")),
+        "decompression pre-training helps generation (held-out text-to-image loss)": holds(
+            ("baseline", "decompression=off", "t2i_loss"), strict=True
+        ),
+        "unified >= separate (VQA and generation)": holds(
+            ("baseline", "codebook=separate", "vqa_accuracy"), ("baseline", "codebook=separate", "t2i_all_correct")
+        ),
         "unified >= separate (held-out text-to-image loss)": holds(("baseline", "codebook=separate", "t2i_loss")),
         "aggregate >= flatten (VQA)": holds(("baseline", "visual_input=flatten", "vqa_accuracy")),
     }
 
 
 def ablation_markdown(rows: dict[str, dict], checks: dict, seconds: float) -> str:
-    lines = ["# UniCode ablations (Shapes world, equal budgets)", "",
-             "| variant | VQA | VQA compositional | t2i all-correct | t2i colour | t2i shape | t2i held-out loss (nats/code) "
-             "| PSNR (dB) | usage | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# UniCode ablations (Shapes world, equal budgets)",
+        "",
+        "| variant | VQA | VQA compositional | t2i all-correct | t2i colour | t2i shape | t2i held-out loss "
+        "(nats/code) "
+        "| PSNR (dB) | usage | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         loss = "n/a" if r.get("t2i_loss") is None else f"{r['t2i_loss']:.3f}"
-        lines.append(f"| {name} | {r['vqa_accuracy']:.3f} | {r['vqa_compositional']:.3f} | {r['t2i_all_correct']:.3f} | "
-                     f"{r['t2i_color']:.3f} | {r['t2i_shape']:.3f} | {loss} | {r['psnr']:.2f} | {r['codebook_usage']:.3f} | "
-                     f"{r['wall_seconds']:.0f} |")
-    lines += ["", "The held-out loss compares only between variants that share the baseline's codes (decompression, "
-              "codebook, visual input): another tokenizer's codes are another prediction problem."]
+        lines.append(
+            f"| {name} | {r['vqa_accuracy']:.3f} | {r['vqa_compositional']:.3f} | {r['t2i_all_correct']:.3f} | "
+            f"{r['t2i_color']:.3f} | {r['t2i_shape']:.3f} | {loss} | {r['psnr']:.2f} | {r['codebook_usage']:.3f} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "The held-out loss compares only between variants that share the baseline's codes (decompression, "
+        "codebook, visual input): another tokenizer's codes are another prediction problem.",
+    ]
     lines += ["", "| paper's claim | holds here |", "|---|---|"]
     for claim, holds in checks.items():
         lines.append(f"| {claim} | {'not run' if holds is None else ('yes' if holds else 'no')} |")
@@ -173,8 +209,15 @@ def ablation_markdown(rows: dict[str, dict], checks: dict, seconds: float) -> st
     return "\n".join(lines)
 
 
-def run_ablation(output_dir: str | Path, preset: str = "tiny", factors=None, seed: int = 0, device: str = "cpu",
-                 budget: Optional[dict] = None, demo_overrides: Optional[dict] = None) -> dict:
+def run_ablation(
+    output_dir: str | Path,
+    preset: str = "tiny",
+    factors=None,
+    seed: int = 0,
+    device: str = "cpu",
+    budget: Optional[dict] = None,
+    demo_overrides: Optional[dict] = None,
+) -> dict:
     """Run the baseline and each variant of `factors`; write `ablation.json` / `ablation.md`.
     `demo_overrides`: extra `DemoArguments` fields for every variant (tests: a reduced model)."""
     from .demo import _recipe
@@ -187,7 +230,9 @@ def run_ablation(output_dir: str | Path, preset: str = "tiny", factors=None, see
     out.mkdir(parents=True, exist_ok=True)
     merged_budget = {**(_recipe(preset).get("ablate") or {}), **(budget or {})}
     demo_budget(preset, merged_budget)  # fail early on a bad key, before any training
-    base = DemoArguments(output_dir="", preset=preset, seed=seed, device=device, budget=merged_budget, **(demo_overrides or {}))
+    base = DemoArguments(
+        output_dir="", preset=preset, seed=seed, device=device, budget=merged_budget, **(demo_overrides or {})
+    )
     started = time.perf_counter()
     print("== ablation variant: baseline", flush=True)
     baseline_report = run_demo(_variant_arguments(base, None, None, out / "baseline"))
@@ -203,8 +248,15 @@ def run_ablation(output_dir: str | Path, preset: str = "tiny", factors=None, see
             rows[name] = _row(name, factor, report, baseline_report)
     seconds = time.perf_counter() - started
     checks = claims(rows)
-    table = {"preset": preset, "seed": seed, "device": device, "budget": demo_budget(preset, merged_budget),
-             "rows": rows, "claims": checks, "wall_seconds": seconds}
+    table = {
+        "preset": preset,
+        "seed": seed,
+        "device": device,
+        "budget": demo_budget(preset, merged_budget),
+        "rows": rows,
+        "claims": checks,
+        "wall_seconds": seconds,
+    }
     markdown = ablation_markdown(rows, checks, seconds)
     atomic_write_json(out / "ablation.json", table)
     atomic_write_text(out / "ablation.md", markdown)

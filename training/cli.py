@@ -1,19 +1,21 @@
 """`unicode-mllm`: the command line. Each stage adds its subcommand here.
 
-    unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
-                      [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
-    unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
-    unicode-mllm evaluate --model outputs/demo-tiny/mllm [--adapter DIR] [--dtype bfloat16] [--output DIR]  # the demo's metrics, any model
-    unicode-mllm presets [NAME]
-    unicode-mllm train-text --preset tiny --output outputs/tiny
-    unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
-    unicode-mllm train-tokenizer --images my_photos/ [--init-from outputs/tiny/vision_tokenizer] ...  # your images
-    unicode-mllm train --stage decompress --preset tiny --output outputs/tiny
-    unicode-mllm train --stage sft --preset tiny --output outputs/tiny        # -> outputs/tiny/mllm
-    unicode-mllm merge --adapter outputs/tiny/stage2/sft/adapter --output merged/
-    unicode-mllm finetune --model outputs/tiny/mllm --dataset my_photos/ --output my_lora/ [--image-column C] [--text-column C]
-    unicode-mllm export outputs/tiny exports/unicode-tiny [--max-shard-size 5GB] [--adapter | --adapter-only]
-    unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [--revision REV] [--dry-run]
+unicode-mllm demo [--preset tiny|small] [--output outputs/demo-tiny] [--device cpu|cuda]   # the whole pipeline
+                  [--paradigm frozen|dual|iterative] [--quantizer vq|rq|hq] [--entropy-weight W]
+unicode-mllm ablate [--output outputs/ablate] [--factors paradigm quantizer ...]       # the paper's ablations, small
+unicode-mllm evaluate --model outputs/demo-tiny/mllm [--adapter DIR] [--dtype bfloat16] [--output DIR]
+                                                  # the demo's metrics, any model
+unicode-mllm presets [NAME]
+unicode-mllm train-text --preset tiny --output outputs/tiny
+unicode-mllm train-tokenizer --preset tiny --paradigm iterative --quantizer rq --output outputs/tiny
+unicode-mllm train-tokenizer --images my_photos/ [--init-from outputs/tiny/vision_tokenizer] ...  # your images
+unicode-mllm train --stage decompress --preset tiny --output outputs/tiny
+unicode-mllm train --stage sft --preset tiny --output outputs/tiny        # -> outputs/tiny/mllm
+unicode-mllm merge --adapter outputs/tiny/stage2/sft/adapter --output merged/
+unicode-mllm finetune --model outputs/tiny/mllm --dataset my_photos/ --output my_lora/
+                      [--image-column C] [--text-column C]
+unicode-mllm export outputs/tiny exports/unicode-tiny [--max-shard-size 5GB] [--adapter | --adapter-only]
+unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [--revision REV] [--dry-run]
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 
     preset, recipe = load_preset(args.preset), _recipe(args.preset)
     if preset["text_model"].get("source") != "stage0":
-        print(f"preset {args.preset!r} uses a pretrained LLM ({preset['text_model'].get('name_or_path')}); nothing to train")
+        print(
+            f"preset {args.preset!r} uses a pretrained LLM ({preset['text_model'].get('name_or_path')}); nothing to "
+            "train"
+        )
         return 0
     stage0, data = recipe.get("stage0", {}), recipe.get("data", {})
     texts = list(text_corpus(num_scenes=_pick(args.scenes, data, "text_scenes", 4000), seed=args.seed))
@@ -71,7 +76,9 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 VISION_FLAGS = {
     "norm_handling": dict(choices=["normalize", "none"]),
     "dead_code_threshold": dict(type=float),
-    "entropy_weight": dict(type=float, help="MAGVIT-v2 entropy term for codebook usage (default 0: off; see docs/results.md)"),
+    "entropy_weight": dict(
+        type=float, help="MAGVIT-v2 entropy term for codebook usage (default 0: off; see docs/results.md)"
+    ),
     "entropy_temperature": dict(type=float, help="its softmax temperature (default 0.1)"),
 }
 
@@ -101,8 +108,10 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         return 0
     llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / "text_lm")
     if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / "text_lm").is_dir():
-        raise SystemExit(f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
-                         f"--output {args.output}` first, or pass --llm")
+        raise SystemExit(
+            f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
+            f"--output {args.output}` first, or pass --llm"
+        )
     image_size = preset["vision_tokenizer"]["image_size"]
     if args.init_from:
         from modeling_unicode import UniCodeVisualTokenizerConfig
@@ -115,7 +124,10 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         images = images.select(range(min(len(images), args.train_images or len(images))))
         held_out = max(1, len(images) // 10) if len(images) > 1 else 0
         pixels = images_to_uint8(images[args.image_column], image_size, str(args.images))
-        train_images, eval_images = pixels[: len(pixels) - held_out], pixels[len(pixels) - held_out:] if held_out else pixels
+        train_images, eval_images = (
+            pixels[: len(pixels) - held_out],
+            pixels[len(pixels) - held_out :] if held_out else pixels,
+        )
     else:
         num_train = _pick(args.train_images, data, "train_images", 8000)
         num_val = data.get("validation_images", 256)
@@ -157,20 +169,40 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train")
-    parser.add_argument("--image-column", default="image", help="the column holding images or image paths (default image)")
+    parser.add_argument(
+        "--image-column", default="image", help="the column holding images or image paths (default image)"
+    )
 
 
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
     from .stage2 import StageIIArguments, train_stage2
 
-    metrics = train_stage2(StageIIArguments.from_recipe(
-        args.output, args.stage, args.preset, llm=args.llm, max_steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules, segments=args.segments,
-        caption_drop=args.caption_drop, train_images=args.train_images, eval_images=args.eval_images,
-        save_steps=args.save_steps, lora=args.lora, seed=args.seed, resume=args.resume, use_cpu=True if args.cpu else None,
-    ))
-    print(json.dumps({k: metrics.get(k) for k in ("before", "after", "global_step", "resumed_from", "merged")}, indent=2))
+    metrics = train_stage2(
+        StageIIArguments.from_recipe(
+            args.output,
+            args.stage,
+            args.preset,
+            llm=args.llm,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lora_r=args.lora_r,
+            target_modules=args.target_modules,
+            segments=args.segments,
+            caption_drop=args.caption_drop,
+            train_images=args.train_images,
+            eval_images=args.eval_images,
+            save_steps=args.save_steps,
+            lora=args.lora,
+            seed=args.seed,
+            resume=args.resume,
+            use_cpu=True if args.cpu else None,
+        )
+    )
+    print(
+        json.dumps({k: metrics.get(k) for k in ("before", "after", "global_step", "resumed_from", "merged")}, indent=2)
+    )
     return 0
 
 
@@ -186,8 +218,9 @@ def _user_images(args: argparse.Namespace, command: str):
     from .data.real_images import load_image_dataset
 
     try:
-        return load_image_dataset(args.dataset if command == "finetune" else args.images, args.split,
-                                  image_column=args.image_column)
+        return load_image_dataset(
+            args.dataset if command == "finetune" else args.images, args.split, image_column=args.image_column
+        )
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"unicode-mllm {command}: error: {error}", file=sys.stderr)
         return None
@@ -199,26 +232,56 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     data = _user_images(args, "finetune")
     if data is None:
         return 2
-    metrics = finetune_lora(args.model, data, args.output, max_steps=args.steps, batch_size=args.batch_size,
-                            learning_rate=args.lr, lora_r=args.lora_r, target_modules=args.target_modules,
-                            image_column=args.image_column, text_column=args.text_column, merge=args.merge,
-                            resume=args.resume)
+    metrics = finetune_lora(
+        args.model,
+        data,
+        args.output,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lora_r=args.lora_r,
+        target_modules=args.target_modules,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        merge=args.merge,
+        resume=args.resume,
+    )
     print(json.dumps({k: metrics.get(k) for k in ("train_loss", "global_step", "adapter", "merged")}, indent=2))
     return 0
 
 
 def _add_stage2_parsers(sub) -> None:
-    train = sub.add_parser("train", help="stage II: --stage decompress (pre-training) or sft (instruction tuning), LoRA or full")
+    train = sub.add_parser(
+        "train", help="stage II: --stage decompress (pre-training) or sft (instruction tuning), LoRA or full"
+    )
     train.add_argument("--stage", choices=["decompress", "sft"], required=True)
     train.add_argument("--preset", default="tiny")
-    train.add_argument("--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)")
-    train.add_argument("--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)")
-    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--lora-r", int), ("--segments", int),
-                       ("--caption-drop", float), ("--train-images", int), ("--eval-images", int), ("--save-steps", int)):
+    train.add_argument(
+        "--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)"
+    )
+    train.add_argument(
+        "--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)"
+    )
+    for flag, kind in (
+        ("--steps", int),
+        ("--batch-size", int),
+        ("--lr", float),
+        ("--lora-r", int),
+        ("--segments", int),
+        ("--caption-drop", float),
+        ("--train-images", int),
+        ("--eval-images", int),
+        ("--save-steps", int),
+    ):
         train.add_argument(flag, type=kind)
     train.add_argument("--target-modules", nargs="+", help="LLM linear layers to adapt (default: all of them)")
-    train.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                       help="LoRA adapter (--lora) or full fine-tuning of the LLM decoder (--no-lora); default: the recipe's stage2.lora")
+    train.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LoRA adapter (--lora) or full fine-tuning of the LLM decoder (--no-lora); default: the recipe's "
+        "stage2.lora",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the last COMPLETE checkpoint")
     train.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
     train.add_argument("--seed", type=int, default=0)
@@ -230,13 +293,22 @@ def _add_stage2_parsers(sub) -> None:
     merge.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
     merge.set_defaults(func=_cmd_merge)
 
-    tune = sub.add_parser("finetune", help="LoRA fine-tune of a UniCode model on your images (README: layouts and columns)")
+    tune = sub.add_parser(
+        "finetune", help="LoRA fine-tune of a UniCode model on your images (README: layouts and columns)"
+    )
     tune.add_argument("--model", required=True, help="UniCode model folder or Hub repo id")
-    tune.add_argument("--dataset", required=True, help="imagefolder (metadata.jsonl/.csv), JSON/JSONL/CSV file of image "
-                      "paths, save_to_disk folder, or Hub dataset name")
+    tune.add_argument(
+        "--dataset",
+        required=True,
+        help="imagefolder (metadata.jsonl/.csv), JSON/JSONL/CSV file of image "
+        "paths, save_to_disk folder, or Hub dataset name",
+    )
     _add_image_data_flags(tune)
-    tune.add_argument("--text-column", help="text-to-image captions (default: the first of caption, text, ... present); "
-                      "rows with a 'messages' conversation train on it instead")
+    tune.add_argument(
+        "--text-column",
+        help="text-to-image captions (default: the first of caption, text, ... present); "
+        "rows with a 'messages' conversation train on it instead",
+    )
     tune.add_argument("--output", required=True)
     tune.add_argument("--steps", type=int, default=100)
     tune.add_argument("--batch-size", type=int, default=8)
@@ -244,9 +316,14 @@ def _add_stage2_parsers(sub) -> None:
     tune.add_argument("--lora-r", type=int, default=16)
     tune.add_argument("--target-modules", nargs="+")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT/merged")
-    tune.add_argument("--resume", action="store_true",
-                      help="continue from the last COMPLETE checkpoint in OUTPUT/trainer (a run that was stopped or killed)")
+    tune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last COMPLETE checkpoint in OUTPUT/trainer (a run that was stopped or killed)",
+    )
     tune.set_defaults(func=_cmd_finetune)
+
+
 # -- hub_upload: export / push (thin wrappers; the work is in hub_upload) ---------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
     from hub_upload.export import export_adapter, export_run
@@ -255,9 +332,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.adapter_only:
             out = export_adapter(args.run_dir, args.out_dir, overwrite=args.overwrite)
         else:
-            out = export_run(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size, repo_id=args.repo_id,
-                             base_model=args.base_model, base_model_license=args.base_model_license,
-                             include_adapter=args.adapter, overwrite=args.overwrite)
+            out = export_run(
+                args.run_dir,
+                args.out_dir,
+                max_shard_size=args.max_shard_size,
+                repo_id=args.repo_id,
+                base_model=args.base_model,
+                base_model_license=args.base_model_license,
+                include_adapter=args.adapter,
+                overwrite=args.overwrite,
+            )
     except (ValueError, TypeError) as error:
         print(f"unicode-mllm export: error: {error}", file=sys.stderr)
         return 2
@@ -269,8 +353,14 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from hub_upload.push import PushError, push_folder
 
     try:
-        result = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                             dry_run=args.dry_run, commit_message=args.message)
+        result = push_folder(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            dry_run=args.dry_run,
+            commit_message=args.message,
+        )
     except (ValueError, TypeError, PushError) as error:
         print(f"unicode-mllm push: error: {error}", file=sys.stderr)
         return 2
@@ -279,13 +369,17 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    export = sub.add_parser("export", help="turn a trained run folder into a Hub repository folder (remote code, model card)")
+    export = sub.add_parser(
+        "export", help="turn a trained run folder into a Hub repository folder (remote code, model card)"
+    )
     export.add_argument("run_dir", help="run folder with mllm/, report.json, samples.png")
     export.add_argument("out_dir", help="new folder to write")
     export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     export.add_argument("--repo-id", help="repository the model card's snippets load from")
     export.add_argument("--base-model", help="base LLM repo id (default: the report's settings)")
-    export.add_argument("--base-model-license", help="its licence, stated on the card (default: known for preset LLMs)")
+    export.add_argument(
+        "--base-model-license", help="its licence, stated on the card (default: known for preset LLMs)"
+    )
     group = export.add_mutually_exclusive_group()
     group.add_argument("--adapter", action="store_true", help="also copy the run's LoRA adapter into adapter/")
     group.add_argument("--adapter-only", action="store_true", help="export only the LoRA adapter (PEFT format)")
@@ -300,18 +394,31 @@ def _add_hub_commands(sub) -> None:
     push.add_argument("--message", help="commit message")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact no server")
     push.set_defaults(func=_cmd_push)
+
+
 # -- end hub_upload ---------------------------------------------------------------------------------
 
 
 # -- demo / ablate (the work is in training/demo.py and training/ablate.py) ----------------------
-_BUDGET_FLAGS = (("--stage0-steps", int), ("--stage1-steps", int), ("--decompress-steps", int), ("--sft-steps", int),
-                 ("--stage1-train-images", int), ("--stage2-train-images", int), ("--vqa-images", int),
-                 ("--generation-prompts", int), ("--guidance-scale", float))
+_BUDGET_FLAGS = (
+    ("--stage0-steps", int),
+    ("--stage1-steps", int),
+    ("--decompress-steps", int),
+    ("--sft-steps", int),
+    ("--stage1-train-images", int),
+    ("--stage2-train-images", int),
+    ("--vqa-images", int),
+    ("--generation-prompts", int),
+    ("--guidance-scale", float),
+)
 
 
 def _budget_flags(args: argparse.Namespace) -> dict:
-    return {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, _ in _BUDGET_FLAGS
-            if getattr(args, f[2:].replace("-", "_")) is not None}
+    return {
+        f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_"))
+        for f, _ in _BUDGET_FLAGS
+        if getattr(args, f[2:].replace("-", "_")) is not None
+    }
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -319,8 +426,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     output = args.output or f"outputs/demo-{args.preset}"
     try:
-        run_demo(DemoArguments(output_dir=output, preset=args.preset, seed=args.seed, device=args.device, budget=_budget_flags(args),
-                               paradigm=args.paradigm, quantizer=args.quantizer, vision_overrides=_vision_flags(args)))
+        run_demo(
+            DemoArguments(
+                output_dir=output,
+                preset=args.preset,
+                seed=args.seed,
+                device=args.device,
+                budget=_budget_flags(args),
+                paradigm=args.paradigm,
+                quantizer=args.quantizer,
+                vision_overrides=_vision_flags(args),
+            )
+        )
     except DemoSettingsError as error:
         print(f"unicode-mllm demo: error: {error}", file=sys.stderr)
         return 2
@@ -332,8 +449,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from .demo import DemoSettingsError
 
     try:
-        table = run_ablation(args.output, preset=args.preset, factors=args.factors or list(FACTORS), seed=args.seed,
-                             device=args.device, budget=_budget_flags(args))
+        table = run_ablation(
+            args.output,
+            preset=args.preset,
+            factors=args.factors or list(FACTORS),
+            seed=args.seed,
+            device=args.device,
+            budget=_budget_flags(args),
+        )
     except DemoSettingsError as error:
         print(f"unicode-mllm ablate: error: {error}", file=sys.stderr)
         return 2
@@ -343,8 +466,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 # -- evaluate: the demo's evaluation of any UniCode MLLM ---------------------------------------------
 # Flags of `evaluate_on_shapes`'s keywords; unset ones keep its defaults (the tiny demo's budget).
-_EVALUATE_COUNTS = ("vqa_images", "compositional_images", "generation_prompts", "reconstruction_images", "usage_images",
-                    "prior_scenes")
+_EVALUATE_COUNTS = (
+    "vqa_images",
+    "compositional_images",
+    "generation_prompts",
+    "reconstruction_images",
+    "usage_images",
+    "prior_scenes",
+)
 
 
 def _unicode_model_problem(model: str) -> str | None:
@@ -357,8 +486,10 @@ def _unicode_model_problem(model: str) -> str | None:
         return None
     missing = missing_mllm_parts(folder, shown_as=model.rstrip("/"))
     if missing:
-        return (f"--model {model} is not a UniCode MLLM folder; it lacks {'; '.join(missing)}. Point it at a demo run's "
-                "mllm/, a merged adapter, an `unicode-mllm export` folder, or a Hub repo id")
+        return (
+            f"--model {model} is not a UniCode MLLM folder; it lacks {'; '.join(missing)}. Point it at a demo run's "
+            "mllm/, a merged adapter, an `unicode-mllm export` folder, or a Hub repo id"
+        )
     return None
 
 
@@ -393,13 +524,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("seed", args.seed)) if v is not None}
     results = evaluate_on_shapes(model, processor, **counts, **options)
     title = f"`{args.model}`" + (f" + adapter `{args.adapter}`" if args.adapter else "")
-    markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {results['settings']['seed']}.\n\n{metrics_markdown(results)}\n"
+    seed = results["settings"]["seed"]
+    markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {seed}.\n\n{metrics_markdown(results)}\n"
     print(markdown)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "adapter": args.adapter, "settings": {**results["settings"], "device": args.device, "dtype": args.dtype},
-                  **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")}}
+        record = {
+            "model": args.model,
+            "adapter": args.adapter,
+            "settings": {**results["settings"], "device": args.device, "dtype": args.dtype},
+            **{key: results[key] for key in ("metrics", "chance", "ceiling", "counts")},
+        }
         atomic_write_json(out / "evaluation.json", record)
         atomic_write_text(out / "evaluation.md", markdown)
         save_samples(results["examples"], out / "samples.png")
@@ -408,16 +544,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_command(sub) -> None:
-    cmd = sub.add_parser("evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM")
+    cmd = sub.add_parser(
+        "evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM"
+    )
     cmd.add_argument("--model", required=True, help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id")
-    cmd.add_argument("--adapter", help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)")
+    cmd.add_argument(
+        "--adapter", help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)"
+    )
     for name in _EVALUATE_COUNTS:
         cmd.add_argument("--" + name.replace("_", "-"), type=int, help="default: the tiny demo's")
     cmd.add_argument("--guidance-scale", type=float, help="default 3.0")
     cmd.add_argument("--seed", type=int, help="which Shapes world scenes (default 0, the demo's own test split)")
     cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                     help="the weights' precision, as the model would be served (the visual tokenizer included)")
+    cmd.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the weights' precision, as the model would be served (the visual tokenizer included)",
+    )
     cmd.add_argument("--output", help="folder for evaluation.json / evaluation.md / samples.png (default: print only)")
     cmd.set_defaults(func=_cmd_evaluate)
 
@@ -425,12 +569,17 @@ def _add_evaluate_command(sub) -> None:
 def _add_demo_commands(sub) -> None:
     from .ablate import FACTORS
 
-    for name, helper in (("demo", "the main job: stage 0 -> I -> codes -> decompress -> SFT -> evaluation -> report, offline"),
-                         ("ablate", "the paper's ablations at small scale, one factor at a time from a shared baseline")):
+    for name, helper in (
+        ("demo", "the main job: stage 0 -> I -> codes -> decompress -> SFT -> evaluation -> report, offline"),
+        ("ablate", "the paper's ablations at small scale, one factor at a time from a shared baseline"),
+    ):
         cmd = sub.add_parser(name, help=helper)
         cmd.add_argument("--preset", default="tiny")
-        cmd.add_argument("--output", default=None if name == "demo" else "outputs/ablate",
-                         help="run folder (default outputs/demo-PRESET)" if name == "demo" else "folder of the variants' runs")
+        cmd.add_argument(
+            "--output",
+            default=None if name == "demo" else "outputs/ablate",
+            help="run folder (default outputs/demo-PRESET)" if name == "demo" else "folder of the variants' runs",
+        )
         cmd.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
         cmd.add_argument("--seed", type=int, default=0)
         for flag, kind in _BUDGET_FLAGS:
@@ -438,22 +587,30 @@ def _add_demo_commands(sub) -> None:
         if name == "ablate":
             cmd.add_argument("--factors", nargs="+", choices=list(FACTORS), help="default: all of them")
         else:  # the ablation sets these itself, one factor at a time
-            cmd.add_argument("--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)")
+            cmd.add_argument(
+                "--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)"
+            )
             cmd.add_argument("--quantizer", choices=["vq", "rq", "hq"], help="default: the preset's")
             _add_vision_flags(cmd, ("entropy_weight", "entropy_temperature"))
         cmd.set_defaults(func=_cmd_demo if name == "demo" else _cmd_ablate)
+
+
 # -- end demo / ablate --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unicode-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="unicode-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     presets = sub.add_parser("presets", help="list model presets, or print one")
     presets.add_argument("name", nargs="?")
     presets.set_defaults(func=_cmd_presets)
 
-    text = sub.add_parser("train-text", help="stage 0: BPE tokenizer + small Llama for presets without a pretrained LLM")
+    text = sub.add_parser(
+        "train-text", help="stage 0: BPE tokenizer + small Llama for presets without a pretrained LLM"
+    )
     text.add_argument("--preset", default="tiny")
     text.add_argument("--output", default="outputs/tiny")
     text.add_argument("--steps", type=int)
@@ -464,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("train-tokenizer", help="stage I: the visual tokenizer with the unified codebook")
     tok.add_argument("--preset", default="tiny")
     tok.add_argument("--output", default="outputs/tiny")
-    tok.add_argument("--llm", help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)")
+    tok.add_argument(
+        "--llm", help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)"
+    )
     tok.add_argument("--paradigm", choices=["frozen", "dual", "iterative"])
     tok.add_argument("--quantizer", choices=["vq", "rq", "hq"])
     tok.add_argument("--depth", type=int, help="residual levels for --quantizer rq")
@@ -473,12 +632,20 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--batch-size", type=int)
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
-    tok.add_argument("--train-images", type=int, help="how many images to train on (default: the recipe's, or all of --images)")
-    tok.add_argument("--images", help="train on your images instead of the Shapes world: an imagefolder, a JSON/JSONL/CSV "
-                     "file of image paths, a save_to_disk folder or a Hub dataset name")
+    tok.add_argument(
+        "--train-images", type=int, help="how many images to train on (default: the recipe's, or all of --images)"
+    )
+    tok.add_argument(
+        "--images",
+        help="train on your images instead of the Shapes world: an imagefolder, a JSON/JSONL/CSV "
+        "file of image paths, a save_to_disk folder or a Hub dataset name",
+    )
     _add_image_data_flags(tok)
-    tok.add_argument("--init-from", help="fine-tune: start from this visual tokenizer folder (a run's vision_tokenizer/), "
-                     "keeping its layout and codebook ids; --llm must be the LLM it was trained with")
+    tok.add_argument(
+        "--init-from",
+        help="fine-tune: start from this visual tokenizer folder (a run's vision_tokenizer/), "
+        "keeping its layout and codebook ids; --llm must be the LLM it was trained with",
+    )
     _add_vision_flags(tok, VISION_FLAGS)
     tok.add_argument("--fp32", action="store_true", help="disable bf16 autocast of the convolutions")
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")

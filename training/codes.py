@@ -182,13 +182,19 @@ def check_code_dataset(dataset, expected, argument: str = "dataset") -> None:
     for key in ("codebook_size", "codebook_ids_sha256", "grid_size", "depth", "quantizer", "tokens_per_image"):
         if have.get(key) != want.get(key):
             raise ValueError(
-                f"{argument}'s codes come from a different visual tokenizer: {key}={have.get(key)!r} but the model has "
+                f"{argument}'s codes come from a different visual tokenizer: {key}={have.get(key)!r} but the model "
+                "has "
                 f"{want.get(key)!r}; re-encode the images with this model's tokenizer (delete the cached codes folder)"
             )
-    if have.get("tokenizer_sha256") and want.get("tokenizer_sha256") and have["tokenizer_sha256"] != want["tokenizer_sha256"]:
+    if (
+        have.get("tokenizer_sha256")
+        and want.get("tokenizer_sha256")
+        and have["tokenizer_sha256"] != want["tokenizer_sha256"]
+    ):
         raise ValueError(
             f"{argument}'s codes come from a different visual tokenizer (same K and ids, different weights: "
-            f"{have['tokenizer_sha256']} vs {want['tokenizer_sha256']}); re-encode the images with this model's tokenizer"
+            f"{have['tokenizer_sha256']} vs {want['tokenizer_sha256']}); re-encode the images with this model's "
+            "tokenizer"
         )
 
 

@@ -7,7 +7,8 @@ pre-training -> instruction tuning -> evaluation -> the run folder of docs/desig
     <run>/mllm/                 the final model (AutoModelForImageTextToText / AutoProcessor)
     <run>/adapter/              a copy of the SFT LoRA adapter (PEFT; its base is stage2/decompress/model); none
                                 when the recipe fine-tunes fully (`stage2.lora: false`)
-    <run>/report.json           metrics + chance levels + text-to-image ceiling + goals, settings, wall time per stage, versions
+    <run>/report.json           metrics + chance levels + text-to-image ceiling + goals, settings, wall time per
+                                stage, versions
     <run>/report.md             the same as tables
     <run>/samples.png           inputs, reconstructions, generated images under their prompts, answers
     <run>/question.png          the one answered question's image, its question, answer and truth printed below
@@ -36,9 +37,21 @@ from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_te
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
-    "text_scenes", "stage0_steps", "stage1_steps", "stage1_train_images", "stage1_eval_images", "stage2_train_images",
-    "stage2_eval_images", "decompress_steps", "sft_steps", "vqa_images", "compositional_images", "generation_prompts",
-    "reconstruction_images", "usage_images", "guidance_scale",
+    "text_scenes",
+    "stage0_steps",
+    "stage1_steps",
+    "stage1_train_images",
+    "stage1_eval_images",
+    "stage2_train_images",
+    "stage2_eval_images",
+    "decompress_steps",
+    "sft_steps",
+    "vqa_images",
+    "compositional_images",
+    "generation_prompts",
+    "reconstruction_images",
+    "usage_images",
+    "guidance_scale",
 )
 
 
@@ -53,7 +66,7 @@ class DemoArguments:
     preset: str = "tiny"
     seed: int = 0
     device: str = "cpu"
-    budget: dict = field(default_factory=dict)        # overrides of the recipe's `demo` section
+    budget: dict = field(default_factory=dict)  # overrides of the recipe's `demo` section
     # Reduced settings (tests): overrides of the preset's text model / visual tokenizer.
     text_model_overrides: dict = field(default_factory=dict)
     vision_overrides: dict = field(default_factory=dict)
@@ -91,8 +104,10 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     budget = {**section, **overrides}
     missing = [k for k in BUDGET_KEYS if k not in budget]
     if missing:
-        raise DemoSettingsError(f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
-                                f"configuration/recipes/{preset}.yaml or pass them in budget=")
+        raise DemoSettingsError(
+            f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
+            f"configuration/recipes/{preset}.yaml or pass them in budget="
+        )
     # Checked here, before any training, rather than by the stage that would fail on it minutes later.
     from modeling_unicode.modeling_unicode import check_guidance_scale
 
@@ -139,28 +154,50 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
     settings: dict[str, dict] = {}
     # The data is code, not a setting: its fingerprints stand in for it, so a folder trained on what an
     # older version generated is refused like one made with other settings.
-    upstream = {"preset": args.preset, "seed": args.seed, "text_model": preset["text_model"],
-                "shapes_world_sha256": shapes_world_fingerprint()}
+    upstream = {
+        "preset": args.preset,
+        "seed": args.seed,
+        "text_model": preset["text_model"],
+        "shapes_world_sha256": shapes_world_fingerprint(),
+    }
     if preset["text_model"].get("source") == "stage0":
         upstream = settings["stage0_text_lm"] = {
-            **upstream, "text_scenes": budget["text_scenes"], "stage0_steps": budget["stage0_steps"],
-            "recipe_stage0": recipe_training_settings(recipe.get("stage0", {}))}
+            **upstream,
+            "text_scenes": budget["text_scenes"],
+            "stage0_steps": budget["stage0_steps"],
+            "recipe_stage0": recipe_training_settings(recipe.get("stage0", {})),
+        }
     upstream = settings["stage1_tokenizer"] = {
-        **upstream, **{k: budget[k] for k in ("stage1_steps", "stage1_train_images", "stage1_eval_images")},
-        "vision_tokenizer": {**preset["vision_tokenizer"], **args.vision_overrides}, "paradigm": args.paradigm,
-        "quantizer": args.quantizer, "codebook_size": args.codebook_size,
-        "recipe_stage1": _without(recipe.get("stage1", {}), "max_steps")}
+        **upstream,
+        **{k: budget[k] for k in ("stage1_steps", "stage1_train_images", "stage1_eval_images")},
+        "vision_tokenizer": {**preset["vision_tokenizer"], **args.vision_overrides},
+        "paradigm": args.paradigm,
+        "quantizer": args.quantizer,
+        "codebook_size": args.codebook_size,
+        "recipe_stage1": _without(recipe.get("stage1", {}), "max_steps"),
+    }
     upstream = settings["code_datasets"] = {**upstream, "visual_input": args.visual_input}
     stage2 = recipe.get("stage2", {})
-    shared = {"task_rows_sha256": task_rows_fingerprint(),
-              "stage2_train_images": budget["stage2_train_images"], "stage2_eval_images": budget["stage2_eval_images"],
-              "recipe_stage2": _without(stage2, "train_images", "eval_images", "decompress", "sft")}
+    shared = {
+        "task_rows_sha256": task_rows_fingerprint(),
+        "stage2_train_images": budget["stage2_train_images"],
+        "stage2_eval_images": budget["stage2_eval_images"],
+        "recipe_stage2": _without(stage2, "train_images", "eval_images", "decompress", "sft"),
+    }
     if decompress:
         upstream = settings["stage2_decompress"] = {
-            **upstream, **shared, "decompress_steps": budget["decompress_steps"],
-            "recipe_stage2_decompress": _without(stage2.get("decompress", {}), "max_steps")}
-    settings["stage2_sft"] = {**upstream, **shared, "decompression_pretraining": decompress, "sft_steps": budget["sft_steps"],
-                              "recipe_stage2_sft": _without(stage2.get("sft", {}), "max_steps")}
+            **upstream,
+            **shared,
+            "decompress_steps": budget["decompress_steps"],
+            "recipe_stage2_decompress": _without(stage2.get("decompress", {}), "max_steps"),
+        }
+    settings["stage2_sft"] = {
+        **upstream,
+        **shared,
+        "decompression_pretraining": decompress,
+        "sft_steps": budget["sft_steps"],
+        "recipe_stage2_sft": _without(stage2.get("sft", {}), "max_steps"),
+    }
     return json.loads(json.dumps(settings))
 
 
@@ -215,19 +252,25 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
                 continue
             raise DemoSettingsError(
                 f"{stage}: an interrupted run of it left {', '.join(partial)}, started with other settings: "
-                + "; ".join(_differences(started, wanted)) + ". Its checkpoints are kept, not resumed. Use a new "
-                f"output folder (--output), or delete {', '.join(partial)} to start {stage} afresh.")
+                + "; ".join(_differences(started, wanted))
+                + ". Its checkpoints are kept, not resumed. Use a new "
+                f"output folder (--output), or delete {', '.join(partial)} to start {stage} afresh."
+            )
         if stage not in records:
-            problem = (f"{folder} is complete but {run / STAGE_RECORDS} has no record of the settings it was made with "
-                       "(made by an older version?)")
+            problem = (
+                f"{folder} is complete but {run / STAGE_RECORDS} has no record of the settings it was made with "
+                "(made by an older version?)"
+            )
         elif records[stage] != wanted:
             problem = f"{folder} was made with other settings: " + "; ".join(_differences(records[stage], wanted))
         else:
             continue
-        later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage):]
+        later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage) :]
         stale = [str(run / name) for s in later for name in STAGE_FOLDERS[s] if (run / name).exists()]
-        raise DemoSettingsError(f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
-                                f"{', '.join(stale)} to retrain {stage} and the stages after it.")
+        raise DemoSettingsError(
+            f"{stage}: {problem}. It is kept, not reused. Use a new output folder (--output), or delete "
+            f"{', '.join(stale)} to retrain {stage} and the stages after it."
+        )
 
 
 def _versions() -> dict:
@@ -269,12 +312,28 @@ def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
 
     stage0 = _recipe(preset["name"]).get("stage0", {})
     texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
-    return train_text_lm(run / "text_lm", preset["text_model"], texts, max_steps=budget["stage0_steps"], seed=seed,
-                         **recipe_training_settings(stage0))
+    return train_text_lm(
+        run / "text_lm",
+        preset["text_model"],
+        texts,
+        max_steps=budget["stage0_steps"],
+        seed=seed,
+        **recipe_training_settings(stage0),
+    )
 
 
-def train_stage1(run: Path, preset_name: str, llm_path: Path, budget: dict, seed: int, *, paradigm=None, quantizer=None,
-                 codebook_size=None, vision_overrides=None) -> dict:
+def train_stage1(
+    run: Path,
+    preset_name: str,
+    llm_path: Path,
+    budget: dict,
+    seed: int,
+    *,
+    paradigm=None,
+    quantizer=None,
+    codebook_size=None,
+    vision_overrides=None,
+) -> dict:
     """Stage I through `StageITrainer`, with the recipe's `stage1` values and the demo's budget."""
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset
@@ -291,17 +350,33 @@ def train_stage1(run: Path, preset_name: str, llm_path: Path, budget: dict, seed
         _, tokenizer = load_text_lm(str(llm_path))
         text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=500, seed=seed)), 64)
     args = StageIArguments(
-        output_dir=str(run), llm_path=str(llm_path), preset=preset_name, paradigm=paradigm, quantizer=quantizer,
-        codebook_size=codebook_size, max_steps=budget["stage1_steps"], batch_size=stage1.get("batch_size", 16),
-        learning_rate=stage1.get("learning_rate", 2e-3), warmup_steps=min(stage1.get("warmup_steps", 50), budget["stage1_steps"]),
-        bf16=stage1.get("bf16", True), seed=seed, log_every=stage1.get("log_every", 25),
-        sample_every=stage1.get("sample_every", 250), checkpoint_every=stage1.get("checkpoint_every", 250),
-        eval_images=budget["stage1_eval_images"], dual_text_steps=stage1.get("dual_text_steps", 5),
-        gan_weight=stage1.get("gan_weight", 0.0), gan_start_step=stage1.get("gan_start_step", 0),
+        output_dir=str(run),
+        llm_path=str(llm_path),
+        preset=preset_name,
+        paradigm=paradigm,
+        quantizer=quantizer,
+        codebook_size=codebook_size,
+        max_steps=budget["stage1_steps"],
+        batch_size=stage1.get("batch_size", 16),
+        learning_rate=stage1.get("learning_rate", 2e-3),
+        warmup_steps=min(stage1.get("warmup_steps", 50), budget["stage1_steps"]),
+        bf16=stage1.get("bf16", True),
+        seed=seed,
+        log_every=stage1.get("log_every", 25),
+        sample_every=stage1.get("sample_every", 250),
+        checkpoint_every=stage1.get("checkpoint_every", 250),
+        eval_images=budget["stage1_eval_images"],
+        dual_text_steps=stage1.get("dual_text_steps", 5),
+        gan_weight=stage1.get("gan_weight", 0.0),
+        gan_start_step=stage1.get("gan_start_step", 0),
         vision_overrides=dict(vision_overrides or {}),
     )
-    return StageITrainer(args, images_to_uint8(train["image"], size, "train"),
-                         images_to_uint8(validation["image"], size, "validation"), text_blocks=text_blocks).train(resume=True)
+    return StageITrainer(
+        args,
+        images_to_uint8(train["image"], size, "train"),
+        images_to_uint8(validation["image"], size, "validation"),
+        text_blocks=text_blocks,
+    ).train(resume=True)
 
 
 def _stage1_metrics(run: Path) -> dict:
@@ -309,13 +384,27 @@ def _stage1_metrics(run: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def stage2_arguments(run: Path, preset_name: str, stage: str, budget: dict, seed: int, device: str,
-                     from_decompressed: Optional[bool] = None):
+def stage2_arguments(
+    run: Path,
+    preset_name: str,
+    stage: str,
+    budget: dict,
+    seed: int,
+    device: str,
+    from_decompressed: Optional[bool] = None,
+):
     from .stage2 import StageIIArguments
 
     return StageIIArguments.from_recipe(
-        run, stage, preset_name, max_steps=budget[f"{stage}_steps"], train_images=budget["stage2_train_images"],
-        eval_images=budget["stage2_eval_images"], seed=seed, resume=True, use_cpu=device == "cpu",
+        run,
+        stage,
+        preset_name,
+        max_steps=budget[f"{stage}_steps"],
+        train_images=budget["stage2_train_images"],
+        eval_images=budget["stage2_eval_images"],
+        seed=seed,
+        resume=True,
+        use_cpu=device == "cpu",
         from_decompressed=from_decompressed,
     )
 
@@ -327,6 +416,7 @@ def _stage2_done(run: Path, preset_name: str, stage: str) -> bool:
 
 
 # -- samples.png ----------------------------------------------------------------------------------
+
 
 def _font(size: int):
     from PIL import ImageFont
@@ -341,8 +431,15 @@ def save_samples(examples: dict, path) -> Path:
     """`samples.png` from an evaluation's examples (`evaluate_model(...)["examples"]`): what the demo's run folder and
     `unicode-mllm evaluate --output` show, and what an export's model card displays."""
     recon = examples["reconstruction"]
-    return atomic_save_image(samples_grid([a for a, _ in recon], [b for _, b in recon], examples["generation"],
-                                          examples["vqa"][:: max(1, len(examples["vqa"]) // 8)]), path)
+    return atomic_save_image(
+        samples_grid(
+            [a for a, _ in recon],
+            [b for _, b in recon],
+            examples["generation"],
+            examples["vqa"][:: max(1, len(examples["vqa"]) // 8)],
+        ),
+        path,
+    )
 
 
 def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, columns: int = 8):
@@ -351,10 +448,12 @@ def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, 
     from PIL import Image, ImageDraw
 
     font, label_h = _font(11), 72
-    rows = [("input", [(im, None) for im in inputs[:columns]]),
-            ("reconstruction", [(im, None) for im in reconstructions[:columns]]),
-            ("generated", [(im, caption) for caption, im in generated[:columns]]),
-            ("VQA", [(im, _vqa_label(q, pred, ans)) for im, q, ans, pred in answered[:columns]])]
+    rows = [
+        ("input", [(im, None) for im in inputs[:columns]]),
+        ("reconstruction", [(im, None) for im in reconstructions[:columns]]),
+        ("generated", [(im, caption) for caption, im in generated[:columns]]),
+        ("VQA", [(im, _vqa_label(q, pred, ans)) for im, q, ans, pred in answered[:columns]]),
+    ]
     left = 96
     heights = [tile + (label_h if any(text for _, text in items) else 0) for _, items in rows]
     canvas = Image.new("RGB", (left + columns * tile, sum(heights) + 8), "white")
@@ -379,7 +478,8 @@ def _wrapped(text: str, width: int, max_lines: int) -> str:
 
 
 def _vqa_label(question: str, prediction: str, answer: str) -> str:
-    return f"Q: {question}\nA: {prediction} ({'ok' if prediction.strip().lower() == answer.lower() else 'truth: ' + answer})"
+    verdict = "ok" if prediction.strip().lower() == answer.lower() else "truth: " + answer
+    return f"Q: {question}\nA: {prediction} ({verdict})"
 
 
 def answered_question(image, question: str, prediction: str, answer: str, side: int = 256):
@@ -395,14 +495,19 @@ def answered_question(image, question: str, prediction: str, answer: str, side: 
 
 # -- report -----------------------------------------------------------------------------------------
 
+
 def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
     from .evaluation import above_chance
 
     checks = {}
-    paths = {"psnr_db": ("reconstruction", "psnr"), "codebook_usage": ("reconstruction", "codebook_usage"),
-             "vqa_accuracy": ("vqa", "accuracy"), "vqa_compositional_accuracy": ("vqa_compositional", "accuracy"),
-             "vqa_one_shape_accuracy": ("vqa_one_shape", "accuracy"),
-             "text_to_image_all_correct": ("text_to_image", "all_correct")}
+    paths = {
+        "psnr_db": ("reconstruction", "psnr"),
+        "codebook_usage": ("reconstruction", "codebook_usage"),
+        "vqa_accuracy": ("vqa", "accuracy"),
+        "vqa_compositional_accuracy": ("vqa_compositional", "accuracy"),
+        "vqa_one_shape_accuracy": ("vqa_one_shape", "accuracy"),
+        "text_to_image_all_correct": ("text_to_image", "all_correct"),
+    }
     for goal, target in goals.items():
         if goal == "vqa_above_chance_every_type":
             if target:
@@ -412,11 +517,15 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
             checks[goal] = all(above_chance(metrics, chance, "vqa", margin=float(target)).values())
             continue
         if goal == "vqa_margin_over_swapped_images":
-            checks[goal] = bool(metrics["vqa"]["accuracy"] >= metrics["vqa_swapped_images"]["accuracy"] + float(target))
+            checks[goal] = bool(
+                metrics["vqa"]["accuracy"] >= metrics["vqa_swapped_images"]["accuracy"] + float(target)
+            )
             continue
         if goal not in paths:
-            raise ValueError(f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)}, "
-                             "vqa_above_chance_every_type, vqa_margin_over_chance_every_type or vqa_margin_over_swapped_images")
+            raise ValueError(
+                f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)}, "
+                "vqa_above_chance_every_type, vqa_margin_over_chance_every_type or vqa_margin_over_swapped_images"
+            )
         section, key = paths[goal]
         checks[goal] = bool(metrics[section][key] >= target)
     return checks
@@ -425,10 +534,19 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
 def report_markdown(report: dict) -> str:
     from .evaluation import metrics_markdown
 
-    lines = [f"# UniCode demo — preset `{report['settings']['preset']}`", "",
-             f"Run folder `{report['run_dir']}`; seed {report['settings']['seed']}; device {report['settings']['device']}; "
-             f"total wall time {report['wall_seconds']['total']:.0f} s.", "", metrics_markdown(report),
-             "", "## Goals", "", "| goal | target | met |", "|---|---|---|"]
+    lines = [
+        f"# UniCode demo — preset `{report['settings']['preset']}`",
+        "",
+        f"Run folder `{report['run_dir']}`; seed {report['settings']['seed']}; device {report['settings']['device']}; "
+        f"total wall time {report['wall_seconds']['total']:.0f} s.",
+        "",
+        metrics_markdown(report),
+        "",
+        "## Goals",
+        "",
+        "| goal | target | met |",
+        "|---|---|---|",
+    ]
     for goal, met in report["goals_met"].items():
         lines.append(f"| {goal} | {report['goals'][goal]} | {'yes' if met else 'no'} |")
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds | reused |", "|---|---|---|"]
@@ -436,8 +554,16 @@ def report_markdown(report: dict) -> str:
         if stage != "total":
             lines.append(f"| {stage} | {seconds:.1f} | {'yes' if report['reused'].get(stage) else 'no'} |")
     example = report["example"]
-    lines += ["", "## One answered question", "", f"Q: {example['question']}  ", f"A: {example['prediction']} "
-              f"(truth: {example['answer']})", "", f"Generated for '{example['prompt']}': `generated.png`.", ""]
+    lines += [
+        "",
+        "## One answered question",
+        "",
+        f"Q: {example['question']}  ",
+        f"A: {example['prediction']} (truth: {example['answer']})",
+        "",
+        f"Generated for '{example['prompt']}': `generated.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -452,8 +578,10 @@ def run_demo(args: DemoArguments) -> dict:
         # Every rank would run every stage, evaluation and report on the same folder and race on its files.
         raise DemoSettingsError(
             f"the demo runs in one process, but this is one of {world_size} (accelerate launch / torchrun); run "
-            "`unicode-mllm demo` without a launcher (--device cuda for one GPU), or train on several GPUs stage by stage: "
-            "`accelerate launch -m training.cli train-tokenizer ...`, then `... train --stage sft ...`")
+            "`unicode-mllm demo` without a launcher (--device cuda for one GPU), or train on several GPUs stage by "
+            "stage: "
+            "`accelerate launch -m training.cli train-tokenizer ...`, then `... train --stage sft ...`"
+        )
     try:
         check_device(args.device)
     except ValueError as error:
@@ -474,8 +602,10 @@ def run_demo(args: DemoArguments) -> dict:
     # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
     decompress = args.decompress and budget["decompress_steps"] > 0
     settings = stage_settings(args, preset, budget, decompress)
-    made = {**{s: is_complete(run / STAGE_FOLDERS[s][0]) for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")},
-            **{f"stage2_{s}": _stage2_done(run, args.preset, s) for s in ("decompress", "sft")}}
+    made = {
+        **{s: is_complete(run / STAGE_FOLDERS[s][0]) for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")},
+        **{f"stage2_{s}": _stage2_done(run, args.preset, s) for s in ("decompress", "sft")},
+    }
     check_reusable(run, settings, made)
 
     def stage(name: str, done: bool, work: Callable[[], Any]) -> Any:
@@ -488,15 +618,35 @@ def run_demo(args: DemoArguments) -> dict:
         return result
 
     if "stage0_text_lm" in settings:
-        llm = stage("stage0_text_lm", made["stage0_text_lm"], lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed))
+        llm = stage(
+            "stage0_text_lm",
+            made["stage0_text_lm"],
+            lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed),
+        )
     else:
         llm = Path(preset["text_model"]["name_or_path"])
     # A finished vision_tokenizer/ is never retrained nor re-exported: the ablation's separate-codebook
     # variant rewrites it after stage I.
     stage1_done = made["stage1_tokenizer"]
-    stage1 = stage("stage1_tokenizer", stage1_done, lambda: _stage1_metrics(run) if stage1_done else train_stage1(
-        run, args.preset, llm, budget, args.seed, paradigm=args.paradigm, quantizer=args.quantizer,
-        codebook_size=args.codebook_size, vision_overrides=args.vision_overrides))
+    stage1 = stage(
+        "stage1_tokenizer",
+        stage1_done,
+        lambda: (
+            _stage1_metrics(run)
+            if stage1_done
+            else train_stage1(
+                run,
+                args.preset,
+                llm,
+                budget,
+                args.seed,
+                paradigm=args.paradigm,
+                quantizer=args.quantizer,
+                codebook_size=args.codebook_size,
+                vision_overrides=args.vision_overrides,
+            )
+        ),
+    )
 
     def codes():
         model, _ = load_model_and_processor(assemble_base(run, args.preset, visual_input=args.visual_input))
@@ -504,12 +654,19 @@ def run_demo(args: DemoArguments) -> dict:
 
     # Code datasets are cached per image count and seed (and checked against the tokenizer), so a
     # checked stage2/base with missing codes only encodes them.
-    codes_done = made["code_datasets"] and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+    codes_done = (
+        made["code_datasets"] and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+    )
     stage("code_datasets", codes_done, codes)
     stage2 = {}
-    for name in (("decompress", "sft") if decompress else ("sft",)):
-        stage2[name] = stage(f"stage2_{name}", made[f"stage2_{name}"], lambda name=name: train_stage2(
-            stage2_arguments(run, args.preset, name, budget, args.seed, args.device, from_decompressed=decompress)))
+    for name in ("decompress", "sft") if decompress else ("sft",):
+        stage2[name] = stage(
+            f"stage2_{name}",
+            made[f"stage2_{name}"],
+            lambda name=name: train_stage2(
+                stage2_arguments(run, args.preset, name, budget, args.seed, args.device, from_decompressed=decompress)
+            ),
+        )
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
     shutil.rmtree(run / "adapter", ignore_errors=True)
@@ -519,9 +676,23 @@ def run_demo(args: DemoArguments) -> dict:
     def evaluate():
         model, processor = load_model_and_processor(run / "mllm")
         model.to(args.device)
-        return evaluate_on_shapes(model, processor, prior_scenes=budget["stage2_train_images"], seed=args.seed,
-                                  **{k: budget[k] for k in ("vqa_images", "compositional_images", "generation_prompts",
-                                                            "reconstruction_images", "usage_images", "guidance_scale")})
+        return evaluate_on_shapes(
+            model,
+            processor,
+            prior_scenes=budget["stage2_train_images"],
+            seed=args.seed,
+            **{
+                k: budget[k]
+                for k in (
+                    "vqa_images",
+                    "compositional_images",
+                    "generation_prompts",
+                    "reconstruction_images",
+                    "usage_images",
+                    "guidance_scale",
+                )
+            },
+        )
 
     results = clock.run("evaluation", False, evaluate)
     examples = results["examples"]
@@ -545,24 +716,47 @@ def run_demo(args: DemoArguments) -> dict:
         "counts": results["counts"],
         "goals": goals,
         "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
-        "stage_metrics": {"stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
-                          **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()}},
+        "stage_metrics": {
+            "stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
+            **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()},
+        },
         "settings": {
             # The base LLM's Hub id (None: trained in stage 0, at <run>/text_lm): the model card names it.
-            "preset": args.preset, "seed": args.seed, "device": args.device,
+            "preset": args.preset,
+            "seed": args.seed,
+            "device": args.device,
             "base_model": preset["text_model"].get("name_or_path"),
-            "text_model": preset["text_model"], "budget": budget, "visual_input": args.visual_input,
+            "text_model": preset["text_model"],
+            "budget": budget,
+            "visual_input": args.visual_input,
             "decompression_pretraining": decompress,
-            "stage2": _without(_recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft",
-                               "trainer"),
-            "vision_tokenizer": {k: getattr(vq, k) for k in ("image_size", "quantizer", "depth", "codebook_size", "paradigm",
-                                                             "code_grid_size", "tokens_per_image")},
+            "stage2": _without(
+                _recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft", "trainer"
+            ),
+            "vision_tokenizer": {
+                k: getattr(vq, k)
+                for k in (
+                    "image_size",
+                    "quantizer",
+                    "depth",
+                    "codebook_size",
+                    "paradigm",
+                    "code_grid_size",
+                    "tokens_per_image",
+                )
+            },
         },
         "wall_seconds": wall,
         "reused": clock.reused,
         "versions": _versions(),
-        "example": {"question": question, "answer": answer, "prediction": prediction, "prompt": prompt,
-                    "question_image": "question.png", "generated_image": "generated.png"},
+        "example": {
+            "question": question,
+            "answer": answer,
+            "prediction": prediction,
+            "prompt": prompt,
+            "question_image": "question.png",
+            "generated_image": "generated.png",
+        },
     }
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", report_markdown(report))
@@ -573,6 +767,23 @@ def run_demo(args: DemoArguments) -> dict:
     return report
 
 
-__all__ = ["BUDGET_KEYS", "DemoArguments", "DemoSettingsError", "demo_budget", "run_demo", "train_stage0", "train_stage1", "stage2_arguments",
-           "samples_grid", "report_markdown", "StageClock", "STAGE_FOLDERS", "STAGE_RECORDS", "stage_settings", "stage_records",
-           "record_stage", "copy_stage_record", "check_reusable"]
+__all__ = [
+    "BUDGET_KEYS",
+    "DemoArguments",
+    "DemoSettingsError",
+    "demo_budget",
+    "run_demo",
+    "train_stage0",
+    "train_stage1",
+    "stage2_arguments",
+    "samples_grid",
+    "report_markdown",
+    "StageClock",
+    "STAGE_FOLDERS",
+    "STAGE_RECORDS",
+    "stage_settings",
+    "stage_records",
+    "record_stage",
+    "copy_stage_record",
+    "check_reusable",
+]

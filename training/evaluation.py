@@ -36,8 +36,9 @@ def vqa_prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def answer_questions(model, processor, images, questions, batch_size: int = 16, max_new_tokens: int = 8,
-                     desc: str = "VQA") -> list[str]:
+def answer_questions(
+    model, processor, images, questions, batch_size: int = 16, max_new_tokens: int = 8, desc: str = "VQA"
+) -> list[str]:
     """Greedy answers, one per (image, question) pair, batched with left padding."""
     if len(images) != len(questions):
         raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must pair up one to one")
@@ -48,8 +49,12 @@ def answer_questions(model, processor, images, questions, batch_size: int = 16, 
         for start in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
             chunk_q = questions[start : start + batch_size]
             chunk_i = images[start : start + batch_size]
-            inputs = processor(text=[vqa_prompt(processor, q) for q in chunk_q], images=list(chunk_i), return_tensors="pt",
-                               padding=True).to(_device(model))
+            inputs = processor(
+                text=[vqa_prompt(processor, q) for q in chunk_q],
+                images=list(chunk_i),
+                return_tensors="pt",
+                padding=True,
+            ).to(_device(model))
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
@@ -66,8 +71,15 @@ def majority_answers(rows) -> dict[str, str]:
     return {kind: counter.most_common(1)[0][0] for kind, counter in counts.items()}
 
 
-def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: int = 16, desc: str = "VQA",
-                 swapped_images: bool = False) -> dict:
+def evaluate_vqa(
+    model,
+    processor,
+    dataset,
+    prior: dict[str, str],
+    batch_size: int = 16,
+    desc: str = "VQA",
+    swapped_images: bool = False,
+) -> dict:
     """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
     `dataset`; also returns the (image, question, answer, prediction) tuples.
 
@@ -103,14 +115,21 @@ def evaluate_vqa(model, processor, dataset, prior: dict[str, str], batch_size: i
             picked = [i for i, n in enumerate(shapes) if keep(n)]
             if picked:
                 take = lambda values: [values[i] for i in picked]  # noqa: E731
-                out[f"model_{name}"] = metric.compute(predictions=take(predictions), references=take(answers), question_types=take(kinds))
-                out[f"chance_{name}"] = metric.compute(predictions=take(prior_predictions), references=take(answers),
-                                                       question_types=take(kinds))
+                out[f"model_{name}"] = metric.compute(
+                    predictions=take(predictions), references=take(answers), question_types=take(kinds)
+                )
+                out[f"chance_{name}"] = metric.compute(
+                    predictions=take(prior_predictions), references=take(answers), question_types=take(kinds)
+                )
     if swapped_images:
         if len(rows) < 2:
-            raise ValueError("swapped_images=True needs at least 2 scenes in the dataset (each question gets another scene's image)")
+            raise ValueError(
+                "swapped_images=True needs at least 2 scenes in the dataset (each question gets another scene's image)"
+            )
         others = [rows[(i + 1) % len(rows)]["image"] for i in scene_of]
-        swapped = answer_questions(model, processor, others, questions, batch_size=batch_size, desc=desc + ", swapped images")
+        swapped = answer_questions(
+            model, processor, others, questions, batch_size=batch_size, desc=desc + ", swapped images"
+        )
         out["swapped"] = metric.compute(predictions=swapped, references=answers, question_types=kinds)
     return out
 
@@ -142,9 +161,18 @@ def single_shape_prompts(num_prompts: int, image_size: int, seed: int) -> list[t
 
 
 @torch.no_grad()
-def generate_images(model, processor, captions: list[str], guidance_scale: Optional[float] = 3.0, batch_size: int = 8,
-                    seed: int = 0, do_sample: bool = False, desc: str = "text-to-image", return_codes: bool = False,
-                    **sampling):
+def generate_images(
+    model,
+    processor,
+    captions: list[str],
+    guidance_scale: Optional[float] = 3.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    do_sample: bool = False,
+    desc: str = "text-to-image",
+    return_codes: bool = False,
+    **sampling,
+):
     """PIL images for `captions` (image-mode generation with CFG; greedy unless `do_sample`; `sampling`,
     e.g. temperature / top_k, goes to `generate`). With `return_codes`, also the generated code ids,
     (num_captions, ĥ·ŵ·D)."""
@@ -153,8 +181,9 @@ def generate_images(model, processor, captions: list[str], guidance_scale: Optio
     for start in tqdm(range(0, len(captions), batch_size), desc=desc, leave=False):
         chunk = captions[start : start + batch_size]
         inputs = processor(text=chunk, generation_mode="image").to(_device(model))
-        sequences = model.generate(**inputs, generation_mode="image", guidance_scale=guidance_scale, do_sample=do_sample,
-                                   **sampling)
+        sequences = model.generate(
+            **inputs, generation_mode="image", guidance_scale=guidance_scale, do_sample=do_sample, **sampling
+        )
         image_tokens = model.extract_image_tokens(sequences)
         codes.append(image_tokens.cpu())
         pixels = model.decode_image_tokens(image_tokens)
@@ -162,8 +191,15 @@ def generate_images(model, processor, captions: list[str], guidance_scale: Optio
     return (images, torch.cat(codes)) if return_codes else images
 
 
-def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Optional[float] = 3.0, seed: int = 0,
-                        batch_size: int = 8, **sampling) -> dict:
+def evaluate_generation(
+    model,
+    processor,
+    num_prompts: int,
+    guidance_scale: Optional[float] = 3.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    **sampling,
+) -> dict:
     """Scene match of single-shape prompts drawn greedily, or sampled (seeded) when `sampling` holds
     `do_sample=True` and its settings (top_k, top_p, temperature)."""
     from .data.shapes import render_scene
@@ -175,7 +211,9 @@ def evaluate_generation(model, processor, num_prompts: int, guidance_scale: Opti
     prompts = single_shape_prompts(num_prompts, image_size, seed)
     captions = [c for c, _ in prompts]
     scenes = [s for _, s in prompts]
-    generated = generate_images(model, processor, captions, guidance_scale, batch_size=batch_size, seed=seed, **sampling)
+    generated = generate_images(
+        model, processor, captions, guidance_scale, batch_size=batch_size, seed=seed, **sampling
+    )
     metric = load_metric("scene_match")
     model_scores = metric.compute(predictions=generated, references=scenes)
     # Chance: the true rendering of a DIFFERENT prompt (a cyclic shift, so none keeps its own).
@@ -226,8 +264,12 @@ def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
     reconstructions, code_maps = reconstruct_images(model, images, batch_size)
     psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
     usage = _codebook_usage(model, code_maps)
-    return {"psnr": psnr["psnr"], "usage": usage["usage"], "perplexity": usage["perplexity"],
-            "reconstructions": reconstructions}
+    return {
+        "psnr": psnr["psnr"],
+        "usage": usage["usage"],
+        "perplexity": usage["perplexity"],
+        "reconstructions": reconstructions,
+    }
 
 
 @torch.no_grad()
@@ -244,20 +286,36 @@ def evaluate_codebook_usage(model, images, batch_size: int = 64) -> dict:
     images = list(images)
     code_maps = []
     for start in range(0, len(images), batch_size):
-        pixels = to_pixel_values(images_to_uint8(images[start : start + batch_size], vision.config.image_size, "usage images"))
+        pixels = to_pixel_values(
+            images_to_uint8(images[start : start + batch_size], vision.config.image_size, "usage images")
+        )
         code_maps += list(vision.encode(pixels.to(_device(model)), codebook=codebook).cpu())
     usage = _codebook_usage(model, code_maps)
     return {"usage": usage["usage"], "perplexity": usage["perplexity"], "num_images": len(code_maps)}
 
 
 def _flat_scores(scores: dict, prefix: str = "") -> dict:
-    return {f"{prefix}{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not k.startswith("count_")
-            and k not in ("num_examples", "num_images")}
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in scores.items()
+        if isinstance(v, (int, float)) and not k.startswith("count_") and k not in ("num_examples", "num_images")
+    }
 
 
-def evaluate_model(model, processor, *, test, compositional, train_questions, generation_prompts: int = 24,
-                   guidance_scale: Optional[float] = 3.0, reconstruction_images: int = 64, usage_images=None,
-                   seed: int = 0, batch_size: int = 16) -> dict:
+def evaluate_model(
+    model,
+    processor,
+    *,
+    test,
+    compositional,
+    train_questions,
+    generation_prompts: int = 24,
+    guidance_scale: Optional[float] = 3.0,
+    reconstruction_images: int = 64,
+    usage_images=None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
     """All demo metrics. `test` / `compositional`: Shapes splits at the model's image size;
     `train_questions`: train rows with `questions` (their answers make the prior-only VQA baseline);
     `usage_images`: the images codebook usage is measured on (default: the reconstruction images)."""
@@ -269,29 +327,52 @@ def evaluate_model(model, processor, *, test, compositional, train_questions, ge
     recon_inputs = list(test["image"][:reconstruction_images])
     recon = evaluate_reconstruction(model, recon_inputs)
     # Without a usage sample the reconstruction's own codes are counted: no second encoding of the same images.
-    usage = (evaluate_codebook_usage(model, usage_images) if usage_images is not None else
-             {"usage": recon["usage"], "perplexity": recon["perplexity"], "num_images": len(recon_inputs)})
+    usage = (
+        evaluate_codebook_usage(model, usage_images)
+        if usage_images is not None
+        else {"usage": recon["usage"], "perplexity": recon["perplexity"], "num_images": len(recon_inputs)}
+    )
     metrics = {
         "vqa": _flat_scores(vqa["model"]),
         "vqa_compositional": _flat_scores(comp["model"]),
         # The same questions about another scene's image: equal to `vqa` means the answers ignore the image.
         "vqa_swapped_images": _flat_scores(vqa["swapped"]),
-        **{f"vqa_{name}": _flat_scores(vqa[f"model_{name}"]) for name in ("one_shape", "multi_shape") if f"model_{name}" in vqa},
+        **{
+            f"vqa_{name}": _flat_scores(vqa[f"model_{name}"])
+            for name in ("one_shape", "multi_shape")
+            if f"model_{name}" in vqa
+        },
         "text_to_image": _flat_scores(generation["model"]),
-        "reconstruction": {"psnr": recon["psnr"], "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"]},
+        "reconstruction": {
+            "psnr": recon["psnr"],
+            "codebook_usage": usage["usage"],
+            "codebook_perplexity": usage["perplexity"],
+        },
     }
     chance = {
         "vqa": _flat_scores(vqa["chance"]),
         "vqa_compositional": _flat_scores(comp["chance"]),
-        **{f"vqa_{name}": _flat_scores(vqa[f"chance_{name}"]) for name in ("one_shape", "multi_shape") if f"chance_{name}" in vqa},
+        **{
+            f"vqa_{name}": _flat_scores(vqa[f"chance_{name}"])
+            for name in ("one_shape", "multi_shape")
+            if f"chance_{name}" in vqa
+        },
         "text_to_image": _flat_scores(generation["chance"]),
         "vqa_prior_answers": prior,
     }
     ceiling = {"text_to_image": _flat_scores(generation["ceiling"])}
-    counts = {"vqa_questions": vqa["model"]["num_examples"], "vqa_compositional_questions": comp["model"]["num_examples"],
-              "text_to_image_prompts": generation["model"]["num_images"], "reconstruction_images": len(recon_inputs), "usage_images": usage["num_images"]}
-    examples = {"vqa": vqa["examples"], "generation": generation["examples"],
-                "reconstruction": list(zip(recon_inputs, recon["reconstructions"]))}
+    counts = {
+        "vqa_questions": vqa["model"]["num_examples"],
+        "vqa_compositional_questions": comp["model"]["num_examples"],
+        "text_to_image_prompts": generation["model"]["num_images"],
+        "reconstruction_images": len(recon_inputs),
+        "usage_images": usage["num_images"],
+    }
+    examples = {
+        "vqa": vqa["examples"],
+        "generation": generation["examples"],
+        "reconstruction": list(zip(recon_inputs, recon["reconstructions"])),
+    }
     return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
@@ -319,25 +400,51 @@ def check_evaluation_settings(guidance_scale: Optional[float] = None, **counts: 
     check_guidance_scale(guidance_scale)
 
 
-def evaluate_on_shapes(model, processor, *, vqa_images: int = 100, compositional_images: int = 50, generation_prompts: int = 24,
-                       reconstruction_images: int = 64, usage_images: int = 1000, prior_scenes: int = 1000,
-                       guidance_scale: Optional[float] = 3.0, seed: int = 0, batch_size: int = 16) -> dict:
+def evaluate_on_shapes(
+    model,
+    processor,
+    *,
+    vqa_images: int = 100,
+    compositional_images: int = 50,
+    generation_prompts: int = 24,
+    reconstruction_images: int = 64,
+    usage_images: int = 1000,
+    prior_scenes: int = 1000,
+    guidance_scale: Optional[float] = 3.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
     """`evaluate_model` on Shapes world scenes generated at the model's own image size (defaults: the `tiny`
     demo's). VQA and reconstruction take the first test scenes, codebook usage `usage_images` of them;
     `prior_scenes` train scenes give the prior-only answers that the chance level is. The results carry
     these `settings` too."""
     from .data.shapes import build_split
 
-    counts = dict(vqa_images=vqa_images, compositional_images=compositional_images, generation_prompts=generation_prompts,
-                  reconstruction_images=reconstruction_images, usage_images=usage_images, prior_scenes=prior_scenes)
+    counts = dict(
+        vqa_images=vqa_images,
+        compositional_images=compositional_images,
+        generation_prompts=generation_prompts,
+        reconstruction_images=reconstruction_images,
+        usage_images=usage_images,
+        prior_scenes=prior_scenes,
+    )
     check_evaluation_settings(guidance_scale, **counts)
     size = model.config.vq_config.image_size
     scenes = build_split("test", max(vqa_images, usage_images), image_size=size, seed=seed)
     compositional = build_split("compositional", compositional_images, image_size=size, seed=seed)
-    results = evaluate_model(model, processor, test=scenes.select(range(vqa_images)), compositional=compositional,
-                             usage_images=scenes["image"][:usage_images], train_questions=train_question_rows(prior_scenes, seed),
-                             generation_prompts=generation_prompts, guidance_scale=guidance_scale,
-                             reconstruction_images=min(reconstruction_images, vqa_images), seed=seed, batch_size=batch_size)
+    results = evaluate_model(
+        model,
+        processor,
+        test=scenes.select(range(vqa_images)),
+        compositional=compositional,
+        usage_images=scenes["image"][:usage_images],
+        train_questions=train_question_rows(prior_scenes, seed),
+        generation_prompts=generation_prompts,
+        guidance_scale=guidance_scale,
+        reconstruction_images=min(reconstruction_images, vqa_images),
+        seed=seed,
+        batch_size=batch_size,
+    )
     return {**results, "settings": {**counts, "guidance_scale": guidance_scale, "seed": seed}}
 
 
@@ -345,32 +452,54 @@ def metrics_markdown(results: dict) -> str:
     """The VQA, generation and reconstruction tables of `evaluate_model`'s results (or a report holding
     its `metrics`, `chance`, `ceiling` and `counts`)."""
     m, c = results["metrics"], results["chance"]
-    lines = ["## Understanding (VQA, Shapes world test split)", "",
-             "| question type | accuracy | chance (prior-only answer) | asked about another scene's image |",
-             "|---|---|---|---|"]
+    lines = [
+        "## Understanding (VQA, Shapes world test split)",
+        "",
+        "| question type | accuracy | chance (prior-only answer) | asked about another scene's image |",
+        "|---|---|---|---|",
+    ]
     swapped = m.get("vqa_swapped_images", {})
     for key in sorted(m["vqa"]):
         if key.startswith("accuracy"):
             label = key.replace("accuracy_", "") if key != "accuracy" else "**overall**"
-            lines.append(f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
-                         f"{swapped.get(key, float('nan')):.3f} |")
+            lines.append(
+                f"| {label} | {m['vqa'][key]:.3f} | {c['vqa'].get(key, float('nan')):.3f} | "
+                f"{swapped.get(key, float('nan')):.3f} |"
+            )
     for name, label in (("vqa_one_shape", "one-shape scenes"), ("vqa_multi_shape", "scenes of 2+ shapes")):
         if name in m:
-            lines.append(f"| {label} | {m[name]['accuracy']:.3f} | {c.get(name, {}).get('accuracy', float('nan')):.3f} | |")
-    lines.append(f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
-                 f"{c['vqa_compositional']['accuracy']:.3f} | |")
-    lines += ["", "The last column asks every question about the next test scene's image: where it equals the accuracy, "
-              "the answers come from the question alone, not from the image."]
+            lines.append(
+                f"| {label} | {m[name]['accuracy']:.3f} | {c.get(name, {}).get('accuracy', float('nan')):.3f} | |"
+            )
+    lines.append(
+        f"| compositional split (held-out colour-shape pairs) | {m['vqa_compositional']['accuracy']:.3f} | "
+        f"{c['vqa_compositional']['accuracy']:.3f} | |"
+    )
+    lines += [
+        "",
+        "The last column asks every question about the next test scene's image: where it equals the accuracy, "
+        "the answers come from the question alone, not from the image.",
+    ]
     ceiling = results["ceiling"]["text_to_image"]
-    lines += ["", "## Generation (text-to-image, single-shape prompts, scene parser)", "",
-              "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual tokenizer) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Generation (text-to-image, single-shape prompts, scene parser)",
+        "",
+        "| attribute | model | chance (true image of another prompt) | ceiling (true image through the visual "
+        "tokenizer) |",
+        "|---|---|---|---|",
+    ]
     for key in ("all_correct", "color", "shape", "size", "position", "count", "unparseable"):
         lines.append(f"| {key} | {m['text_to_image'][key]:.3f} | {c['text_to_image'][key]:.3f} | {ceiling[key]:.3f} |")
     r = m["reconstruction"]
-    lines += ["", "## Reconstruction (visual tokenizer, test split)", "",
-              f"PSNR {r['psnr']:.2f} dB on {results['counts']['reconstruction_images']} images; codebook usage "
-              f"{r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}) on {results['counts']['usage_images']} images."]
+    lines += [
+        "",
+        "## Reconstruction (visual tokenizer, test split)",
+        "",
+        f"PSNR {r['psnr']:.2f} dB on {results['counts']['reconstruction_images']} images; codebook usage "
+        f"{r['codebook_usage']:.3f} (perplexity {r['codebook_perplexity']:.1f}) on "
+        f"{results['counts']['usage_images']} images.",
+    ]
     return "\n".join(lines)
 
 
@@ -378,8 +507,14 @@ def above_chance(metrics: dict, chance: dict, section: str = "vqa", margin: floa
     """Per key of `metrics[section]` (accuracy / accuracy_<type>): strictly above its chance level, or with a
     `margin`, at least that much above it."""
     if margin:
-        return {k: bool(v >= chance[section].get(k, np.inf) + margin) for k, v in metrics[section].items() if k.startswith("accuracy")}
-    return {k: bool(v > chance[section].get(k, np.inf)) for k, v in metrics[section].items() if k.startswith("accuracy")}
+        return {
+            k: bool(v >= chance[section].get(k, np.inf) + margin)
+            for k, v in metrics[section].items()
+            if k.startswith("accuracy")
+        }
+    return {
+        k: bool(v > chance[section].get(k, np.inf)) for k, v in metrics[section].items() if k.startswith("accuracy")
+    }
 
 
 __all__ = [

@@ -52,7 +52,8 @@ def user_rows_to_tasks(dataset, num_codes: int, image_generation_template: str, 
     text_column = pick_column(dataset.column_names, text_column, CAPTION_COLUMNS, "text", required=False)
     if CODES_COLUMN not in columns or not ("messages" in columns or text_column):
         raise ValueError(
-            f"the fine-tune dataset needs an image column and 'messages' (a conversation) and/or a text column such as "
+            "the fine-tune dataset needs an image column and 'messages' (a conversation) and/or a text column such "
+            "as "
             f"'caption' or 'text' (text-to-image; text_column= / --text-column names it); it has "
             f"{sorted(columns - {CODES_COLUMN}) + (['image'] if CODES_COLUMN in columns else [])}"
         )
@@ -77,8 +78,13 @@ def user_rows_to_tasks(dataset, num_codes: int, image_generation_template: str, 
             CODES_COLUMN: row[CODES_COLUMN],
         }
 
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, features=task_features(),
-                       desc="fine-tune conversations")
+    return dataset.map(
+        convert,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=task_features(),
+        desc="fine-tune conversations",
+    )
 
 
 def finetune_lora(
@@ -124,13 +130,22 @@ def finetune_lora(
             raise ValueError("pass processor= (the model's UniCodeProcessor) when model is an already loaded model")
     data = load_image_dataset(dataset, split, image_column=image_column)
     coded = encode_image_dataset(data, model, image_column=image_column, image_processor=processor.image_processor)
-    tasks = user_rows_to_tasks(coded, model.config.image_tokens_per_generation, processor.image_generation_template,
-                               text_column)
+    tasks = user_rows_to_tasks(
+        coded, model.config.image_tokens_per_generation, processor.image_generation_template, text_column
+    )
     rows = tokenize_tasks(tasks, processor, model.config.get_text_config().max_position_embeddings)
     trainer, metrics = run_sft(
-        model, processor, rows, output_dir / "trainer", lora={"r": lora_r, "alpha": lora_alpha, "target_modules": target_modules},
-        max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        save_steps=sft_overrides.pop("save_steps", max(max_steps // 2, 1)), resume=resume, **sft_overrides,
+        model,
+        processor,
+        rows,
+        output_dir / "trainer",
+        lora={"r": lora_r, "alpha": lora_alpha, "target_modules": target_modules},
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        save_steps=sft_overrides.pop("save_steps", max(max_steps // 2, 1)),
+        resume=resume,
+        **sft_overrides,
     )
     adapter = save_adapter(trainer, output_dir / "adapter")
     metrics["adapter"] = str(adapter)

@@ -76,6 +76,7 @@ class CodesCollator:
 
 # -- LoRA -----------------------------------------------------------------------------------------
 
+
 def language_model_linear_names(model) -> list[str]:
     """Leaf names of the `nn.Linear` layers inside the LLM decoder (q_proj, ..., down_proj)."""
     base = getattr(model, "get_base_model", lambda: model)()
@@ -117,7 +118,9 @@ def unicode_lora_config(
     pattern = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")"
     trainable = {_embedding_name(model): image_special_token_ids(model)} if train_special_tokens else None
     base = getattr(model, "get_base_model", lambda: model)()
-    positions = [t for t in ("image_position_embedding", "code_position_embedding") if getattr(base.model, t, None) is not None]
+    positions = [
+        t for t in ("image_position_embedding", "code_position_embedding") if getattr(base.model, t, None) is not None
+    ]
     return LoraConfig(
         modules_to_save=positions or None,  # position tables are new in stage II: trained whole, not low-rank
         r=r,
@@ -140,7 +143,13 @@ def image_special_token_ids(model) -> list[int]:
     from modeling_unicode import IMAGE_SPECIAL_TOKENS
 
     config = model.config
-    ids = sorted({int(getattr(config, f"{name}_id")) for name in IMAGE_SPECIAL_TOKENS if getattr(config, f"{name}_id") is not None})
+    ids = sorted(
+        {
+            int(getattr(config, f"{name}_id"))
+            for name in IMAGE_SPECIAL_TOKENS
+            if getattr(config, f"{name}_id") is not None
+        }
+    )
     codes = set(config.vq_config.codebook_token_ids)
     if any(i in codes for i in ids):  # guarded by UniCodeConfig too; a trainable code row would break unification
         raise ValueError("an image special token is also a visual code; the codebook rows must stay frozen")
@@ -218,18 +227,25 @@ def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] 
     llm = model.model.language_model
     layers = getattr(llm, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not hasattr(llm, "_init_weights"):
-        raise ValueError(f"reinit_decoder needs an LLM with a `layers` list of decoder layers, got {type(llm).__name__}")
+        raise ValueError(
+            f"reinit_decoder needs an LLM with a `layers` list of decoder layers, got {type(llm).__name__}"
+        )
     if num_layers is not None and num_layers != len(layers):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"decoder_layers={num_layers!r} must be a whole number of at least 1")
         text_config = model.config.get_text_config()
         if getattr(text_config, "layer_types", None) is not None:
-            raise ValueError(f"decoder_layers cannot resize {type(llm).__name__}, whose layers differ by type; leave it unset")
+            raise ValueError(
+                f"decoder_layers cannot resize {type(llm).__name__}, whose layers differ by type; leave it unset"
+            )
         text_config.num_hidden_layers = num_layers
         layer_class = type(layers[0])
         llm.layers = layers = torch.nn.ModuleList(layer_class(text_config, layer_idx=i) for i in range(num_layers))
         layers.to(model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype)
-    parts = {"layers": layers, **({"norm": llm.norm} if isinstance(getattr(llm, "norm", None), torch.nn.Module) else {})}
+    parts = {
+        "layers": layers,
+        **({"norm": llm.norm} if isinstance(getattr(llm, "norm", None), torch.nn.Module) else {}),
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for part in parts.values():
@@ -240,6 +256,7 @@ def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] 
 
 
 # -- the LM head on CPU ---------------------------------------------------------------------------
+
 
 def add_labelled_positions_lm_head(model) -> None:
     """Replace TRL's fused LM head (`fused_lm_head=True` forwards) by one that projects only the
@@ -279,8 +296,13 @@ def add_labelled_positions_lm_head(model) -> None:
         # masked_scatter keeps an all-ignored batch connected to the graph (a differentiable zero).
         per_token = [picked.new_zeros(mask.shape).masked_scatter(mask, x) for x in (picked, entropy, is_top1)]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-per_token[0].sum() / count, log_probs=per_token[0], entropy=per_token[1],
-                                   is_top1=per_token[2], label_mask=mask)
+        return FusedCausalLMOutput(
+            loss=-per_token[0].sum() / count,
+            log_probs=per_token[0],
+            entropy=per_token[1],
+            is_top1=per_token[2],
+            label_mask=mask,
+        )
 
     model.forward = types.MethodType(forward, model)
 
@@ -338,9 +360,13 @@ def _sft_trainer_class():
         - `wall_clock`: a `WallClockBudget`, whose schedule replaces the step-based one.
         """
 
-        def __init__(self, *args, loss_normalization: str = "token", wall_clock: Optional[WallClockBudget] = None, **kwargs):
+        def __init__(
+            self, *args, loss_normalization: str = "token", wall_clock: Optional[WallClockBudget] = None, **kwargs
+        ):
             if loss_normalization not in LOSS_NORMALIZATIONS:
-                raise ValueError(f"loss_normalization={loss_normalization!r} is not one of {list(LOSS_NORMALIZATIONS)}")
+                raise ValueError(
+                    f"loss_normalization={loss_normalization!r} is not one of {list(LOSS_NORMALIZATIONS)}"
+                )
             self.loss_normalization = loss_normalization
             self.wall_clock = wall_clock
             callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
@@ -352,13 +378,17 @@ def _sft_trainer_class():
             if self.wall_clock is None:
                 return super().create_scheduler(num_training_steps, optimizer)
             if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.wall_clock.lr_factor)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, self.wall_clock.lr_factor
+                )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_normalization == "token" or return_outputs:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)
             labelled = outputs.label_mask.sum(-1)
@@ -366,7 +396,9 @@ def _sft_trainer_class():
             per_row = -outputs.log_probs.sum(-1) / labelled.clamp(min=1)
             loss = per_row[rows].sum() / rows.sum().clamp(min=1)
             if self.model.training:
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum())
+                self._total_train_tokens += int(
+                    self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+                )
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
@@ -374,6 +406,7 @@ def _sft_trainer_class():
 
 
 # -- SFTConfig ------------------------------------------------------------------------------------
+
 
 def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     """`SFTConfig` for code-column datasets. On CPU: `use_cpu=True`, fp32 unless `bf16=True` is passed
@@ -385,10 +418,15 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
     # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns,
     # and goes in v6); older 5.x only know the old one. Either spelling in a recipe means the same.
-    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in getattr(SFTConfig, "__dataclass_fields__", {})
-                     else "gradient_checkpointing")
-    overrides = {checkpointing if k in ("gradient_checkpointing", "activation_checkpointing") else k: v
-                 for k, v in overrides.items()}
+    checkpointing = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in getattr(SFTConfig, "__dataclass_fields__", {})
+        else "gradient_checkpointing"
+    )
+    overrides = {
+        checkpointing if k in ("gradient_checkpointing", "activation_checkpointing") else k: v
+        for k, v in overrides.items()
+    }
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "use_cpu": not cuda,
@@ -421,13 +459,18 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     defaults.update(overrides)
     if defaults["use_cpu"] and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # accelerate builds a CPU run's Accelerator as plain multi-CPU DDP and ignores the launch config's FSDP.
-        warnings.warn("`accelerate launch` asked for FSDP, but this run is on CPU (use_cpu=True), where accelerate trains "
-                      "with plain DDP: every rank holds the whole model. Shard on GPUs, or launch with "
-                      "configuration/accelerate/ddp.yaml to say what runs.", UserWarning, stacklevel=2)
+        warnings.warn(
+            "`accelerate launch` asked for FSDP, but this run is on CPU (use_cpu=True), where accelerate trains "
+            "with plain DDP: every rank holds the whole model. Shard on GPUs, or launch with "
+            "configuration/accelerate/ddp.yaml to say what runs.",
+            UserWarning,
+            stacklevel=2,
+        )
     return SFTConfig(**defaults)
 
 
 # -- atomic checkpoints ---------------------------------------------------------------------------
+
 
 def _checkpoint_step(path: Path) -> int:
     return checkpoint_step(path, "checkpoint-")
@@ -470,8 +513,11 @@ class CompleteCheckpointCallback(TrainerCallback):
 
 # -- evaluation -----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def task_losses(model, datasets_by_task: dict, collator: CodesCollator, batch_size: int = 16, max_rows: Optional[int] = None) -> dict[str, float]:
+def task_losses(
+    model, datasets_by_task: dict, collator: CodesCollator, batch_size: int = 16, max_rows: Optional[int] = None
+) -> dict[str, float]:
     """Mean next-token loss over answer tokens, per task (the plain forward, not TRL's fused head)."""
     was_training = model.training
     model.eval()
@@ -498,11 +544,13 @@ def task_losses(model, datasets_by_task: dict, collator: CodesCollator, batch_si
 
 # -- merge ----------------------------------------------------------------------------------------
 
+
 def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
     """A UniCode MLLM folder or repo id (our classes are registered on import; `trust_remote_code`
     loads a Hub export)."""
-    import modeling_unicode  # noqa: F401 - registers the Auto classes
     from transformers import AutoModelForImageTextToText
+
+    import modeling_unicode  # noqa: F401 - registers the Auto classes
 
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, **kwargs)
 
@@ -518,12 +566,19 @@ def require_adapter_folder(adapter: str | os.PathLike) -> Path:
     """`adapter` as a Path, if it is a PEFT adapter folder; else a ValueError that says which folder to pass."""
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(f"adapter={str(adapter)!r} holds no adapter_config.json; pass the folder a stage-II run or "
-                         "`unicode-mllm finetune` saved (its adapter/)")
+        raise ValueError(
+            f"adapter={str(adapter)!r} holds no adapter_config.json; pass the folder a stage-II run or "
+            "`unicode-mllm finetune` saved (its adapter/)"
+        )
     return adapter
 
 
-def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: Optional[str | os.PathLike] = None, processor_from=None) -> Path:
+def merge_adapter(
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    base: Optional[str | os.PathLike] = None,
+    processor_from=None,
+) -> Path:
     """Fold a LoRA adapter into its base model and save an HF folder (model + processor) atomically.
 
     `base` defaults to the adapter's `base_model_name_or_path`; the processor is copied from

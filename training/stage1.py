@@ -89,8 +89,10 @@ def images_to_uint8(images, image_size: int, argument: str = "dataset", image_pr
 
     processor = image_processor or UniCodeImageProcessor(size=image_size)
     if processor.size != image_size:
-        raise ValueError(f"image_processor.size={processor.size} but the visual tokenizer reads {image_size}x{image_size} "
-                         "images; pass the model's own processor")
+        raise ValueError(
+            f"image_processor.size={processor.size} but the visual tokenizer reads {image_size}x{image_size} "
+            "images; pass the model's own processor"
+        )
     out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8)
     for i, image in enumerate(images):
         try:
@@ -129,7 +131,11 @@ class PatchDiscriminator(torch.nn.Module):
         current = width
         for i in range(1, layers):
             nxt = width * min(2**i, 8)
-            blocks += [torch.nn.Conv2d(current, nxt, 4, 2, 1), torch.nn.GroupNorm(math.gcd(32, nxt), nxt), torch.nn.LeakyReLU(0.2)]
+            blocks += [
+                torch.nn.Conv2d(current, nxt, 4, 2, 1),
+                torch.nn.GroupNorm(math.gcd(32, nxt), nxt),
+                torch.nn.LeakyReLU(0.2),
+            ]
             current = nxt
         blocks += [torch.nn.Conv2d(current, 1, 4, 1, 1)]
         self.net = torch.nn.Sequential(*blocks)
@@ -152,7 +158,10 @@ def _rng_state() -> dict:
     # numpy/python states as JSON bytes: `torch.load(weights_only=True)` accepts tensors, not ndarrays.
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     others = {"numpy": [kind, keys.tolist(), position, has_gauss, gauss], "python": random.getstate()}
-    return {"torch": torch.get_rng_state(), "others": torch.tensor(list(json.dumps(others).encode()), dtype=torch.uint8)}
+    return {
+        "torch": torch.get_rng_state(),
+        "others": torch.tensor(list(json.dumps(others).encode()), dtype=torch.uint8),
+    }
 
 
 def _restore_rng(state: dict) -> None:
@@ -192,8 +201,16 @@ class StageITrainer:
         self.llm, self.text_tokenizer = load_text_lm(args.llm_path)
         self.llm.to(self.device)
         preset = load_preset(args.preset)
-        overrides = {k: v for k, v in {"paradigm": args.paradigm, "quantizer": args.quantizer, "depth": args.depth,
-                                        "codebook_size": args.codebook_size}.items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in {
+                "paradigm": args.paradigm,
+                "quantizer": args.quantizer,
+                "depth": args.depth,
+                "codebook_size": args.codebook_size,
+            }.items()
+            if v is not None
+        }
         overrides.update(args.vision_overrides)
         start = UniCodeVisualTokenizer.from_pretrained(args.init_from) if args.init_from else None
         probe = start.config if start is not None else vision_tokenizer_config(preset, **overrides)
@@ -201,16 +218,25 @@ class StageITrainer:
         if hidden != probe.code_dim:
             raise ValueError(
                 f"the LLM at llm_path={args.llm_path!r} has hidden size {hidden} but "
-                + (f"the tokenizer at init_from={args.init_from!r}" if start is not None else f"preset {args.preset!r}")
-                + f" has code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so pass the LLM it was "
+                + (
+                    f"the tokenizer at init_from={args.init_from!r}"
+                    if start is not None
+                    else f"preset {args.preset!r}"
+                )
+                + f" has code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so pass the LLM it "
+                "was "
                 f"made for (or set vision_tokenizer.code_dim={hidden})"
             )
         if start is not None:
             self.config = self._fine_tune_config(start.config, overrides, rows)
             ids = list(self.config.codebook_token_ids)
         else:
-            ids, selection = select_codebook_rows(self.llm.get_input_embeddings().weight, probe.codebook_size, self.text_tokenizer)
-            self.config = vision_tokenizer_config(preset, **overrides, codebook_token_ids=ids, codebook_selection=selection)
+            ids, selection = select_codebook_rows(
+                self.llm.get_input_embeddings().weight, probe.codebook_size, self.text_tokenizer
+            )
+            self.config = vision_tokenizer_config(
+                preset, **overrides, codebook_token_ids=ids, codebook_selection=selection
+            )
         self.token_ids = torch.tensor(ids, device=self.device)
 
         torch.manual_seed(args.seed)
@@ -221,7 +247,9 @@ class StageITrainer:
         # Only `dual` trains the LLM in stage I, so the rows the iterative codebook is pulled toward
         # are read once, not gathered (K x H: 268 MB for the base preset) at every step.
         self.iterative_target = self.llm_rows() if self.config.paradigm == "iterative" else None
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=tuple(args.adam_betas))
+        optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=tuple(args.adam_betas)
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
@@ -233,23 +261,33 @@ class StageITrainer:
             )
         if args.gan_weight > 0:
             discriminator = PatchDiscriminator(self.config.in_channels).to(self.device)
-            disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate, betas=tuple(args.adam_betas))
+            disc_optimizer = torch.optim.Adam(
+                discriminator.parameters(), lr=args.learning_rate, betas=tuple(args.adam_betas)
+            )
             self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
 
         self.text_blocks = text_blocks
         self.text_optimizer = None
         if self.config.paradigm == "dual":
             if text_blocks is None or len(text_blocks) == 0:
-                raise ValueError("paradigm='dual' trains the LLM on text between exchanges: pass text_blocks (token blocks)")
+                raise ValueError(
+                    "paradigm='dual' trains the LLM on text between exchanges: pass text_blocks (token blocks)"
+                )
             self.text_optimizer = torch.optim.AdamW(self.llm.parameters(), lr=args.dual_text_learning_rate)
 
         if len(train_images) == 0:
-            raise ValueError("the training dataset is empty; build the Shapes world (or your dataset) with at least one image")
+            raise ValueError(
+                "the training dataset is empty; build the Shapes world (or your dataset) with at least one image"
+            )
         if len(train_images) < args.batch_size:
-            raise ValueError(f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}; "
-                             "pass a smaller batch size (--batch-size)")
+            raise ValueError(
+                f"the training dataset has {len(train_images)} images, fewer than batch_size={args.batch_size}; "
+                "pass a smaller batch size (--batch-size)"
+            )
         if args.batch_size % self.accelerator.num_processes:
-            raise ValueError(f"batch_size={args.batch_size} must divide evenly over {self.accelerator.num_processes} processes")
+            raise ValueError(
+                f"batch_size={args.batch_size} must divide evenly over {self.accelerator.num_processes} processes"
+            )
         self.train_images = train_images
         self.eval_images = eval_images[: args.eval_images]
         self.step = 0
@@ -257,15 +295,22 @@ class StageITrainer:
     # -- helpers ---------------------------------------------------------------------------------
     def _fine_tune_config(self, config, overrides: dict, llm_rows: int):
         """The config of the tokenizer at `init_from`, with the options that leave its weights' shapes alone."""
-        layout = {k: v for k, v in overrides.items()
-                  if k in ("image_size", "quantizer", "depth", "codebook_size", "code_dim") and v != getattr(config, k)}
+        layout = {
+            k: v
+            for k, v in overrides.items()
+            if k in ("image_size", "quantizer", "depth", "codebook_size", "code_dim") and v != getattr(config, k)
+        }
         if layout:
-            raise ValueError(f"init_from={self.args.init_from!r} keeps that tokenizer's layout, which {layout} would change; "
-                             "drop those options, or train a new tokenizer without init_from")
+            raise ValueError(
+                f"init_from={self.args.init_from!r} keeps that tokenizer's layout, which {layout} would change; "
+                "drop those options, or train a new tokenizer without init_from"
+            )
         if max(config.codebook_token_ids) >= llm_rows:
-            raise ValueError(f"the tokenizer at init_from={self.args.init_from!r} uses vocabulary ids up to "
-                             f"{max(config.codebook_token_ids)}, beyond the {llm_rows} rows of the LLM at "
-                             f"llm_path={self.args.llm_path!r}; pass the LLM it was trained with (--llm)")
+            raise ValueError(
+                f"the tokenizer at init_from={self.args.init_from!r} uses vocabulary ids up to "
+                f"{max(config.codebook_token_ids)}, beyond the {llm_rows} rows of the LLM at "
+                f"llm_path={self.args.llm_path!r}; pass the LLM it was trained with (--llm)"
+            )
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -288,14 +333,18 @@ class StageITrainer:
     @functools.cached_property
     def text_token_ids(self) -> torch.Tensor:
         """Ids of the LLM's rows that are not codes (fixed for the run)."""
-        is_code = torch.zeros(self.llm.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=self.token_ids.device)
+        is_code = torch.zeros(
+            self.llm.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=self.token_ids.device
+        )
         is_code[self.token_ids] = True
         return (~is_code).nonzero().squeeze(1)
 
     def text_row_norm(self) -> float:
         """Mean length of the LLM's rows that are not codes, as the LLM sees them now (scaled embeddings too)."""
         with torch.no_grad():
-            return float(embedding_rows(self.llm.get_input_embeddings(), self.text_token_ids).float().norm(dim=1).mean())
+            return float(
+                embedding_rows(self.llm.get_input_embeddings(), self.text_token_ids).float().norm(dim=1).mean()
+            )
 
     def _autocast(self):
         enabled = self.args.bf16
@@ -341,8 +390,15 @@ class StageITrainer:
 
         codebook = self.unwrapped.codebook
         llm_rows = self.iterative_target if self.config.paradigm == "iterative" else None
-        self.codebook_trainer.update(codebook.data, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=ratio,
-                                     restart_candidates=out.code_features, quantizer=self.unwrapped.quantizer)
+        self.codebook_trainer.update(
+            codebook.data,
+            out.code_counts,
+            out.code_sums,
+            llm_rows=llm_rows,
+            ratio=ratio,
+            restart_candidates=out.code_features,
+            quantizer=self.unwrapped.quantizer,
+        )
         if out.level_fit is not None:
             self.codebook_trainer.update_level_scales(self.unwrapped.quantizer.level_scale, out.level_fit)
         if self.config.paradigm == "dual" and (self.step + 1) % self.config.dual_sync_interval == 0:
@@ -367,7 +423,9 @@ class StageITrainer:
         of the LLM's other rows (`UniCodeCodebookTrainer.match_row_norm`)."""
         codebook = self.unwrapped.codebook
         if self.config.dual_row_norm == "llm":
-            self.codebook_trainer.match_row_norm(codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer)
+            self.codebook_trainer.match_row_norm(
+                codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer
+            )
         write_embedding_rows(self.llm.get_input_embeddings(), self.token_ids, codebook.data)
 
     def dual_exchange(self) -> dict:
@@ -487,13 +545,20 @@ class StageITrainer:
                 self.load_checkpoint(checkpoint)
         log_path = self.work / "log.jsonl"
         started = time.perf_counter()
-        progress = tqdm(total=args.max_steps, initial=self.step, desc=f"stage I ({self.config.paradigm}, {self.config.quantizer})",
-                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        progress = tqdm(
+            total=args.max_steps,
+            initial=self.step,
+            desc=f"stage I ({self.config.paradigm}, {self.config.quantizer})",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
         while self.step < args.max_steps:
             record = self.train_step()
             progress.update(1)
             if self.step % args.log_every == 0 or self.step == args.max_steps:
-                progress.set_postfix(psnr=f"{record['psnr']:.1f}", usage=f"{record['usage']:.2f}", r=f"{record['blend_ratio']:.2f}")
+                progress.set_postfix(
+                    psnr=f"{record['psnr']:.1f}", usage=f"{record['usage']:.2f}", r=f"{record['blend_ratio']:.2f}"
+                )
                 if self.accelerator.is_main_process:
                     with open(log_path, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
@@ -514,9 +579,18 @@ class StageITrainer:
         unified = bool(torch.equal(codebook, self.llm_rows()))
         if not unified:
             raise RuntimeError("stage I ended with a codebook different from the LLM rows; this is a bug")
-        metrics = {**self.evaluate(), "train_seconds": seconds, "steps": self.step, "unified": unified,
-                   "paradigm": self.config.paradigm, "quantizer": self.config.quantizer, "depth": self.config.depth,
-                   "codebook_size": self.config.codebook_size, "tokens_per_image": self.config.tokens_per_image, "world_size": self.accelerator.num_processes}
+        metrics = {
+            **self.evaluate(),
+            "train_seconds": seconds,
+            "steps": self.step,
+            "unified": unified,
+            "paradigm": self.config.paradigm,
+            "quantizer": self.config.quantizer,
+            "depth": self.config.depth,
+            "codebook_size": self.config.codebook_size,
+            "tokens_per_image": self.config.tokens_per_image,
+            "world_size": self.accelerator.num_processes,
+        }
         self.save_checkpoint()
         if self.accelerator.is_main_process:
             self.save_samples("final")

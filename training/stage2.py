@@ -37,15 +37,25 @@ class StageIIArguments:
     max_steps: int = 200
     batch_size: int = 8
     learning_rate: float = 2e-4
-    lora: bool = True            # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
-    train_text_embeddings: bool = False  # full fine-tuning only: the embedding rows that are not visual codes train too
-    reinit_decoder: bool = False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
-    output_head: str = "tied"    # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
+    lora: bool = True  # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
+    train_text_embeddings: bool = (
+        False  # full fine-tuning only: the embedding rows that are not visual codes train too
+    )
+    reinit_decoder: bool = (
+        False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
+    )
+    output_head: str = (
+        "tied"  # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
+    )
     image_positions: bool = False  # a learned embedding per input-image placeholder (config.image_position_embeddings)
-    code_positions: bool = False   # a learned embedding per index of a written image's codes (config.code_position_embeddings)
+    code_positions: bool = (
+        False  # a learned embedding per index of a written image's codes (config.code_position_embeddings)
+    )
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
-    max_seconds: Optional[float] = None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
+    max_seconds: Optional[float] = (
+        None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
+    )
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -54,7 +64,7 @@ class StageIIArguments:
     caption_drop: float = 0.1
     questions_per_image: int = 2
     questions_per_conversation: int = 1
-    tasks: Optional[list[str]] = None   # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
+    tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -71,7 +81,9 @@ class StageIIArguments:
     FULL_FINETUNE_ONLY = ("reinit_decoder", "output_head", "decoder_layers", "train_text_embeddings")
 
     @classmethod
-    def from_recipe(cls, run_dir: str | os.PathLike, stage: str = "sft", preset: str = "tiny", **overrides) -> "StageIIArguments":
+    def from_recipe(
+        cls, run_dir: str | os.PathLike, stage: str = "sft", preset: str = "tiny", **overrides
+    ) -> "StageIIArguments":
         """The arguments of one stage-II stage from the preset's recipe (`configuration/recipes/<preset>.yaml`,
         section `stage2` and its `<stage>` subsection), then `overrides` (None values are ignored). The one place
         where recipe keys become arguments: the CLI, the demo and the ablation all build their stage II here.
@@ -93,7 +105,9 @@ class StageIIArguments:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"StageIIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}")
+            raise TypeError(
+                f"StageIIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
+            )
         settings.update(overrides)
         if settings.get("lora", True):
             for name in cls.FULL_FINETUNE_ONLY:
@@ -113,12 +127,20 @@ def stage_paths(run_dir: str | os.PathLike, stage: str, from_decompressed: Optio
     decompressed = run / "stage2" / "decompress" / "model"
     assembled = run / "stage2" / "base"  # the stage-0 LLM + stage-I tokenizer, before any stage-II training
     if stage == "sft" and from_decompressed and not is_complete(decompressed):
-        raise ValueError(f"from_decompressed=True but {decompressed} is not a complete model; run the decompress stage first")
+        raise ValueError(
+            f"from_decompressed=True but {decompressed} is not a complete model; run the decompress stage first"
+        )
     use_decompressed = is_complete(decompressed) if from_decompressed is None else bool(from_decompressed)
     base = decompressed if stage == "sft" and use_decompressed else assembled
     merged = run / "mllm" if stage == "sft" else decompressed
-    return {"root": root, "trainer": root / "trainer", "adapter": root / "adapter", "base": base, "merged": merged,
-            "assembled": assembled}
+    return {
+        "root": root,
+        "trainer": root / "trainer",
+        "adapter": root / "adapter",
+        "base": base,
+        "merged": merged,
+        "assembled": assembled,
+    }
 
 
 def stage_complete(run_dir: str | os.PathLike, stage: str, lora: bool = True) -> bool:
@@ -138,15 +160,23 @@ def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
     if text_model.get("name_or_path"):
         return text_model["name_or_path"]
     if not (run / "text_lm" / "config.json").is_file():
-        raise ValueError(f"no LLM for the run: {run / 'text_lm'} is missing; run `unicode-mllm train-text` or pass llm=")
+        raise ValueError(
+            f"no LLM for the run: {run / 'text_lm'} is missing; run `unicode-mllm train-text` or pass llm="
+        )
     return str(run / "text_lm")
 
 
-def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None,
-                  visual_input: str = "aggregate") -> Path:
+def assemble_base(
+    run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None, visual_input: str = "aggregate"
+) -> Path:
     """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic).
     `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes)."""
-    from modeling_unicode import UniCodeForConditionalGeneration, UniCodeImageProcessor, UniCodeProcessor, UniCodeVisualTokenizer
+    from modeling_unicode import (
+        UniCodeForConditionalGeneration,
+        UniCodeImageProcessor,
+        UniCodeProcessor,
+        UniCodeVisualTokenizer,
+    )
 
     from .sft import save_mllm
     from .text_lm import load_text_lm
@@ -156,11 +186,17 @@ def assemble_base(run_dir: str | os.PathLike, preset: str = "tiny", llm: Optiona
     if is_complete(out):
         return out
     if not (run / "vision_tokenizer" / "config.json").is_file():
-        raise ValueError(f"no visual tokenizer at {run / 'vision_tokenizer'}; run `unicode-mllm train-tokenizer` first")
+        raise ValueError(
+            f"no visual tokenizer at {run / 'vision_tokenizer'}; run `unicode-mllm train-tokenizer` first"
+        )
     vision = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
     model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
-    model = UniCodeForConditionalGeneration.from_pretrained_parts(model_llm, tokenizer, vision, visual_input=visual_input)
-    processor = UniCodeProcessor.from_model_config(model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size))
+    model = UniCodeForConditionalGeneration.from_pretrained_parts(
+        model_llm, tokenizer, vision, visual_input=visual_input
+    )
+    processor = UniCodeProcessor.from_model_config(
+        model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size)
+    )
     return save_mllm(model, processor, out)
 
 
@@ -180,15 +216,28 @@ def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, 
 
     size = code_signature(encoder)["image_size"]
     codes = Path(run_dir) / "codes"
-    train = cached_code_dataset(codes / f"train-{train_images}-s{seed}", lambda: build_split("train", train_images, size, seed), encoder)
+    train = cached_code_dataset(
+        codes / f"train-{train_images}-s{seed}", lambda: build_split("train", train_images, size, seed), encoder
+    )
     validation = cached_code_dataset(
-        codes / f"validation-{eval_images}-s{seed}", lambda: build_split("validation", eval_images, size, seed), encoder
+        codes / f"validation-{eval_images}-s{seed}",
+        lambda: build_split("validation", eval_images, size, seed),
+        encoder,
     )
     return train, validation
 
 
-def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: float = 0.1, questions_per_image: int = 2,
-                questions_per_conversation: int = 1, tasks: Optional[list[str]] = None, seed: int = 0):
+def stage_tasks(
+    codes,
+    stage: str,
+    depth: int,
+    segments: int = 4,
+    caption_drop: float = 0.1,
+    questions_per_image: int = 2,
+    questions_per_conversation: int = 1,
+    tasks: Optional[list[str]] = None,
+    seed: int = 0,
+):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all)."""
     import datasets
@@ -205,8 +254,14 @@ def stage_tasks(codes, stage: str, depth: int, segments: int = 4, caption_drop: 
         raise ValueError(f"tasks {unknown} are not SFT tasks; choose from {list(TASKS_SFT)}")
     parts = []  # only the builders some requested task comes from; each builder yields two tasks
     if tasks & {"caption", "vqa"}:
-        parts.append(understanding_tasks(codes, seed=seed, questions_per_image=questions_per_image,
-                                         questions_per_conversation=questions_per_conversation))
+        parts.append(
+            understanding_tasks(
+                codes,
+                seed=seed,
+                questions_per_image=questions_per_image,
+                questions_per_conversation=questions_per_conversation,
+            )
+        )
     if tasks & {"text_to_image", "continue_image"}:
         parts.append(generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed))
     rows = datasets.concatenate_datasets(parts)
@@ -263,8 +318,10 @@ def run_sft(
     if output_head not in OUTPUT_HEADS:
         raise ValueError(f"output_head={output_head!r} is not one of {list(OUTPUT_HEADS)}")
     if output_head == "trained" and lora is not False:
-        raise ValueError("output_head='trained' needs full fine-tuning (lora=False); with LoRA the LM head stays the "
-                         "frozen, tied codebook (output_head='tied')")
+        raise ValueError(
+            "output_head='trained' needs full fine-tuning (lora=False); with LoRA the LM head stays the "
+            "frozen, tied codebook (output_head='tied')"
+        )
     wall_clock = WallClockBudget(max_seconds) if max_seconds is not None else None
     if wall_clock is not None:
         sft_overrides = {**sft_overrides, "max_steps": 10**9, "warmup_steps": 0}  # the clock ends the run
@@ -278,7 +335,9 @@ def run_sft(
         checkpoint = last_complete_checkpoint(output_dir)
     before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
     if train_text_embeddings and peft_config is not None:
-        raise ValueError("train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen")
+        raise ValueError(
+            "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
+        )
     if peft_config is None:
         if output_head == "trained":
             untie_output_head(model)
@@ -359,11 +418,17 @@ def train_stage2(args: StageIIArguments) -> dict:
     if args.decoder_layers is not None and not args.reinit_decoder:
         raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
-        raise ValueError("reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers")
+        raise ValueError(
+            "reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers"
+        )
     paths = stage_paths(args.run_dir, args.stage)
     if args.resume and stage_complete(args.run_dir, args.stage, args.lora):
         print(f"stage II {args.stage} already finished: {paths['merged']} (delete it to train again)")
-        return json.loads((paths["root"] / "metrics.json").read_text()) if (paths["root"] / "metrics.json").is_file() else {}
+        return (
+            json.loads((paths["root"] / "metrics.json").read_text())
+            if (paths["root"] / "metrics.json").is_file()
+            else {}
+        )
     if _main_process():
         assemble_base(args.run_dir, args.preset, args.llm)
     _barrier()
@@ -382,11 +447,18 @@ def train_stage2(args: StageIIArguments) -> dict:
         shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
     _barrier()
     train_codes, eval_codes = shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
-    common = {"depth": vq.depth, "segments": args.segments, "caption_drop": args.caption_drop,
-              "questions_per_image": args.questions_per_image, "questions_per_conversation": args.questions_per_conversation,
-              "tasks": args.tasks}
+    common = {
+        "depth": vq.depth,
+        "segments": args.segments,
+        "caption_drop": args.caption_drop,
+        "questions_per_image": args.questions_per_image,
+        "questions_per_conversation": args.questions_per_conversation,
+        "tasks": args.tasks,
+    }
     train_rows = tokenize_tasks(stage_tasks(train_codes, args.stage, seed=args.seed, **common), processor, max_length)
-    eval_rows = tokenize_tasks(stage_tasks(eval_codes, args.stage, seed=args.seed + 1, **common), processor, max_length)
+    eval_rows = tokenize_tasks(
+        stage_tasks(eval_codes, args.stage, seed=args.seed + 1, **common), processor, max_length
+    )
     overrides = {
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
@@ -398,11 +470,26 @@ def train_stage2(args: StageIIArguments) -> dict:
         **({"use_cpu": args.use_cpu} if args.use_cpu is not None else {}),
         **args.extra,
     }
-    lora = args.lora and {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "target_modules": args.target_modules}
+    lora = args.lora and {
+        "r": args.lora_r,
+        "alpha": args.lora_alpha,
+        "dropout": args.lora_dropout,
+        "target_modules": args.target_modules,
+    }
     trainer, metrics = run_sft(
-        model, processor, train_rows, paths["trainer"], split_by_task(eval_rows), lora, args.resume,
-        args.eval_rows_per_task, train_text_embeddings=args.train_text_embeddings, output_head=args.output_head,
-        loss_normalization=args.loss_normalization, max_seconds=args.max_seconds, **overrides,
+        model,
+        processor,
+        train_rows,
+        paths["trainer"],
+        split_by_task(eval_rows),
+        lora,
+        args.resume,
+        args.eval_rows_per_task,
+        train_text_embeddings=args.train_text_embeddings,
+        output_head=args.output_head,
+        loss_normalization=args.loss_normalization,
+        max_seconds=args.max_seconds,
+        **overrides,
     )
     if args.lora:
         save_adapter(trainer, paths["adapter"])
@@ -411,8 +498,14 @@ def train_stage2(args: StageIIArguments) -> dict:
             merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
         else:
             save_mllm(trainer.accelerator.unwrap_model(trainer.model), processor, paths["merged"])
-        metrics = {**metrics, "stage": args.stage, "base": str(base), "adapter": str(paths["adapter"]) if args.lora else None,
-                   "merged": str(paths["merged"]), "arguments": asdict(args)}
+        metrics = {
+            **metrics,
+            "stage": args.stage,
+            "base": str(base),
+            "adapter": str(paths["adapter"]) if args.lora else None,
+            "merged": str(paths["merged"]),
+            "arguments": asdict(args),
+        }
         atomic_write_json(paths["root"] / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
     return metrics

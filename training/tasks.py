@@ -70,13 +70,19 @@ def task_features():
     """Arrow schema of task rows, fixed so datasets of different tasks concatenate."""
     import datasets
 
-    item = {"type": datasets.Value("string"), "text": datasets.Value("string"),
-            "start": datasets.Value("int64"), "end": datasets.Value("int64")}
-    return datasets.Features({
-        "task": datasets.Value("string"),
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(item)}),
-        CODES_COLUMN: datasets.List(datasets.Value("int32")),
-    })
+    item = {
+        "type": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "start": datasets.Value("int64"),
+        "end": datasets.Value("int64"),
+    }
+    return datasets.Features(
+        {
+            "task": datasets.Value("string"),
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(item)}),
+            CODES_COLUMN: datasets.List(datasets.Value("int32")),
+        }
+    )
 
 
 def _build(dataset, rows_of, columns: Sequence[str], what: str, seed: int):
@@ -92,8 +98,14 @@ def _build(dataset, rows_of, columns: Sequence[str], what: str, seed: int):
                 out[CODES_COLUMN].append(row[CODES_COLUMN])
         return out
 
-    return dataset.map(expand, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                       features=task_features(), desc=f"{what} tasks")
+    return dataset.map(
+        expand,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=task_features(),
+        desc=f"{what} tasks",
+    )
 
 
 def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
@@ -107,7 +119,9 @@ def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
         messages = [_turn("user", _item("image"), _text("\n" + first))]
         for i in range(segments):
             if i:
-                messages.append(_turn("user", _text(templates.DECOMPRESS_NEXT[rng.integers(len(templates.DECOMPRESS_NEXT))])))
+                messages.append(
+                    _turn("user", _text(templates.DECOMPRESS_NEXT[rng.integers(len(templates.DECOMPRESS_NEXT))]))
+                )
             messages.append(_turn("assistant", _item("codes", bounds[i], bounds[i + 1])))
         yield "decompress", messages
 
@@ -122,8 +136,10 @@ def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2, qu
     times more answer tokens (the image is most of a VQA row's length). The first turn is the
     evaluation's prompt exactly (image, then the question)."""
     if questions_per_image < 0 or questions_per_conversation < 1:
-        raise ValueError(f"questions_per_image={questions_per_image} must be >= 0 and questions_per_conversation="
-                         f"{questions_per_conversation} >= 1")
+        raise ValueError(
+            f"questions_per_image={questions_per_image} must be >= 0 and questions_per_conversation="
+            f"{questions_per_conversation} >= 1"
+        )
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -137,7 +153,11 @@ def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2, qu
             messages = []
             for qa in chosen[start : start + questions_per_conversation]:
                 prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
-                user = _turn("user", _item("image"), _text("\n" + prompt)) if not messages else _turn("user", _text(prompt))
+                user = (
+                    _turn("user", _item("image"), _text("\n" + prompt))
+                    if not messages
+                    else _turn("user", _text(prompt))
+                )
                 messages += [user, _turn("assistant", _text(qa["answer"]))]
             yield "vqa", messages
 
@@ -161,18 +181,24 @@ def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float
             instruction = templates.TEXT_TO_IMAGE[0].format(caption="")
         else:
             instruction = templates.TEXT_TO_IMAGE[rng.integers(len(templates.TEXT_TO_IMAGE))].format(caption=caption)
-        yield "text_to_image", [
-            _turn("user", _text(instruction)),
-            _turn("assistant", _item("boi"), _item("codes", 0, n), _item("eoi")),
-        ]
+        yield (
+            "text_to_image",
+            [
+                _turn("user", _text(instruction)),
+                _turn("assistant", _item("boi"), _item("codes", 0, n), _item("eoi")),
+            ],
+        )
         if segments > 1:
             bounds = segment_bounds(n, depth, segments)
             k = int(rng.integers(1, segments))
             prompt = templates.CONTINUE_IMAGE[rng.integers(len(templates.CONTINUE_IMAGE))].format(caption=caption)
-            yield "continue_image", [
-                _turn("user", _text(prompt), _item("codes", 0, bounds[k])),
-                _turn("assistant", _item("codes", bounds[k], bounds[k + 1])),
-            ]
+            yield (
+                "continue_image",
+                [
+                    _turn("user", _text(prompt), _item("codes", 0, bounds[k])),
+                    _turn("assistant", _item("codes", bounds[k], bounds[k + 1])),
+                ],
+            )
 
     return _build(dataset, rows_of, [CODES_COLUMN, "captions"], "generation", seed)
 
@@ -192,7 +218,11 @@ def task_rows_fingerprint(num_examples: int = 4) -> str:
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # three bars over 4 rows would only clutter the demo's output
     try:
-        for rows in (decompression_tasks(examples, depth), understanding_tasks(examples), generation_tasks(examples, depth)):
+        for rows in (
+            decompression_tasks(examples, depth),
+            understanding_tasks(examples),
+            generation_tasks(examples, depth),
+        ):
             digest.update(json.dumps(rows.to_dict(), sort_keys=True).encode())
     finally:
         if bars_were_on:
@@ -307,7 +337,8 @@ def tokenize_tasks(dataset, processor, max_length: Optional[int] = None, desc: s
         out = tokenizer(row["messages"], row[CODES_COLUMN])
         if max_length is not None and len(out["input_ids"]) > max_length:
             raise ValueError(
-                f"a {row.get('task', '')} conversation is {len(out['input_ids'])} tokens, above max_length={max_length}; "
+                f"a {row.get('task', '')} conversation is {len(out['input_ids'])} tokens, above "
+                f"max_length={max_length}; "
                 "raise max_length (the LLM's context allows text_config.max_position_embeddings) or use more segments"
             )
         return out

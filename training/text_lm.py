@@ -126,8 +126,12 @@ class _Blocks(torch.utils.data.Dataset):
 def recipe_training_settings(stage0: dict) -> dict:
     """`train_text_lm` keyword arguments from a recipe's `stage0` section (the defaults in one place;
     `max_steps` is left to the caller, whose budget or flag sets it)."""
-    return {"batch_size": stage0.get("batch_size", 16), "block_size": stage0.get("block_size", 128),
-            "learning_rate": stage0.get("learning_rate", 3e-3), "bf16": stage0.get("bf16", False)}
+    return {
+        "batch_size": stage0.get("batch_size", 16),
+        "block_size": stage0.get("block_size", 128),
+        "learning_rate": stage0.get("learning_rate", 3e-3),
+        "bf16": stage0.get("bf16", False),
+    }
 
 
 def train_text_lm(
@@ -210,7 +214,9 @@ def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path) if str(path).endswith(".gguf") else path
     if isinstance(path, Path) and path.suffix == ".gguf":
         if not path.is_file():
-            raise ValueError(f"llm path {str(path)!r} does not exist; for Gemma 3 270M use training.text_lm.gemma_gguf_path()")
+            raise ValueError(
+                f"llm path {str(path)!r} does not exist; for Gemma 3 270M use training.text_lm.gemma_gguf_path()"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         return model, tokenizer

@@ -27,7 +27,9 @@ MAX_SEED = 2**31 - 1
 def load(source: str):
     """(model, processor) from a repo id or a local export folder."""
     if not isinstance(source, str) or not source:
-        raise ValueError(f"model source must be a repo id or a folder, got {source!r}; pass --model or set {MODEL_ENV}")
+        raise ValueError(
+            f"model source must be a repo id or a folder, got {source!r}; pass --model or set {MODEL_ENV}"
+        )
     model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     return model, processor
@@ -48,8 +50,10 @@ class UniCodeDemo:
 
     def __init__(self, model, processor, max_new_tokens: int = 48, min_new_tokens: int = 0):
         if min_new_tokens < 0 or max_new_tokens < max(1, min_new_tokens):
-            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
-                             f"min_new_tokens={min_new_tokens}, max_new_tokens={max_new_tokens}")
+            raise ValueError(
+                f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
+                f"min_new_tokens={min_new_tokens}, max_new_tokens={max_new_tokens}"
+            )
         self.model, self.processor = model, processor
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
 
@@ -63,7 +67,9 @@ class UniCodeDemo:
             name = os.path.basename(str(path))
             # The server-side temp path means nothing to the visitor; their file's name does.
             reason = str(error).replace(str(path), name)
-            raise gr.Error(f"'{name}' is not an image this demo can read: {reason}. Upload a PNG, JPEG or WebP picture.")
+            raise gr.Error(
+                f"'{name}' is not an image this demo can read: {reason}. Upload a PNG, JPEG or WebP picture."
+            )
 
     @torch.no_grad()
     def ask(self, upload, question: str) -> str:
@@ -74,9 +80,12 @@ class UniCodeDemo:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(images=[image], text=prompt).to(self.model.device)
-        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                                  do_sample=False)
-        answer = self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        ids = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=False
+        )
+        answer = self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[
+            0
+        ].strip()
         return answer or "(the model gave an empty answer)"
 
     @torch.no_grad()
@@ -88,8 +97,13 @@ class UniCodeDemo:
             raise gr.Error(f"seed must be between 0 and {MAX_SEED}.")
         inputs = self.processor(text=prompt, generation_mode="image").to(self.model.device)
         generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
-        ids = self.model.generate(**inputs, generation_mode="image", do_sample=True, generator=generator,
-                                  guidance_scale=None if float(guidance) == 1.0 else float(guidance))
+        ids = self.model.generate(
+            **inputs,
+            generation_mode="image",
+            do_sample=True,
+            generator=generator,
+            guidance_scale=None if float(guidance) == 1.0 else float(guidance),
+        )
         pixels = self.model.decode_image_tokens(ids)
         image = self.processor.post_process_multimodal_output(pixels, generation_mode="image")[0]
         return _enlarge(image)
@@ -101,19 +115,25 @@ class UniCodeDemo:
         pixel_values = self.processor.image_processor(images=[image])["pixel_values"].to(self.model.device)
         codes = self.model.model.encode_images(pixel_values)  # (1, h, w, D) vocabulary ids
         flat = codes.reshape(1, -1)
-        reconstruction = self.processor.post_process_multimodal_output(self.model.decode_image_tokens(flat),
-                                                                        generation_mode="image")[0]
+        reconstruction = self.processor.post_process_multimodal_output(
+            self.model.decode_image_tokens(flat), generation_mode="image"
+        )[0]
         seen = self.processor.post_process_multimodal_output(pixel_values, generation_mode="image")[0]
         _, height, width, depth = codes.shape
         rows = [" ".join(f"{int(i)}" for i in codes[0, r].reshape(-1).tolist()) for r in range(height)]
-        text = f"{height}×{width} positions × depth {depth} = {flat.shape[1]} vocabulary ids (one row per line):\n" + "\n".join(rows)
+        text = (
+            f"{height}×{width} positions × depth {depth} = {flat.shape[1]} vocabulary ids (one row per line):\n"
+            + "\n".join(rows)
+        )
         return _enlarge(seen), _enlarge(reconstruction), text
 
 
 def build_demo(demo: UniCodeDemo, title: str = "UniCode") -> gr.Blocks:
     with gr.Blocks(title=title) as blocks:
-        gr.Markdown(f"# {title}\nOne codebook for text and images: the model reads and writes images as ids of its own "
-                    "vocabulary ([paper](https://arxiv.org/abs/2403.09072)).")
+        gr.Markdown(
+            f"# {title}\nOne codebook for text and images: the model reads and writes images as ids of its own "
+            "vocabulary ([paper](https://arxiv.org/abs/2403.09072))."
+        )
         with gr.Tab("Ask about an image", elem_id="tab-ask"):
             with gr.Row():
                 ask_image = gr.File(label="Image", file_count="single", type="filepath", elem_id="ask-image")
@@ -125,11 +145,19 @@ def build_demo(demo: UniCodeDemo, title: str = "UniCode") -> gr.Blocks:
         with gr.Tab("Generate an image", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(label="Description", value="a red circle left of a blue square", elem_id="gen-prompt")
-                    guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (1 = off)", elem_id="gen-guidance")
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="gen-seed")
+                    prompt = gr.Textbox(
+                        label="Description", value="a red circle left of a blue square", elem_id="gen-prompt"
+                    )
+                    guidance = gr.Slider(
+                        1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (1 = off)", elem_id="gen-guidance"
+                    )
+                    seed = gr.Number(
+                        value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="gen-seed"
+                    )
                     gen_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
-                generated = gr.Image(label="Generated image (enlarged)", type="pil", interactive=False, elem_id="gen-output")
+                generated = gr.Image(
+                    label="Generated image (enlarged)", type="pil", interactive=False, elem_id="gen-output"
+                )
             gen_button.click(demo.generate, [prompt, guidance, seed], generated, api_name="generate")
         with gr.Tab("Tokenize", elem_id="tab-tokenize"):
             with gr.Row():
@@ -137,7 +165,9 @@ def build_demo(demo: UniCodeDemo, title: str = "UniCode") -> gr.Blocks:
                 tok_button = gr.Button("Tokenize", variant="primary", elem_id="tok-button")
             with gr.Row():
                 seen = gr.Image(label="Input as the model sees it", type="pil", interactive=False, elem_id="tok-input")
-                reconstruction = gr.Image(label="Reconstruction from the codes", type="pil", interactive=False, elem_id="tok-recon")
+                reconstruction = gr.Image(
+                    label="Reconstruction from the codes", type="pil", interactive=False, elem_id="tok-recon"
+                )
             code_ids = gr.Textbox(label="Code ids", lines=8, interactive=False, elem_id="tok-codes")
             tok_button.click(demo.tokenize, tok_image, [seen, reconstruction, code_ids], api_name="tokenize")
     return blocks
@@ -145,7 +175,9 @@ def build_demo(demo: UniCodeDemo, title: str = "UniCode") -> gr.Blocks:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL), help=f"repo id or folder (env {MODEL_ENV})")
+    parser.add_argument(
+        "--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL), help=f"repo id or folder (env {MODEL_ENV})"
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -25,7 +25,16 @@ import numpy as np
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_LABELS = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -33,11 +42,25 @@ _FASHION_FILES = {
 }
 # scikit-image sample name -> the file its wheel ships (the others are fetched on demand).
 SKIMAGE_SAMPLES = {
-    "astronaut": "astronaut.png", "brick": "brick.png", "camera": "camera.png", "cell": "cell.png",
-    "chelsea": "chelsea.png", "coffee": "coffee.png", "coins": "coins.png", "grass": "grass.png",
-    "gravel": "gravel.png", "horse": "horse.png", "hubble_deep_field": "hubble_deep_field.jpg",
-    "immunohistochemistry": "ihc.png", "logo": "logo.png", "microaneurysms": "microaneurysms.png",
-    "moon": "moon.png", "page": "page.png", "retina": "retina.jpg", "rocket": "rocket.jpg", "text": "text.png",
+    "astronaut": "astronaut.png",
+    "brick": "brick.png",
+    "camera": "camera.png",
+    "cell": "cell.png",
+    "chelsea": "chelsea.png",
+    "coffee": "coffee.png",
+    "coins": "coins.png",
+    "grass": "grass.png",
+    "gravel": "gravel.png",
+    "horse": "horse.png",
+    "hubble_deep_field": "hubble_deep_field.jpg",
+    "immunohistochemistry": "ihc.png",
+    "logo": "logo.png",
+    "microaneurysms": "microaneurysms.png",
+    "moon": "moon.png",
+    "page": "page.png",
+    "retina": "retina.jpg",
+    "rocket": "rocket.jpg",
+    "text": "text.png",
 }
 
 
@@ -54,7 +77,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as handle:
         data = handle.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -88,10 +111,12 @@ def load_fashion_mnist(
     labels = _read_idx(root / label_file)
     if num_examples is not None:
         images, labels = images[:num_examples], labels[:num_examples]
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "label": datasets.ClassLabel(names=list(FASHION_MNIST_LABELS)),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(FASHION_MNIST_LABELS)),
+        }
+    )
     return datasets.Dataset.from_dict(
         {"image": [Image.fromarray(im, "L") for im in images], "label": labels.astype(int).tolist()},
         features=features,
@@ -132,10 +157,16 @@ def load_skimage_images(names=None, image_size: int | None = None):
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.LANCZOS)
         images.append(image)
-    features = datasets.Features({
-        "image": datasets.Image(), "label": datasets.ClassLabel(names=names), "name": datasets.Value("string"),
-    })
-    return datasets.Dataset.from_dict({"image": images, "label": list(range(len(names))), "name": names}, features=features)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=names),
+            "name": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": list(range(len(names))), "name": names}, features=features
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +216,10 @@ def image_paths_to_images(dataset, image_column: str, root=None):
     if isinstance(feature, datasets.Image):
         return dataset
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(f"column {image_column!r} holds {feature}, not images or image file paths; pass image_column= "
-                         "(--image-column) the column that holds them")
+        raise ValueError(
+            f"column {image_column!r} holds {feature}, not images or image file paths; pass image_column= "
+            "(--image-column) the column that holds them"
+        )
 
     def resolve(row, index):
         value = row[image_column]
@@ -196,8 +229,10 @@ def image_paths_to_images(dataset, image_column: str, root=None):
             return {image_column: value}
         path = Path(value) if root is None or Path(value).is_absolute() else Path(root) / value
         if not path.is_file():
-            raise FileNotFoundError(f"row {index}: image {value!r} not found at {path}; image paths are read relative to "
-                                    f"{root or 'the working folder'}")
+            raise FileNotFoundError(
+                f"row {index}: image {value!r} not found at {path}; image paths are read relative to "
+                f"{root or 'the working folder'}"
+            )
         return {image_column: str(path)}
 
     return dataset.map(resolve, with_indices=True, desc="image paths").cast_column(image_column, datasets.Image())
@@ -246,8 +281,10 @@ def load_image_dataset(source, split: str = "train", image_column=None, image_ro
     if image_column is None:
         return dataset
     if image_column not in dataset.column_names:
-        raise ValueError(f"the dataset has no {image_column!r} column (columns: {dataset.column_names}); pass "
-                         "image_column= (--image-column) the column that holds the images")
+        raise ValueError(
+            f"the dataset has no {image_column!r} column (columns: {dataset.column_names}); pass "
+            "image_column= (--image-column) the column that holds the images"
+        )
     return image_paths_to_images(dataset, image_column, root)
 
 
@@ -255,14 +292,20 @@ def caption_texts(value) -> list[str]:
     """A caption cell (a string, a list of them, or {"raw": ...} sentence records) as a list of strings."""
     if isinstance(value, dict):
         value = value.get("raw", next(iter(value.values())))
-    return [str(v.get("raw", v) if isinstance(v, dict) else v) for v in value] if isinstance(value, list) else [str(value)]
+    return (
+        [str(v.get("raw", v) if isinstance(v, dict) else v) for v in value]
+        if isinstance(value, list)
+        else [str(value)]
+    )
 
 
 def pick_column(columns, wanted, candidates, what, required: bool = True):
     """`wanted` if it is a column, else the first of `candidates` that is one (None when not `required`)."""
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{what}_column={wanted!r} (--{what}-column) is not a column; columns are {list(columns)}")
+            raise ValueError(
+                f"{what}_column={wanted!r} (--{what}-column) is not a column; columns are {list(columns)}"
+            )
         return wanted
     for name in candidates:
         if name in columns:
@@ -313,8 +356,10 @@ def load_conversation_dataset(name_or_path, split: str = "train", image_folder=N
             messages.append({"role": role, "content": turn["value"]})
         return {"image": image, "messages": messages}
 
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        }
+    )
     return dataset.map(standardize, remove_columns=dataset.column_names, features=features)

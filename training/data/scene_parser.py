@@ -29,19 +29,19 @@ _DIR_NORM2 = (_DIRS**2).sum(-1)
 
 # Thresholds, in 0-255 RGB units or fractions, set from clean / JPEG-75 / blurred renders
 # (scripts/parser_accuracy.py measures them).
-BACKGROUND_TOLERANCE = 45.0   # |pixel - background| below this: background
-PALETTE_TOLERANCE = 60.0      # distance to the background->colour segment above this: off-palette
+BACKGROUND_TOLERANCE = 45.0  # |pixel - background| below this: background
+PALETTE_TOLERANCE = 60.0  # distance to the background->colour segment above this: off-palette
 MIN_BACKGROUND_FRACTION = 0.45
 MAX_OFF_PALETTE_FRACTION = 0.02
 MAX_SPECK_FRACTION = 0.01
-COVERAGE_THRESHOLD = 0.5      # component mask: pixels at least half covered
+COVERAGE_THRESHOLD = 0.5  # component mask: pixels at least half covered
 # Template fit: mean absolute coverage error per unit of template area. The template is also
 # tried blurred, since JPEG and resampling soften edges.
 TEMPLATE_BLURS = (0.0, 0.6, 1.0)
 MAX_FIT_ERROR = 0.45
 CENTER_SEARCH = ((0.0, 0.0),)  # sub-pixel centre search measured no gain on JPEG-75
-MIN_FIT_MARGIN = 1.15         # the runner-up must fit this much worse, or the parser refuses
-CELL_BORDER_MARGIN = 0.06     # centroid closer than this (fraction of a cell) to a border: ambiguous
+MIN_FIT_MARGIN = 1.15  # the runner-up must fit this much worse, or the parser refuses
+CELL_BORDER_MARGIN = 0.06  # centroid closer than this (fraction of a cell) to a border: ambiguous
 
 
 def _to_array(image) -> np.ndarray:
@@ -108,7 +108,9 @@ def _luma(rgb):
     return np.asarray(rgb, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
 
 
-LUMA_WEIGHT = 1.0  # coverage from luminance: JPEG keeps it at full resolution, chroma at half (measured: best on JPEG-75)
+LUMA_WEIGHT = (
+    1.0  # coverage from luminance: JPEG keeps it at full resolution, chroma at half (measured: best on JPEG-75)
+)
 
 
 def _refuse(reason: str, return_reason: bool):
@@ -169,7 +171,10 @@ def parse_scene(image, *, return_reason: bool = False):
     if speck_pixels / total > MAX_SPECK_FRACTION:
         return _refuse(f"{speck_pixels} pixels in specks too small to be shapes", return_reason)
     objects = [occupied[i] for i in sorted(occupied)]
-    ordered = [{key: o[key] for key in ("shape", "color", "size", "position", "row", "col", "center", "fit_error", "margin")} for o in objects]
+    ordered = [
+        {key: o[key] for key in ("shape", "color", "size", "position", "row", "col", "center", "fit_error", "margin")}
+        for o in objects
+    ]
     scene = {"image_size": int(height), "objects": ordered}
     return (scene, None) if return_reason else scene
 
@@ -210,10 +215,13 @@ def _describe(component: np.ndarray, sl, allowed: np.ndarray, cov: np.ndarray, c
             for dx, dy in CENTER_SEARCH:
                 template = shape_coverage(shape, (cx - ox + dx, cy - oy + dy), radius, box)
                 norm = template.sum()
-                error = min(error, min(
-                    np.abs(window - (ndimage.gaussian_filter(template, s) if s else template)).sum() / norm
-                    for s in TEMPLATE_BLURS
-                ))
+                error = min(
+                    error,
+                    min(
+                        np.abs(window - (ndimage.gaussian_filter(template, s) if s else template)).sum() / norm
+                        for s in TEMPLATE_BLURS
+                    ),
+                )
             fits.append((float(error), shape, size_name))
     fits.sort()
     best_error, shape, size_name = fits[0]
@@ -229,8 +237,14 @@ def _describe(component: np.ndarray, sl, allowed: np.ndarray, cov: np.ndarray, c
     if near_border < CELL_BORDER_MARGIN or not (0 <= row < GRID and 0 <= col < GRID):
         return f"centroid ({cx:.1f}, {cy:.1f}) sits on a grid-cell border"
     return {
-        "shape": shape, "size": size_name, "position": POSITIONS[row * GRID + col], "row": row, "col": col,
-        "center": [round(cx, 2), round(cy, 2)], "fit_error": round(best_error, 3), "margin": round(runner_up / best_error if best_error else 99.0, 2),
+        "shape": shape,
+        "size": size_name,
+        "position": POSITIONS[row * GRID + col],
+        "row": row,
+        "col": col,
+        "center": [round(cx, 2), round(cy, 2)],
+        "fit_error": round(best_error, 3),
+        "margin": round(runner_up / best_error if best_error else 99.0, 2),
     }
 
 

@@ -58,9 +58,15 @@ SIZES: dict[str, float] = {"small": 0.27, "large": 0.41}
 ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 COLS: tuple[str, ...] = ("left", "center", "right")
 POSITIONS: tuple[str, ...] = (
-    "top left", "top center", "top right",
-    "middle left", "center", "middle right",
-    "bottom left", "bottom center", "bottom right",
+    "top left",
+    "top center",
+    "top right",
+    "middle left",
+    "center",
+    "middle right",
+    "bottom left",
+    "bottom center",
+    "bottom right",
 )
 GRID = 3
 MAX_OBJECTS = 3
@@ -149,14 +155,21 @@ def sample_scene(
         radius = SIZES[size] * cell_px
         # Keep a margin of 0.07 cell to the cell border so neighbours never touch.
         slack = max(0.0, 0.5 * cell_px - radius - 0.07 * cell_px) if jitter else 0.0
-        dx, dy = (rng.uniform(-slack, slack, size=2) if slack > 0 else (0.0, 0.0))
+        dx, dy = rng.uniform(-slack, slack, size=2) if slack > 0 else (0.0, 0.0)
         cx = (col + 0.5) * cell_px + float(dx)
         cy = (row + 0.5) * cell_px + float(dy)
-        objects.append({
-            "shape": shape, "color": color, "size": size,
-            "position": POSITIONS[cell], "row": row, "col": col,
-            "center": [round(cx, 3), round(cy, 3)], "radius": round(radius, 3),
-        })
+        objects.append(
+            {
+                "shape": shape,
+                "color": color,
+                "size": size,
+                "position": POSITIONS[cell],
+                "row": row,
+                "col": col,
+                "center": [round(cx, 3), round(cy, 3)],
+                "radius": round(radius, 3),
+            }
+        )
     return {"image_size": int(image_size), "objects": objects}
 
 
@@ -288,10 +301,10 @@ def _count_phrase(n: int) -> str:
 
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
-    "list",       # a large red circle in the top left and a small blue square in the center.
-    "there_is",   # There is a large red circle in the top left. There is a small ...
-    "count",      # Two shapes: a large red circle in the top left and a small blue ...
-    "located",    # In the top left, a large red circle; in the center, a small blue square.
+    "list",  # a large red circle in the top left and a small blue square in the center.
+    "there_is",  # There is a large red circle in the top left. There is a small ...
+    "count",  # Two shapes: a large red circle in the top left and a small blue ...
+    "located",  # In the top left, a large red circle; in the center, a small blue square.
 )
 
 
@@ -372,8 +385,10 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "count": ("How many shapes are there?", "How many {color} shapes are there?"),
     "existence": ("Is there {article} {color} {shape}?",),
     "position": ("Where is the {color} {shape}?",),
-    "relation": ("Is the {color} {shape} to the left of the {color2} {shape2}?",
-                 "Is the {color} {shape} to the right of the {color2} {shape2}?"),
+    "relation": (
+        "Is the {color} {shape} to the left of the {color2} {shape2}?",
+        "Is the {color} {shape} to the right of the {color2} {shape2}?",
+    ),
 }
 
 
@@ -390,7 +405,9 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
     qa: list[dict] = []
 
     def add(kind: str, template_index: int, answer: str, **slots):
-        qa.append({"question": QUESTION_TEMPLATES[kind][template_index].format(**slots), "answer": answer, "type": kind})
+        qa.append(
+            {"question": QUESTION_TEMPLATES[kind][template_index].format(**slots), "answer": answer, "type": kind}
+        )
 
     target = objs[int(rng.integers(len(objs)))]
     add("color", 0, target["color"], shape=target["shape"], position_phrase=position_phrase(target["position"]))
@@ -415,8 +432,15 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
         a, b = pairs[int(rng.integers(len(pairs)))]
         which = int(rng.integers(2))
         truth = a["col"] < b["col"] if which == 0 else a["col"] > b["col"]
-        add("relation", which, "yes" if truth else "no",
-            color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
+        add(
+            "relation",
+            which,
+            "yes" if truth else "no",
+            color=a["color"],
+            shape=a["shape"],
+            color2=b["color"],
+            shape2=b["shape"],
+        )
     return qa
 
 
@@ -441,17 +465,21 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, jitter
 def shapes_features():
     import datasets
 
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "scene": datasets.Value("string"),
-        "captions": datasets.List(datasets.Value("string")),
-        "questions": datasets.List({
-            "question": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "type": datasets.Value("string"),
-        }),
-    })
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "scene": datasets.Value("string"),
+            "captions": datasets.List(datasets.Value("string")),
+            "questions": datasets.List(
+                {
+                    "question": datasets.Value("string"),
+                    "answer": datasets.Value("string"),
+                    "type": datasets.Value("string"),
+                }
+            ),
+        }
+    )
 
 
 def build_split(split: str, num_examples: int, image_size: int = 64, seed: int = 0, jitter: bool = True):
@@ -494,9 +522,9 @@ def load_shapes_world(config: ShapesWorldConfig | None = None, **overrides):
         "test": config.num_test,
         "compositional": config.num_compositional,
     }
-    return datasets.DatasetDict({
-        split: build_split(split, n, config.image_size, config.seed, config.jitter) for split, n in sizes.items()
-    })
+    return datasets.DatasetDict(
+        {split: build_split(split, n, config.image_size, config.seed, config.jitter) for split, n in sizes.items()}
+    )
 
 
 def text_corpus(source: Iterable[dict] | None = None, *, num_scenes: int = 1000, seed: int = 0) -> Iterator[str]:
@@ -506,11 +534,13 @@ def text_corpus(source: Iterable[dict] | None = None, *, num_scenes: int = 1000,
     ``questions``); without it, ``num_scenes`` train scenes are sampled (no rendering).
     """
     if source is None:
+
         def rows():
             for i in range(num_scenes):
                 rng = example_rng(seed, "train", i)
                 scene = sample_scene(rng, 64, pairs=TRAIN_PAIRS)
                 yield {"captions": captions_for_scene(scene), "questions": questions_for_scene(scene, rng)}
+
         source = rows()
     for row in source:
         yield from row["captions"]

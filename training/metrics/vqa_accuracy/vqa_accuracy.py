@@ -11,8 +11,10 @@ import string
 import datasets
 import evaluate
 
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
+_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
+}
 _SPELLING = {"colour": "color", "grey": "gray", "centre": "center"}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
@@ -33,7 +35,9 @@ class VqaAccuracy(evaluate.Metric):
                 "predictions: list of str; references: list of str; question_types (optional): list of "
                 "str, one per example, adds accuracy_<type> and count_<type>"
             ),
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, question_types=None):
@@ -43,7 +47,10 @@ class VqaAccuracy(evaluate.Metric):
             raise ValueError(
                 f"question_types must have one entry per prediction ({len(predictions)}), got {len(question_types)}"
             )
-        hits = [normalize_answer(p) == normalize_answer(r) and normalize_answer(r) != "" for p, r in zip(predictions, references)]
+        hits = [
+            normalize_answer(p) == normalize_answer(r) and normalize_answer(r) != ""
+            for p, r in zip(predictions, references)
+        ]
         result = {"accuracy": sum(hits) / len(hits), "num_examples": len(hits)}
         if question_types is not None:
             for kind in sorted(set(question_types)):
