@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(VENV)/bin/unicode-mllm demo --preset tiny --output outputs/demo-tiny
 
-# The paper's ablations at small scale (33 minutes measured on 2 CPU cores): outputs/ablate/ablation.{md,json}.
+# The paper's ablations at small scale (docs/results.md has its wall time): outputs/ablate/ablation.{md,json}.
 ablate: install
 	$(VENV)/bin/unicode-mllm ablate --preset tiny --output outputs/ablate
 
