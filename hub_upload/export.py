@@ -28,7 +28,7 @@ import modeling_unicode
 from modeling_unicode import UniCodeForConditionalGeneration, UniCodeProcessor, UniCodeVisualTokenizer
 
 from .model_card import build_model_card, describe_llm, is_repo_id
-from .run_folder import RunFolder, check_run_folder
+from .run_folder import REPORT_FILE, SAMPLES_FILE, RunFolder, check_run_folder
 
 CODE_DIR = Path(modeling_unicode.__file__).parent
 # The diffusers pipeline is not remote code: it would make loading the model depend on diffusers.
@@ -220,8 +220,8 @@ def export_run(
             (staging / ADAPTER_DIR).mkdir()
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copyfile(adapter / name, staging / ADAPTER_DIR / name)
-        shutil.copyfile(run.samples, staging / "samples.png")
-        shutil.copyfile(run.report_path, staging / "report.json")
+        shutil.copyfile(run.samples, staging / SAMPLES_FILE)
+        shutil.copyfile(run.report_path, staging / REPORT_FILE)
         _model_card(run, model, repo_id, out_dir.name, base_model, base_model_license, samples=True).save(
             staging / "README.md"
         )
@@ -251,8 +251,8 @@ def export_adapter(
     try:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(adapter / name, staging / name)
-        shutil.copyfile(run.samples, staging / "samples.png")
-        shutil.copyfile(run.report_path, staging / "report.json")
+        shutil.copyfile(run.samples, staging / SAMPLES_FILE)
+        shutil.copyfile(run.report_path, staging / REPORT_FILE)
         model_config = json.loads((run.mllm / "config.json").read_text(encoding="utf-8"))
         vq = model_config.get("vq_config") or {}
         base = config.get("base_model_name_or_path")

@@ -14,13 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-MLLM_DIR = "mllm"
+# The run folder's layout (docs/design.md, "The run folder"): the one place its names are spelled. The training
+# stages that write a run and the export that reads it both import these.
+TEXT_LM_DIR = "text_lm"  # stage 0
+STAGE1_DIR = "stage1"  # stage I's checkpoints and metrics
+VISION_TOKENIZER_DIR = "vision_tokenizer"  # stage I's tokenizer
+LLM_DIR = "llm"  # stage I under `dual`: the LLM whose rows it rewrote
+CODES_DIR = "codes"  # the images as code datasets
+STAGE2_DIR = "stage2"  # stage II's stages
+ADAPTER_DIR = "adapter"  # a PEFT LoRA adapter
+MLLM_DIR = "mllm"  # the final MLLM with its processor
 REPORT_FILE = "report.json"
+REPORT_MARKDOWN_FILE = "report.md"
 # What `unicode-mllm evaluate --output <folder>` writes: the report of a model trained elsewhere (a LoRA fine-tune
 # merged with `finetune --merge`), put beside it as <folder>/mllm/ so that folder exports like a run.
 EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.png"
-ADAPTER_DIRS = ("adapter", "mllm/adapter")  # where stage II may leave a PEFT LoRA adapter
+QUESTION_FILE = "question.png"
+GENERATED_FILE = "generated.png"
+DEMO_STAGES_FILE = "demo_stages.json"  # the settings each finished demo stage ran with
+ADAPTER_DIRS = (ADAPTER_DIR, f"{MLLM_DIR}/{ADAPTER_DIR}")  # where stage II may leave a PEFT LoRA adapter
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

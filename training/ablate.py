@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from hub_upload.run_folder import LLM_DIR, TEXT_LM_DIR, VISION_TOKENIZER_DIR
+
 from .checkpointing import atomic_directory, atomic_write_json, atomic_write_text, is_complete
 from .demo import STAGE_FOLDERS, DemoArguments, copy_stage_record, demo_budget, run_demo
 
@@ -50,12 +52,12 @@ def make_separate_codebook(run: str | Path) -> Path:
     from .text_lm import load_text_lm
 
     run = Path(run)
-    if is_complete(run / "llm"):
-        return run / "llm"
-    vision = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer")
+    if is_complete(run / LLM_DIR):
+        return run / LLM_DIR
+    vision = UniCodeVisualTokenizer.from_pretrained(run / VISION_TOKENIZER_DIR)
     if vision.codebook is None:
         raise ValueError(f"{run / 'vision_tokenizer'} stores no codebook; pass a standalone stage-I tokenizer folder")
-    llm, tokenizer = load_text_lm(str(run / "text_lm"))
+    llm, tokenizer = load_text_lm(str(run / TEXT_LM_DIR))
     k = vision.config.codebook_size
     first = len(tokenizer)
     added = tokenizer.add_tokens([f"<vis_{i}>" for i in range(k)])
@@ -71,12 +73,12 @@ def make_separate_codebook(run: str | Path) -> Path:
         if head is not None and head.weight.data_ptr() != llm.get_input_embeddings().weight.data_ptr():
             head.weight[first : first + k] = vision.codebook.detach().to(llm.dtype)
     vision.config.codebook_token_ids = new_ids
-    with atomic_directory(run / "llm") as staging:
+    with atomic_directory(run / LLM_DIR) as staging:
         llm.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    with atomic_directory(run / "vision_tokenizer") as staging:
+    with atomic_directory(run / VISION_TOKENIZER_DIR) as staging:
         vision.save_pretrained(staging)
-    return run / "llm"
+    return run / LLM_DIR
 
 
 def _variant_arguments(

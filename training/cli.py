@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from hub_upload.run_folder import SAMPLES_FILE, TEXT_LM_DIR, VISION_TOKENIZER_DIR
+
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     from .presets import list_presets, load_preset
@@ -61,7 +63,7 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
     stage0, data = recipe.get("stage0", {}), recipe.get("data", {})
     texts = list(text_corpus(num_scenes=_pick(args.scenes, data, "text_scenes", 4000), seed=args.seed))
     out = train_text_lm(
-        Path(args.output) / "text_lm",
+        Path(args.output) / TEXT_LM_DIR,
         preset["text_model"],
         texts,
         max_steps=_pick(args.steps, stage0, "max_steps", 300),
@@ -103,11 +105,11 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     output = Path(args.output)
     from .checkpointing import is_complete
 
-    if args.resume and is_complete(output / "vision_tokenizer"):
+    if args.resume and is_complete(output / VISION_TOKENIZER_DIR):
         print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
         return 0
-    llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / "text_lm")
-    if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / "text_lm").is_dir():
+    llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / TEXT_LM_DIR)
+    if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / TEXT_LM_DIR).is_dir():
         raise SystemExit(
             f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
             f"--output {args.output}` first, or pass --llm"
@@ -538,7 +540,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         }
         atomic_write_json(out / "evaluation.json", record)
         atomic_write_text(out / "evaluation.md", markdown)
-        save_samples(results["examples"], out / "samples.png")
+        save_samples(results["examples"], out / SAMPLES_FILE)
         print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}, {out / 'samples.png'}")
     return 0
 

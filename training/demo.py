@@ -33,6 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from hub_upload.run_folder import (
+    ADAPTER_DIR,
+    CODES_DIR,
+    GENERATED_FILE,
+    MLLM_DIR,
+    QUESTION_FILE,
+    REPORT_FILE,
+    REPORT_MARKDOWN_FILE,
+    SAMPLES_FILE,
+    STAGE1_DIR,
+    STAGE2_DIR,
+    TEXT_LM_DIR,
+    VISION_TOKENIZER_DIR,
+)
+
 from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
@@ -313,7 +328,7 @@ def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
     stage0 = _recipe(preset["name"]).get("stage0", {})
     texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
     return train_text_lm(
-        run / "text_lm",
+        run / TEXT_LM_DIR,
         preset["text_model"],
         texts,
         max_steps=budget["stage0_steps"],
@@ -380,7 +395,7 @@ def train_stage1(
 
 
 def _stage1_metrics(run: Path) -> dict:
-    path = run / "stage1" / "metrics.json"
+    path = run / STAGE1_DIR / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -595,8 +610,8 @@ def run_demo(args: DemoArguments) -> dict:
     preset = load_preset(args.preset)
     preset["text_model"] = {**preset["text_model"], **args.text_model_overrides}
     previous = {}
-    if (run / "report.json").is_file():
-        previous = json.loads((run / "report.json").read_text()).get("wall_seconds", {})
+    if (run / REPORT_FILE).is_file():
+        previous = json.loads((run / REPORT_FILE).read_text()).get("wall_seconds", {})
     clock = StageClock(previous, quiet=args.quiet)
     started = time.perf_counter()
     # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
@@ -655,7 +670,7 @@ def run_demo(args: DemoArguments) -> dict:
     # Code datasets are cached per image count and seed (and checked against the tokenizer), so a
     # checked stage2/base with missing codes only encodes them.
     codes_done = (
-        made["code_datasets"] and (run / "codes" / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+        made["code_datasets"] and (run / CODES_DIR / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
     )
     stage("code_datasets", codes_done, codes)
     stage2 = {}
@@ -669,12 +684,12 @@ def run_demo(args: DemoArguments) -> dict:
         )
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
-    shutil.rmtree(run / "adapter", ignore_errors=True)
-    if _stage2_uses_lora(args.preset) and is_complete(run / "stage2" / "sft" / "adapter"):
-        shutil.copytree(run / "stage2" / "sft" / "adapter", run / "adapter")
+    shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
+    if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
+        shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
     def evaluate():
-        model, processor = load_model_and_processor(run / "mllm")
+        model, processor = load_model_and_processor(run / MLLM_DIR)
         model.to(args.device)
         return evaluate_on_shapes(
             model,
@@ -698,16 +713,16 @@ def run_demo(args: DemoArguments) -> dict:
     examples = results["examples"]
     image, question, answer, prediction = examples["vqa"][0]
     prompt, generated = examples["generation"][0]
-    atomic_save_image(answered_question(image, question, prediction, answer), run / "question.png")
-    atomic_save_image(generated, run / "generated.png")
-    save_samples(examples, run / "samples.png")
+    atomic_save_image(answered_question(image, question, prediction, answer), run / QUESTION_FILE)
+    atomic_save_image(generated, run / GENERATED_FILE)
+    save_samples(examples, run / SAMPLES_FILE)
 
     wall = dict(clock.seconds)
     wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
     wall["this_invocation"] = time.perf_counter() - started
     from modeling_unicode import UniCodeVisualTokenizerConfig
 
-    vq = UniCodeVisualTokenizerConfig.from_pretrained(run / "vision_tokenizer")
+    vq = UniCodeVisualTokenizerConfig.from_pretrained(run / VISION_TOKENIZER_DIR)
     report = {
         "run_dir": str(run),
         "metrics": results["metrics"],
@@ -758,8 +773,8 @@ def run_demo(args: DemoArguments) -> dict:
             "generated_image": "generated.png",
         },
     }
-    atomic_write_json(run / "report.json", report)
-    atomic_write_text(run / "report.md", report_markdown(report))
+    atomic_write_json(run / REPORT_FILE, report)
+    atomic_write_text(run / REPORT_MARKDOWN_FILE, report_markdown(report))
     if not args.quiet:
         print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / 'question.png'})")
         print(f"generated for '{prompt}': {run / 'generated.png'}")

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from hub_upload.run_folder import ADAPTER_DIR
+
 from .checkpointing import atomic_write_json
 from .codes import CODES_COLUMN, encode_image_dataset
 from .data.real_images import CAPTION_COLUMNS, caption_texts, load_image_dataset, pick_column
@@ -147,7 +149,7 @@ def finetune_lora(
         resume=resume,
         **sft_overrides,
     )
-    adapter = save_adapter(trainer, output_dir / "adapter")
+    adapter = save_adapter(trainer, output_dir / ADAPTER_DIR)
     metrics["adapter"] = str(adapter)
     if merge and trainer.accelerator.is_main_process:
         if not base:

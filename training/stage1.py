@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from hub_upload.run_folder import LLM_DIR, STAGE1_DIR, VISION_TOKENIZER_DIR
 from modeling_unicode import (
     UniCodeCodebookTrainer,
     UniCodeVisualTokenizer,
@@ -195,7 +196,7 @@ class StageITrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.out = Path(args.output_dir)
-        self.work = self.out / "stage1"
+        self.work = self.out / STAGE1_DIR
         self.work.mkdir(parents=True, exist_ok=True)
 
         self.llm, self.text_tokenizer = load_text_lm(args.llm_path)
@@ -594,10 +595,10 @@ class StageITrainer:
         self.save_checkpoint()
         if self.accelerator.is_main_process:
             self.save_samples("final")
-            with atomic_directory(self.out / "vision_tokenizer") as staging:
+            with atomic_directory(self.out / VISION_TOKENIZER_DIR) as staging:
                 self.unwrapped.save_pretrained(staging)
             if self.config.paradigm == "dual":
-                with atomic_directory(self.out / "llm") as staging:
+                with atomic_directory(self.out / LLM_DIR) as staging:
                     self.llm.save_pretrained(staging)
                     self.text_tokenizer.save_pretrained(staging)
             atomic_write_json(self.work / "metrics.json", {**metrics, "arguments": asdict(self.args)})

@@ -23,6 +23,16 @@ from typing import Optional
 
 import torch
 
+from hub_upload.run_folder import (
+    ADAPTER_DIR,
+    CODES_DIR,
+    LLM_DIR,
+    MLLM_DIR,
+    STAGE2_DIR,
+    TEXT_LM_DIR,
+    VISION_TOKENIZER_DIR,
+)
+
 from .checkpointing import atomic_directory, atomic_write_json, is_complete
 
 STAGES = ("decompress", "sft")
@@ -123,20 +133,20 @@ def stage_paths(run_dir: str | os.PathLike, stage: str, from_decompressed: Optio
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not a stage-II stage; use one of {list(STAGES)}")
     run = Path(run_dir)
-    root = run / "stage2" / stage
-    decompressed = run / "stage2" / "decompress" / "model"
-    assembled = run / "stage2" / "base"  # the stage-0 LLM + stage-I tokenizer, before any stage-II training
+    root = run / STAGE2_DIR / stage
+    decompressed = run / STAGE2_DIR / "decompress" / "model"
+    assembled = run / STAGE2_DIR / "base"  # the stage-0 LLM + stage-I tokenizer, before any stage-II training
     if stage == "sft" and from_decompressed and not is_complete(decompressed):
         raise ValueError(
             f"from_decompressed=True but {decompressed} is not a complete model; run the decompress stage first"
         )
     use_decompressed = is_complete(decompressed) if from_decompressed is None else bool(from_decompressed)
     base = decompressed if stage == "sft" and use_decompressed else assembled
-    merged = run / "mllm" if stage == "sft" else decompressed
+    merged = run / MLLM_DIR if stage == "sft" else decompressed
     return {
         "root": root,
         "trainer": root / "trainer",
-        "adapter": root / "adapter",
+        "adapter": root / ADAPTER_DIR,
         "base": base,
         "merged": merged,
         "assembled": assembled,
@@ -154,16 +164,16 @@ def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
 
     if llm:
         return llm
-    if is_complete(run / "llm") or (run / "llm" / "config.json").is_file():
-        return str(run / "llm")  # dual: the LLM whose rows stage I wrote the codebook into
+    if is_complete(run / LLM_DIR) or (run / LLM_DIR / "config.json").is_file():
+        return str(run / LLM_DIR)  # dual: the LLM whose rows stage I wrote the codebook into
     text_model = load_preset(preset)["text_model"]
     if text_model.get("name_or_path"):
         return text_model["name_or_path"]
-    if not (run / "text_lm" / "config.json").is_file():
+    if not (run / TEXT_LM_DIR / "config.json").is_file():
         raise ValueError(
             f"no LLM for the run: {run / 'text_lm'} is missing; run `unicode-mllm train-text` or pass llm="
         )
-    return str(run / "text_lm")
+    return str(run / TEXT_LM_DIR)
 
 
 def assemble_base(
@@ -185,11 +195,11 @@ def assemble_base(
     out = stage_paths(run, "decompress")["assembled"]
     if is_complete(out):
         return out
-    if not (run / "vision_tokenizer" / "config.json").is_file():
+    if not (run / VISION_TOKENIZER_DIR / "config.json").is_file():
         raise ValueError(
             f"no visual tokenizer at {run / 'vision_tokenizer'}; run `unicode-mllm train-tokenizer` first"
         )
-    vision = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
+    vision = UniCodeVisualTokenizer.from_pretrained(run / VISION_TOKENIZER_DIR).eval()
     model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
     model = UniCodeForConditionalGeneration.from_pretrained_parts(
         model_llm, tokenizer, vision, visual_input=visual_input
@@ -215,7 +225,7 @@ def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, 
     from .data.shapes import build_split
 
     size = code_signature(encoder)["image_size"]
-    codes = Path(run_dir) / "codes"
+    codes = Path(run_dir) / CODES_DIR
     train = cached_code_dataset(
         codes / f"train-{train_images}-s{seed}", lambda: build_split("train", train_images, size, seed), encoder
     )
