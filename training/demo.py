@@ -582,11 +582,10 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: DemoArguments) -> dict:
-    """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
-    from .evaluation import check_device, evaluate_on_shapes
-    from .presets import load_preset
-    from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
+def _check_demo_process(args: DemoArguments) -> None:
+    """Refuse, before any work, a demo that cannot run here: under a multi-process launcher, on a missing device,
+    or with an unknown visual input."""
+    from .evaluation import check_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
@@ -603,6 +602,119 @@ def run_demo(args: DemoArguments) -> dict:
         raise DemoSettingsError(str(error)) from None
     if args.visual_input not in ("aggregate", "flatten"):
         raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
+
+
+def _evaluate_run(run: Path, budget: dict, args: DemoArguments) -> dict:
+    """The demo's evaluation of the run's final MLLM (`evaluation.evaluate_on_shapes`) with the budget's counts."""
+    from .evaluation import evaluate_on_shapes
+    from .stage2 import load_model_and_processor
+
+    model, processor = load_model_and_processor(run / MLLM_DIR)
+    model.to(args.device)
+    counts = ("vqa_images", "compositional_images", "generation_prompts", "reconstruction_images", "usage_images")
+    return evaluate_on_shapes(
+        model,
+        processor,
+        prior_scenes=budget["stage2_train_images"],
+        seed=args.seed,
+        guidance_scale=budget["guidance_scale"],
+        **{k: budget[k] for k in counts},
+    )
+
+
+def _draw_examples(run: Path, examples: dict) -> tuple[str, str, str, str]:
+    """question.png, generated.png and samples.png from the evaluation's examples; returns the answered question,
+    its truth, the model's answer and the first generation prompt."""
+    image, question, answer, prediction = examples["vqa"][0]
+    prompt, generated = examples["generation"][0]
+    atomic_save_image(answered_question(image, question, prediction, answer), run / QUESTION_FILE)
+    atomic_save_image(generated, run / GENERATED_FILE)
+    save_samples(examples, run / SAMPLES_FILE)
+    return question, answer, prediction, prompt
+
+
+def _demo_report(
+    run: Path,
+    args: DemoArguments,
+    preset: dict,
+    budget: dict,
+    goals: dict,
+    decompress: bool,
+    results: dict,
+    stage1: Optional[dict],
+    stage2: dict,
+    clock: StageClock,
+    started: float,
+    example: tuple[str, str, str, str],
+) -> dict:
+    """report.json's content: the evaluation beside its chance and ceiling, the goals, each stage's figures, the
+    settings the run used, its seconds and the software versions."""
+    question, answer, prediction, prompt = example
+    wall = dict(clock.seconds)
+    wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
+    wall["this_invocation"] = time.perf_counter() - started
+    from modeling_unicode import UniCodeVisualTokenizerConfig
+
+    vq = UniCodeVisualTokenizerConfig.from_pretrained(run / VISION_TOKENIZER_DIR)
+    report = {
+        "run_dir": str(run),
+        "metrics": results["metrics"],
+        "chance": results["chance"],
+        "ceiling": results["ceiling"],
+        "counts": results["counts"],
+        "goals": goals,
+        "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
+        "stage_metrics": {
+            "stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
+            **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()},
+        },
+        "settings": {
+            # The base LLM's Hub id (None: trained in stage 0, at <run>/text_lm): the model card names it.
+            "preset": args.preset,
+            "seed": args.seed,
+            "device": args.device,
+            "base_model": preset["text_model"].get("name_or_path"),
+            "text_model": preset["text_model"],
+            "budget": budget,
+            "visual_input": args.visual_input,
+            "decompression_pretraining": decompress,
+            "stage2": _without(
+                _recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft", "trainer"
+            ),
+            "vision_tokenizer": {
+                k: getattr(vq, k)
+                for k in (
+                    "image_size",
+                    "quantizer",
+                    "depth",
+                    "codebook_size",
+                    "paradigm",
+                    "code_grid_size",
+                    "tokens_per_image",
+                )
+            },
+        },
+        "wall_seconds": wall,
+        "reused": clock.reused,
+        "versions": _versions(),
+        "example": {
+            "question": question,
+            "answer": answer,
+            "prediction": prediction,
+            "prompt": prompt,
+            "question_image": QUESTION_FILE,
+            "generated_image": GENERATED_FILE,
+        },
+    }
+    return report
+
+
+def run_demo(args: DemoArguments) -> dict:
+    """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
+    from .presets import load_preset
+    from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
+
+    _check_demo_process(args)
     run = Path(args.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     budget = demo_budget(args.preset, args.budget)
@@ -688,97 +800,29 @@ def run_demo(args: DemoArguments) -> dict:
     if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
         shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
-    def evaluate():
-        model, processor = load_model_and_processor(run / MLLM_DIR)
-        model.to(args.device)
-        return evaluate_on_shapes(
-            model,
-            processor,
-            prior_scenes=budget["stage2_train_images"],
-            seed=args.seed,
-            **{
-                k: budget[k]
-                for k in (
-                    "vqa_images",
-                    "compositional_images",
-                    "generation_prompts",
-                    "reconstruction_images",
-                    "usage_images",
-                    "guidance_scale",
-                )
-            },
-        )
+    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args))
+    question, answer, prediction, prompt = _draw_examples(run, results["examples"])
 
-    results = clock.run("evaluation", False, evaluate)
-    examples = results["examples"]
-    image, question, answer, prediction = examples["vqa"][0]
-    prompt, generated = examples["generation"][0]
-    atomic_save_image(answered_question(image, question, prediction, answer), run / QUESTION_FILE)
-    atomic_save_image(generated, run / GENERATED_FILE)
-    save_samples(examples, run / SAMPLES_FILE)
-
-    wall = dict(clock.seconds)
-    wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
-    wall["this_invocation"] = time.perf_counter() - started
-    from modeling_unicode import UniCodeVisualTokenizerConfig
-
-    vq = UniCodeVisualTokenizerConfig.from_pretrained(run / VISION_TOKENIZER_DIR)
-    report = {
-        "run_dir": str(run),
-        "metrics": results["metrics"],
-        "chance": results["chance"],
-        "ceiling": results["ceiling"],
-        "counts": results["counts"],
-        "goals": goals,
-        "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
-        "stage_metrics": {
-            "stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
-            **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()},
-        },
-        "settings": {
-            # The base LLM's Hub id (None: trained in stage 0, at <run>/text_lm): the model card names it.
-            "preset": args.preset,
-            "seed": args.seed,
-            "device": args.device,
-            "base_model": preset["text_model"].get("name_or_path"),
-            "text_model": preset["text_model"],
-            "budget": budget,
-            "visual_input": args.visual_input,
-            "decompression_pretraining": decompress,
-            "stage2": _without(
-                _recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft", "trainer"
-            ),
-            "vision_tokenizer": {
-                k: getattr(vq, k)
-                for k in (
-                    "image_size",
-                    "quantizer",
-                    "depth",
-                    "codebook_size",
-                    "paradigm",
-                    "code_grid_size",
-                    "tokens_per_image",
-                )
-            },
-        },
-        "wall_seconds": wall,
-        "reused": clock.reused,
-        "versions": _versions(),
-        "example": {
-            "question": question,
-            "answer": answer,
-            "prediction": prediction,
-            "prompt": prompt,
-            "question_image": "question.png",
-            "generated_image": "generated.png",
-        },
-    }
+    report = _demo_report(
+        run,
+        args,
+        preset,
+        budget,
+        goals,
+        decompress,
+        results,
+        stage1,
+        stage2,
+        clock,
+        started,
+        example=(question, answer, prediction, prompt),
+    )
     atomic_write_json(run / REPORT_FILE, report)
     atomic_write_text(run / REPORT_MARKDOWN_FILE, report_markdown(report))
     if not args.quiet:
-        print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / 'question.png'})")
-        print(f"generated for '{prompt}': {run / 'generated.png'}")
-        print(f"report: {run / 'report.md'}")
+        print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / QUESTION_FILE})")
+        print(f"generated for '{prompt}': {run / GENERATED_FILE}")
+        print(f"report: {run / REPORT_MARKDOWN_FILE}")
     return report
 
 
