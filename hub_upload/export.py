@@ -137,7 +137,11 @@ def add_remote_code(folder: Union[str, os.PathLike]) -> Path:
 
 
 def _prepare_target(out_dir: Path, overwrite: bool) -> Path:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} is a file, not a folder; choose a folder (--overwrite never deletes a file)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True "
             "(--overwrite)"
@@ -148,8 +152,16 @@ def _prepare_target(out_dir: Path, overwrite: bool) -> Path:
 
 
 def _finish(staging: Path, out_dir: Path) -> Path:
-    if out_dir.exists():
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    # mkdtemp's folder is private (0700), and some writers leave 0600 files: an export is for sharing, so every
+    # file and folder gets the modes the user's umask gives a new one.
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(staging):
+        os.chmod(folder, 0o777 & ~umask)
+        for file in files:
+            os.chmod(os.path.join(folder, file), 0o666 & ~umask)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
 

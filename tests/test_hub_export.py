@@ -368,3 +368,26 @@ def test_a_run_folder_loads_with_only_trust_remote_code(tmp_path):
         stdin=subprocess.DEVNULL,
     )
     assert without.returncode != 0 and "trust_remote_code=True" in without.stderr
+
+
+def test_export_files_get_ordinary_modes_and_a_plain_file_is_never_replaced(tiny_run, tmp_path):
+    """An export is for sharing: no 0600 weights or 0700 folders left from temporary files. And `--overwrite`
+    replaces an export folder, never a file the user named by mistake."""
+    import os
+    import stat
+
+    run = tiny_run[0]
+    out = export_run(run, tmp_path / "export")
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(out):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~umask, folder
+        for file in files:
+            assert stat.S_IMODE(os.stat(os.path.join(folder, file)).st_mode) == 0o666 & ~umask, file
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        export_run(run, precious, overwrite=True)
+    assert precious.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

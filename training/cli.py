@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     else:
         print("\n".join(list_presets()))
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and step flags: refused at the door, before any model loads (a negative step
+    count would otherwise train for the trainer's epochs, or save an untrained model marked complete)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _recipe(preset: str) -> dict:
@@ -265,15 +278,15 @@ def _add_stage2_parsers(sub) -> None:
         "--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)"
     )
     for flag, kind in (
-        ("--steps", int),
-        ("--batch-size", int),
+        ("--steps", positive_int),
+        ("--batch-size", positive_int),
         ("--lr", float),
-        ("--lora-r", int),
-        ("--segments", int),
+        ("--lora-r", positive_int),
+        ("--segments", positive_int),
         ("--caption-drop", float),
-        ("--train-images", int),
-        ("--eval-images", int),
-        ("--save-steps", int),
+        ("--train-images", positive_int),
+        ("--eval-images", positive_int),
+        ("--save-steps", positive_int),
     ):
         train.add_argument(flag, type=kind)
     train.add_argument("--target-modules", nargs="+", help="LLM linear layers to adapt (default: all of them)")
@@ -312,10 +325,10 @@ def _add_stage2_parsers(sub) -> None:
         "rows with a 'messages' conversation train on it instead",
     )
     tune.add_argument("--output", required=True)
-    tune.add_argument("--steps", type=int, default=100)
-    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--steps", type=positive_int, default=100)
+    tune.add_argument("--batch-size", type=positive_int, default=8)
     tune.add_argument("--lr", type=float, default=2e-4)
-    tune.add_argument("--lora-r", type=int, default=16)
+    tune.add_argument("--lora-r", type=positive_int, default=16)
     tune.add_argument("--target-modules", nargs="+")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT/merged")
     tune.add_argument(
@@ -615,8 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     text.add_argument("--preset", default="tiny")
     text.add_argument("--output", default="outputs/tiny")
-    text.add_argument("--steps", type=int)
-    text.add_argument("--scenes", type=int, help="Shapes scenes whose captions/answers form the domain text")
+    text.add_argument("--steps", type=positive_int)
+    text.add_argument("--scenes", type=positive_int, help="Shapes scenes whose captions/answers form the domain text")
     text.add_argument("--seed", type=int, default=0)
     text.set_defaults(func=_cmd_train_text)
 
@@ -628,14 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.add_argument("--paradigm", choices=["frozen", "dual", "iterative"])
     tok.add_argument("--quantizer", choices=["vq", "rq", "hq"])
-    tok.add_argument("--depth", type=int, help="residual levels for --quantizer rq")
-    tok.add_argument("--codebook-size", type=int)
-    tok.add_argument("--steps", type=int)
-    tok.add_argument("--batch-size", type=int)
+    tok.add_argument("--depth", type=positive_int, help="residual levels for --quantizer rq")
+    tok.add_argument("--codebook-size", type=positive_int)
+    tok.add_argument("--steps", type=positive_int)
+    tok.add_argument("--batch-size", type=positive_int)
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
     tok.add_argument(
-        "--train-images", type=int, help="how many images to train on (default: the recipe's, or all of --images)"
+        "--train-images",
+        type=positive_int,
+        help="how many images to train on (default: the recipe's, or all of --images)",
     )
     tok.add_argument(
         "--images",
@@ -663,9 +678,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .distributed import release_process_group
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        release_process_group(error)
+        # From the shell (argv None) a refused input is a message, not a traceback; UNICODE_TRACEBACK=1 shows it.
+        # Called from Python (tests, scripts) the exception propagates as it is.
+        if argv is not None or os.environ.get("UNICODE_TRACEBACK"):
+            raise
+        command = " ".join(part for part in (parser.prog, getattr(args, "command", None)) if part)
+        parser.exit(2, f"{command}: error: {error}\n")
     except BaseException as error:
         release_process_group(error)  # the traceback holds the command's trainer, and through it the group's threads
         raise
