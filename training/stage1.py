@@ -57,7 +57,7 @@ class StageIArguments:
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 50
-    adam_betas: tuple = (0.9, 0.99)  # measured: (0.5, 0.9) (VQGAN's GAN setting) learns the tiny AE ~2 dB slower
+    adam_betas: tuple = (0.9, 0.99)  # VQGAN's GAN setting (0.5, 0.9) learns the tiny AE slower (docs/results.md)
     max_grad_norm: float = 1.0
     bf16: bool = True  # bf16 autocast for the convolutions; the quantizer stays in float32
     seed: int = 0
