@@ -312,3 +312,21 @@ def test_dual_row_norm_llm_hands_over_rows_as_long_as_the_text_rows(tmp_path, ll
         assert ratio == pytest.approx(1.0, rel=0.05)
     else:
         assert ratio > 3.0
+
+
+def test_stage1_arguments_come_from_the_recipe_once(tmp_path):
+    """The CLI and the demo build stage I through `StageIArguments.from_recipe`: the recipe's `stage1`, then the
+    caller's values (None keeps the recipe's)."""
+    from training.presets import load_recipe
+    from training.stage1 import StageIArguments
+
+    recipe = load_recipe("tiny")["stage1"]
+    args = StageIArguments.from_recipe(tmp_path, tmp_path / "text_lm", "tiny", learning_rate=None)
+    assert (args.max_steps, args.batch_size, args.learning_rate) == (
+        recipe["max_steps"],
+        recipe["batch_size"],
+        recipe["learning_rate"],
+    )
+    assert StageIArguments.from_recipe(tmp_path, "llm", "tiny", max_steps=7).max_steps == 7
+    with pytest.raises(TypeError, match="max_step"):
+        StageIArguments.from_recipe(tmp_path, "llm", "tiny", max_step=7)

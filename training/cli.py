@@ -114,7 +114,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .text_lm import load_text_lm, packed_blocks
 
     preset, recipe = load_preset(args.preset), _recipe(args.preset)
-    stage1, data = recipe.get("stage1", {}), recipe.get("data", {})
+    data = recipe.get("data", {})
     output = Path(args.output)
     from .checkpointing import is_complete
 
@@ -154,26 +154,20 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     if (args.paradigm or preset["vision_tokenizer"].get("paradigm")) == "dual":
         _, tokenizer = load_text_lm(llm_path)
         text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=2000, seed=args.seed)), 64)
-    stage_args = StageIArguments(
-        output_dir=str(output),
-        llm_path=str(llm_path),
-        preset=args.preset,
+    stage_args = StageIArguments.from_recipe(
+        output,
+        llm_path,
+        args.preset,
         paradigm=args.paradigm,
         quantizer=args.quantizer,
         depth=args.depth,
         codebook_size=args.codebook_size,
-        max_steps=_pick(args.steps, stage1, "max_steps", 1000),
-        batch_size=_pick(args.batch_size, stage1, "batch_size", 16),
-        learning_rate=_pick(args.lr, stage1, "learning_rate", 2e-3),
-        warmup_steps=stage1.get("warmup_steps", 50),
-        bf16=stage1.get("bf16", True) if not args.fp32 else False,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        bf16=False if args.fp32 else None,
         seed=args.seed,
-        log_every=stage1.get("log_every", 25),
-        sample_every=stage1.get("sample_every", 250),
-        checkpoint_every=stage1.get("checkpoint_every", 250),
-        dual_text_steps=stage1.get("dual_text_steps", 5),
-        gan_weight=_pick(args.gan_weight, stage1, "gan_weight", 0.0),
-        gan_start_step=stage1.get("gan_start_step", 0),
+        gan_weight=args.gan_weight,
         vision_overrides=_vision_flags(args),
         init_from=args.init_from,
     )

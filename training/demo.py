@@ -364,26 +364,17 @@ def train_stage1(
     if (paradigm or vision.get("paradigm")) == "dual":
         _, tokenizer = load_text_lm(str(llm_path))
         text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=500, seed=seed)), 64)
-    args = StageIArguments(
-        output_dir=str(run),
-        llm_path=str(llm_path),
-        preset=preset_name,
+    args = StageIArguments.from_recipe(
+        run,
+        llm_path,
+        preset_name,
         paradigm=paradigm,
         quantizer=quantizer,
         codebook_size=codebook_size,
         max_steps=budget["stage1_steps"],
-        batch_size=stage1.get("batch_size", 16),
-        learning_rate=stage1.get("learning_rate", 2e-3),
-        warmup_steps=min(stage1.get("warmup_steps", 50), budget["stage1_steps"]),
-        bf16=stage1.get("bf16", True),
+        warmup_steps=min(stage1.get("warmup_steps", StageIArguments.warmup_steps), budget["stage1_steps"]),
         seed=seed,
-        log_every=stage1.get("log_every", 25),
-        sample_every=stage1.get("sample_every", 250),
-        checkpoint_every=stage1.get("checkpoint_every", 250),
         eval_images=budget["stage1_eval_images"],
-        dual_text_steps=stage1.get("dual_text_steps", 5),
-        gan_weight=stage1.get("gan_weight", 0.0),
-        gan_start_step=stage1.get("gan_start_step", 0),
         vision_overrides=dict(vision_overrides or {}),
     )
     return StageITrainer(

@@ -78,6 +78,26 @@ class StageIArguments:
     # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
     init_from: Optional[str] = None
 
+    @classmethod
+    def from_recipe(cls, output_dir, llm_path, preset: str = "tiny", **overrides) -> "StageIArguments":
+        """Stage I's arguments from the preset's recipe (`configuration/recipes/<preset>.yaml`, section `stage1`),
+        then `overrides` (None values are ignored): the one place the recipe's stage-I keys become arguments, for
+        the CLI and the demo alike."""
+        from dataclasses import fields
+
+        from .presets import load_recipe
+
+        names = {f.name for f in fields(cls)}
+        settings = {k: v for k, v in (load_recipe(preset).get("stage1") or {}).items() if k in names}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(
+                f"StageIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
+            )
+        settings.update(overrides)
+        return cls(output_dir=str(output_dir), llm_path=str(llm_path), preset=preset, **settings)
+
 
 # ----------------------------------------------------------------------------------------------
 # Data
