@@ -22,7 +22,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_unicode import GENERATION_MODES, UniCodeConfig, add_image_special_tokens
+from .configuration_unicode import GENERATION_MODES, IMAGE_SPECIAL_TOKENS, UniCodeConfig, add_image_special_tokens
 from .modeling_unicode_vq import UniCodeVisualTokenizer
 from .quantization_unicode import (
     embedding_rows,
@@ -170,7 +170,7 @@ class UniCodePreTrainedModel(PreTrainedModel):
         if config.vq_config is not None and config.vq_config.codebook_token_ids:
             largest = max(config.vq_config.codebook_token_ids)
             used.append((largest, f"the codebook's largest id {largest} (vq_config.codebook_token_ids)"))
-        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+        for name in (f"{token}_id" for token in IMAGE_SPECIAL_TOKENS):
             if getattr(config, name) is not None:
                 used.append((getattr(config, name), f"{name}={getattr(config, name)}"))
         lost = [what for token_id, what in used if token_id >= rows]

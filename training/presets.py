@@ -46,6 +46,23 @@ def load_recipe(name: str) -> dict[str, Any]:
     return load_preset(name, "recipes") or {}
 
 
+def recipe_settings(arguments_class, sections: list[dict], overrides: dict) -> tuple[dict, dict]:
+    """The fields of the dataclass `arguments_class` that the recipe `sections` set (later sections win), then the
+    caller's `overrides` (None means "the recipe's"). Returns (settings, the overrides that were given); an
+    override that is no field raises, naming the fields. Each stage's `from_recipe` builds its arguments here."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(arguments_class)}
+    settings = {k: v for section in sections for k, v in (section or {}).items() if k in names}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(
+            f"{arguments_class.__name__}.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
+        )
+    return {**settings, **given}, given
+
+
 def vision_tokenizer_config(preset: str | dict, **overrides):
     """`UniCodeVisualTokenizerConfig` of a model preset (by name or as loaded), with overrides."""
     from modeling_unicode import UniCodeVisualTokenizerConfig

@@ -39,7 +39,7 @@ from modeling_unicode import (
 from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
 from .checkpointing import atomic_directory, atomic_save_image, atomic_write_json, latest_complete_checkpoint
-from .presets import load_preset, vision_tokenizer_config
+from .presets import load_preset, load_recipe, recipe_settings, vision_tokenizer_config
 
 
 @dataclass
@@ -83,19 +83,7 @@ class StageIArguments:
         """Stage I's arguments from the preset's recipe (`configuration/recipes/<preset>.yaml`, section `stage1`),
         then `overrides` (None values are ignored): the one place the recipe's stage-I keys become arguments, for
         the CLI and the demo alike."""
-        from dataclasses import fields
-
-        from .presets import load_recipe
-
-        names = {f.name for f in fields(cls)}
-        settings = {k: v for k, v in (load_recipe(preset).get("stage1") or {}).items() if k in names}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(
-                f"StageIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
-            )
-        settings.update(overrides)
+        settings, _ = recipe_settings(cls, [load_recipe(preset).get("stage1")], overrides)
         return cls(output_dir=str(output_dir), llm_path=str(llm_path), preset=preset, **settings)
 
 

@@ -100,25 +100,14 @@ class StageIIArguments:
 
         With LoRA (from the recipe or an override) the recipe's full-fine-tuning settings are dropped unless
         overridden, so `--lora` on a full-fine-tuning recipe keeps the LLM's own layers and tied head."""
-        from dataclasses import fields
-
-        from .presets import load_recipe
+        from .presets import load_recipe, recipe_settings
 
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r} is not one of {list(STAGES)}")
-        recipe = dict(load_recipe(preset).get("stage2") or {})
-        section = dict(recipe.get(stage) or {})
-        names = {f.name for f in fields(cls)}
-        settings = {k: v for k, v in recipe.items() if k in names}
-        settings.update({k: v for k, v in section.items() if k in names})
-        settings["extra"] = {**(recipe.get("trainer") or {}), **(section.get("trainer") or {})}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(
-                f"StageIIArguments.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
-            )
-        settings.update(overrides)
+        recipe = load_recipe(preset).get("stage2") or {}
+        section = recipe.get(stage) or {}
+        settings, overrides = recipe_settings(cls, [recipe, section], overrides)
+        settings.setdefault("extra", {**(recipe.get("trainer") or {}), **(section.get("trainer") or {})})
         if settings.get("lora", True):
             for name in cls.FULL_FINETUNE_ONLY:
                 if name not in overrides:
