@@ -51,22 +51,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _recipe(preset: str) -> dict:
-    from .presets import load_recipe
-
-    return load_recipe(preset)
-
-
 def _pick(flag, recipe: dict, key: str, default):
     return flag if flag is not None else recipe.get(key, default)
 
 
 def _cmd_train_text(args: argparse.Namespace) -> int:
     from .data.shapes import text_corpus
-    from .presets import load_preset
+    from .presets import load_preset, load_recipe
     from .text_lm import recipe_training_settings, train_text_lm
 
-    preset, recipe = load_preset(args.preset), _recipe(args.preset)
+    preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     if preset["text_model"].get("source") != "stage0":
         print(
             f"preset {args.preset!r} uses a pretrained LLM ({preset['text_model'].get('name_or_path')}); nothing to "
@@ -109,11 +103,11 @@ def _vision_flags(args: argparse.Namespace) -> dict:
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.shapes import build_split, text_corpus
-    from .presets import load_preset
+    from .presets import load_preset, load_recipe
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
     from .text_lm import load_text_lm, packed_blocks
 
-    preset, recipe = load_preset(args.preset), _recipe(args.preset)
+    preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     data = recipe.get("data", {})
     output = Path(args.output)
     from .checkpointing import is_complete
