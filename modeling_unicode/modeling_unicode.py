@@ -9,6 +9,7 @@ head and generation of text and of images (`<boi>` + ĥ·ŵ·D code ids + `<eoi>
 # No `from __future__ import annotations` here: transformers reads the `**kwargs: Unpack[TransformersKwargs]`
 # annotations of `forward` at run time to learn which outputs (attentions, hidden states) the model can return.
 import copy
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -39,9 +40,12 @@ _accept_legacy_cache_name = deprecate_kwarg("past_key_values", "5.40.0", new_nam
 def check_guidance_scale(scale) -> None:
     """Classifier-free guidance's scale: a positive number, or None (no guidance). Checked by `generate`, and by the
     demo and evaluation before their minutes of training or VQA, so a bad value fails there and not at the end."""
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf
+    ):
         raise ValueError(
-            f"guidance_scale={scale!r} must be a positive number (1 disables guidance; 3-7 is typical), or None"
+            f"guidance_scale={scale!r} must be a positive number, and finite (1 disables guidance; 3-7 is typical), "
+            "or None"
         )
 
 
@@ -595,6 +599,9 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"generation_mode={generation_mode!r} is not supported; use one of {list(GENERATION_MODES)}"
             )
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None:
+            self._check_prompt_fits("input_ids", prompt, generation_mode, kwargs.get("max_new_tokens"))
         if generation_mode == "image":
             return self._generate_image(inputs, **kwargs)
         if kwargs.get("guidance_scale") is not None:
@@ -625,6 +632,32 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    def _check_prompt_fits(self, name: str, ids, generation_mode: str, max_new_tokens=None) -> None:
+        """A prompt of ids that fits the positions the model was trained on: past them a model writes garbage
+        without an error, so a long question is refused here instead."""
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(
+                f"{name} must be an integer tensor of token ids (e.g. from UniCodeProcessor), got {kind}; token ids "
+                "are never fractional, so a float tensor is a mistake upstream"
+            )
+        length = ids.shape[-1] if ids.dim() else 0
+        if length == 0:
+            raise ValueError(f"{name} is empty; give a prompt of at least one token (the processor adds BOS)")
+        if generation_mode != "text":
+            return  # an image's length is fixed: `_generate_image` checks prompt + image against the positions
+        limit = self.config.get_text_config().max_position_embeddings
+        if length > limit:
+            raise ValueError(
+                f"{name} has {length} tokens, but this model reads at most {limit} positions "
+                f"(text_config.max_position_embeddings); shorten the prompt to {limit} tokens"
+            )
+        if max_new_tokens is not None and length + int(max_new_tokens) > limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} after a prompt of {length} tokens passes the model's {limit} "
+                f"positions (text_config.max_position_embeddings); use max_new_tokens <= {limit - length}"
+            )
 
     @staticmethod
     def _check_prompt(name: str, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,10 @@ from .quantization_unicode import (
     usage_statistics,
 )
 
+# Slack around [-1, 1] for pixels that went through a lower precision or a resampling filter's overshoot; a 0..255
+# image is far outside it.
+PIXEL_RANGE_TOLERANCE = 0.02
+
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in VQGAN, fewer for narrow tiny models so every group has channels.
@@ -330,6 +334,12 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             )
         if not bool(torch.isfinite(pixel_values).all()):
             raise ValueError("pixel_values contain NaN or inf; check the image decoding and normalisation")
+        low, high = float(pixel_values.min()), float(pixel_values.max())
+        if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"pixel_values span [{low:.3g}, {high:.3g}] but must lie in [-1, 1]; scale 0..255 images with "
+                "pixel_values / 127.5 - 1 (UniCodeImageProcessor does it)"
+            )
 
     def check_codes(self, codes) -> torch.Tensor:
         """Validate a code map of vocabulary ids and return it as code indices 0..K-1."""

@@ -305,7 +305,7 @@ def test_a_device_that_cannot_run_is_refused_before_any_work(tmp_path, capsys):
         return
     with pytest.raises(DemoSettingsError, match="torch sees no CUDA device; drop --device cuda"):
         run_demo(DemoArguments(output_dir=str(tmp_path / "run"), device="cuda"))
-    assert main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--device", "cuda"]) == 2
+    assert main(["evaluate", "--model", "someone/no-such-model", "--device", "cuda"]) == 2
     assert "--device 'cuda' but torch sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -504,6 +504,8 @@ def test_budget_errors_name_the_key():
         demo_budget("tiny", {"decompress_steps": -1})
     with pytest.raises(ValueError, match=r"guidance_scale=-2.0 must be a positive number"):
         demo_budget("tiny", {"guidance_scale": -2.0})
+    with pytest.raises(ValueError, match=r"budget generation_prompts=1 must be .* at least 2 \(the chance level"):
+        demo_budget("tiny", {"generation_prompts": 1})
     assert demo_budget("tiny", {"decompress_steps": 0, "guidance_scale": None})["decompress_steps"] == 0
     with pytest.raises(ValueError, match="device='tpu'"):
         run_demo(DemoArguments(output_dir="unused", device="tpu"))

@@ -80,6 +80,7 @@ def test_finetune_refuses_a_dataset_without_the_schema(tmp_path):
 
 def test_a_stopped_finetune_resumes_from_its_last_complete_checkpoint(tmp_path):
     from training.cli import main
+    from training.run_guard import OutputFolderError, ResumeSettingsError
 
     model, processor = tiny_mllm()
     model.save_pretrained(tmp_path / "model")
@@ -99,6 +100,10 @@ def test_a_stopped_finetune_resumes_from_its_last_complete_checkpoint(tmp_path):
     assert main([*common, "--steps", "4"]) == 0  # checkpoints every 2 steps: the run "stopped" at step 4
     partial = tmp_path / "out" / "trainer" / "checkpoint-6"
     partial.mkdir()  # what a kill during a save leaves: no COMPLETE marker
+    with pytest.raises(OutputFolderError, match="--resume to continue it"):  # a re-run must say what it wants
+        main([*common, "--steps", "6"])
+    with pytest.raises(ResumeSettingsError, match="learning_rate: 0.0002 -> 0.001"):
+        main([*common, "--steps", "6", "--resume", "--lr", "1e-3"])
     assert main([*common, "--steps", "6", "--resume"]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (

@@ -48,6 +48,13 @@ def test_space_actions_and_bad_input(app, tmp_path):
         demo.ask(str(picture), "   ")
     with pytest.raises(gr.Error, match="Describe the image"):
         demo.generate("", 3.0, 0)
+    with pytest.raises(gr.Error, match=f"Leave {processor.image_token} out of the question"):
+        demo.ask(str(picture), f"what is {processor.image_token}?")
+    limit = model.config.get_text_config().max_position_embeddings
+    with pytest.raises(gr.Error, match="This question is too long for the model; shorten it"):
+        demo.ask(str(picture), "what color " * limit)
+    with pytest.raises(gr.Error, match="This description is too long"):
+        demo.generate("a red circle " * limit, 3.0, 0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         app.UniCodeDemo(model, processor, max_new_tokens=2, min_new_tokens=4)
     assert isinstance(app.build_demo(demo), gr.Blocks)

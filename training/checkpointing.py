@@ -9,6 +9,7 @@ readers tell a finished folder from one copied by hand or left by an older versi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -17,6 +18,46 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 COMPLETE_MARKER = "COMPLETE"
+# Below this much free space a failed write is put down to a full disk: torch's zip writer reports one as
+# "unexpected pos ..." rather than ENOSPC.
+DISK_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full; the last complete checkpoint is intact."""
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < DISK_NEARLY_FULL_BYTES
+
+
+@contextlib.contextmanager
+def naming_full_disk(folder: str | os.PathLike) -> Iterator[None]:
+    """Writes into `folder`: a failure caused by a full disk says so, with the free space, instead of a zip
+    writer's or pickler's internal message."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        folder = Path(folder)
+        if not _disk_full(error, folder):
+            raise
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        free = shutil.disk_usage(existing).free / 2**20 if existing.exists() else 0.0
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full while writing {folder} ({free:.0f} MB free; {type(error).__name__}: {error}). Free space on "
+            "that disk and run the command again with --resume: the last complete checkpoint is kept",
+        ) from error
 
 
 @contextlib.contextmanager
@@ -28,7 +69,8 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
-        yield temporary
+        with naming_full_disk(destination):
+            yield temporary
         (temporary / COMPLETE_MARKER).write_text("ok\n")
         if destination.exists():
             # Two renames keep a complete copy on disk at every instant.
@@ -78,6 +120,38 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 def atomic_save_image(image, path: str | os.PathLike) -> Path:
     """A PIL image as PNG, written like `atomic_write_text` (export checks samples.png)."""
     return _replace_in_one_rename(path, lambda temporary: image.save(temporary, format="PNG"))
+
+
+def unreadable_file(folder: str | os.PathLike) -> Optional[tuple[Path, str]]:
+    """The first JSON or safetensors file in `folder` that does not parse (truncated, overwritten), with why."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+        except Exception as error:  # noqa: BLE001 - any failure to parse is the answer
+            return path, f"{type(error).__name__}: {error}"
+    return None
+
+
+@contextlib.contextmanager
+def naming_corrupt_files(folder: str | os.PathLike) -> Iterator[None]:
+    """Loading a model folder: a truncated weight, config or tokenizer file fails deep inside safetensors or json
+    without a path; name the file instead. Failures with every file intact propagate unchanged."""
+    try:
+        yield
+    except Exception as error:
+        culprit = unreadable_file(folder) if Path(folder).is_dir() else None
+        if culprit is None:
+            raise
+        raise ValueError(
+            f"{culprit[0]} cannot be read ({culprit[1]}); the file is truncated or corrupt: copy, export or train "
+            "it again"
+        ) from error
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

@@ -21,12 +21,22 @@ unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from hub_upload.run_folder import SAMPLES_FILE, TEXT_LM_DIR, VISION_TOKENIZER_DIR
+from hub_upload.run_folder import (
+    ADAPTER_DIR,
+    LLM_DIR,
+    MLLM_DIR,
+    SAMPLES_FILE,
+    STAGE1_DIR,
+    STAGE2_DIR,
+    TEXT_LM_DIR,
+    VISION_TOKENIZER_DIR,
+)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -49,6 +59,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def model_reference(text: str) -> str:
+    """argparse type of --model / --llm / --adapter ...: a local file or folder, or a Hub repo id. A missing local
+    path is named here instead of being sent to the Hub, which would answer with a repo-id format error."""
+    if Path(text).expanduser().exists():
+        return text
+    looks_local = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.endswith(("/", ".gguf", ".safetensors"))
+    )
+    if looks_local:
+        raise argparse.ArgumentTypeError(f"no such file or folder: {text!r} (a Hub repo id is NAME or OWNER/NAME)")
+    return text
 
 
 def _pick(flag, recipe: dict, key: str, default):
@@ -263,7 +289,9 @@ def _add_stage2_parsers(sub) -> None:
         "--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)"
     )
     train.add_argument(
-        "--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)"
+        "--llm",
+        type=model_reference,
+        help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)",
     )
     for flag, kind in (
         ("--steps", positive_int),
@@ -286,20 +314,24 @@ def _add_stage2_parsers(sub) -> None:
         "stage2.lora",
     )
     train.add_argument("--resume", action="store_true", help="continue from the last COMPLETE checkpoint")
+    _add_overwrite_flag(train, f"the stage's {STAGE2_DIR}/STAGE/ (and {MLLM_DIR}/ for sft)")
     train.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_cmd_train_stage2)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF folder with processor)")
-    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--adapter", required=True, type=model_reference)
     merge.add_argument("--output", required=True)
-    merge.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    merge.add_argument(
+        "--base", type=model_reference, help="base model folder (default: the adapter's base_model_name_or_path)"
+    )
+    _add_overwrite_flag(merge, "OUTPUT, if an earlier merge wrote it")
     merge.set_defaults(func=_cmd_merge)
 
     tune = sub.add_parser(
         "finetune", help="LoRA fine-tune of a UniCode model on your images (README: layouts and columns)"
     )
-    tune.add_argument("--model", required=True, help="UniCode model folder or Hub repo id")
+    tune.add_argument("--model", required=True, type=model_reference, help="UniCode model folder or Hub repo id")
     tune.add_argument(
         "--dataset",
         required=True,
@@ -324,6 +356,7 @@ def _add_stage2_parsers(sub) -> None:
         action="store_true",
         help="continue from the last COMPLETE checkpoint in OUTPUT/trainer (a run that was stopped or killed)",
     )
+    _add_overwrite_flag(tune, f"OUTPUT/trainer, OUTPUT/{ADAPTER_DIR} and OUTPUT/merged")
     tune.set_defaults(func=_cmd_finetune)
 
 
@@ -550,9 +583,16 @@ def _add_evaluate_command(sub) -> None:
     cmd = sub.add_parser(
         "evaluate", help="the demo's metrics (VQA, text-to-image, reconstruction) for any UniCode MLLM"
     )
-    cmd.add_argument("--model", required=True, help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id")
     cmd.add_argument(
-        "--adapter", help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)"
+        "--model",
+        required=True,
+        type=model_reference,
+        help="UniCode MLLM folder (a run's mllm/, an export) or Hub repo id",
+    )
+    cmd.add_argument(
+        "--adapter",
+        type=model_reference,
+        help="PEFT LoRA adapter folder to merge into --model first (finetune's OUTPUT/adapter)",
     )
     for name in _EVALUATE_COUNTS:
         cmd.add_argument("--" + name.replace("_", "-"), type=int, help="default: the tiny demo's")
@@ -601,6 +641,37 @@ def _add_demo_commands(sub) -> None:
 # -- end demo / ablate --------------------------------------------------------------------------
 
 
+# -- the output folder each command writes (training.run_guard) ---------------------------------------------------
+def _add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"train again from scratch: deletes {what} first")
+
+
+def _output_guard(args: argparse.Namespace, command_line: str):
+    """One writer per output folder, and a command's finished or interrupted products kept unless --resume or
+    --overwrite says what to do with them (run_guard.guard_output). Commands whose own logic decides what to reuse
+    (demo, ablate: settings records; export: --overwrite) take the lock alone."""
+    from .run_guard import guard_output
+
+    command = args.command
+    options = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
+    if command == "train-text":
+        return guard_output(args.output, command_line, [TEXT_LM_DIR], resumable=False, **options)
+    if command == "train-tokenizer":
+        return guard_output(args.output, command_line, [STAGE1_DIR, VISION_TOKENIZER_DIR, LLM_DIR], **options)
+    if command == "train":
+        products = [f"{STAGE2_DIR}/{args.stage}"] + ([MLLM_DIR] if args.stage == "sft" else [])
+        return guard_output(args.output, command_line, products, **options)
+    if command == "finetune":
+        return guard_output(args.output, command_line, ["trainer", ADAPTER_DIR, "merged"], **options)
+    if command == "merge":
+        return guard_output(args.output, command_line, whole_folder=True, resumable=False, **options)
+    if command == "export":
+        return guard_output(args.out_dir, command_line, flag="OUT_DIR")
+    if command in ("demo", "ablate") or (command == "evaluate" and args.output):
+        return guard_output(args.output or f"outputs/demo-{args.preset}", command_line)
+    return contextlib.nullcontext()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unicode-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -619,13 +690,16 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--steps", type=positive_int)
     text.add_argument("--scenes", type=positive_int, help="Shapes scenes whose captions/answers form the domain text")
     text.add_argument("--seed", type=int, default=0)
+    _add_overwrite_flag(text, TEXT_LM_DIR)
     text.set_defaults(func=_cmd_train_text)
 
     tok = sub.add_parser("train-tokenizer", help="stage I: the visual tokenizer with the unified codebook")
     tok.add_argument("--preset", default="tiny")
     tok.add_argument("--output", default="outputs/tiny")
     tok.add_argument(
-        "--llm", help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)"
+        "--llm",
+        type=model_reference,
+        help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)",
     )
     tok.add_argument("--paradigm", choices=["frozen", "dual", "iterative"])
     tok.add_argument("--quantizer", choices=["vq", "rq", "hq"])
@@ -648,12 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_data_flags(tok)
     tok.add_argument(
         "--init-from",
+        type=model_reference,
         help="fine-tune: start from this visual tokenizer folder (a run's vision_tokenizer/), "
         "keeping its layout and codebook ids; --llm must be the LLM it was trained with",
     )
     _add_vision_flags(tok, VISION_FLAGS)
     tok.add_argument("--fp32", action="store_true", help="disable bf16 autocast of the convolutions")
     tok.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    _add_overwrite_flag(tok, f"{STAGE1_DIR}/, {VISION_TOKENIZER_DIR}/ and {LLM_DIR}/")
     tok.add_argument("--seed", type=int, default=0)
     tok.set_defaults(func=_cmd_train_tokenizer)
     _add_stage2_parsers(sub)
@@ -664,13 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpointing import DiskFullError
     from .distributed import release_process_group
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    command_line = " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)])
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+        with _output_guard(args, command_line):
+            return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, DiskFullError) as error:
         release_process_group(error)
         # From the shell (argv None) a refused input is a message, not a traceback; UNICODE_TRACEBACK=1 shows it.
         # Called from Python (tests, scripts) the exception propagates as it is.

@@ -49,6 +49,7 @@ from hub_upload.run_folder import (
 )
 
 from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
+from .run_guard import setting_differences
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
@@ -126,7 +127,7 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     # Checked here, before any training, rather than by the stage that would fail on it minutes later.
     from modeling_unicode.modeling_unicode import check_guidance_scale
 
-    from .evaluation import require_whole_number
+    from .evaluation import LEAST_GENERATION_PROMPTS, require_whole_number
 
     try:
         for key, value in budget.items():
@@ -135,7 +136,8 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
             elif key == "decompress_steps":
                 require_whole_number(f"budget {key}", value, least=0, why=" (0 skips the stage)")
             else:
-                require_whole_number(f"budget {key}", value)
+                least = LEAST_GENERATION_PROMPTS if key == "generation_prompts" else {}
+                require_whole_number(f"budget {key}", value, **least)
     except ValueError as error:
         raise DemoSettingsError(str(error)) from None
     return {**budget, "goals": goals}
@@ -233,19 +235,6 @@ def copy_stage_record(source: Path, destination: Path, stage: str) -> None:
         record_stage(destination, stage, records[stage])
 
 
-_UNSET = object()
-
-
-def _differences(old: Any, new: Any, name: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(new) + [k for k in old if k not in new]
-        return [d for k in keys for d in _differences(old.get(k, _UNSET), new.get(k, _UNSET), f"{name}{k}.")]
-    if old == new:
-        return []
-    old, new = ("(unset)" if v is _UNSET else repr(v) for v in (old, new))
-    return [f"{name[:-1]}: {old} -> {new}"]
-
-
 def started_key(stage: str) -> str:
     """The record of a stage's settings written when it starts: an interrupted stage resumes from its
     checkpoints, so those must have been made with the settings of the run that resumes them."""
@@ -267,7 +256,7 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
                 continue
             raise DemoSettingsError(
                 f"{stage}: an interrupted run of it left {', '.join(partial)}, started with other settings: "
-                + "; ".join(_differences(started, wanted))
+                + "; ".join(setting_differences(started, wanted))
                 + ". Its checkpoints are kept, not resumed. Use a new "
                 f"output folder (--output), or delete {', '.join(partial)} to start {stage} afresh."
             )
@@ -277,7 +266,9 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
                 "(made by an older version?)"
             )
         elif records[stage] != wanted:
-            problem = f"{folder} was made with other settings: " + "; ".join(_differences(records[stage], wanted))
+            problem = f"{folder} was made with other settings: " + "; ".join(
+                setting_differences(records[stage], wanted)
+            )
         else:
             continue
         later = list(STAGE_FOLDERS)[list(STAGE_FOLDERS).index(stage) :]

@@ -205,8 +205,7 @@ def evaluate_generation(
     from .data.shapes import render_scene
     from .metrics import load_metric
 
-    if num_prompts < 2:
-        raise ValueError(f"generation_prompts={num_prompts} must be >= 2 (the chance level shuffles the prompts)")
+    require_whole_number("generation_prompts", num_prompts, **LEAST_GENERATION_PROMPTS)
     image_size = model.config.vq_config.image_size
     prompts = single_shape_prompts(num_prompts, image_size, seed)
     captions = [c for c, _ in prompts]
@@ -376,6 +375,9 @@ def evaluate_model(
     return {"metrics": metrics, "chance": chance, "ceiling": ceiling, "counts": counts, "examples": examples}
 
 
+LEAST_GENERATION_PROMPTS = dict(least=2, why=" (the chance level shuffles the prompts among themselves)")
+
+
 def require_whole_number(name: str, value, least: int = 1, why: str = "") -> None:
     """The one check of a count (scenes, prompts, steps): a whole number of at least `least`, else a ValueError
     that starts `name=value`, which the CLI turns into the flag the user typed."""
@@ -396,7 +398,7 @@ def check_evaluation_settings(guidance_scale: Optional[float] = None, **counts: 
     from modeling_unicode.modeling_unicode import check_guidance_scale
 
     for name, value in counts.items():
-        require_whole_number(name, value)
+        require_whole_number(name, value, **(LEAST_GENERATION_PROMPTS if name == "generation_prompts" else {}))
     check_guidance_scale(guidance_scale)
 
 

@@ -147,6 +147,22 @@ def finetune_lora(
         learning_rate=learning_rate,
         save_steps=sft_overrides.pop("save_steps", max(max_steps // 2, 1)),
         resume=resume,
+        settings={
+            "model": base,
+            "dataset": str(dataset) if isinstance(dataset, (str, os.PathLike)) else None,
+            "rows": len(rows),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "lora_r": lora_r,
+            "lora_alpha": lora_alpha,
+            "target_modules": target_modules,
+            "split": split,
+            "image_column": image_column,
+            "text_column": text_column,
+            "max_steps": max_steps,
+            **sft_overrides,
+        },
+        may_differ=("max_steps",),
         **sft_overrides,
     )
     adapter = save_adapter(trainer, output_dir / ADAPTER_DIR)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -551,8 +552,34 @@ def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
     from transformers import AutoModelForImageTextToText
 
     import modeling_unicode  # noqa: F401 - registers the Auto classes
+    from modeling_unicode import UniCodeConfig
 
-    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, **kwargs)
+    from .checkpointing import naming_corrupt_files
+
+    config_file = Path(path) / "config.json"
+    with naming_corrupt_files(path):
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+        if model_type is not None and model_type != UniCodeConfig.model_type:
+            raise ValueError(
+                f"{path} holds a {model_type!r} model, not a UniCode MLLM (model_type {UniCodeConfig.model_type!r}); "
+                "pass a run's mllm/ or an `unicode-mllm export` folder. A plain causal LM is where a run starts: "
+                "train-tokenizer --llm"
+            )
+        model, loading = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=dtype, output_loading_info=True, **kwargs
+        )
+    # transformers only logs weights that do not fit the config (a layer dropped, one left random); a model
+    # loaded that way answers wrongly without a word, so it is refused.
+    mismatched = {k: sorted(v) for k, v in loading.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if mismatched:
+        listed = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for k, v in mismatched.items()
+        )
+        raise ValueError(
+            f"the weights in {path} do not match its config.json ({listed}); the config was edited or belongs "
+            "to other weights: save the model again with save_pretrained"
+        )
+    return model
 
 
 def load_adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, **kwargs):

@@ -40,6 +40,18 @@ from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, u
 
 from .checkpointing import atomic_directory, atomic_save_image, atomic_write_json, latest_complete_checkpoint
 from .presets import load_preset, load_recipe, recipe_settings, vision_tokenizer_config
+from .run_guard import check_resume_settings, read_settings
+
+# What a resumed stage-I run may change: how long it trains, and how often it logs, draws, saves and evaluates.
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_images",
+    "output_dir",
+)
 
 
 @dataclass
@@ -551,6 +563,10 @@ class StageITrainer:
         if resume:
             checkpoint = latest_checkpoint(self.work / "checkpoints")
             if checkpoint is not None:
+                # Before loading: another depth or quantizer would fail to load and read as a corrupt checkpoint.
+                check_resume_settings(
+                    read_settings(checkpoint / "arguments.json"), asdict(args), checkpoint, RESUMABLE_CHANGES
+                )
                 self.load_checkpoint(checkpoint)
         log_path = self.work / "log.jsonl"
         started = time.perf_counter()

@@ -33,7 +33,8 @@ from hub_upload.run_folder import (
     VISION_TOKENIZER_DIR,
 )
 
-from .checkpointing import atomic_directory, atomic_write_json, is_complete
+from .checkpointing import atomic_directory, atomic_write_json, is_complete, naming_corrupt_files, naming_full_disk
+from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
 
 STAGES = ("decompress", "sft")
 
@@ -204,7 +205,9 @@ def load_model_and_processor(path: str | os.PathLike):
 
     from .sft import load_unicode_model
 
-    return load_unicode_model(path), AutoProcessor.from_pretrained(str(path))
+    model = load_unicode_model(path)
+    with naming_corrupt_files(path):
+        return model, AutoProcessor.from_pretrained(str(path))
 
 
 def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, seed: int = 0):
@@ -284,12 +287,15 @@ def run_sft(
     output_head: str = "tied",
     loss_normalization: str = "token",
     max_seconds: Optional[float] = None,
+    settings: Optional[dict] = None,
+    may_differ: tuple[str, ...] = (),
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
     with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
     (trainer, {"before", "after", ...}). `output_head="trained"` unties the LM head and trains it (full fine-tuning);
-    `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options.
+    `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options. `settings` (the caller's arguments)
+    are recorded in `output_dir`, and a resume with other ones, `may_differ` aside, is refused.
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
     from .sft import (
@@ -332,6 +338,12 @@ def run_sft(
         if _main_process():
             remove_partial_checkpoints(output_dir)
         checkpoint = last_complete_checkpoint(output_dir)
+    record = Path(output_dir) / RUN_SETTINGS_FILE
+    if checkpoint is not None and settings is not None:
+        check_resume_settings(read_settings(record), settings, checkpoint, may_differ)
+    elif settings is not None and _main_process():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, settings)
     before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
     if train_text_embeddings and peft_config is not None:
         raise ValueError(
@@ -358,7 +370,8 @@ def run_sft(
     if not _trl_compact_lm_head(trainer.args.device):
         add_labelled_positions_lm_head(trainer.model.get_base_model() if peft_config is not None else trainer.model)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with naming_full_disk(output_dir):  # the Trainer's own checkpoint writes
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     after = task_losses(trainer.model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
     metrics = {
@@ -407,6 +420,20 @@ def save_adapter(trainer, folder: str | os.PathLike) -> Path:
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
     trainer.accelerator.wait_for_everyone()
     return Path(folder)
+
+
+# What a resumed stage-II run may change: how long it trains, how often it logs and saves, and what it evaluates.
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "max_seconds",
+    "save_steps",
+    "logging_steps",
+    "eval_images",
+    "eval_rows_per_task",
+    "resume",
+    "use_cpu",
+    "run_dir",
+)
 
 
 def train_stage2(args: StageIIArguments) -> dict:
@@ -488,6 +515,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         output_head=args.output_head,
         loss_normalization=args.loss_normalization,
         max_seconds=args.max_seconds,
+        settings=asdict(args),
+        may_differ=RESUMABLE_CHANGES,
         **overrides,
     )
     if args.lora:

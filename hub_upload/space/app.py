@@ -9,6 +9,7 @@ gradio, transformers and torch: it runs on a Space without this project's source
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Optional
 
@@ -71,18 +72,35 @@ class UniCodeDemo:
                 f"'{name}' is not an image this demo can read: {reason}. Upload a PNG, JPEG or WebP picture."
             )
 
+    def _check_text(self, text: str, what: str) -> None:
+        special = [t for t in self.processor.tokenizer.all_special_tokens if t and t in text]
+        if special:
+            raise gr.Error(f"Leave {', '.join(special)} out of the {what}: the demo places its special tokens itself.")
+
+    @contextlib.contextmanager
+    def _refusals(self, what: str):
+        """The model's refusals (a prompt past its positions, a bad guidance scale) as one line for the visitor."""
+        try:
+            yield
+        except (ValueError, TypeError) as error:
+            if "shorten the prompt" in str(error):
+                raise gr.Error(f"This {what} is too long for the model; shorten it.") from error
+            raise gr.Error(f"This {what} cannot be used: {error}") from error
+
     @torch.no_grad()
     def ask(self, upload, question: str) -> str:
         image = self._image(upload)
         question = (question or "").strip()
         if not question:
             raise gr.Error("Type a question about the image.")
+        self._check_text(question, "question")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(images=[image], text=prompt).to(self.model.device)
-        ids = self.model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=False
-        )
+        with self._refusals("question"):
+            ids = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=False
+            )
         answer = self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[
             0
         ].strip()
@@ -95,15 +113,17 @@ class UniCodeDemo:
             raise gr.Error("Describe the image to generate.")
         if not 0 <= int(seed) <= MAX_SEED:
             raise gr.Error(f"seed must be between 0 and {MAX_SEED}.")
+        self._check_text(prompt, "description")
         inputs = self.processor(text=prompt, generation_mode="image").to(self.model.device)
         generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
-        ids = self.model.generate(
-            **inputs,
-            generation_mode="image",
-            do_sample=True,
-            generator=generator,
-            guidance_scale=None if float(guidance) == 1.0 else float(guidance),
-        )
+        with self._refusals("description"):
+            ids = self.model.generate(
+                **inputs,
+                generation_mode="image",
+                do_sample=True,
+                generator=generator,
+                guidance_scale=None if float(guidance) == 1.0 else float(guidance),
+            )
         pixels = self.model.decode_image_tokens(ids)
         image = self.processor.post_process_multimodal_output(pixels, generation_mode="image")[0]
         return _enlarge(image)
