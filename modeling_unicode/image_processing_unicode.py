@@ -237,6 +237,9 @@ class UniCodeImageProcessor(BaseImageProcessor):
             array = array[None]
         if array.ndim != 4 or array.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {array.shape}")
+        if not np.isfinite(array).all():
+            # Clipping would turn NaN into black pixels: an image that hides a failed decode.
+            raise ValueError("pixel_values contain NaN or inf; the decoder or its weights produced them, not an image")
         array = uint8_from_pixel_values(array).transpose(0, 2, 3, 1)
         return [PIL.Image.fromarray(item) for item in array]
 

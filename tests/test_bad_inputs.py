@@ -176,3 +176,44 @@ def test_a_plain_llm_or_a_config_that_does_not_fit_its_weights_is_refused(tmp_pa
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match its config.json .*unexpected keys: .*layers"):
         load_unicode_model(folder)
+
+
+def test_nan_pixels_are_not_post_processed_into_an_image():
+    import torch
+
+    from modeling_unicode import UniCodeImageProcessor
+
+    pixels = torch.zeros(1, 3, 8, 8)
+    pixels[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf; the decoder"):
+        UniCodeImageProcessor(size=8).postprocess(pixels)
+
+
+def test_two_exports_into_one_folder_at_once_are_refused(tmp_path):
+    from training.run_guard import folder_lock
+
+    out = tmp_path / "exports" / "unicode-tiny"
+    with folder_lock(out, "unicode-mllm export run exports/unicode-tiny"):
+        with pytest.raises(ValueError, match=r"being written by pid \d+ .*unicode-mllm export run"):
+            main(["export", str(tmp_path / "run"), str(out)])
+    assert not out.exists()
+
+
+def test_flipped_bytes_inside_saved_weights_are_caught(tmp_path):
+    from utils_mllm import tiny_mllm
+
+    from training.checkpointing import atomic_directory
+    from training.sft import load_unicode_model
+
+    model, _ = tiny_mllm()
+    folder = tmp_path / "mllm"
+    with atomic_directory(folder) as staging:
+        model.save_pretrained(staging)
+    assert load_unicode_model(folder) is not None  # intact: loads
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])  # still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors is not the file that was saved .*SHA-256"):
+        load_unicode_model(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -71,7 +72,7 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     try:
         with naming_full_disk(destination):
             yield temporary
-        (temporary / COMPLETE_MARKER).write_text("ok\n")
+        write_complete_marker(temporary)
         if destination.exists():
             # Two renames keep a complete copy on disk at every instant.
             previous = destination.with_name(f"{destination.name}.old-{os.getpid()}")
@@ -152,6 +153,44 @@ def naming_corrupt_files(folder: str | os.PathLike) -> Iterator[None]:
             f"{culprit[0]} cannot be read ({culprit[1]}); the file is truncated or corrupt: copy, export or train "
             "it again"
         ) from error
+
+
+# Weight files whose bytes the COMPLETE marker records: a flipped byte inside a tensor loads without any error, so
+# only a checksum can tell. Configs and tokenizer files are checked by parsing them (`naming_corrupt_files`).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_complete_marker(folder: str | os.PathLike) -> None:
+    """Mark `folder` finished, recording the SHA-256 of its weight files for `verify_weights`."""
+    folder = Path(folder)
+    weights = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    record = {"sha256": {str(p.relative_to(folder)): _sha256(p) for p in weights}}
+    (folder / COMPLETE_MARKER).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify_weights(folder: str | os.PathLike) -> None:
+    """Refuse weight files that changed since their folder was marked COMPLETE (a disk or copy error, an edit).
+    Folders without a marker, or with the plain marker of an older version, are not checked."""
+    marker = Path(folder) / COMPLETE_MARKER
+    try:
+        recorded = json.loads(marker.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name, digest in recorded.items():
+        path = Path(folder) / name
+        if path.is_file() and _sha256(path) != digest:
+            raise ValueError(
+                f"{path} is not the file that was saved (its SHA-256 differs from the one in {marker}): it is "
+                "corrupt. Copy, export or train it again"
+            )
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

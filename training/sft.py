@@ -554,8 +554,10 @@ def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
     import modeling_unicode  # noqa: F401 - registers the Auto classes
     from modeling_unicode import UniCodeConfig
 
-    from .checkpointing import naming_corrupt_files
+    from .checkpointing import naming_corrupt_files, verify_weights
 
+    if Path(path).is_dir():
+        verify_weights(path)
     config_file = Path(path) / "config.json"
     with naming_corrupt_files(path):
         model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None

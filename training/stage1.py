@@ -38,7 +38,13 @@ from modeling_unicode import (
 )
 from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
-from .checkpointing import atomic_directory, atomic_save_image, atomic_write_json, latest_complete_checkpoint
+from .checkpointing import (
+    atomic_directory,
+    atomic_save_image,
+    atomic_write_json,
+    latest_complete_checkpoint,
+    verify_weights,
+)
 from .presets import load_preset, load_recipe, recipe_settings, vision_tokenizer_config
 from .run_guard import check_resume_settings, read_settings
 
@@ -538,6 +544,7 @@ class StageITrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         try:
+            verify_weights(path)
             state = torch.load(path / "training_state.pt", map_location=self.device, weights_only=True)
             load_model(self.unwrapped, str(path / "model.safetensors"), device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])

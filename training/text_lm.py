@@ -31,7 +31,7 @@ from transformers import (
 
 from modeling_unicode import IMAGE_SPECIAL_TOKENS
 
-from .checkpointing import atomic_directory, is_complete, naming_corrupt_files
+from .checkpointing import atomic_directory, is_complete, naming_corrupt_files, verify_weights
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 
@@ -220,6 +220,8 @@ def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         return model, tokenizer
+    if Path(path).is_dir():
+        verify_weights(path)
     with naming_corrupt_files(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
