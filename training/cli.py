@@ -58,14 +58,13 @@ def _pick(flag, recipe: dict, key: str, default):
 def _cmd_train_text(args: argparse.Namespace) -> int:
     from .data.shapes import text_corpus
     from .presets import load_preset, load_recipe
-    from .text_lm import recipe_training_settings, train_text_lm
+    from .text_lm import pretrained_text_lm, recipe_training_settings, train_text_lm
 
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
-    if preset["text_model"].get("source") != "stage0":
-        print(
-            f"preset {args.preset!r} uses a pretrained LLM ({preset['text_model'].get('name_or_path')}); nothing to "
-            "train"
-        )
+    if args.llm or preset["text_model"].get("source") != "stage0":
+        # A pretrained LLM: nothing to train; a GGUF becomes the run's text_lm/ folder here (once).
+        llm = pretrained_text_lm(preset["text_model"], Path(args.output) / TEXT_LM_DIR, args.llm)
+        print(f"text LM: {llm} (pretrained; nothing to train)")
         return 0
     stage0, data = recipe.get("stage0", {}), recipe.get("data", {})
     texts = list(text_corpus(num_scenes=_pick(args.scenes, data, "text_scenes", 4000), seed=args.seed))
@@ -105,7 +104,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset, load_recipe
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
-    from .text_lm import load_text_lm, packed_blocks
+    from .text_lm import load_text_lm, packed_blocks, pretrained_text_lm
 
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     data = recipe.get("data", {})
@@ -115,12 +114,15 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     if args.resume and is_complete(output / VISION_TOKENIZER_DIR):
         print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
         return 0
-    llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / TEXT_LM_DIR)
-    if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / TEXT_LM_DIR).is_dir():
-        raise SystemExit(
-            f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
-            f"--output {args.output}` first, or pass --llm"
-        )
+    if preset["text_model"].get("source") == "stage0" and not args.llm:
+        if not (output / TEXT_LM_DIR).is_dir():
+            raise SystemExit(
+                f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
+                f"--output {args.output}` first, or pass --llm"
+            )
+        llm_path = str(output / TEXT_LM_DIR)
+    else:
+        llm_path = pretrained_text_lm(preset["text_model"], output / TEXT_LM_DIR, args.llm)
     image_size = preset["vision_tokenizer"]["image_size"]
     if args.init_from:
         from modeling_unicode import UniCodeVisualTokenizerConfig
@@ -180,7 +182,10 @@ def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
     from .stage2 import StageIIArguments, train_stage2
+    from .text_lm import check_llm_path
 
+    if args.llm:
+        check_llm_path(args.llm, "--llm")  # before any work, and never as a Hub id when it is a path here
     metrics = train_stage2(
         StageIIArguments.from_recipe(
             args.output,
@@ -263,7 +268,9 @@ def _add_stage2_parsers(sub) -> None:
         "--output", default="outputs/tiny", help="the run folder (holds vision_tokenizer/ from stage I)"
     )
     train.add_argument(
-        "--llm", help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)"
+        "--llm",
+        help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: OUTPUT/llm, "
+        "the preset's, or OUTPUT/text_lm",
     )
     for flag, kind in (
         ("--steps", positive_int),
@@ -436,6 +443,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 device=args.device,
                 budget=_budget_flags(args),
+                llm=args.llm,
                 paradigm=args.paradigm,
                 quantizer=args.quantizer,
                 vision_overrides=_vision_flags(args),
@@ -594,6 +602,11 @@ def _add_demo_commands(sub) -> None:
                 "--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)"
             )
             cmd.add_argument("--quantizer", choices=["vq", "rq", "hq"], help="default: the preset's")
+            cmd.add_argument(
+                "--llm",
+                help="a pretrained causal LM (folder or .gguf, dequantized once into OUTPUT/text_lm) instead of the "
+                "preset's; its width sets the codebook's",
+            )
             _add_vision_flags(cmd, ("entropy_weight", "entropy_temperature"))
         cmd.set_defaults(func=_cmd_demo if name == "demo" else _cmd_ablate)
 
@@ -618,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--output", default="outputs/tiny")
     text.add_argument("--steps", type=positive_int)
     text.add_argument("--scenes", type=positive_int, help="Shapes scenes whose captions/answers form the domain text")
+    text.add_argument(
+        "--llm", help="a pretrained causal LM instead (folder or .gguf): a .gguf is dequantized into OUTPUT/text_lm"
+    )
     text.add_argument("--seed", type=int, default=0)
     text.set_defaults(func=_cmd_train_text)
 
@@ -625,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--preset", default="tiny")
     tok.add_argument("--output", default="outputs/tiny")
     tok.add_argument(
-        "--llm", help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)"
+        "--llm",
+        help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: the preset's, "
+        "or OUTPUT/text_lm. Its width sets code_dim",
     )
     tok.add_argument("--paradigm", choices=["frozen", "dual", "iterative"])
     tok.add_argument("--quantizer", choices=["vq", "rq", "hq"])
