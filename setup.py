@@ -63,7 +63,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_unicode", "training", "training.*", "hub_upload", "hub_upload.*"]),
     include_package_data=True,
-    package_data={"training": ["metrics/*/*.py"], "hub_upload": ["space/*"]},
+    package_data={"training": ["metrics/*/*.py", "data/*.txt"], "hub_upload": ["space/*"]},
     data_files=configuration_data_files(),
     # torch is deliberately unpinned from above: install torch==2.13.0 (the CPU wheel) FIRST,
     # or pip resolves a multi-GB CUDA build. `make install` does this.

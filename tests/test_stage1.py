@@ -111,7 +111,7 @@ def test_partial_checkpoint_is_never_resumed_from(tmp_path, llm_dir):
 def test_bad_inputs_are_named(tmp_path, llm_dir):
     args = dict(output_dir=str(tmp_path), llm_path=str(llm_dir), max_steps=2, batch_size=4)
     images = tiny_images()
-    with pytest.raises(ValueError, match="hidden size 32 but preset 'tiny' has code_dim=256"):
+    with pytest.raises(ValueError, match="hidden size 32 but vision_overrides sets code_dim=256.*drop code_dim"):
         StageITrainer(StageIArguments(**args, vision_overrides={**tiny_overrides(), "code_dim": 256}), images, images)
     with pytest.raises(ValueError, match="codebook_size=5000 exceeds the .* usable vocabulary rows"):
         StageITrainer(StageIArguments(**args, codebook_size=5000, vision_overrides=tiny_overrides()), images, images)
@@ -123,6 +123,22 @@ def test_bad_inputs_are_named(tmp_path, llm_dir):
             images,
             images,
         )
+
+
+def test_code_width_follows_the_llm(tmp_path, llm_dir, capsys):
+    """The tiny preset says code_dim=256; a 32-wide LLM's rows are 32 wide, so the codebook is too."""
+    overrides = {k: v for k, v in tiny_overrides().items() if k != "code_dim"}
+    args = StageIArguments(
+        output_dir=str(tmp_path),
+        llm_path=str(llm_dir),
+        max_steps=2,
+        batch_size=4,
+        codebook_size=64,
+        vision_overrides=overrides,
+    )
+    trainer = StageITrainer(args, tiny_images(), tiny_images())
+    assert trainer.config.code_dim == 32 and trainer.config.z_channels == 8
+    assert "code_dim=32 (preset 'tiny' says 256)" in capsys.readouterr().out
 
 
 WORKER = r"""

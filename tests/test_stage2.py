@@ -230,6 +230,45 @@ def test_cpu_lm_head_scores_only_the_labelled_positions_with_the_models_own_loss
     assert plain.logits.shape[:2] == batch["input_ids"].shape
 
 
+def test_code_rows_loss_scores_a_drawn_images_codes_over_the_code_rows_only(mllm, codes):
+    """`code_logits="code_rows"`: inside a written image generation only samples codes, so there the loss is the
+    softmax over the K code rows (no vocabulary-wide projection); every other labelled token keeps the full one."""
+    from training.sft import add_labelled_positions_lm_head
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, __import__("tempfile").mkdtemp())).eval()
+    rows = sft_rows(train.select(range(2)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    labels, inputs = batch["labels"][:, 1:], batch["input_ids"][:, :-1]
+    code_ids = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    total, count, in_image = 0.0, 0, 0
+    for b, t in (labels != IGNORE_INDEX).nonzero().tolist():
+        seen = inputs[b, : t + 1].tolist()
+        last = {token: max((i for i, x in enumerate(seen) if x == token), default=-1) for token in set(seen)}
+        opened = last.get(processor.boi_token_id, -1) > last.get(processor.eoi_token_id, -1)
+        if opened and int(labels[b, t]) in code_ids.tolist():
+            total += float(logits[b, t, code_ids].log_softmax(-1)[code_ids.tolist().index(int(labels[b, t]))])
+            in_image += 1
+        else:
+            total += float(logits[b, t].log_softmax(-1)[labels[b, t]])
+        count += 1
+    assert in_image > 0 and count > in_image  # the rows hold a drawn image and text answers
+
+    add_labelled_positions_lm_head(model, "code_rows")
+    projected = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = model(**batch, fused_lm_head=True)
+    hook.remove()
+    assert projected == [count - in_image]
+    assert out.loss.item() == pytest.approx(-total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="code_logits='codes' is not one of"):
+        add_labelled_positions_lm_head(model, "codes")
+
+
 def test_full_finetune_trains_the_decoder_and_leaves_the_codebook_bit_identical(mllm, codes, tmp_path):
     model, processor = mllm
     train, validation = codes

@@ -64,15 +64,9 @@ def positive_int(text: str) -> int:
 def model_reference(text: str) -> str:
     """argparse type of --model / --llm / --adapter ...: a local file or folder, or a Hub repo id. A missing local
     path is named here instead of being sent to the Hub, which would answer with a repo-id format error."""
-    if Path(text).expanduser().exists():
-        return text
-    looks_local = (
-        text.startswith((".", "/", "~"))
-        or text.count("/") > 1
-        or "\\" in text
-        or text.endswith(("/", ".gguf", ".safetensors"))
-    )
-    if looks_local:
+    from .text_lm import looks_local
+
+    if looks_local(text) and not Path(text).expanduser().exists():
         raise argparse.ArgumentTypeError(f"no such file or folder: {text!r} (a Hub repo id is NAME or OWNER/NAME)")
     return text
 
@@ -84,14 +78,13 @@ def _pick(flag, recipe: dict, key: str, default):
 def _cmd_train_text(args: argparse.Namespace) -> int:
     from .data.shapes import text_corpus
     from .presets import load_preset, load_recipe
-    from .text_lm import recipe_training_settings, train_text_lm
+    from .text_lm import pretrained_text_lm, recipe_training_settings, train_text_lm
 
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
-    if preset["text_model"].get("source") != "stage0":
-        print(
-            f"preset {args.preset!r} uses a pretrained LLM ({preset['text_model'].get('name_or_path')}); nothing to "
-            "train"
-        )
+    if args.llm or preset["text_model"].get("source") != "stage0":
+        # A pretrained LLM: nothing to train; a GGUF becomes the run's text_lm/ folder here (once).
+        llm = pretrained_text_lm(preset["text_model"], Path(args.output) / TEXT_LM_DIR, args.llm)
+        print(f"text LM: {llm} (pretrained; nothing to train)")
         return 0
     stage0, data = recipe.get("stage0", {}), recipe.get("data", {})
     texts = list(text_corpus(num_scenes=_pick(args.scenes, data, "text_scenes", 4000), seed=args.seed))
@@ -131,7 +124,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset, load_recipe
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
-    from .text_lm import load_text_lm, packed_blocks
+    from .text_lm import load_text_lm, packed_blocks, pretrained_text_lm
 
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     data = recipe.get("data", {})
@@ -141,12 +134,15 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     if args.resume and is_complete(output / VISION_TOKENIZER_DIR):
         print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
         return 0
-    llm_path = args.llm or preset["text_model"].get("name_or_path") or str(output / TEXT_LM_DIR)
-    if preset["text_model"].get("source") == "stage0" and not args.llm and not (output / TEXT_LM_DIR).is_dir():
-        raise SystemExit(
-            f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
-            f"--output {args.output}` first, or pass --llm"
-        )
+    if preset["text_model"].get("source") == "stage0" and not args.llm:
+        if not (output / TEXT_LM_DIR).is_dir():
+            raise SystemExit(
+                f"no text LM at {output / 'text_lm'}: run `unicode-mllm train-text --preset {args.preset} "
+                f"--output {args.output}` first, or pass --llm"
+            )
+        llm_path = str(output / TEXT_LM_DIR)
+    else:
+        llm_path = pretrained_text_lm(preset["text_model"], output / TEXT_LM_DIR, args.llm)
     image_size = preset["vision_tokenizer"]["image_size"]
     if args.init_from:
         from modeling_unicode import UniCodeVisualTokenizerConfig
@@ -206,7 +202,10 @@ def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
     from .stage2 import StageIIArguments, train_stage2
+    from .text_lm import check_llm_path
 
+    if args.llm:
+        check_llm_path(args.llm, "--llm")  # before any work, and never as a Hub id when it is a path here
     metrics = train_stage2(
         StageIIArguments.from_recipe(
             args.output,
@@ -291,7 +290,8 @@ def _add_stage2_parsers(sub) -> None:
     train.add_argument(
         "--llm",
         type=model_reference,
-        help="causal LM folder or repo id (default: OUTPUT/llm, the preset's, or OUTPUT/text_lm)",
+        help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: OUTPUT/llm, "
+        "the preset's, or OUTPUT/text_lm",
     )
     for flag, kind in (
         ("--steps", positive_int),
@@ -469,6 +469,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 device=args.device,
                 budget=_budget_flags(args),
+                llm=args.llm,
                 paradigm=args.paradigm,
                 quantizer=args.quantizer,
                 vision_overrides=_vision_flags(args),
@@ -634,6 +635,11 @@ def _add_demo_commands(sub) -> None:
                 "--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)"
             )
             cmd.add_argument("--quantizer", choices=["vq", "rq", "hq"], help="default: the preset's")
+            cmd.add_argument(
+                "--llm",
+                help="a pretrained causal LM (folder or .gguf, dequantized once into OUTPUT/text_lm) instead of the "
+                "preset's; its width sets the codebook's",
+            )
             _add_vision_flags(cmd, ("entropy_weight", "entropy_temperature"))
         cmd.set_defaults(func=_cmd_demo if name == "demo" else _cmd_ablate)
 
@@ -655,7 +661,12 @@ def _output_guard(args: argparse.Namespace, command_line: str):
     command = args.command
     options = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
     if command == "train-text":
-        return guard_output(args.output, command_line, [TEXT_LM_DIR], resumable=False, **options)
+        from .presets import load_preset
+
+        # With a pretrained LLM, text_lm/ is its dequantized copy, made once and reused: not a product to guard.
+        pretrained = args.llm or load_preset(args.preset)["text_model"].get("source") != "stage0"
+        products = [] if pretrained else [TEXT_LM_DIR]
+        return guard_output(args.output, command_line, products, resumable=False, **options)
     if command == "train-tokenizer":
         return guard_output(args.output, command_line, [STAGE1_DIR, VISION_TOKENIZER_DIR, LLM_DIR], **options)
     if command == "train":
@@ -689,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--output", default="outputs/tiny")
     text.add_argument("--steps", type=positive_int)
     text.add_argument("--scenes", type=positive_int, help="Shapes scenes whose captions/answers form the domain text")
+    text.add_argument(
+        "--llm", help="a pretrained causal LM instead (folder or .gguf): a .gguf is dequantized into OUTPUT/text_lm"
+    )
     text.add_argument("--seed", type=int, default=0)
     _add_overwrite_flag(text, TEXT_LM_DIR)
     text.set_defaults(func=_cmd_train_text)
@@ -699,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--llm",
         type=model_reference,
-        help="causal LM folder, repo id or .gguf file (default: the preset's, or OUTPUT/text_lm)",
+        help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: the preset's, "
+        "or OUTPUT/text_lm. Its width sets code_dim",
     )
     tok.add_argument("--paradigm", choices=["frozen", "dual", "iterative"])
     tok.add_argument("--quantizer", choices=["vq", "rq", "hq"])

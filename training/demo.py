@@ -69,6 +69,7 @@ BUDGET_KEYS = (
     "usage_images",
     "guidance_scale",
 )
+STAGE0_BUDGET_KEYS = ("text_scenes", "stage0_steps")
 
 
 class DemoSettingsError(ValueError):
@@ -83,6 +84,8 @@ class DemoArguments:
     seed: int = 0
     device: str = "cpu"
     budget: dict = field(default_factory=dict)  # overrides of the recipe's `demo` section
+    # A pretrained causal LM (folder or .gguf) instead of the preset's: it replaces stage 0's LLM.
+    llm: Optional[str] = None
     # Reduced settings (tests): overrides of the preset's text model / visual tokenizer.
     text_model_overrides: dict = field(default_factory=dict)
     vision_overrides: dict = field(default_factory=dict)
@@ -118,7 +121,11 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     if unknown:
         raise DemoSettingsError(f"budget has unknown keys {unknown}; use some of {list(BUDGET_KEYS)}")
     budget = {**section, **overrides}
-    missing = [k for k in BUDGET_KEYS if k not in budget]
+    from .presets import load_preset
+
+    # A pretrained LLM has no stage-0 training to budget.
+    trains_stage0 = load_preset(preset)["text_model"].get("source") == "stage0"
+    missing = [k for k in BUDGET_KEYS if k not in budget and (trains_stage0 or k not in STAGE0_BUDGET_KEYS)]
     if missing:
         raise DemoSettingsError(
             f"the {preset!r} recipe's `demo` section lacks {missing}; add them to "
@@ -177,7 +184,11 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
         "text_model": preset["text_model"],
         "shapes_world_sha256": shapes_world_fingerprint(),
     }
-    if preset["text_model"].get("source") == "stage0":
+    if args.llm is not None:
+        upstream = settings["stage0_text_lm"] = {**upstream, "llm": str(args.llm)}
+    elif preset["text_model"].get("source") == "gguf":  # stage 0 dequantizes it
+        upstream = settings["stage0_text_lm"] = dict(upstream)
+    elif preset["text_model"].get("source") == "stage0":
         upstream = settings["stage0_text_lm"] = {
             **upstream,
             "text_scenes": budget["text_scenes"],
@@ -493,7 +504,7 @@ def answered_question(image, question: str, prediction: str, answer: str, side: 
 # -- report -----------------------------------------------------------------------------------------
 
 
-def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
+def _goal_checks(metrics: dict, chance: dict, goals: dict, language: Optional[dict] = None) -> dict:
     from .evaluation import above_chance
 
     checks = {}
@@ -518,10 +529,14 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict) -> dict:
                 metrics["vqa"]["accuracy"] >= metrics["vqa_swapped_images"]["accuracy"] + float(target)
             )
             continue
+        if goal == "text_perplexity_increase":
+            checks[goal] = language is not None and bool(language["increase"] <= float(target))
+            continue
         if goal not in paths:
             raise ValueError(
                 f"unknown goal {goal!r} in the recipe's demo.goals; use some of {sorted(paths)}, "
-                "vqa_above_chance_every_type, vqa_margin_over_chance_every_type or vqa_margin_over_swapped_images"
+                "vqa_above_chance_every_type, vqa_margin_over_chance_every_type, vqa_margin_over_swapped_images or "
+                "text_perplexity_increase"
             )
         section, key = paths[goal]
         checks[goal] = bool(metrics[section][key] >= target)
@@ -539,6 +554,7 @@ def report_markdown(report: dict) -> str:
         "",
         metrics_markdown(report),
         "",
+        *_language_markdown(report.get("language")),
         "## Goals",
         "",
         "| goal | target | met |",
@@ -564,6 +580,22 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _language_markdown(language: Optional[dict]) -> list[str]:
+    if not language:
+        return []
+    return [
+        "## Language kept (held-out English)",
+        "",
+        "| LLM | perplexity |",
+        "|---|---|",
+        f"| before stage I (the LLM the run starts from) | {language['perplexity_before']:.2f} |",
+        f"| after stage II (the final MLLM, adapters merged) | {language['perplexity_after']:.2f} |",
+        "",
+        f"Change: {100 * language['increase']:+.1f} % on {language['tokens']} tokens of `{language['text']}`.",
+        "",
+    ]
+
+
 def _check_demo_process(args: DemoArguments) -> None:
     """Refuse, before any work, a demo that cannot run here: under a multi-process launcher, on a missing device,
     or with an unknown visual input."""
@@ -582,19 +614,33 @@ def _check_demo_process(args: DemoArguments) -> None:
         check_device(args.device)
     except ValueError as error:
         raise DemoSettingsError(str(error)) from None
+    if args.llm is not None:
+        from .text_lm import check_llm_path
+
+        try:
+            check_llm_path(args.llm, "--llm")
+        except ValueError as error:
+            raise DemoSettingsError(str(error)) from None
     if args.visual_input not in ("aggregate", "flatten"):
         raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
 
 
-def _evaluate_run(run: Path, budget: dict, args: DemoArguments) -> dict:
-    """The demo's evaluation of the run's final MLLM (`evaluation.evaluate_on_shapes`) with the budget's counts."""
+def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path) -> dict:
+    """The demo's evaluation of the run's final MLLM (`evaluation.evaluate_on_shapes`) with the budget's counts,
+    and its `language`: the perplexity on held-out English of the LLM the run started from (`llm`) and of the
+    final MLLM (`language.text_perplexity`)."""
     from .evaluation import evaluate_on_shapes
+    from .language import language_kept, text_perplexity
     from .stage2 import load_model_and_processor
+    from .text_lm import load_text_lm
 
+    text_model, tokenizer = load_text_lm(llm)
+    before = text_perplexity(text_model.to(args.device), tokenizer)
+    del text_model
     model, processor = load_model_and_processor(run / MLLM_DIR)
     model.to(args.device)
     counts = ("vqa_images", "compositional_images", "generation_prompts", "reconstruction_images", "usage_images")
-    return evaluate_on_shapes(
+    results = evaluate_on_shapes(
         model,
         processor,
         prior_scenes=budget["stage2_train_images"],
@@ -602,6 +648,7 @@ def _evaluate_run(run: Path, budget: dict, args: DemoArguments) -> dict:
         guidance_scale=budget["guidance_scale"],
         **{k: budget[k] for k in counts},
     )
+    return {**results, "language": language_kept(before, text_perplexity(model, processor.tokenizer))}
 
 
 def _draw_examples(run: Path, examples: dict) -> tuple[str, str, str, str]:
@@ -645,7 +692,9 @@ def _demo_report(
         "ceiling": results["ceiling"],
         "counts": results["counts"],
         "goals": goals,
-        "goals_met": _goal_checks(results["metrics"], results["chance"], goals),
+        "goals_met": _goal_checks(results["metrics"], results["chance"], goals, results["language"]),
+        # Held-out English, not the Shapes world: beside the metrics, so the model card does not list it as one.
+        "language": results["language"],
         "stage_metrics": {
             "stage1": {k: v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))},
             **{f"stage2_{s}": {"before": m.get("before"), "after": m.get("after")} for s, m in stage2.items()},
@@ -655,7 +704,7 @@ def _demo_report(
             "preset": args.preset,
             "seed": args.seed,
             "device": args.device,
-            "base_model": preset["text_model"].get("name_or_path"),
+            "base_model": args.llm or preset["text_model"].get("name_or_path") or preset["text_model"].get("hub_id"),
             "text_model": preset["text_model"],
             "budget": budget,
             "visual_input": args.visual_input,
@@ -695,6 +744,7 @@ def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
     from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
+    from .text_lm import pretrained_text_lm
 
     _check_demo_process(args)
     run = Path(args.output_dir)
@@ -727,10 +777,17 @@ def run_demo(args: DemoArguments) -> dict:
         return result
 
     if "stage0_text_lm" in settings:
-        llm = stage(
-            "stage0_text_lm",
-            made["stage0_text_lm"],
-            lambda: train_stage0(run, {**preset, "name": args.preset}, budget, args.seed),
+        trains = args.llm is None and preset["text_model"].get("source") == "stage0"
+        llm = Path(
+            stage(
+                "stage0_text_lm",
+                made["stage0_text_lm"],
+                lambda: (
+                    train_stage0(run, {**preset, "name": args.preset}, budget, args.seed)
+                    if trains
+                    else pretrained_text_lm(preset["text_model"], run / TEXT_LM_DIR, args.llm)
+                ),
+            )
         )
     else:
         llm = Path(preset["text_model"]["name_or_path"])
@@ -758,7 +815,9 @@ def run_demo(args: DemoArguments) -> dict:
     )
 
     def codes():
-        model, _ = load_model_and_processor(assemble_base(run, args.preset, visual_input=args.visual_input))
+        model, _ = load_model_and_processor(
+            assemble_base(run, args.preset, llm=args.llm and str(llm), visual_input=args.visual_input)
+        )
         shapes_code_datasets(run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed)
 
     # Code datasets are cached per image count and seed (and checked against the tokenizer), so a
@@ -782,7 +841,7 @@ def run_demo(args: DemoArguments) -> dict:
     if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
         shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
-    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args))
+    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm))
     question, answer, prediction, prompt = _draw_examples(run, results["examples"])
 
     report = _demo_report(

@@ -259,9 +259,63 @@ def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] 
 # -- the LM head on CPU ---------------------------------------------------------------------------
 
 
-def add_labelled_positions_lm_head(model) -> None:
+CODE_LOGITS = ("vocabulary", "code_rows")
+
+
+def image_span_targets(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t sits inside an image span (a `<boi>` at or before t, no `<eoi>` since) and its
+    next-token target `targets[:, t]` is a visual code. There, generation only ever samples codes
+    (`UniCodeImageSpanLogitsProcessor`), so the code rows alone are the distribution that matters."""
+    config = model.config
+    opened = (input_ids == config.boi_token_id).cumsum(1) - (input_ids == config.eoi_token_id).cumsum(1)
+    return (opened > 0) & code_index(model, targets.device)[targets.clamp(min=0)].ge(0)
+
+
+def code_index(model, device) -> torch.Tensor:
+    """(V,) long: a vocabulary id's position among the codebook rows, -1 for every other id (built once)."""
+    cached = getattr(model, "_unicode_code_index", None)
+    if cached is None or cached.device != device:
+        ids = torch.as_tensor(model.config.vq_config.codebook_token_ids, device=device)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        cached = torch.full((vocab,), -1, dtype=torch.long, device=device)
+        cached[ids] = torch.arange(len(ids), device=device)
+        object.__setattr__(model, "_unicode_code_index", cached)
+    return cached
+
+
+def labelled_log_probs(
+    model, hidden: torch.Tensor, targets: torch.Tensor, on_code_rows: Optional[torch.Tensor] = None
+):
+    """(log-prob of each target, entropy, is-top-1) for hidden states `hidden` (N, H) of labelled positions.
+    Positions in `on_code_rows` (N,) bool are scored over the K code rows only (`image_span_targets`), the rest
+    over the whole vocabulary: with a 262k-row vocabulary the full head on every code of a drawn image is most
+    of a step."""
+    head = model.get_output_embeddings()
+    picked = hidden.new_zeros(len(targets), dtype=torch.float32)
+    entropy, is_top1 = torch.zeros_like(picked), torch.zeros_like(picked)
+    groups = [(None, torch.ones_like(targets, dtype=torch.bool) if on_code_rows is None else ~on_code_rows)]
+    if on_code_rows is not None:
+        groups.append((code_index(model, targets.device), on_code_rows))
+    for index, rows in groups:
+        if not rows.any():
+            continue
+        if index is None:
+            log_probs, wanted = head(hidden[rows]).float().log_softmax(-1), targets[rows]
+        else:
+            ids = torch.as_tensor(model.config.vq_config.codebook_token_ids, device=hidden.device)
+            logits = hidden[rows] @ head.weight[ids].T.to(hidden.dtype)
+            log_probs, wanted = logits.float().log_softmax(-1), index[targets[rows]]
+        picked = picked.masked_scatter(rows, log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1))
+        with torch.no_grad():
+            entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
+            is_top1[rows] = (log_probs.argmax(-1) == wanted).float()
+    return picked, entropy, is_top1
+
+
+def add_labelled_positions_lm_head(model, code_logits: str = "vocabulary") -> None:
     """Replace TRL's fused LM head (`fused_lm_head=True` forwards) by one that projects only the
-    positions whose next-token label is not -100, with plain torch ops.
+    positions whose next-token label is not -100, with plain torch ops; with `code_logits="code_rows"` the codes
+    of a written image are scored over the code rows only (`labelled_log_probs`).
 
     Why: without Triton (CPU) TRL's chunked log-prob function scores EVERY position through the whole
     vocabulary in an autograd function folded in torch, most of a CPU training step on the tiny preset
@@ -274,6 +328,8 @@ def add_labelled_positions_lm_head(model) -> None:
 
     from trl.trainer.utils import FusedCausalLMOutput
 
+    if code_logits not in CODE_LOGITS:
+        raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
     original = type(model).forward
 
     @functools.wraps(original)
@@ -282,18 +338,18 @@ def add_labelled_positions_lm_head(model) -> None:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original(self, *args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         kwargs["use_cache"] = False
+        input_ids = kwargs.get("input_ids")
         hidden = self.model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
+            input_ids = None if input_ids is None else input_ids[:, :-1]
         else:
             labels = shift_labels
         mask = labels != IGNORE_INDEX
-        targets = labels[mask]
-        log_probs = self.get_output_embeddings()(hidden[mask]).float().log_softmax(-1)
-        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-            is_top1 = (log_probs.argmax(-1) == targets).to(picked.dtype)
+        on_code_rows = None
+        if code_logits == "code_rows" and input_ids is not None:
+            on_code_rows = image_span_targets(self, input_ids, labels)[mask]
+        picked, entropy, is_top1 = labelled_log_probs(self, hidden[mask], labels[mask], on_code_rows)
         # masked_scatter keeps an all-ignored batch connected to the graph (a differentiable zero).
         per_token = [picked.new_zeros(mask.shape).masked_scatter(mask, x) for x in (picked, entropy, is_top1)]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -517,11 +573,20 @@ class CompleteCheckpointCallback(TrainerCallback):
 
 @torch.no_grad()
 def task_losses(
-    model, datasets_by_task: dict, collator: CodesCollator, batch_size: int = 16, max_rows: Optional[int] = None
+    model,
+    datasets_by_task: dict,
+    collator: CodesCollator,
+    batch_size: int = 16,
+    max_rows: Optional[int] = None,
+    code_logits: str = "vocabulary",
+    chunk: int = 256,
 ) -> dict[str, float]:
-    """Mean next-token loss over answer tokens, per task (the plain forward, not TRL's fused head)."""
+    """Mean next-token loss over answer tokens, per task, scored as training scores them (`labelled_log_probs`,
+    `code_logits`): only labelled positions reach the LM head, `chunk` at a time, so a 262k-row vocabulary never
+    holds logits for a whole batch."""
     was_training = model.training
     model.eval()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT layers sit inside it
     device = next(model.parameters()).device
     out = {}
     try:
@@ -530,13 +595,20 @@ def task_losses(
             total, count = 0.0, 0
             for start in range(0, len(rows), batch_size):
                 batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-                valid = shift_labels != IGNORE_INDEX
-                loss = nn.functional.cross_entropy(shift_logits[valid], shift_labels[valid], reduction="sum")
-                total += float(loss)
-                count += int(valid.sum())
+                labels = batch.pop("labels")[:, 1:]
+                hidden = base.model(**batch, use_cache=False).last_hidden_state[:, :-1]
+                mask = labels != IGNORE_INDEX
+                on_code_rows = (
+                    image_span_targets(base, batch["input_ids"][:, :-1], labels)[mask]
+                    if code_logits == "code_rows"
+                    else None
+                )
+                hidden, targets = hidden[mask], labels[mask]
+                for i in range(0, len(targets), chunk):
+                    part = None if on_code_rows is None else on_code_rows[i : i + chunk]
+                    picked = labelled_log_probs(base, hidden[i : i + chunk], targets[i : i + chunk], part)[0]
+                    total -= float(picked.sum())
+                count += len(targets)
             out[task] = total / max(count, 1)
     finally:
         model.train(was_training)
@@ -648,6 +720,9 @@ __all__ = [
     "reinitialize_decoder_layers",
     "LOSS_NORMALIZATIONS",
     "WallClockBudget",
+    "CODE_LOGITS",
+    "image_span_targets",
+    "labelled_log_probs",
     "add_labelled_positions_lm_head",
     "unicode_sft_config",
     "last_complete_checkpoint",

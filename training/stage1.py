@@ -242,17 +242,25 @@ class StageITrainer:
         start = UniCodeVisualTokenizer.from_pretrained(args.init_from) if args.init_from else None
         probe = start.config if start is not None else vision_tokenizer_config(preset, **overrides)
         hidden, rows = self.llm.get_input_embeddings().weight.shape[1], self.llm.get_input_embeddings().weight.shape[0]
+        if hidden != probe.code_dim and start is None and "code_dim" not in overrides:
+            # The codebook rows ARE the LLM's embeddings, so their width is the LLM's; the encoder keeps the
+            # preset's widths (z_channels) and its 1x1 projection maps into the LLM's.
+            print(
+                f"stage I: the LLM at {args.llm_path} is {hidden} wide, so code_dim={hidden} (preset {args.preset!r} "
+                f"says {probe.code_dim})"
+            )
+            overrides["code_dim"] = hidden
+            probe = vision_tokenizer_config(preset, **overrides)
         if hidden != probe.code_dim:
             raise ValueError(
                 f"the LLM at llm_path={args.llm_path!r} has hidden size {hidden} but "
                 + (
                     f"the tokenizer at init_from={args.init_from!r}"
                     if start is not None
-                    else f"preset {args.preset!r}"
+                    else f"vision_overrides sets code_dim={probe.code_dim}"
                 )
-                + f" has code_dim={probe.code_dim}; the codebook rows ARE the LLM's embeddings, so pass the LLM it "
-                "was "
-                f"made for (or set vision_tokenizer.code_dim={hidden})"
+                + "; the codebook rows ARE the LLM's embeddings, so pass the LLM it was made for"
+                + ("" if start is not None else f" (or drop code_dim: it is then {hidden})")
             )
         if start is not None:
             self.config = self._fine_tune_config(start.config, overrides, rows)

@@ -64,9 +64,13 @@ class StageIIArguments:
     )
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
+    code_logits: str = "vocabulary"  # "code_rows": a written image's codes scored over the code rows (sft.CODE_LOGITS)
     max_seconds: Optional[float] = (
         None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
     )
+    # LoRA: the <image>, <boi>, <eoi> rows train too (PEFT trainable tokens). With a tied 262k-row table PEFT rebuilds
+    # the whole table in every forward, for the embedding and the head alike.
+    train_image_tokens: bool = True
     lora_r: int = 16
     lora_alpha: Optional[int] = None
     lora_dropout: float = 0.05
@@ -151,14 +155,15 @@ def stage_complete(run_dir: str | os.PathLike, stage: str, lora: bool = True) ->
 
 def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
     from .presets import load_preset
+    from .text_lm import pretrained_text_lm
 
     if llm:
-        return llm
+        return pretrained_text_lm({}, run / TEXT_LM_DIR, llm)
     if is_complete(run / LLM_DIR) or (run / LLM_DIR / "config.json").is_file():
         return str(run / LLM_DIR)  # dual: the LLM whose rows stage I wrote the codebook into
     text_model = load_preset(preset)["text_model"]
-    if text_model.get("name_or_path"):
-        return text_model["name_or_path"]
+    if text_model.get("source") != "stage0":
+        return pretrained_text_lm(text_model, run / TEXT_LM_DIR)
     if not (run / TEXT_LM_DIR / "config.json").is_file():
         raise ValueError(
             f"no LLM for the run: {run / 'text_lm'} is missing; run `unicode-mllm train-text` or pass llm="
@@ -289,16 +294,19 @@ def run_sft(
     max_seconds: Optional[float] = None,
     settings: Optional[dict] = None,
     may_differ: tuple[str, ...] = (),
+    code_logits: str = "vocabulary",
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
     with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
     (trainer, {"before", "after", ...}). `output_head="trained"` unties the LM head and trains it (full fine-tuning);
-    `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options. `settings` (the caller's arguments)
-    are recorded in `output_dir`, and a resume with other ones, `may_differ` aside, is refused.
+    `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options; `code_logits` is
+    `sft.add_labelled_positions_lm_head`'s. `settings` (the caller's arguments) are recorded in `output_dir`, and a
+    resume with other ones, `may_differ` aside, is refused.
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
     from .sft import (
+        CODE_LOGITS,
         OUTPUT_HEADS,
         CodesCollator,
         CompleteCheckpointCallback,
@@ -344,7 +352,10 @@ def run_sft(
     elif settings is not None and _main_process():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(record, settings)
-    before = task_losses(model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
+    if code_logits not in CODE_LOGITS:
+        raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
+    scoring = {"max_rows": eval_rows_per_task, "code_logits": code_logits}
+    before = task_losses(model, eval_by_task, collator, **scoring) if eval_by_task else {}
     if train_text_embeddings and peft_config is not None:
         raise ValueError(
             "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
@@ -367,13 +378,15 @@ def run_sft(
         wall_clock=wall_clock,
     )
     _expose_lm_head_bias(trainer.model)
-    if not _trl_compact_lm_head(trainer.args.device):
-        add_labelled_positions_lm_head(trainer.model.get_base_model() if peft_config is not None else trainer.model)
+    if code_logits != "vocabulary" or not _trl_compact_lm_head(trainer.args.device):
+        add_labelled_positions_lm_head(
+            trainer.model.get_base_model() if peft_config is not None else trainer.model, code_logits
+        )
     started = time.perf_counter()
     with naming_full_disk(output_dir):  # the Trainer's own checkpoint writes
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
-    after = task_losses(trainer.model, eval_by_task, collator, max_rows=eval_rows_per_task) if eval_by_task else {}
+    after = task_losses(trainer.model, eval_by_task, collator, **scoring) if eval_by_task else {}
     metrics = {
         "before": before,
         "after": after,
@@ -501,6 +514,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "alpha": args.lora_alpha,
         "dropout": args.lora_dropout,
         "target_modules": args.target_modules,
+        "train_special_tokens": args.train_image_tokens,
     }
     trainer, metrics = run_sft(
         model,
@@ -517,6 +531,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         max_seconds=args.max_seconds,
         settings=asdict(args),
         may_differ=RESUMABLE_CHANGES,
+        code_logits=args.code_logits,
         **overrides,
     )
     if args.lora:

