@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
 # Files an export must hold to be worth pushing (export writes them).
 REQUIRED_FILES = ("config.json", "README.md")
 SKIPPED_DIRS = {".git", ".cache", "__pycache__", ".huggingface"}
@@ -131,8 +134,6 @@ def push_folder(
         from httpx2 import TransportError
     except ImportError:
         from httpx import TransportError
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
 
     token = token or get_token()
     if not token:

@@ -15,10 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
 import numpy as np
 import torch
 
-from modeling_unicode import flatten_code_map
+from modeling_unicode import UniCodeForConditionalGeneration, UniCodeVisualTokenizer, flatten_code_map
+
+from .checkpointing import atomic_directory, is_complete
+from .stage1 import images_to_uint8, to_pixel_values
 
 CODES_COLUMN = "codes"
 _SIGNATURE_KEY = "unicode_code_signature"
@@ -26,7 +30,6 @@ _SIGNATURE_KEY = "unicode_code_signature"
 
 def _visual_tokenizer(encoder):
     """(visual tokenizer, codebook tensor or None) of a standalone tokenizer or an MLLM."""
-    from modeling_unicode import UniCodeForConditionalGeneration, UniCodeVisualTokenizer
 
     if isinstance(encoder, UniCodeVisualTokenizer):
         return encoder, None
@@ -89,8 +92,6 @@ def _set_signature(dataset, signature: dict) -> None:
 
 
 def _pixels(images, image_size: int, argument: str, image_processor=None) -> torch.Tensor:
-    from .stage1 import images_to_uint8, to_pixel_values
-
     return to_pixel_values(images_to_uint8(images, image_size, argument, image_processor))
 
 
@@ -113,7 +114,6 @@ def encode_image_dataset(
     a dataset backed by cache files is encoded once per tokenizer (`save_code_dataset` caches the
     in-memory ones in the run folder). The image column is dropped unless `keep_image=True`.
     """
-    import datasets
 
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
@@ -200,7 +200,6 @@ def check_code_dataset(dataset, expected, argument: str = "dataset") -> None:
 
 def save_code_dataset(dataset, folder: str | os.PathLike) -> Path:
     """Save atomically (a crash never leaves a half-written folder that looks finished)."""
-    from .checkpointing import atomic_directory
 
     if dataset_signature(dataset) is None:
         raise ValueError("dataset has no visual-tokenizer signature; make it with encode_image_dataset")
@@ -212,9 +211,6 @@ def save_code_dataset(dataset, folder: str | os.PathLike) -> Path:
 
 def load_code_dataset(folder: str | os.PathLike, expected=None):
     """A saved code dataset; with `expected` (signature, tokenizer or MLLM) its codes are checked."""
-    import datasets
-
-    from .checkpointing import is_complete
 
     folder = Path(folder)
     if not is_complete(folder):
@@ -232,7 +228,6 @@ def cached_code_dataset(folder: str | os.PathLike, build, encoder, **encode_kwar
     dataset) is encoded and saved there. A mismatching cache is rebuilt, not silently reused."""
     folder = Path(folder)
     signature = code_signature(encoder)
-    from .checkpointing import is_complete
 
     if is_complete(folder):
         saved = json.loads((folder / "code_signature.json").read_text())

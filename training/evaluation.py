@@ -24,6 +24,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
+from modeling_unicode.modeling_unicode import check_guidance_scale
+from modeling_unicode.quantization_unicode import token_ids_to_code_indices
+
+from .data.shapes import (
+    TRAIN_PAIRS,
+    build_split,
+    caption_for_scene,
+    example_rng,
+    questions_for_scene,
+    render_scene,
+    sample_scene,
+    scene_from_json,
+    scene_to_json,
+)
+from .metrics import load_metric
+from .stage1 import images_to_uint8, to_pixel_values
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -89,8 +107,6 @@ def evaluate_vqa(
 
     Rows with a `scene` (the Shapes world) are also scored on one-shape and on 2+-shape scenes apart, under
     `model_one_shape` / `model_multi_shape` (and their `chance_...`)."""
-    from .data.shapes import scene_from_json
-    from .metrics import load_metric
 
     images, questions, answers, kinds, scene_of = [], [], [], [], []
     rows = list(dataset)
@@ -137,7 +153,6 @@ def evaluate_vqa(
 def train_question_rows(num_scenes: int, seed: int = 0) -> list[dict]:
     """The questions of the first `num_scenes` train scenes, without rendering them: the same rng
     stream as `make_example`, so these are exactly the questions stage II trained on."""
-    from .data.shapes import TRAIN_PAIRS, example_rng, questions_for_scene, sample_scene
 
     rows = []
     for i in range(num_scenes):
@@ -149,7 +164,6 @@ def train_question_rows(num_scenes: int, seed: int = 0) -> list[dict]:
 
 def single_shape_prompts(num_prompts: int, image_size: int, seed: int) -> list[tuple[str, str]]:
     """(caption, scene JSON) of `num_prompts` single-shape test scenes (colour-shape pairs of training)."""
-    from .data.shapes import TRAIN_PAIRS, caption_for_scene, example_rng, sample_scene, scene_to_json
 
     prompts = []
     for i in range(num_prompts):
@@ -202,8 +216,6 @@ def evaluate_generation(
 ) -> dict:
     """Scene match of single-shape prompts drawn greedily, or sampled (seeded) when `sampling` holds
     `do_sample=True` and its settings (top_k, top_p, temperature)."""
-    from .data.shapes import render_scene
-    from .metrics import load_metric
 
     require_whole_number("generation_prompts", num_prompts, **LEAST_GENERATION_PROMPTS)
     image_size = model.config.vq_config.image_size
@@ -229,9 +241,6 @@ def evaluate_generation(
 @torch.no_grad()
 def reconstruct_images(model, images, batch_size: int = 32) -> tuple[list, list[torch.Tensor]]:
     """decode(encode(x)) through the MLLM's visual tokenizer: (PIL images, their code maps)."""
-    from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
-
-    from .stage1 import images_to_uint8, to_pixel_values
 
     vision = model.model._require_vision("reconstruction")
     codebook = model.model.codebook()
@@ -247,9 +256,6 @@ def reconstruct_images(model, images, batch_size: int = 32) -> tuple[list, list[
 
 def _codebook_usage(model, code_maps: list[torch.Tensor]) -> dict:
     """The `codebook_usage` metric (usage, perplexity) of code maps of vocabulary ids."""
-    from modeling_unicode.quantization_unicode import token_ids_to_code_indices
-
-    from .metrics import load_metric
 
     ids = model.model.codebook_token_ids.cpu()
     codes = [token_ids_to_code_indices(code_map.flatten(), ids).tolist() for code_map in code_maps]
@@ -258,7 +264,6 @@ def _codebook_usage(model, code_maps: list[torch.Tensor]) -> dict:
 
 def evaluate_reconstruction(model, images, batch_size: int = 32) -> dict:
     """PSNR of decode(encode(x)) through the MLLM's visual tokenizer, and codebook usage of the codes."""
-    from .metrics import load_metric
 
     reconstructions, code_maps = reconstruct_images(model, images, batch_size)
     psnr = load_metric("psnr").compute(predictions=reconstructions, references=list(images))
@@ -278,7 +283,6 @@ def evaluate_codebook_usage(model, images, batch_size: int = 64) -> dict:
     Usage over n images is bounded by the code slots they hold that are not background: 64 tiny-preset
     Shapes scenes hold about 3,000 such slots, under 80 % of K = 4,096 codes even if every one used
     another code, so the usage goal is measured on many more images than PSNR needs."""
-    from .stage1 import images_to_uint8, to_pixel_values
 
     vision = model.model._require_vision("codebook usage")
     codebook = model.model.codebook()
@@ -395,7 +399,6 @@ def check_device(device: str) -> None:
 
 def check_evaluation_settings(guidance_scale: Optional[float] = None, **counts: int) -> None:
     """`evaluate_on_shapes`'s counts (scenes, prompts, images) and guidance scale, checked before any work."""
-    from modeling_unicode.modeling_unicode import check_guidance_scale
 
     for name, value in counts.items():
         require_whole_number(name, value, **(LEAST_GENERATION_PROMPTS if name == "generation_prompts" else {}))
@@ -420,7 +423,6 @@ def evaluate_on_shapes(
     demo's). VQA and reconstruction take the first test scenes, codebook usage `usage_images` of them;
     `prior_scenes` train scenes give the prior-only answers that the chance level is. The results carry
     these `settings` too."""
-    from .data.shapes import build_split
 
     counts = dict(
         vqa_images=vqa_images,

@@ -19,10 +19,14 @@ import hashlib
 import json
 from typing import Any, Optional, Sequence
 
+import datasets
 import numpy as np
+
+from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 
 from . import templates
 from .codes import CODES_COLUMN
+from .data.shapes import build_split
 
 TASKS_DECOMPRESS = ("decompress",)
 TASKS_SFT = ("caption", "vqa", "text_to_image", "continue_image")
@@ -68,7 +72,6 @@ def _require(dataset, columns: Sequence[str], what: str) -> None:
 
 def task_features():
     """Arrow schema of task rows, fixed so datasets of different tasks concatenate."""
-    import datasets
 
     item = {
         "type": datasets.Value("string"),
@@ -207,9 +210,6 @@ def task_rows_fingerprint(num_examples: int = 4) -> str:
     """A short sha256 of the conversations the stage-II task builders make (templates, sampling, turn
     layout) from the first Shapes examples with stand-in codes. Like `shapes_world_fingerprint`, a run
     folder records it so stage-II models trained on rows an older version built are not silently reused."""
-    import datasets
-
-    from .data.shapes import build_split
 
     depth, positions = 2, 8
     examples = build_split("train", num_examples).remove_columns(["image"])
@@ -246,8 +246,6 @@ class ConversationTokenizer:
     (the row's codes when it has an `{"type": "image"}` input, else [])."""
 
     def __init__(self, processor):
-        from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
-
         if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "num_image_tokens"):
             raise TypeError(f"processor must be a UniCodeProcessor, got {type(processor).__name__}")
         self.processor = processor
@@ -267,7 +265,6 @@ class ConversationTokenizer:
 
     def _render(self, message: dict, codes: Sequence[int]) -> tuple[str, list[list[int]]]:
         """The turn as chat-template text with a sentinel per non-text item, and those items' ids."""
-        from modeling_unicode import IMAGE_TOKEN
 
         parts, spliced = [], []
         for item in message["content"]:

@@ -20,7 +20,10 @@ import os
 import re
 from pathlib import Path
 
+import datasets
 import numpy as np
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
@@ -90,8 +93,6 @@ def load_fashion_mnist(
     allow_download: bool = False,
 ):
     """Fashion-MNIST as a `datasets.Dataset` (``image``, ``label``), first ``num_examples`` rows."""
-    import datasets
-    from PIL import Image
 
     if split not in _FASHION_FILES:
         raise ValueError(f"split must be one of {tuple(_FASHION_FILES)}, got {split!r}")
@@ -134,8 +135,6 @@ def load_skimage_images(names=None, image_size: int | None = None):
     ``image_size`` centre-crops to a square and resizes (LANCZOS); by default images keep their
     own, differing sizes.
     """
-    import datasets
-    from PIL import Image
 
     try:
         import skimage.data
@@ -193,8 +192,6 @@ def _layout_error(source, why: str) -> ValueError:
 
 
 def _is_imagefolder(path: Path) -> bool:
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
     if any((path / f"metadata{suffix}").is_file() for suffix in (".jsonl", ".csv")):
         return True
     extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
@@ -210,7 +207,6 @@ def image_root_of(source):
 def image_paths_to_images(dataset, image_column: str, root=None):
     """`dataset` with `image_column` as `datasets.Image`; a column of file paths (relative ones taken from
     `root`) becomes one, each file checked first so a wrong path names its row."""
-    import datasets
 
     feature = dataset.features[image_column]
     if isinstance(feature, datasets.Image):
@@ -246,7 +242,6 @@ def load_image_dataset(source, split: str = "train", image_column=None, image_ro
     With `image_column`, that column must exist and is returned as `datasets.Image`: image paths in it are read
     relative to `image_root` (default: the JSON / CSV file's folder). Images keep their own size and mode; the
     image processor brings them to the model's (`training.stage1.images_to_uint8`)."""
-    import datasets
 
     root = image_root or image_root_of(source)
     if isinstance(source, datasets.DatasetDict):
@@ -317,7 +312,6 @@ def pick_column(columns, wanted, candidates, what, required: bool = True):
 
 def load_caption_dataset(name_or_path, split: str = "train", image_column=None, caption_column=None, **load_kwargs):
     """Any image-caption dataset as rows ``image`` (datasets Image) and ``captions`` (list of str)."""
-    import datasets
 
     dataset = load_image_dataset(name_or_path, split, **load_kwargs)
     image_column = pick_column(dataset.column_names, image_column, IMAGE_COLUMNS, "image")
@@ -338,7 +332,6 @@ def load_conversation_dataset(name_or_path, split: str = "train", image_folder=N
     """A LLaVA-style dataset (``image`` path + ``conversations`` [{from, value}]) as rows
     ``image`` (datasets Image) and ``messages`` [{role, content}]. Relative image paths are
     resolved against ``image_folder`` (default: the JSON file's folder)."""
-    import datasets
 
     dataset = load_image_dataset(name_or_path, split, **load_kwargs)
     for column in ("image", "conversations"):

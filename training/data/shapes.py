@@ -27,12 +27,14 @@ scene parser, captions, questions and the metrics all read it from this module.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
+import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -463,8 +465,6 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, jitter
 
 
 def shapes_features():
-    import datasets
-
     return datasets.Features(
         {
             "id": datasets.Value("string"),
@@ -484,7 +484,6 @@ def shapes_features():
 
 def build_split(split: str, num_examples: int, image_size: int = 64, seed: int = 0, jitter: bool = True):
     """One split as a `datasets.Dataset`."""
-    import datasets
 
     if not isinstance(num_examples, int) or num_examples < 0:
         raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
@@ -509,9 +508,6 @@ def build_shapes_world(
 
 def load_shapes_world(config: ShapesWorldConfig | None = None, **overrides):
     """`build_shapes_world` from a `ShapesWorldConfig` (fields may be overridden by keyword)."""
-    import dataclasses
-
-    import datasets
 
     config = config or ShapesWorldConfig()
     if overrides:
