@@ -37,6 +37,11 @@ from .quantization_unicode import (
 _accept_legacy_cache_name = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
+class PromptTooLongError(ValueError):
+    """A prompt (with the image it would write) past the positions the model was trained on: past them it writes
+    garbage without an error, so `generate` refuses it. Apps catch this one to ask for a shorter text."""
+
+
 def check_guidance_scale(scale) -> None:
     """Classifier-free guidance's scale: a positive number, or None (no guidance). Checked by `generate`, and by the
     demo and evaluation before their minutes of training or VQA, so a bad value fails there and not at the end."""
@@ -649,7 +654,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
             return  # an image's length is fixed: `_generate_image` checks prompt + image against the positions
         limit = self.config.get_text_config().max_position_embeddings
         if length > limit:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"{name} has {length} tokens, but this model reads at most {limit} positions "
                 f"(text_config.max_position_embeddings); shorten the prompt to {limit} tokens"
             )
@@ -794,7 +799,7 @@ class UniCodeForConditionalGeneration(UniCodePreTrainedModel, GenerationMixin):
         num_codes = config.image_tokens_per_generation
         max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
         if max_positions is not None and rows.shape[1] + num_codes + 1 > max_positions:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"the prompt ({rows.shape[1]} tokens with <boi>) plus the image ({num_codes} codes + <eoi>) needs "
                 f"{rows.shape[1] + num_codes + 1} positions but text_config.max_position_embeddings={max_positions}; "
                 "shorten the prompt or use a model with a longer context"
@@ -926,6 +931,7 @@ __all__ = [
     "UniCodePreTrainedModel",
     "UniCodeModel",
     "UniCodeForConditionalGeneration",
+    "PromptTooLongError",
     "UniCodeImageSpanLogitsProcessor",
     "UniCodeModelOutputWithPast",
     "UniCodeCausalLMOutputWithPast",

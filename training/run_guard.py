@@ -30,6 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+from .checkpointing import is_complete
+
 LOCK_SUFFIX = ".unicode-lock"
 RUN_SETTINGS_FILE = "run_settings.json"  # beside a trainer's checkpoints: the arguments the run started with
 # What atomic writes leave behind when their process dies: `<name>.tmp-<pid>`, `<name>.old-<pid>`
@@ -158,8 +160,6 @@ def guard_output(
     """Run a command that writes `folder`: one writer at a time, and the `products` (folders under `folder` the
     command writes; with `whole_folder`, `folder` itself) neither replaced without `overwrite` nor continued
     without `resume`. Checked before any model loads, so a refusal costs nothing."""
-    from .checkpointing import is_complete
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputFolderError(f"{flag} {folder} is a file, not a folder; choose a folder (nothing was deleted)")

@@ -268,18 +268,20 @@ def image_span_targets(model, input_ids: torch.Tensor, targets: torch.Tensor) ->
     (`UniCodeImageSpanLogitsProcessor`), so the code rows alone are the distribution that matters."""
     config = model.config
     opened = (input_ids == config.boi_token_id).cumsum(1) - (input_ids == config.eoi_token_id).cumsum(1)
-    return (opened > 0) & code_index(model, targets.device)[targets.clamp(min=0)].ge(0)
+    return (opened > 0) & code_rows(model, targets.device)[1][targets.clamp(min=0)].ge(0)
 
 
-def code_index(model, device) -> torch.Tensor:
-    """(V,) long: a vocabulary id's position among the codebook rows, -1 for every other id (built once)."""
-    cached = getattr(model, "_unicode_code_index", None)
-    if cached is None or cached.device != device:
+def code_rows(model, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) the codebook's vocabulary ids and (V,) each vocabulary id's position among them (-1 for every other
+    id), built once per model and device rather than at every step."""
+    cached = getattr(model, "_unicode_code_rows", None)
+    if cached is None or cached[0].device != device:
         ids = torch.as_tensor(model.config.vq_config.codebook_token_ids, device=device)
         vocab = model.get_input_embeddings().weight.shape[0]
-        cached = torch.full((vocab,), -1, dtype=torch.long, device=device)
-        cached[ids] = torch.arange(len(ids), device=device)
-        object.__setattr__(model, "_unicode_code_index", cached)
+        index = torch.full((vocab,), -1, dtype=torch.long, device=device)
+        index[ids] = torch.arange(len(ids), device=device)
+        cached = (ids, index)
+        object.__setattr__(model, "_unicode_code_rows", cached)
     return cached
 
 
@@ -295,15 +297,15 @@ def labelled_log_probs(
     entropy, is_top1 = torch.zeros_like(picked), torch.zeros_like(picked)
     groups = [(None, torch.ones_like(targets, dtype=torch.bool) if on_code_rows is None else ~on_code_rows)]
     if on_code_rows is not None:
-        groups.append((code_index(model, targets.device), on_code_rows))
-    for index, rows in groups:
+        groups.append((code_rows(model, targets.device), on_code_rows))
+    for codes, rows in groups:
         if not rows.any():
             continue
-        if index is None:
+        if codes is None:
             log_probs, wanted = head(hidden[rows]).float().log_softmax(-1), targets[rows]
         else:
-            ids = torch.as_tensor(model.config.vq_config.codebook_token_ids, device=hidden.device)
-            logits = hidden[rows] @ head.weight[ids].T.to(hidden.dtype)
+            ids, index = codes
+            logits = hidden[rows] @ head.weight[ids.to(hidden.device)].T.to(hidden.dtype)
             log_probs, wanted = logits.float().log_softmax(-1), index[targets[rows]]
         picked = picked.masked_scatter(rows, log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1))
         with torch.no_grad():

@@ -82,9 +82,11 @@ class UniCodeDemo:
         """The model's refusals (a prompt past its positions, a bad guidance scale) as one line for the visitor."""
         try:
             yield
-        except (ValueError, TypeError) as error:
-            if "shorten the prompt" in str(error):
+        except ValueError as error:
+            if type(error).__name__ == "PromptTooLongError":  # the Space runs the Hub's remote code, not this package
                 raise gr.Error(f"This {what} is too long for the model; shorten it.") from error
+            raise gr.Error(f"This {what} cannot be used: {error}") from error
+        except TypeError as error:
             raise gr.Error(f"This {what} cannot be used: {error}") from error
 
     @torch.no_grad()
