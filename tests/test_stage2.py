@@ -618,3 +618,53 @@ def test_stage2_arguments_come_from_the_recipe_once(tmp_path):
         StageIIArguments.from_recipe(tmp_path, "sft", "tiny", learning_rat=1e-3)
     with pytest.raises(ValueError, match="recipes|preset"):
         StageIIArguments.from_recipe(tmp_path, "sft", "nosuch")
+
+
+def test_centred_drawings_draw_centred_scenes_and_leave_the_understanding_rows_alone(mllm, tmp_path, monkeypatch):
+    """`centred_drawings`: the text-to-image rows draw scenes whose shapes sit at their cells' centres, cached apart
+    from the jittered scenes that the caption and VQA rows read."""
+    import json
+
+    import training.data.shapes as shapes
+    from training.stage2 import shapes_code_datasets, stage_tasks
+
+    render = shapes.build_split  # the Shapes world renders >= 32 px; the test model reads 16 px
+    monkeypatch.setattr(
+        shapes,
+        "build_split",
+        lambda split, n, size, seed, jitter: render(split, n, 32, seed, jitter=jitter).map(
+            lambda r: {"image": r["image"].resize((size, size))}
+        ),
+    )
+    model, _ = mllm
+    jittered, _ = shapes_code_datasets(tmp_path, model, 8, 2)
+    centred, _ = shapes_code_datasets(tmp_path, model, 8, 2, jitter=False)
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == [
+        "train-8-s0",
+        "train-8-s0-centred",
+        "validation-2-s0",
+        "validation-2-s0-centred",
+    ]
+
+    def off_centre(dataset):
+        scenes = [json.loads(scene) for scene in dataset["scene"]]
+        objects = [{**o, "cell": scene["image_size"] / 3} for scene in scenes for o in scene["objects"]]
+        return max(
+            abs(o["center"][0] - (o["col"] + 0.5) * o["cell"]) + abs(o["center"][1] - (o["row"] + 0.5) * o["cell"])
+            for o in objects
+        )
+
+    assert off_centre(centred) < 1e-3 < off_centre(jittered)
+    depth = model.config.vq_config.depth
+    rows = stage_tasks(jittered, "sft", depth, segments=2, drawing_codes=centred)
+    alone = stage_tasks(jittered, "sft", depth, segments=2)
+    drawn = stage_tasks(centred, "sft", depth, segments=2)
+
+    def pick(dataset, task):
+        chosen = dataset.filter(lambda t: t == task, input_columns="task")
+        return list(zip(chosen["messages"], chosen["codes"]))
+
+    for task in ("caption", "vqa"):
+        assert pick(rows, task) == pick(alone, task)
+    for task in ("text_to_image", "continue_image"):
+        assert pick(rows, task) == pick(drawn, task) != pick(alone, task)

@@ -80,6 +80,10 @@ class StageIIArguments:
     questions_per_image: int = 2
     questions_per_conversation: int = 1
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
+    # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
+    # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
+    # spreads a shape's codes over many neighbours (docs/results.md, "Centred drawings").
+    centred_drawings: bool = False
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -215,20 +219,23 @@ def load_model_and_processor(path: str | os.PathLike):
         return model, AutoProcessor.from_pretrained(str(path))
 
 
-def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, seed: int = 0):
+def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, seed: int = 0, jitter: bool = True):
     """(train, validation) code datasets of the Shapes world at the tokenizer's resolution, cached
-    in `<run>/codes/`."""
+    in `<run>/codes/`. `jitter=False`: every shape centred in its cell (`centred_drawings`)."""
     from .codes import cached_code_dataset, code_signature
     from .data.shapes import build_split
 
     size = code_signature(encoder)["image_size"]
     codes = Path(run_dir) / CODES_DIR
+    suffix = "" if jitter else "-centred"
     train = cached_code_dataset(
-        codes / f"train-{train_images}-s{seed}", lambda: build_split("train", train_images, size, seed), encoder
+        codes / f"train-{train_images}-s{seed}{suffix}",
+        lambda: build_split("train", train_images, size, seed, jitter=jitter),
+        encoder,
     )
     validation = cached_code_dataset(
-        codes / f"validation-{eval_images}-s{seed}",
-        lambda: build_split("validation", eval_images, size, seed),
+        codes / f"validation-{eval_images}-s{seed}{suffix}",
+        lambda: build_split("validation", eval_images, size, seed, jitter=jitter),
         encoder,
     )
     return train, validation
@@ -244,9 +251,11 @@ def stage_tasks(
     questions_per_conversation: int = 1,
     tasks: Optional[list[str]] = None,
     seed: int = 0,
+    drawing_codes=None,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
-    (`tasks`: a subset of `TASKS_SFT`, default all)."""
+    (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
+    draw, when they are not `codes` (`centred_drawings`)."""
     import datasets
 
     from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, understanding_tasks
@@ -270,7 +279,8 @@ def stage_tasks(
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
-        parts.append(generation_tasks(codes, depth, segments, caption_drop=caption_drop, seed=seed))
+        drawn = codes if drawing_codes is None else drawing_codes
+        parts.append(generation_tasks(drawn, depth, segments, caption_drop=caption_drop, seed=seed))
     rows = datasets.concatenate_datasets(parts)
     return rows if tasks == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
 
@@ -482,10 +492,18 @@ def train_stage2(args: StageIIArguments) -> dict:
         model.model.add_code_position_embedding()
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
+    centred = args.centred_drawings and args.stage == "sft"
     if _main_process():
         shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
+        if centred:
+            shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed, jitter=False)
     _barrier()
     train_codes, eval_codes = shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
+    train_drawn, eval_drawn = (
+        shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed, jitter=False)
+        if centred
+        else (None, None)
+    )
     common = {
         "depth": vq.depth,
         "segments": args.segments,
@@ -494,9 +512,15 @@ def train_stage2(args: StageIIArguments) -> dict:
         "questions_per_conversation": args.questions_per_conversation,
         "tasks": args.tasks,
     }
-    train_rows = tokenize_tasks(stage_tasks(train_codes, args.stage, seed=args.seed, **common), processor, max_length)
+    train_rows = tokenize_tasks(
+        stage_tasks(train_codes, args.stage, seed=args.seed, drawing_codes=train_drawn, **common),
+        processor,
+        max_length,
+    )
     eval_rows = tokenize_tasks(
-        stage_tasks(eval_codes, args.stage, seed=args.seed + 1, **common), processor, max_length
+        stage_tasks(eval_codes, args.stage, seed=args.seed + 1, drawing_codes=eval_drawn, **common),
+        processor,
+        max_length,
     )
     overrides = {
         "max_steps": args.max_steps,
