@@ -80,6 +80,8 @@ def test_demo_writes_the_run_folder_of_the_design(demo_run):
     markdown = (folder / "report.md").read_text()
     assert "| **overall** |" in markdown and "all_correct" in markdown and "stage1_tokenizer" in markdown
     assert "ceiling (true image through the visual tokenizer)" in markdown
+    # Stage 0's LLM never read English: the report says its perplexity is no evidence of language kept.
+    assert report["language"]["llm_from_scratch"] is True and "it never knew English" in markdown
     from PIL import Image
 
     samples = Image.open(folder / "samples.png")

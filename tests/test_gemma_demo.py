@@ -108,6 +108,7 @@ def test_gemma_demo_end_to_end_keeps_the_codebook_and_measures_language(gemma_ru
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert json.loads((run / "stage2" / "sft" / "metrics.json").read_text())["arguments"]["code_logits"] == "code_rows"
     language = report["language"]
+    assert language["llm_from_scratch"] is False and "never knew English" not in (run / "report.md").read_text()
     assert language["perplexity_before"] > 1 and math.isfinite(language["perplexity_after"])
     assert language["increase"] == pytest.approx(language["perplexity_after"] / language["perplexity_before"] - 1)
     assert "## Language kept" in (run / "report.md").read_text()

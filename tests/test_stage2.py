@@ -341,6 +341,30 @@ def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mll
         understanding_tasks(train, questions_per_conversation=0)
 
 
+def test_several_captions_per_image_are_different_captions_of_that_scene(codes):
+    train, _ = codes
+    scenes = train.select(range(3))
+
+    def captions(rows):
+        return [[m["content"][0]["text"] for m in r["messages"] if m["role"] == "assistant"][0] for r in rows]
+
+    def caption_rows(**kwargs):
+        return [r for r in understanding_tasks(scenes, **kwargs) if r["task"] == "caption"]
+
+    one, three = caption_rows(), caption_rows(captions_per_image=3)
+    assert len(one) == 3 and len(three) == 9
+    for index in range(3):
+        drawn = captions(three[3 * index : 3 * index + 3])
+        assert drawn[0] == captions(one)[index]  # the first one is the single caption row's
+        assert len(set(drawn)) == 3 and set(drawn) <= set(scenes[index]["captions"])
+    # More rows than the scene has captions: every caption is used, then they repeat.
+    many = captions(caption_rows(captions_per_image=6)[:6])
+    assert set(many) == set(scenes[0]["captions"])
+    assert caption_rows(captions_per_image=0) == []
+    with pytest.raises(ValueError, match="captions_per_image=-1"):
+        understanding_tasks(scenes, captions_per_image=-1)
+
+
 def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, tmp_path):
     from training.sft import prepare_full_finetune
 

@@ -593,6 +593,16 @@ def _language_markdown(language: Optional[dict]) -> list[str]:
         "",
         f"Change: {100 * language['increase']:+.1f} % on {language['tokens']} tokens of `{language['text']}`.",
         "",
+        *(
+            [
+                "This run's LLM was trained from scratch in stage 0 on the Shapes world's text only: it never knew "
+                "English, so these figures say nothing about language kept. They matter for a pretrained LLM "
+                "(`--preset gemma-270m`, `--llm`).",
+                "",
+            ]
+            if language.get("llm_from_scratch")
+            else []
+        ),
     ]
 
 
@@ -625,10 +635,10 @@ def _check_demo_process(args: DemoArguments) -> None:
         raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
 
 
-def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path) -> dict:
+def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path, from_scratch: bool) -> dict:
     """The demo's evaluation of the run's final MLLM (`evaluation.evaluate_on_shapes`) with the budget's counts,
-    and its `language`: the perplexity on held-out English of the LLM the run started from (`llm`) and of the
-    final MLLM (`language.text_perplexity`)."""
+    and its `language`: the perplexity on held-out English of the LLM the run started from (`llm`; `from_scratch`:
+    trained by stage 0 on the Shapes world's text) and of the final MLLM (`language.text_perplexity`)."""
     from .evaluation import evaluate_on_shapes
     from .language import language_kept, text_perplexity
     from .stage2 import load_model_and_processor
@@ -648,7 +658,8 @@ def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path) -> di
         guidance_scale=budget["guidance_scale"],
         **{k: budget[k] for k in counts},
     )
-    return {**results, "language": language_kept(before, text_perplexity(model, processor.tokenizer))}
+    language = language_kept(before, text_perplexity(model, processor.tokenizer))
+    return {**results, "language": {**language, "llm_from_scratch": from_scratch}}
 
 
 def _draw_examples(run: Path, examples: dict) -> tuple[str, str, str, str]:
@@ -841,7 +852,8 @@ def run_demo(args: DemoArguments) -> dict:
     if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
         shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
-    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm))
+    from_scratch = "stage0_text_lm" in settings and args.llm is None and preset["text_model"].get("source") == "stage0"
+    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm, from_scratch))
     question, answer, prediction, prompt = _draw_examples(run, results["examples"])
 
     report = _demo_report(

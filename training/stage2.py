@@ -79,6 +79,7 @@ class StageIIArguments:
     caption_drop: float = 0.1
     questions_per_image: int = 2
     questions_per_conversation: int = 1
+    captions_per_image: int = 1  # caption rows per scene, each another of the scene's captions while they last
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -252,6 +253,7 @@ def stage_tasks(
     tasks: Optional[list[str]] = None,
     seed: int = 0,
     drawing_codes=None,
+    captions_per_image: int = 1,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -276,6 +278,7 @@ def stage_tasks(
                 seed=seed,
                 questions_per_image=questions_per_image,
                 questions_per_conversation=questions_per_conversation,
+                captions_per_image=captions_per_image,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -510,6 +513,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "caption_drop": args.caption_drop,
         "questions_per_image": args.questions_per_image,
         "questions_per_conversation": args.questions_per_conversation,
+        "captions_per_image": args.captions_per_image,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

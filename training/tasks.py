@@ -131,25 +131,40 @@ def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
     return _build(dataset, rows_of, [CODES_COLUMN], "decompression", seed)
 
 
-def understanding_tasks(dataset, seed: int = 0, questions_per_image: int = 2, questions_per_conversation: int = 1):
-    """Captioning (one per image, a random caption) and VQA (`questions_per_image` random questions).
+def understanding_tasks(
+    dataset,
+    seed: int = 0,
+    questions_per_image: int = 2,
+    questions_per_conversation: int = 1,
+    captions_per_image: int = 1,
+):
+    """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
+    (`questions_per_image` random questions).
 
     `questions_per_conversation` > 1 asks several questions of one image as consecutive turns: the
     image's placeholders are paid for once instead of once per answer, so a step carries several
     times more answer tokens (the image is most of a VQA row's length). The first turn is the
     evaluation's prompt exactly (image, then the question)."""
-    if questions_per_image < 0 or questions_per_conversation < 1:
+    if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
-            f"questions_per_image={questions_per_image} must be >= 0 and questions_per_conversation="
-            f"{questions_per_conversation} >= 1"
+            f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
+            f"questions_per_conversation={questions_per_conversation} >= 1"
         )
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
-        if row["captions"]:
-            caption = row["captions"][rng.integers(len(row["captions"]))]
-            prompt = templates.CAPTION[rng.integers(len(templates.CAPTION))]
-            yield "caption", [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))]
+        captions = row["captions"]
+        if captions and captions_per_image:
+            order = [int(rng.integers(len(captions)))]
+            if captions_per_image > 1:  # drawn only then, so one caption per image keeps the rows it always had
+                order += [int(c) for c in rng.permutation(len(captions)) if c != order[0]]
+            for k in range(captions_per_image):
+                prompt = templates.CAPTION[rng.integers(len(templates.CAPTION))]
+                caption = captions[order[k % len(order)]]
+                yield (
+                    "caption",
+                    [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))],
+                )
         questions = list(row["questions"])
         chosen = [questions[int(q)] for q in rng.permutation(len(questions))[:questions_per_image]]
         for start in range(0, len(chosen), questions_per_conversation):
