@@ -649,12 +649,12 @@ def test_centred_drawings_draw_centred_scenes_and_leave_the_understanding_rows_a
     from the jittered scenes that the caption and VQA rows read."""
     import json
 
-    import training.data.shapes as shapes
+    import training.stage2 as stage2
     from training.stage2 import shapes_code_datasets, stage_tasks
 
-    render = shapes.build_split  # the Shapes world renders >= 32 px; the test model reads 16 px
+    render = stage2.build_split  # the Shapes world renders >= 32 px; the test model reads 16 px
     monkeypatch.setattr(
-        shapes,
+        stage2,
         "build_split",
         lambda split, n, size, seed, jitter: render(split, n, 32, seed, jitter=jitter).map(
             lambda r: {"image": r["image"].resize((size, size))}

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import torch
+from transformers import AutoProcessor
 
 from hub_upload.run_folder import (
     ADAPTER_DIR,
@@ -32,9 +34,40 @@ from hub_upload.run_folder import (
     TEXT_LM_DIR,
     VISION_TOKENIZER_DIR,
 )
+from modeling_unicode import (
+    UniCodeForConditionalGeneration,
+    UniCodeImageProcessor,
+    UniCodeProcessor,
+    UniCodeVisualTokenizer,
+)
 
 from .checkpointing import atomic_directory, atomic_write_json, is_complete, naming_corrupt_files, naming_full_disk
+from .codes import cached_code_dataset, code_signature
+from .data.shapes import build_split
+from .presets import load_preset, load_recipe, recipe_settings
 from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
+from .sft import (
+    CODE_LOGITS,
+    OUTPUT_HEADS,
+    CodesCollator,
+    CompleteCheckpointCallback,
+    WallClockBudget,
+    _sft_trainer_class,
+    add_labelled_positions_lm_head,
+    last_complete_checkpoint,
+    load_unicode_model,
+    merge_adapter,
+    prepare_full_finetune,
+    reinitialize_decoder_layers,
+    remove_partial_checkpoints,
+    save_mllm,
+    task_losses,
+    unicode_lora_config,
+    unicode_sft_config,
+    untie_output_head,
+)
+from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, split_by_task, tokenize_tasks, understanding_tasks
+from .text_lm import load_text_lm, pretrained_text_lm
 
 STAGES = ("decompress", "sft")
 
@@ -110,8 +143,6 @@ class StageIIArguments:
 
         With LoRA (from the recipe or an override) the recipe's full-fine-tuning settings are dropped unless
         overridden, so `--lora` on a full-fine-tuning recipe keeps the LLM's own layers and tied head."""
-        from .presets import load_recipe, recipe_settings
-
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r} is not one of {list(STAGES)}")
         recipe = load_recipe(preset).get("stage2") or {}
@@ -159,9 +190,6 @@ def stage_complete(run_dir: str | os.PathLike, stage: str, lora: bool = True) ->
 
 
 def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
-    from .presets import load_preset
-    from .text_lm import pretrained_text_lm
-
     if llm:
         return pretrained_text_lm({}, run / TEXT_LM_DIR, llm)
     if is_complete(run / LLM_DIR) or (run / LLM_DIR / "config.json").is_file():
@@ -181,16 +209,6 @@ def assemble_base(
 ) -> Path:
     """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic).
     `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes)."""
-    from modeling_unicode import (
-        UniCodeForConditionalGeneration,
-        UniCodeImageProcessor,
-        UniCodeProcessor,
-        UniCodeVisualTokenizer,
-    )
-
-    from .sft import save_mllm
-    from .text_lm import load_text_lm
-
     run = Path(run_dir)
     out = stage_paths(run, "decompress")["assembled"]
     if is_complete(out):
@@ -211,10 +229,6 @@ def assemble_base(
 
 
 def load_model_and_processor(path: str | os.PathLike):
-    from transformers import AutoProcessor
-
-    from .sft import load_unicode_model
-
     model = load_unicode_model(path)
     with naming_corrupt_files(path):
         return model, AutoProcessor.from_pretrained(str(path))
@@ -223,9 +237,6 @@ def load_model_and_processor(path: str | os.PathLike):
 def shapes_code_datasets(run_dir, encoder, train_images: int, eval_images: int, seed: int = 0, jitter: bool = True):
     """(train, validation) code datasets of the Shapes world at the tokenizer's resolution, cached
     in `<run>/codes/`. `jitter=False`: every shape centred in its cell (`centred_drawings`)."""
-    from .codes import cached_code_dataset, code_signature
-    from .data.shapes import build_split
-
     size = code_signature(encoder)["image_size"]
     codes = Path(run_dir) / CODES_DIR
     suffix = "" if jitter else "-centred"
@@ -258,10 +269,6 @@ def stage_tasks(
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
     draw, when they are not `codes` (`centred_drawings`)."""
-    import datasets
-
-    from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, understanding_tasks
-
     if stage == "decompress":
         return decompression_tasks(codes, depth, segments, seed=seed)
     if stage != "sft":
@@ -318,22 +325,6 @@ def run_sft(
     resume with other ones, `may_differ` aside, is refused.
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
-    from .sft import (
-        CODE_LOGITS,
-        OUTPUT_HEADS,
-        CodesCollator,
-        CompleteCheckpointCallback,
-        WallClockBudget,
-        _sft_trainer_class,
-        add_labelled_positions_lm_head,
-        last_complete_checkpoint,
-        prepare_full_finetune,
-        remove_partial_checkpoints,
-        task_losses,
-        unicode_lora_config,
-        unicode_sft_config,
-        untie_output_head,
-    )
 
     for name in ("input_ids", "labels", "image_codes"):
         if name not in train_dataset.column_names:
@@ -464,9 +455,6 @@ RESUMABLE_CHANGES = (
 
 def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
-    from .sft import merge_adapter, reinitialize_decoder_layers, save_mllm
-    from .tasks import split_by_task, tokenize_tasks
-
     if args.decoder_layers is not None and not args.reinit_decoder:
         raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
