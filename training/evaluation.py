@@ -281,7 +281,7 @@ def evaluate_codebook_usage(model, images, batch_size: int = 64) -> dict:
     """Codebook usage and perplexity of the codes of `images` (encode only, no decoding).
 
     Usage over n images is bounded by the code slots they hold that are not background: 64 tiny-preset
-    Shapes scenes hold about 3,000 such slots, under 80 % of K = 4,096 codes even if every one used
+    Shapes scenes hold about 3,000 such slots, under 80 % of a K = 4,096 codebook even if every one used
     another code, so the usage goal is measured on many more images than PSNR needs."""
 
     vision = model.model._require_vision("codebook usage")
