@@ -787,15 +787,18 @@ def run_demo(args: DemoArguments) -> dict:
             record_stage(run, name, settings[name])
         return result
 
+    # Stage 0 trains the LLM from scratch on the Shapes world's text (else a pretrained LLM is read).
+    trains_stage0 = (
+        args.llm is None and preset["text_model"].get("source") == "stage0" and "stage0_text_lm" in settings
+    )
     if "stage0_text_lm" in settings:
-        trains = args.llm is None and preset["text_model"].get("source") == "stage0"
         llm = Path(
             stage(
                 "stage0_text_lm",
                 made["stage0_text_lm"],
                 lambda: (
                     train_stage0(run, {**preset, "name": args.preset}, budget, args.seed)
-                    if trains
+                    if trains_stage0
                     else pretrained_text_lm(preset["text_model"], run / TEXT_LM_DIR, args.llm)
                 ),
             )
@@ -852,8 +855,7 @@ def run_demo(args: DemoArguments) -> dict:
     if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
         shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
-    from_scratch = "stage0_text_lm" in settings and args.llm is None and preset["text_model"].get("source") == "stage0"
-    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm, from_scratch))
+    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm, trains_stage0))
     question, answer, prediction, prompt = _draw_examples(run, results["examples"])
 
     report = _demo_report(
