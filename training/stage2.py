@@ -483,18 +483,20 @@ def train_stage2(args: StageIIArguments) -> dict:
         model.model.add_code_position_embedding()
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
-    centred = args.centred_drawings and args.stage == "sft"
+    # The jittered scenes, and the centred ones the drawing rows take instead (`centred_drawings`, SFT only).
+    jitters = (True, False) if args.centred_drawings and args.stage == "sft" else (True,)
+
+    def code_sets():
+        return [
+            shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed, jitter=jitter)
+            for jitter in jitters
+        ]
+
     if _main_process():
-        shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
-        if centred:
-            shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed, jitter=False)
+        code_sets()  # encoded once, by one process; the others read the cache after the barrier
     _barrier()
-    train_codes, eval_codes = shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed)
-    train_drawn, eval_drawn = (
-        shapes_code_datasets(args.run_dir, model, args.train_images, args.eval_images, args.seed, jitter=False)
-        if centred
-        else (None, None)
-    )
+    (train_codes, eval_codes), *drawn = code_sets()
+    train_drawn, eval_drawn = drawn[0] if drawn else (None, None)
     common = {
         "depth": vq.depth,
         "segments": args.segments,
