@@ -39,7 +39,11 @@ PARADIGMS = ("frozen", "dual", "iterative")
 DUAL_ROW_NORMS = ("free", "llm")
 BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
+# What one latent vector of the encoder sees: the whole image (VQGAN) or only its own patch.
+ENCODER_RECEPTIVE_FIELDS = ("image", "patch")
 VISUAL_INPUTS = ("aggregate", "flatten")
+# How the position tables of `image_position_embeddings` / `code_position_embeddings` address a grid cell.
+POSITION_EMBEDDING_LAYOUTS = ("index", "axial")
 # What `generate` and the processor produce: text, or an image as <boi> + codes + <eoi>.
 GENERATION_MODES = ("text", "image")
 
@@ -117,6 +121,11 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         codebook_projection (`bool`): search the rows through a learned linear map W·row + b
             (SimVQ), initialised to the identity and trained by the codebook loss; the codes stay
             the LLM's rows, the map is part of the tokenizer.
+        encoder_receptive_field (`str`): `"image"` (VQGAN): 3x3 convolutions, GroupNorm over the whole feature map
+            and the middle attention let every latent vector see the whole image, so a shape changes the codes of
+            blank patches far from it. `"patch"`: the encoder runs on each latent cell's pixel patch alone (the
+            same layers, the patches as a batch), so a blank patch always gets the same codes and a shape's codes
+            sit in its own cells. The decoder keeps its full view either way, to render across patch borders.
     """
 
     model_type = "unicode_vq"
@@ -154,6 +163,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         code_norm: Optional[float] = None,
         level_scales: bool = False,
         codebook_projection: bool = False,
+        encoder_receptive_field: str = "image",
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -188,6 +198,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.code_norm = None if code_norm is None else float(code_norm)
         self.level_scales = bool(level_scales)
         self.codebook_projection = bool(codebook_projection)
+        self.encoder_receptive_field = encoder_receptive_field
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
         self.validate_fields()
@@ -235,6 +246,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         choice("dual_row_norm", self.dual_row_norm, DUAL_ROW_NORMS)
         choice("blend_schedule", self.blend_schedule, BLEND_SCHEDULES)
         choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
+        choice("encoder_receptive_field", self.encoder_receptive_field, ENCODER_RECEPTIVE_FIELDS)
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
         if self.dual_row_norm == "llm" and not (self.level_scales or self.norm_handling == "normalize"):
@@ -323,6 +335,11 @@ class UniCodeConfig(PreTrainedConfig):
             LLM drawing an image knows which cell the next code fills without counting tokens since `<boi>`.
             The index counts the code ids of the row since its last `<boi>` (or its start), so a partial image
             continued in a later turn keeps counting. Off in the paper's model.
+        position_embedding_layout (`str`): how those two tables address a cell. `"index"`: one row per placeholder
+            or code index. `"axial"`: the sum of a grid-row, a grid-column and a level row (axial position
+            embeddings, Ho et al. 2019, "Axial Attention in Multidimensional Transformers", §3), so every cell of
+            a grid row shares its row vector and a caption's "top" or "left" binds to one vector learnt from all
+            the cells it covers.
     """
 
     model_type = "unicode"
@@ -342,6 +359,7 @@ class UniCodeConfig(PreTrainedConfig):
         tie_word_embeddings: Optional[bool] = None,
         image_position_embeddings: bool = False,
         code_position_embeddings: bool = False,
+        position_embedding_layout: str = "index",
         **kwargs,
     ):
         self.text_config = self._text_config_from(text_config)
@@ -355,6 +373,7 @@ class UniCodeConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.image_position_embeddings = bool(image_position_embeddings)
         self.code_position_embeddings = bool(code_position_embeddings)
+        self.position_embedding_layout = position_embedding_layout
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -404,6 +423,11 @@ class UniCodeConfig(PreTrainedConfig):
     def validate_fields(self) -> None:
         if self.visual_input not in VISUAL_INPUTS:
             raise ValueError(f"visual_input={self.visual_input!r} is not supported; use one of {list(VISUAL_INPUTS)}")
+        if self.position_embedding_layout not in POSITION_EMBEDDING_LAYOUTS:
+            raise ValueError(
+                f"position_embedding_layout={self.position_embedding_layout!r} is not supported; use one of "
+                f"{list(POSITION_EMBEDDING_LAYOUTS)}"
+            )
         vq, text = self.vq_config, self.text_config
         if vq is None:
             return

@@ -26,8 +26,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_unicode import GENERATION_MODES, IMAGE_SPECIAL_TOKENS, UniCodeConfig, add_image_special_tokens
 from .modeling_unicode_vq import UniCodeVisualTokenizer
 from .quantization_unicode import (
+    code_coordinates,
     embedding_rows,
     image_input_embeddings,
+    placeholder_coordinates,
     token_ids_to_code_indices,
     unflatten_code_map,
 )
@@ -151,6 +153,27 @@ class UniCodeImageSpanLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(blocked, float("-inf"))
 
 
+class UniCodeAxialPositionEmbedding(nn.Module):
+    """A cell's position as the sum of its grid row's, its grid column's and its level's vectors (axial position
+    embeddings: Ho et al. 2019, "Axial Attention in Multidimensional Transformers", §3).
+
+    A per-index table learns each cell's vector from that cell's examples alone; here the cells of a grid row
+    share one vector, so the words that name a row or a column ("top", "left") can bind to one direction that
+    every cell they cover trains. Created at zero, like the per-index tables.
+    """
+
+    def __init__(self, grid_size: int, levels: int, hidden_size: int):
+        super().__init__()
+        self.rows = nn.Embedding(grid_size, hidden_size)
+        self.columns = nn.Embedding(grid_size, hidden_size)
+        self.levels = nn.Embedding(levels, hidden_size)
+        for table in (self.rows, self.columns, self.levels):
+            nn.init.zeros_(table.weight)
+
+    def forward(self, row: torch.LongTensor, column: torch.LongTensor, level: torch.LongTensor) -> torch.Tensor:
+        return self.rows(row) + self.columns(column) + self.levels(level)
+
+
 class UniCodePreTrainedModel(PreTrainedModel):
     config_class = UniCodeConfig
     base_model_prefix = "model"
@@ -218,18 +241,54 @@ class UniCodeModel(UniCodePreTrainedModel):
         nn.init.zeros_(table.weight)
         return table.to(weight.device, weight.dtype)
 
-    def add_image_position_embedding(self) -> nn.Embedding:
-        """The per-placeholder position table (`config.image_position_embeddings`), created at zero so a model it
-        is added to computes exactly what it did before, until training moves it."""
-        self.image_position_embedding = self._zero_table(self.config.image_seq_length)
+    def _position_table(self, rows: int, grid_rows: int, levels: int) -> nn.Module:
+        """A zero position table in `config.position_embedding_layout`: one row per index, or axial."""
+        if self.config.position_embedding_layout == "index":
+            return self._zero_table(rows)
+        weight = self.get_input_embeddings().weight
+        table = UniCodeAxialPositionEmbedding(grid_rows, levels, self.config.get_text_config().hidden_size)
+        return table.to(weight.device, weight.dtype)
+
+    def add_image_position_embedding(self) -> nn.Module:
+        """The input image's position table (`config.image_position_embeddings`), created at zero so a model it is
+        added to computes exactly what it did before, until training moves it."""
+        vq = self.config.vq_config
+        # On the CPU explicitly: from_pretrained builds modules under a meta default device, where max() has no value.
+        rows, _, levels = placeholder_coordinates(
+            vq.code_grid_size, vq.depth, vq.quantizer, self.config.visual_input, device="cpu"
+        )
+        self.image_position_embedding = self._position_table(
+            self.config.image_seq_length, int(rows.max()) + 1, int(levels.max()) + 1
+        )
         self.config.image_position_embeddings = True
         return self.image_position_embedding
 
-    def add_code_position_embedding(self) -> nn.Embedding:
-        """The per-code-index table (`config.code_position_embeddings`), created at zero like the placeholders' one."""
-        self.code_position_embedding = self._zero_table(self.config.image_tokens_per_generation)
+    def add_code_position_embedding(self) -> nn.Module:
+        """The written codes' position table (`config.code_position_embeddings`), created at zero like the input
+        image's."""
+        vq = self.config.vq_config
+        self.code_position_embedding = self._position_table(
+            self.config.image_tokens_per_generation, vq.code_grid_size, vq.depth
+        )
         self.config.code_position_embeddings = True
         return self.code_position_embedding
+
+    def image_position_rows(self) -> torch.Tensor:
+        """(placeholders, hidden): what `image_position_embedding` adds to an input image's placeholders."""
+        table = self.image_position_embedding
+        if isinstance(table, nn.Embedding):
+            return table.weight
+        vq = self.config.vq_config
+        grid = (vq.code_grid_size, vq.depth, vq.quantizer, self.config.visual_input)
+        return table(*placeholder_coordinates(*grid, device=table.rows.weight.device))
+
+    def code_position_rows(self, index: torch.LongTensor) -> torch.Tensor:
+        """What `code_position_embedding` adds to the code written at each `index` (>= 0) of its image."""
+        table = self.code_position_embedding
+        if isinstance(table, nn.Embedding):
+            return table(index)
+        vq = self.config.vq_config
+        return table(*code_coordinates(index, vq.code_grid_size, vq.depth))
 
     def code_indices(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """For each token that is a visual code, its index in its image's flattened code sequence (counting the
@@ -333,7 +392,7 @@ class UniCodeModel(UniCodePreTrainedModel):
         code_embeddings = embedding_rows(embedding, codes.to(embedding.weight.device))
         features = image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, self.config.visual_input)
         if self.image_position_embedding is not None:
-            features = features + self.image_position_embedding.weight.to(features.dtype)
+            features = features + self.image_position_rows().to(features.dtype)
         return UniCodeImageFeaturesOutput(
             last_hidden_state=image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, "flatten"),
             pooler_output=features,
@@ -374,7 +433,7 @@ class UniCodeModel(UniCodePreTrainedModel):
         if self.code_position_embedding is not None and (input_ids is not None or code_positions is not None):
             # `code_positions` comes from a decoding loop that feeds one token at a time (no `<boi>` in sight).
             index = self.code_indices(input_ids) if code_positions is None else code_positions.to(inputs_embeds.device)
-            rows = self.code_position_embedding(index.clamp(min=0)) * (index >= 0).unsqueeze(-1)
+            rows = self.code_position_rows(index.clamp(min=0)) * (index >= 0).unsqueeze(-1)
             inputs_embeds = inputs_embeds + rows.to(inputs_embeds.dtype)
 
         codes = None
@@ -936,5 +995,6 @@ __all__ = [
     "UniCodeModelOutputWithPast",
     "UniCodeCausalLMOutputWithPast",
     "UniCodeImageFeaturesOutput",
+    "UniCodeAxialPositionEmbedding",
     "check_guidance_scale",
 ]

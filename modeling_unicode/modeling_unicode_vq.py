@@ -140,6 +140,9 @@ class UniCodeVQEncoder(nn.Module):
         self.middle = UniCodeVQMiddle(channels, config.dropout)
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.z_channels, 3, padding=1)
+        # `encoder_receptive_field="patch"`: the pixels under one latent cell, and the cells per side.
+        self.cells_per_side = config.latent_grid_size if config.encoder_receptive_field == "patch" else None
+        self.patch_size = None if self.cells_per_side is None else config.image_size // self.cells_per_side
 
     @property
     def feature_levels(self) -> list[nn.Module]:
@@ -155,7 +158,9 @@ class UniCodeVQEncoder(nn.Module):
         feature_maps = []
         hooks = (
             [
-                level.register_forward_hook(lambda module, args, output: feature_maps.append(output))
+                level.register_forward_hook(
+                    lambda module, args, output: feature_maps.append(self._patches_to_image(output))
+                )
                 for level in self.feature_levels
             ]
             if enabled
@@ -167,14 +172,30 @@ class UniCodeVQEncoder(nn.Module):
             for hook in hooks:
                 hook.remove()
 
+    def _image_to_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B·n·n, C, p, p), one row per latent cell's patch in raster order; identity for "image"."""
+        if self.patch_size is None:
+            return pixel_values
+        b, c = pixel_values.shape[:2]
+        p, n = self.patch_size, self.cells_per_side
+        return pixel_values.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, c, p, p)
+
+    def _patches_to_image(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_image_to_patches` for a feature map: (B·n·n, C, h, w) -> (B, C, n·h, n·w)."""
+        if self.patch_size is None:
+            return hidden
+        n = self.cells_per_side
+        bn, c, h, w = hidden.shape
+        return hidden.reshape(bn // (n * n), n, n, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * h, n * w)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.conv_in(pixel_values)
+        hidden = self.conv_in(self._image_to_patches(pixel_values))
         for level, stage in enumerate(self.stages):
             hidden = stage(hidden)
             if level < len(self.downsamples):
                 hidden = self.downsamples[level](hidden)
         hidden = self.middle(hidden)
-        return self.conv_out(F.silu(self.norm_out(hidden)))
+        return self._patches_to_image(self.conv_out(F.silu(self.norm_out(hidden))))
 
 
 class UniCodeVQDecoder(nn.Module):

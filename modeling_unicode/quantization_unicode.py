@@ -156,6 +156,33 @@ def unflatten_code_map(sequence: torch.Tensor, grid_size: int, depth: int) -> to
     return sequence.reshape(sequence.shape[0], grid_size, grid_size, depth)
 
 
+def code_coordinates(index: torch.Tensor, grid_size: int, depth: int) -> tuple[torch.Tensor, ...]:
+    """(grid row, grid column, level) of each index into a flattened code sequence (`flatten_code_map`'s order)."""
+    return index // (grid_size * depth), (index // depth) % grid_size, index % depth
+
+
+def placeholder_coordinates(
+    grid_size: int, depth: int, quantizer: str, visual_input: str, device=None
+) -> tuple[torch.Tensor, ...]:
+    """(row, column, level) of each placeholder of an input image, in `image_input_embeddings`' order.
+
+    `flatten` holds every code, so its coordinates are `code_coordinates`'. `aggregate` holds one vector per
+    position (level 0); for HQ the position is on the bottom grid (2ĥ x 2ŵ), walked per top position, its 2x2
+    block.
+    """
+    if visual_input == "flatten":
+        return code_coordinates(torch.arange(grid_size * grid_size * depth, device=device), grid_size, depth)
+    if quantizer == "hq":
+        index = torch.arange(4 * grid_size * grid_size, device=device)
+        top, quadrant = index // 4, index % 4
+        rows = 2 * (top // grid_size) + quadrant // 2
+        columns = 2 * (top % grid_size) + quadrant % 2
+    else:
+        index = torch.arange(grid_size * grid_size, device=device)
+        rows, columns = index // grid_size, index % grid_size
+    return rows, columns, torch.zeros_like(rows)
+
+
 def hq_pack(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     """HQ codes -> code map: top (B, h, w) + bottom (B, 2h, 2w) -> (B, h, w, 5) with depth order
     [top, bottom(0,0), bottom(0,1), bottom(1,0), bottom(1,1)], the 2x2 block under each top code.
@@ -647,6 +674,8 @@ __all__ = [
     "write_embedding_rows",
     "flatten_code_map",
     "unflatten_code_map",
+    "code_coordinates",
+    "placeholder_coordinates",
     "hq_pack",
     "hq_unpack",
     "image_input_embeddings",

@@ -332,6 +332,53 @@ def test_code_position_embeddings_index_each_written_code_and_generation_matches
     )
 
 
+@pytest.mark.parametrize("quantizer,visual_input", [("rq", "aggregate"), ("hq", "aggregate"), ("rq", "flatten")])
+def test_axial_position_tables_give_every_cell_of_a_grid_row_its_row_vector(quantizer, visual_input, tmp_path):
+    """`position_embedding_layout="axial"`: both tables add row + column + level vectors. Added at zero the model is
+    unchanged; a vector put on grid row 0 reaches exactly the placeholders and the written codes of that row; cached
+    and uncached generation agree; the layout and the tables save and reload."""
+    model, processor = tiny_mllm(quantizer, visual_input)
+    model.config.position_embedding_layout = "axial"
+    codes = model.model.encode_images(random_images(2))
+    before = model.model.get_image_features(image_codes=codes).pooler_output
+    image_table = model.model.add_image_position_embedding()
+    code_table = model.model.add_code_position_embedding()
+    assert torch.equal(model.model.get_image_features(image_codes=codes).pooler_output, before)
+    vq = model.config.vq_config
+    fine = 2 if quantizer == "hq" and visual_input == "aggregate" else 1  # HQ placeholders sit on the bottom grid
+    per_grid_row = vq.code_grid_size * fine * (vq.depth if visual_input == "flatten" else 1)
+    with torch.no_grad():
+        image_table.rows.weight[0] = 1.0
+        code_table.rows.weight[0] = 1.0
+    shift = model.model.get_image_features(image_codes=codes).pooler_output - before
+    on_first_row = shift.abs().sum(-1) > 0
+    if quantizer == "hq" and visual_input == "aggregate":  # per top position its 2x2 block: bottom row 0 is q 0, 1
+        index = torch.arange(on_first_row.shape[1])
+        expected = (index // 4 < vq.code_grid_size) & (index % 4 < 2)
+    else:
+        expected = torch.arange(on_first_row.shape[1]) < per_grid_row
+    assert torch.equal(on_first_row[0], expected) and int(expected.sum()) == per_grid_row
+    index = torch.arange(model.config.image_tokens_per_generation)
+    written = model.model.code_position_rows(index).abs().sum(-1) > 0
+    assert torch.equal(written, index < vq.code_grid_size * vq.depth)
+    with torch.no_grad():
+        code_table.columns.weight.normal_(std=0.5)
+    inputs = processor(text=["a red circle"], generation_mode="image")
+    cached = model.generate(**inputs, generation_mode="image", guidance_scale=2.0)
+    assert torch.equal(cached, model.generate(**inputs, generation_mode="image", guidance_scale=2.0, use_cache=False))
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.config.position_embedding_layout == "axial"
+    assert torch.equal(reloaded.model.code_position_embedding.columns.weight, code_table.columns.weight)
+    assert torch.equal(reloaded.model.get_image_features(image_codes=codes).pooler_output, before + shift)
+
+
+def test_an_unknown_position_layout_is_refused_by_name():
+    model, _ = tiny_mllm()
+    with pytest.raises(ValueError, match="position_embedding_layout='grid' is not supported"):
+        type(model.config)(**{**model.config.to_dict(), "position_embedding_layout": "grid"})
+
+
 # -- the transformers v5 model interface (what transformers' common model tests check, in our words) --------------
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_the_legacy_past_key_values_name_continues_from_the_cache_like_cache():

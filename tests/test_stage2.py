@@ -12,7 +12,7 @@ from utils_mllm import tiny_mllm
 from training import templates
 from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
 from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, unicode_lora_config
-from training.stage2 import run_sft
+from training.stage2 import _use_axial_positions, run_sft
 from training.tasks import (
     IGNORE_INDEX,
     ConversationTokenizer,
@@ -692,3 +692,16 @@ def test_centred_drawings_draw_centred_scenes_and_leave_the_understanding_rows_a
         assert pick(rows, task) == pick(alone, task)
     for task in ("text_to_image", "continue_image"):
         assert pick(rows, task) == pick(drawn, task) != pick(alone, task)
+
+
+def test_axial_positions_set_the_layout_and_refuse_a_base_with_per_index_tables():
+    """`StageIIArguments.axial_positions`: the tables stage II adds are axial; a base that already holds per-index
+    tables is refused by the flag's name rather than mixed."""
+    model, _ = tiny_mllm()
+    _use_axial_positions(model)
+    assert model.config.position_embedding_layout == "axial"
+    assert hasattr(model.model.add_code_position_embedding(), "columns")
+    indexed, _ = tiny_mllm()
+    indexed.model.add_image_position_embedding()
+    with pytest.raises(ValueError, match="axial_positions=True, but the model already has"):
+        _use_axial_positions(indexed)

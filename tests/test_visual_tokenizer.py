@@ -76,6 +76,29 @@ def test_hidden_states_are_the_encoders_feature_maps_on_request_and_change_nothi
     assert torch.equal(out.codes, plain.codes) and torch.equal(out.reconstruction, plain.reconstruction)
 
 
+@pytest.mark.parametrize("quantizer", ["rq", "hq"])
+def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp_path):
+    """`encoder_receptive_field="patch"`: repainting one latent cell's pixels changes that cell's features and no
+    other (the image encoder changes them all); hidden states keep their image layout; the setting saves."""
+    local, whole = tiny(quantizer, encoder_receptive_field="patch"), tiny(quantizer)
+    cells = local.config.latent_grid_size
+    patch = SIZE // cells
+    before = images()
+    after = before.clone()
+    after[:, :, patch : 2 * patch, :patch] = 1.0  # latent cell (1, 0)
+    with torch.no_grad():
+        moved = (local.encode_features(after) - local.encode_features(before)).abs().sum(1) > 0
+        moved_whole = (whole.encode_features(after) - whole.encode_features(before)).abs().sum(1) > 0
+        hidden = local(before, output_hidden_states=True).hidden_states
+    expected = torch.zeros(cells, cells, dtype=torch.bool)
+    expected[1, 0] = True
+    assert torch.equal(moved, expected.expand_as(moved))
+    assert int(moved_whole[0].sum()) > 1
+    assert hidden[0].shape == (2, local.config.base_channels, SIZE, SIZE) and hidden[-1].shape[-1] == cells
+    local.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).encoder_receptive_field == "patch"
+
+
 def test_save_and_auto_load_round_trip_is_bit_exact(tmp_path):
     model = tiny("hq")
     pixel_values = images(3)
@@ -144,6 +167,7 @@ def test_bad_codes_get_clear_errors():
         ({"codebook_size": 3, "codebook_token_ids": [1, 2, 2]}, "repeated ids"),
         ({"quantizer": "pq"}, "quantizer='pq' is not supported"),
         ({"paradigm": "joint"}, "paradigm='joint'"),
+        ({"encoder_receptive_field": "cell"}, "encoder_receptive_field='cell' is not supported"),
     ],
 )
 def test_config_validation_names_the_field(overrides, message):

@@ -95,6 +95,7 @@ class StageIIArguments:
     code_positions: bool = (
         False  # a learned embedding per index of a written image's codes (config.code_position_embeddings)
     )
+    axial_positions: bool = False  # both tables as grid row + column + level (config.position_embedding_layout)
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
     code_logits: str = "vocabulary"  # "code_rows": a written image's codes scored over the code rows (sft.CODE_LOGITS)
@@ -453,6 +454,19 @@ RESUMABLE_CHANGES = (
 )
 
 
+def _use_axial_positions(model) -> None:
+    """`axial_positions`: the position tables added in this stage address a cell by grid row, column and level."""
+    tables = ("image_position_embedding", "code_position_embedding")
+    existing = [t for t in tables if getattr(model.model, t) is not None]
+    if existing and model.config.position_embedding_layout != "axial":
+        raise ValueError(
+            f"axial_positions=True, but the model already has {existing} in the "
+            f"{model.config.position_embedding_layout!r} layout; train from a base without position tables, or drop "
+            "axial_positions"
+        )
+    model.config.position_embedding_layout = "axial"
+
+
 def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
     if args.decoder_layers is not None and not args.reinit_decoder:
@@ -477,6 +491,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     model, processor = load_model_and_processor(base)
     if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
         reinitialize_decoder_layers(model, seed=args.seed, num_layers=args.decoder_layers)
+    if args.axial_positions:
+        _use_axial_positions(model)
     if args.image_positions and model.model.image_position_embedding is None:
         model.model.add_image_position_embedding()
     if args.code_positions and model.model.code_position_embedding is None:
