@@ -186,7 +186,10 @@ class UniCodeVQEncoder(nn.Module):
             return hidden
         n = self.cells_per_side
         bn, c, h, w = hidden.shape
-        return hidden.reshape(bn // (n * n), n, n, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * h, n * w)
+        image = hidden.reshape(bn // (n * n), n, n, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * h, n * w)
+        # With 1x1 cells the reshape is a channels-last view; the decoder's convolutions would then run channels-last,
+        # where GroupNorm's CPU backward is many times slower.
+        return image.contiguous()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.conv_in(self._image_to_patches(pixel_values))

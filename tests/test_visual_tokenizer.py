@@ -80,7 +80,8 @@ def test_hidden_states_are_the_encoders_feature_maps_on_request_and_change_nothi
 def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp_path):
     """`encoder_receptive_field="patch"`: repainting one latent cell's pixels changes that cell's features and no
     other (the image encoder changes them all); hidden states keep their image layout; the setting saves."""
-    local, whole = tiny(quantizer, encoder_receptive_field="patch"), tiny(quantizer)
+    local = tiny(quantizer, encoder_receptive_field="patch")
+    whole = tiny(quantizer, encoder_receptive_field="image")
     cells = local.config.latent_grid_size
     patch = SIZE // cells
     before = images()
