@@ -1,0 +1,100 @@
+"""Where a shape's information sits in an image's codes, and whether the caption decides the drawing.
+
+    python scripts/code_locality.py <mllm folder> [<mllm folder> ...] [--scenes 64]
+
+For single-shape test scenes drawn with the shape at its cell's centre (the text-to-image rows' scenes), against the
+blank image's code map, it prints per model:
+- the distinct codes of the blank image per level (one per level when blank patches always get the same codes);
+- the share of codes outside the shape's 2 x 2 block of code positions that differ from the blank image's: the
+  shape's information spread into patches that show nothing of it;
+- how often the first code that differs from the blank image's is the block's first code;
+- at that first differing code, teacher-forced after the true codes before it, the nats of the true code under the
+  true caption, the empty caption (CFG's unconditional prompt) and another scene's caption, and the probability of
+  the blank image's code there. When the three captions give the same nats, the code is read off the codes before
+  it, not the caption (docs/results.md, "A patch-local encoder").
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_unicode.quantization_unicode import flatten_code_map  # noqa: E402
+from training.data.shapes import caption_for_scene, example_rng, render_scene, sample_scene  # noqa: E402
+from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
+from training.stage2 import load_model_and_processor  # noqa: E402
+
+
+def first_code_nats(model, processor, captions, codes, blank) -> tuple[float, float]:
+    """Mean nats of the first code that differs from `blank`, and the mean probability of `blank`'s code there."""
+    nats, blank_probability = [], []
+    boi = torch.tensor([[model.config.boi_token_id]])
+    for caption, sequence in zip(captions, codes):
+        prompt = processor(text=[caption], generation_mode="image")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, boi, sequence[None]], 1)).logits[0, prompt.shape[1] : -1]
+        first = int((sequence != blank).nonzero()[0, 0])
+        log_probs = torch.log_softmax(logits[first].float(), -1)
+        nats.append(-float(log_probs[sequence[first]]))
+        blank_probability.append(float(log_probs[blank[first]].exp()))
+    return sum(nats) / len(nats), sum(blank_probability) / len(blank_probability)
+
+
+def locality(path: str, num_scenes: int) -> dict:
+    model, processor = load_model_and_processor(path)
+    model.eval()
+    size = model.config.vq_config.image_size
+    scenes = [sample_scene(example_rng(4242, "test", i), size, num_objects=1, jitter=False) for i in range(num_scenes)]
+    images = [render_scene(scene) for scene in scenes] + [render_scene({"image_size": size, "objects": []})]
+    with torch.no_grad():
+        maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
+    maps, blank_map = maps[:-1], maps[-1]
+    cells = model.config.vq_config.code_grid_size // 3  # code positions per side of a Shapes-world cell
+    outside, outside_total, first_in_block = 0, 0, 0
+    for scene, code_map in zip(scenes, maps):
+        row, col = scene["objects"][0]["row"], scene["objects"][0]["col"]
+        block = torch.zeros(code_map.shape[:2], dtype=torch.bool)
+        block[row * cells : (row + 1) * cells, col * cells : (col + 1) * cells] = True
+        differs = code_map != blank_map
+        outside += int(differs[~block].sum())
+        outside_total += int((~block).sum()) * code_map.shape[-1]
+        first = int(differs.reshape(-1).nonzero()[0, 0])
+        first_in_block += first == (row * cells * code_map.shape[1] + col * cells) * code_map.shape[-1]
+    codes, blank = flatten_code_map(maps), flatten_code_map(blank_map[None])[0]
+    captions = [caption_for_scene(scene) for scene in scenes]
+    result = {
+        "blank_codes_per_level": [int(blank_map[..., d].unique().numel()) for d in range(blank_map.shape[-1])],
+        "outside_block_differing": outside / outside_total,
+        "first_differing_code_is_the_blocks_first": first_in_block / num_scenes,
+    }
+    for name, prompts in (
+        ("true caption", captions),
+        ("empty caption", [""] * num_scenes),
+        ("another scene's caption", captions[1:] + captions[:1]),
+    ):
+        result[name] = dict(zip(("nats", "p_blank_code"), first_code_nats(model, processor, prompts, codes, blank)))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="trained MLLM folders (e.g. <run>/mllm, or a benchmark's mllm)")
+    parser.add_argument("--scenes", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for path in args.models:
+        result = locality(path, args.scenes)
+        print(path)
+        for key, value in result.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+            elif isinstance(value, float):
+                value = f"{value:.3f}"
+            print(f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
