@@ -5,7 +5,7 @@
 For single-shape test scenes drawn with the shape at its cell's centre (the text-to-image rows' scenes), against the
 blank image's code map, it prints per model:
 - the distinct codes of the blank image per level (one per level when blank patches always get the same codes);
-- the share of codes outside the shape's 2 x 2 block of code positions that differ from the blank image's: the
+- per level, the share of codes outside the shape's 2 x 2 block of code positions that differ from the blank image's: the
   shape's information spread into patches that show nothing of it;
 - how often the first code that differs from the blank image's is the block's first code;
 - at that first differing code, teacher-forced after the true codes before it, the nats of the true code under the
@@ -53,21 +53,22 @@ def locality(path: str, num_scenes: int) -> dict:
         maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
     maps, blank_map = maps[:-1], maps[-1]
     cells = model.config.vq_config.code_grid_size // 3  # code positions per side of a Shapes-world cell
-    outside, outside_total, first_in_block = 0, 0, 0
+    depth = maps.shape[-1]
+    outside, outside_total, first_in_block = torch.zeros(depth), 0, 0
     for scene, code_map in zip(scenes, maps):
         row, col = scene["objects"][0]["row"], scene["objects"][0]["col"]
         block = torch.zeros(code_map.shape[:2], dtype=torch.bool)
         block[row * cells : (row + 1) * cells, col * cells : (col + 1) * cells] = True
         differs = code_map != blank_map
-        outside += int(differs[~block].sum())
-        outside_total += int((~block).sum()) * code_map.shape[-1]
+        outside += differs[~block].sum(0).float()  # per level
+        outside_total += int((~block).sum())
         first = int(differs.reshape(-1).nonzero()[0, 0])
         first_in_block += first == (row * cells * code_map.shape[1] + col * cells) * code_map.shape[-1]
     codes, blank = flatten_code_map(maps), flatten_code_map(blank_map[None])[0]
     captions = [caption_for_scene(scene) for scene in scenes]
     result = {
         "blank_codes_per_level": [int(blank_map[..., d].unique().numel()) for d in range(blank_map.shape[-1])],
-        "outside_block_differing": outside / outside_total,
+        "outside_block_differing_per_level": [round(float(v), 3) for v in outside / outside_total],
         "first_differing_code_is_the_blocks_first": first_in_block / num_scenes,
     }
     for name, prompts in (
