@@ -5,8 +5,8 @@
 For single-shape test scenes drawn with the shape at its cell's centre (the text-to-image rows' scenes), against the
 blank image's code map, it prints per model:
 - the distinct codes of the blank image per level (one per level when blank patches always get the same codes);
-- per level, the share of codes outside the shape's 2 x 2 block of code positions that differ from the blank image's: the
-  shape's information spread into patches that show nothing of it;
+- per level, the share of codes outside the shape's 2 x 2 block of code positions that differ from the blank
+  image's: the shape's information spread into patches that show nothing of it;
 - how often the first code that differs from the blank image's is the block's first code;
 - at that first differing code, teacher-forced after the true codes before it, the nats of the true code under the
   true caption, the empty caption (CFG's unconditional prompt) and another scene's caption, and the probability of
