@@ -275,20 +275,21 @@ class UniCodeModel(UniCodePreTrainedModel):
 
     def image_position_rows(self) -> torch.Tensor:
         """(placeholders, hidden): what `image_position_embedding` adds to an input image's placeholders."""
+        # Dispatched on the config, not the module's class: PEFT wraps a trained table in its own module.
         table = self.image_position_embedding
-        if isinstance(table, nn.Embedding):
-            return table.weight
+        device = next(table.parameters()).device
+        if self.config.position_embedding_layout == "index":
+            return table(torch.arange(self.config.image_seq_length, device=device))
         vq = self.config.vq_config
         grid = (vq.code_grid_size, vq.depth, vq.quantizer, self.config.visual_input)
-        return table(*placeholder_coordinates(*grid, device=table.rows.weight.device))
+        return table(*placeholder_coordinates(*grid, device=device))
 
     def code_position_rows(self, index: torch.LongTensor) -> torch.Tensor:
         """What `code_position_embedding` adds to the code written at each `index` (>= 0) of its image."""
-        table = self.code_position_embedding
-        if isinstance(table, nn.Embedding):
-            return table(index)
+        if self.config.position_embedding_layout == "index":
+            return self.code_position_embedding(index)
         vq = self.config.vq_config
-        return table(*code_coordinates(index, vq.code_grid_size, vq.depth))
+        return self.code_position_embedding(*code_coordinates(index, vq.code_grid_size, vq.depth))
 
     def code_indices(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """For each token that is a visual code, its index in its image's flattened code sequence (counting the

@@ -6,6 +6,7 @@ import json
 import datasets
 import pytest
 import torch
+from peft import get_peft_model
 from stage2_fixtures import shapes_at
 from utils_mllm import tiny_mllm
 
@@ -705,3 +706,20 @@ def test_axial_positions_set_the_layout_and_refuse_a_base_with_per_index_tables(
     indexed.model.add_image_position_embedding()
     with pytest.raises(ValueError, match="axial_positions=True, but the model already has"):
         _use_axial_positions(indexed)
+
+
+@pytest.mark.parametrize("layout", ["index", "axial"])
+def test_position_tables_train_whole_under_lora_in_either_layout(layout):
+    """LoRA wraps the position tables as modules to save; the model must still add them (PEFT's wrapper is not the
+    table's class), and the wrapped copy is what trains."""
+    model, processor = tiny_mllm()
+    model.config.position_embedding_layout = layout
+    model.model.add_image_position_embedding()
+    model.model.add_code_position_embedding()
+    peft_model = get_peft_model(model, unicode_lora_config(model))
+    codes = model.model.codebook_token_ids[:4].tolist()
+    ids = torch.tensor([[3, model.config.boi_token_id, *codes]])
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if "code_position_embedding" in n and p.grad is not None]
+    assert trained and all("modules_to_save" in n for n in trained)
