@@ -30,6 +30,7 @@ from .quantization_unicode import (
     embedding_rows,
     image_input_embeddings,
     placeholder_coordinates,
+    placeholder_grid,
     token_ids_to_code_indices,
     unflatten_code_map,
 )
@@ -235,31 +236,24 @@ class UniCodeModel(UniCodePreTrainedModel):
             self.add_code_position_embedding()
         self.post_init()
 
-    def _zero_table(self, rows: int) -> nn.Embedding:
+    def _position_table(self, rows: int, side: int, levels: int) -> nn.Module:
+        """A position table at zero in `config.position_embedding_layout`: `rows` rows, one per index, or axial over
+        a `side` x `side` grid of `levels` levels."""
         weight = self.get_input_embeddings().weight
-        table = nn.Embedding(rows, self.config.get_text_config().hidden_size)
-        nn.init.zeros_(table.weight)
-        return table.to(weight.device, weight.dtype)
-
-    def _position_table(self, rows: int, grid_rows: int, levels: int) -> nn.Module:
-        """A zero position table in `config.position_embedding_layout`: one row per index, or axial."""
+        hidden = self.config.get_text_config().hidden_size
         if self.config.position_embedding_layout == "index":
-            return self._zero_table(rows)
-        weight = self.get_input_embeddings().weight
-        table = UniCodeAxialPositionEmbedding(grid_rows, levels, self.config.get_text_config().hidden_size)
+            table = nn.Embedding(rows, hidden)
+            nn.init.zeros_(table.weight)
+        else:
+            table = UniCodeAxialPositionEmbedding(side, levels, hidden)
         return table.to(weight.device, weight.dtype)
 
     def add_image_position_embedding(self) -> nn.Module:
         """The input image's position table (`config.image_position_embeddings`), created at zero so a model it is
         added to computes exactly what it did before, until training moves it."""
         vq = self.config.vq_config
-        # On the CPU explicitly: from_pretrained builds modules under a meta default device, where max() has no value.
-        rows, _, levels = placeholder_coordinates(
-            vq.code_grid_size, vq.depth, vq.quantizer, self.config.visual_input, device="cpu"
-        )
-        self.image_position_embedding = self._position_table(
-            self.config.image_seq_length, int(rows.max()) + 1, int(levels.max()) + 1
-        )
+        side, levels = placeholder_grid(vq.code_grid_size, vq.depth, vq.quantizer, self.config.visual_input)
+        self.image_position_embedding = self._position_table(self.config.image_seq_length, side, levels)
         self.config.image_position_embeddings = True
         return self.image_position_embedding
 

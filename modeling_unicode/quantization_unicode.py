@@ -161,6 +161,14 @@ def code_coordinates(index: torch.Tensor, grid_size: int, depth: int) -> tuple[t
     return index // (grid_size * depth), (index // depth) % grid_size, index % depth
 
 
+def placeholder_grid(grid_size: int, depth: int, quantizer: str, visual_input: str) -> tuple[int, int]:
+    """(side, levels) of the grid `placeholder_coordinates` addresses: rows and columns run over `side`, levels over
+    `levels`."""
+    if visual_input == "flatten":
+        return grid_size, depth
+    return (2 * grid_size if quantizer == "hq" else grid_size), 1
+
+
 def placeholder_coordinates(
     grid_size: int, depth: int, quantizer: str, visual_input: str, device=None
 ) -> tuple[torch.Tensor, ...]:
@@ -168,7 +176,7 @@ def placeholder_coordinates(
 
     `flatten` holds every code, so its coordinates are `code_coordinates`'. `aggregate` holds one vector per
     position (level 0); for HQ the position is on the bottom grid (2ĥ x 2ŵ), walked per top position, its 2x2
-    block.
+    block. `placeholder_grid` gives the grid's size.
     """
     if visual_input == "flatten":
         return code_coordinates(torch.arange(grid_size * grid_size * depth, device=device), grid_size, depth)
@@ -675,6 +683,7 @@ __all__ = [
     "flatten_code_map",
     "unflatten_code_map",
     "code_coordinates",
+    "placeholder_grid",
     "placeholder_coordinates",
     "hq_pack",
     "hq_unpack",

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_unicode.quantization_unicode import flatten_code_map  # noqa: E402
-from training.data.shapes import caption_for_scene, example_rng, render_scene, sample_scene  # noqa: E402
+from training.data.shapes import GRID, caption_for_scene, example_rng, render_scene, sample_scene  # noqa: E402
 from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
 from training.stage2 import load_model_and_processor  # noqa: E402
 
@@ -52,7 +52,7 @@ def locality(path: str, num_scenes: int) -> dict:
     with torch.no_grad():
         maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
     maps, blank_map = maps[:-1], maps[-1]
-    cells = model.config.vq_config.code_grid_size // 3  # code positions per side of a Shapes-world cell
+    cells = model.config.vq_config.code_grid_size // GRID  # code positions per side of a Shapes-world cell
     depth = maps.shape[-1]
     outside, outside_total, first_in_block = torch.zeros(depth), 0, 0
     for scene, code_map in zip(scenes, maps):
