@@ -39,8 +39,8 @@ PARADIGMS = ("frozen", "dual", "iterative")
 DUAL_ROW_NORMS = ("free", "llm")
 BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
-# What one latent vector of the encoder sees: the whole image (VQGAN) or only its own patch.
-ENCODER_RECEPTIVE_FIELDS = ("image", "patch")
+# What one latent vector of the encoder sees, and what one decodes: the whole image (VQGAN) or only its own patch.
+RECEPTIVE_FIELDS = ("image", "patch")
 VISUAL_INPUTS = ("aggregate", "flatten")
 # How the position tables of `image_position_embeddings` / `code_position_embeddings` address a grid cell.
 POSITION_EMBEDDING_LAYOUTS = ("index", "axial")
@@ -125,7 +125,12 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             and the middle attention let every latent vector see the whole image, so a shape changes the codes of
             blank patches far from it. `"patch"`: the encoder runs on each latent cell's pixel patch alone (the
             same layers, the patches as a batch), so a blank patch always gets the same codes and a shape's codes
-            sit in its own cells. The decoder keeps its full view either way, to render across patch borders.
+            sit in its own cells.
+        decoder_receptive_field (`str`): `"image"` (VQGAN): each pixel is decoded from the codes around it, so the
+            decoder can take a cell's colour from its neighbours and the encoder need not put it in every cell.
+            `"patch"`: each latent cell's codes decode its own pixel patch (the convolutions stay inside the cell;
+            only GroupNorm's statistics are the whole image's), so every cell's codes must carry what its pixels
+            show.
     """
 
     model_type = "unicode_vq"
@@ -164,6 +169,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         level_scales: bool = False,
         codebook_projection: bool = False,
         encoder_receptive_field: str = "image",
+        decoder_receptive_field: str = "image",
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -199,6 +205,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.level_scales = bool(level_scales)
         self.codebook_projection = bool(codebook_projection)
         self.encoder_receptive_field = encoder_receptive_field
+        self.decoder_receptive_field = decoder_receptive_field
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
         self.validate_fields()
@@ -246,7 +253,8 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         choice("dual_row_norm", self.dual_row_norm, DUAL_ROW_NORMS)
         choice("blend_schedule", self.blend_schedule, BLEND_SCHEDULES)
         choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
-        choice("encoder_receptive_field", self.encoder_receptive_field, ENCODER_RECEPTIVE_FIELDS)
+        choice("encoder_receptive_field", self.encoder_receptive_field, RECEPTIVE_FIELDS)
+        choice("decoder_receptive_field", self.decoder_receptive_field, RECEPTIVE_FIELDS)
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
         if self.dual_row_norm == "llm" and not (self.level_scales or self.norm_handling == "normalize"):

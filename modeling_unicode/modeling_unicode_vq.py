@@ -33,9 +33,57 @@ from .quantization_unicode import (
 PIXEL_RANGE_TOLERANCE = 0.02
 
 
+def split_into_cells(maps: torch.Tensor, cells_per_side: Optional[int]) -> torch.Tensor:
+    """(B, C, S, S) -> (B·n·n, C, S/n, S/n): one row per latent cell's patch, in raster order (`receptive_field
+    "patch"`); identity when `cells_per_side` is None."""
+    if cells_per_side is None:
+        return maps
+    b, c, size = maps.shape[:3]
+    n, p = cells_per_side, size // cells_per_side
+    return maps.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, c, p, p)
+
+
+def join_cells(patches: torch.Tensor, cells_per_side: Optional[int]) -> torch.Tensor:
+    """Inverse of `split_into_cells`: (B·n·n, C, h, w) -> (B, C, n·h, n·w)."""
+    if cells_per_side is None:
+        return patches
+    n = cells_per_side
+    bn, c, h, w = patches.shape
+    image = patches.reshape(bn // (n * n), n, n, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * h, n * w)
+    # With 1x1 cells the reshape is a channels-last view; convolutions after it would then run channels-last, where
+    # GroupNorm's CPU backward is many times slower.
+    return image.contiguous()
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in VQGAN, fewer for narrow tiny models so every group has channels.
     return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6, affine=True)
+
+
+class UniCodeVQCellGroupNorm(nn.GroupNorm):
+    """GroupNorm over cells that run as a batch (`split_into_cells`), with the statistics of the whole image.
+
+    A cell decoded alone from a 1x1 latent would otherwise normalise each group over a handful of numbers, which
+    erases most of what the codes say; sharing the image's statistics keeps the norm as in VQGAN while every
+    convolution stays inside its cell."""
+
+    def __init__(self, norm: nn.GroupNorm, cells_per_side: int):
+        super().__init__(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
+        self.cells = cells_per_side**2
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bn, c, h, w = hidden.shape
+        b = bn // self.cells
+        image = hidden.reshape(b, self.cells, c, h, w).transpose(1, 2).reshape(b, c, self.cells * h, w)
+        return super().forward(image).reshape(b, c, self.cells, h, w).transpose(1, 2).reshape(bn, c, h, w)
+
+
+def _share_norm_statistics_across_cells(module: nn.Module, cells_per_side: int) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, UniCodeVQCellGroupNorm(child, cells_per_side))
+        else:
+            _share_norm_statistics_across_cells(child, cells_per_side)
 
 
 class UniCodeVQResnetBlock(nn.Module):
@@ -140,9 +188,8 @@ class UniCodeVQEncoder(nn.Module):
         self.middle = UniCodeVQMiddle(channels, config.dropout)
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.z_channels, 3, padding=1)
-        # `encoder_receptive_field="patch"`: the pixels under one latent cell, and the cells per side.
+        # `encoder_receptive_field="patch"`: the latent cells per side, each encoded from its own pixels.
         self.cells_per_side = config.latent_grid_size if config.encoder_receptive_field == "patch" else None
-        self.patch_size = None if self.cells_per_side is None else config.image_size // self.cells_per_side
 
     @property
     def feature_levels(self) -> list[nn.Module]:
@@ -159,7 +206,7 @@ class UniCodeVQEncoder(nn.Module):
         hooks = (
             [
                 level.register_forward_hook(
-                    lambda module, args, output: feature_maps.append(self._patches_to_image(output))
+                    lambda module, args, output: feature_maps.append(join_cells(output, self.cells_per_side))
                 )
                 for level in self.feature_levels
             ]
@@ -172,33 +219,14 @@ class UniCodeVQEncoder(nn.Module):
             for hook in hooks:
                 hook.remove()
 
-    def _image_to_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) -> (B·n·n, C, p, p), one row per latent cell's patch in raster order; identity for "image"."""
-        if self.patch_size is None:
-            return pixel_values
-        b, c = pixel_values.shape[:2]
-        p, n = self.patch_size, self.cells_per_side
-        return pixel_values.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * n, c, p, p)
-
-    def _patches_to_image(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_image_to_patches` for a feature map: (B·n·n, C, h, w) -> (B, C, n·h, n·w)."""
-        if self.patch_size is None:
-            return hidden
-        n = self.cells_per_side
-        bn, c, h, w = hidden.shape
-        image = hidden.reshape(bn // (n * n), n, n, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * h, n * w)
-        # With 1x1 cells the reshape is a channels-last view; the decoder's convolutions would then run channels-last,
-        # where GroupNorm's CPU backward is many times slower.
-        return image.contiguous()
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.conv_in(self._image_to_patches(pixel_values))
+        hidden = self.conv_in(split_into_cells(pixel_values, self.cells_per_side))
         for level, stage in enumerate(self.stages):
             hidden = stage(hidden)
             if level < len(self.downsamples):
                 hidden = self.downsamples[level](hidden)
         hidden = self.middle(hidden)
-        return self._patches_to_image(self.conv_out(F.silu(self.norm_out(hidden))))
+        return join_cells(self.conv_out(F.silu(self.norm_out(hidden))), self.cells_per_side)
 
 
 class UniCodeVQDecoder(nn.Module):
@@ -221,14 +249,18 @@ class UniCodeVQDecoder(nn.Module):
                 resolution *= 2
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
+        # `decoder_receptive_field="patch"`: each latent cell decodes its own pixels alone.
+        self.cells_per_side = config.latent_grid_size if config.decoder_receptive_field == "patch" else None
+        if self.cells_per_side is not None:
+            _share_norm_statistics_across_cells(self, self.cells_per_side)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        hidden = self.middle(self.conv_in(latent))
+        hidden = self.middle(self.conv_in(split_into_cells(latent, self.cells_per_side)))
         for level, stage in enumerate(self.stages):
             hidden = stage(hidden)
             if level < len(self.upsamples):
                 hidden = self.upsamples[level](hidden)
-        return self.conv_out(F.silu(self.norm_out(hidden)))
+        return join_cells(self.conv_out(F.silu(self.norm_out(hidden))), self.cells_per_side)
 
 
 @dataclass

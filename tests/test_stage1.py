@@ -73,19 +73,35 @@ def test_every_paradigm_ends_with_the_codebook_equal_to_the_llm_rows(tmp_path, l
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, llm_dir):
-    straight = make_trainer(tmp_path / "a", llm_dir, steps=6, gan_weight=0.1)
+    # The GAN and the cell-colour term each bring their own trained module, which the checkpoint must carry too.
+    terms = {"gan_weight": 0.1, "cell_colour_weight": 1.0}
+    straight = make_trainer(tmp_path / "a", llm_dir, steps=6, **terms)
     straight.train()
-    first = make_trainer(tmp_path / "b", llm_dir, steps=6, gan_weight=0.1, checkpoint_every=3)
+    first = make_trainer(tmp_path / "b", llm_dir, steps=6, checkpoint_every=3, **terms)
     for _ in range(3):
         first.train_step()
     first.save_checkpoint()
     del first  # "crash"
-    resumed = make_trainer(tmp_path / "b", llm_dir, steps=6, gan_weight=0.1, checkpoint_every=3)
+    resumed = make_trainer(tmp_path / "b", llm_dir, steps=6, checkpoint_every=3, **terms)
     resumed.train(resume=True)
     a = straight.unwrapped.state_dict()
     b = resumed.unwrapped.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_cell_colour_term_teaches_the_encoder_each_cells_colour(tmp_path, llm_dir):
+    """`cell_colour_weight`: a linear map from each cell's quantized vector to its patch's mean colour trains beside
+    the tokenizer, its gradient reaches the encoder, and its error is logged; the saved tokenizer does not carry it."""
+    plain = make_trainer(tmp_path / "plain", llm_dir)
+    coloured = make_trainer(tmp_path / "coloured", llm_dir, cell_colour_weight=1.0)
+    logs = [coloured.train_step() for _ in range(4)]
+    for _ in range(4):
+        plain.train_step()
+    assert all(log["cell_colour_mse"] > 0 for log in logs) and logs[-1]["cell_colour_mse"] < logs[0]["cell_colour_mse"]
+    plain_encoder, coloured_encoder = plain.unwrapped.encoder.state_dict(), coloured.unwrapped.encoder.state_dict()
+    assert any(not torch.equal(plain_encoder[name], coloured_encoder[name]) for name in plain_encoder)
+    assert set(plain.unwrapped.state_dict()) == set(coloured.unwrapped.state_dict())
 
 
 def test_corrupt_checkpoint_on_resume_is_named(tmp_path, llm_dir):

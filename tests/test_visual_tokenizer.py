@@ -100,6 +100,32 @@ def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp
     assert AutoConfig.from_pretrained(tmp_path).encoder_receptive_field == "patch"
 
 
+@pytest.mark.parametrize("quantizer", ["rq", "hq"])
+def test_a_patch_decoder_paints_each_cell_from_its_own_latent(quantizer, tmp_path):
+    """`decoder_receptive_field="patch"`: a change to one latent cell repaints that cell's pixels; the others move only
+    through the image-wide norm statistics, far less than the cell itself (the image decoder's convolutions repaint
+    the neighbours as much as the cell). The setting saves."""
+
+    def change_per_pixel(model):
+        cells = model.config.latent_grid_size
+        latent = torch.randn(1, model.config.z_channels, cells, cells, generator=torch.Generator().manual_seed(0))
+        nudged = latent.clone()
+        nudged[:, :, 1, 0] += 1.0
+        with torch.no_grad():
+            return (model.decoder(nudged) - model.decoder(latent)).abs().sum(1)[0], SIZE // cells
+
+    local, patch = change_per_pixel(tiny(quantizer, decoder_receptive_field="patch"))
+    whole, _ = change_per_pixel(tiny(quantizer, decoder_receptive_field="image"))
+    cell = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    cell[patch : 2 * patch, :patch] = True
+    assert local[~cell].mean() < 0.2 * local[cell].mean()
+    assert whole[~cell].mean() > 0.5 * whole[cell].mean()
+    model = tiny(quantizer, decoder_receptive_field="patch")
+    assert model(images()).reconstruction.shape == (2, 3, SIZE, SIZE)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).decoder_receptive_field == "patch"
+
+
 def test_save_and_auto_load_round_trip_is_bit_exact(tmp_path):
     model = tiny("hq")
     pixel_values = images(3)
@@ -169,6 +195,7 @@ def test_bad_codes_get_clear_errors():
         ({"quantizer": "pq"}, "quantizer='pq' is not supported"),
         ({"paradigm": "joint"}, "paradigm='joint'"),
         ({"encoder_receptive_field": "cell"}, "encoder_receptive_field='cell' is not supported"),
+        ({"decoder_receptive_field": "cell"}, "decoder_receptive_field='cell' is not supported"),
     ],
 )
 def test_config_validation_names_the_field(overrides, message):

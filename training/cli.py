@@ -194,6 +194,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         bf16=False if args.fp32 else None,
         seed=args.seed,
         gan_weight=args.gan_weight,
+        cell_colour_weight=args.cell_colour_weight,
         vision_overrides=_vision_flags(args),
         init_from=args.init_from,
     )
@@ -734,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--batch-size", type=positive_int)
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
+    tok.add_argument(
+        "--cell-colour-weight",
+        type=float,
+        help="weight of the term that asks each cell's codes for that cell's mean colour (default: the recipe's)",
+    )
     tok.add_argument(
         "--train-images",
         type=positive_int,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
+from torch import nn
 from tqdm.auto import tqdm
 
 from hub_upload.run_folder import LLM_DIR, STAGE1_DIR, VISION_TOKENIZER_DIR
@@ -92,6 +93,12 @@ class StageIArguments:
     gan_start_step: int = 0
     # Perceptual (LPIPS) term — needs LPIPS weights, which do not ship offline.
     perceptual_weight: float = 0.0
+    # Each latent cell's quantized vector predicts its own pixel patch's mean colour through a linear map trained
+    # beside the tokenizer (training only; off when 0). An image-wide decoder can take a cell's colour from its
+    # neighbours, so without it a cell's codes need not say what colour it shows, and the LLM, which reads and
+    # writes codes one cell at a time, must learn colour from combinations of cells (docs/results.md, "Colour in
+    # every cell").
+    cell_colour_weight: float = 0.0
     vision_overrides: dict = field(default_factory=dict)
     # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
     init_from: Optional[str] = None
@@ -282,11 +289,16 @@ class StageITrainer:
         # Only `dual` trains the LLM in stage I, so the rows the iterative codebook is pulled toward
         # are read once, not gathered (K x H: 268 MB for the base preset) at every step.
         self.iterative_target = self.llm_rows() if self.config.paradigm == "iterative" else None
-        optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=tuple(args.adam_betas)
-        )
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.cell_colour_head = None
+        if args.cell_colour_weight > 0:
+            self.cell_colour_head = nn.Conv2d(self.config.z_channels, self.config.in_channels, 1).to(self.device)
+            trained += list(self.cell_colour_head.parameters())
+        optimizer = torch.optim.Adam(trained, lr=args.learning_rate, betas=tuple(args.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if self.cell_colour_head is not None:
+            self.cell_colour_head = self.accelerator.prepare(self.cell_colour_head)
 
         self.discriminator = self.disc_optimizer = None
         if args.perceptual_weight > 0:
@@ -394,10 +406,26 @@ class StageITrainer:
         pixel_values = to_pixel_values(self.train_images[local]).to(self.device)
         ratio = blend_ratio(self.config, self.step, args.max_steps)
         model.train()
-        with self._autocast():
-            out = model(pixel_values, return_statistics=True)
+        decoder_inputs = []
+        hook = (
+            self.unwrapped.decoder.register_forward_pre_hook(lambda module, inputs: decoder_inputs.append(inputs[0]))
+            if self.cell_colour_head is not None
+            else None
+        )
+        try:
+            with self._autocast():
+                out = model(pixel_values, return_statistics=True)
+        finally:
+            if hook is not None:
+                hook.remove()
         loss = out.loss
         logs = {}
+        if self.cell_colour_head is not None:
+            cell = self.config.image_size // self.config.latent_grid_size
+            predicted = self.cell_colour_head(decoder_inputs[0].float())
+            cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), cell))
+            loss = loss + args.cell_colour_weight * cell_colour_loss
+            logs["cell_colour_mse"] = float(cell_colour_loss.detach())
         if self.discriminator is not None and self.step >= args.gan_start_step:
             last_layer = self.unwrapped.decoder.conv_out.weight
             with self._autocast():
@@ -537,6 +565,8 @@ class StageITrainer:
                 "rng": _rng_state(),
                 "step": self.step,
             }
+            if self.cell_colour_head is not None:
+                state["cell_colour_head"] = self.accelerator.unwrap_model(self.cell_colour_head).state_dict()
             if self.discriminator is not None:
                 state["discriminator"] = self.accelerator.unwrap_model(self.discriminator).state_dict()
                 state["disc_optimizer"] = self.disc_optimizer.state_dict()
@@ -558,6 +588,8 @@ class StageITrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.codebook_trainer.load_state_dict(state["codebook_trainer"])
+            if self.cell_colour_head is not None:
+                self.accelerator.unwrap_model(self.cell_colour_head).load_state_dict(state["cell_colour_head"])
             if self.discriminator is not None:
                 self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
                 self.disc_optimizer.load_state_dict(state["disc_optimizer"])

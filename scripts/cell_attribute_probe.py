@@ -1,0 +1,107 @@
+"""How much one cell's codes say about the shape they show: what the LLM can read without combining cells.
+
+    python scripts/cell_attribute_probe.py <mllm folder> [<mllm folder> ...] [--scenes 800]
+
+On single-shape test scenes (jittered, as the understanding rows see them), every code position whose codes differ
+from the blank image's is a cell of the shape. Per cell, for the shape's colour, shape and size, it prints:
+- `linear`: a logistic-regression probe on what the LLM reads at that position (the sum of the cell's code rows,
+  `image_input_embeddings`), trained on 70 % of the cells and scored on the rest;
+- `lookup`: the most frequent attribute of each (level-1, level-2) code pair in the training cells, scored on the
+  rest (pairs not seen count as wrong);
+- and the distinct codes per level over the shape's cells.
+An image-wide decoder can take a cell's colour from its neighbours, so a tokenizer may leave it out of most cells;
+the LLM then has to learn colour from combinations of cells (docs/results.md, "Colour in every cell").
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_unicode.quantization_unicode import embedding_rows  # noqa: E402
+from training.data.shapes import example_rng, render_scene, sample_scene  # noqa: E402
+from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
+from training.stage2 import load_model_and_processor  # noqa: E402
+
+ATTRIBUTES = ("color", "shape", "size")
+
+
+def linear_probe(train_x, train_y, test_x, test_y) -> float:
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], int(train_y.max()) + 1, requires_grad=True)
+    bias = torch.zeros(weight.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
+
+
+def pair_lookup(train_pairs, train_y, test_pairs, test_y) -> float:
+    votes: dict = {}
+    for pair, label in zip(train_pairs, train_y.tolist()):
+        votes.setdefault(pair, []).append(label)
+    hits = sum(
+        pair in votes and max(set(votes[pair]), key=votes[pair].count) == label
+        for pair, label in zip(test_pairs, test_y.tolist())
+    )
+    return hits / len(test_pairs)
+
+
+def probe(path: str, num_scenes: int) -> dict:
+    model, _ = load_model_and_processor(path)
+    model.eval()
+    size = model.config.vq_config.image_size
+    scenes = [sample_scene(example_rng(777, "test", i), size, num_objects=1, jitter=True) for i in range(num_scenes)]
+    images = [render_scene(scene) for scene in scenes] + [render_scene({"image_size": size, "objects": []})]
+    with torch.no_grad():
+        maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
+        maps, blank = maps[:-1], maps[-1]
+        rows = embedding_rows(model.get_input_embeddings(), maps.reshape(-1)).reshape(*maps.shape, -1).float()
+    values = {name: sorted({scene["objects"][0][name] for scene in scenes}) for name in ATTRIBUTES}
+    features, pairs, labels = [], [], {name: [] for name in ATTRIBUTES}
+    for index, (scene, code_map) in enumerate(zip(scenes, maps)):
+        for row, col in (code_map != blank).any(-1).nonzero().tolist():
+            features.append(rows[index, row, col].sum(0))  # what the LLM reads there (RQ: the levels' sum)
+            pairs.append(tuple(code_map[row, col].tolist()))
+            for name in ATTRIBUTES:
+                labels[name].append(values[name].index(scene["objects"][0][name]))
+    features, cut = torch.stack(features), int(0.7 * len(pairs))
+    result = {"cells": len(pairs)}
+    for name in ATTRIBUTES:
+        y = torch.tensor(labels[name])
+        result[name] = {
+            "linear": linear_probe(features[:cut], y[:cut], features[cut:], y[cut:]),
+            "lookup": pair_lookup(pairs[:cut], y[:cut], pairs[cut:], y[cut:]),
+            "majority": float(torch.bincount(y).max()) / len(y),
+        }
+    result["distinct codes per level"] = [len({pair[level] for pair in pairs}) for level in range(maps.shape[-1])]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="trained MLLM folders (e.g. <run>/mllm, or a benchmark's mllm)")
+    parser.add_argument("--scenes", type=int, default=800)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for path in args.models:
+        result = probe(path, args.scenes)
+        print(path)
+        for key, value in result.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+            print(f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
