@@ -13,13 +13,14 @@ An image-wide decoder can take a cell's colour from its neighbours, so a tokeniz
 the LLM then has to learn colour from combinations of cells (docs/results.md, "Colour in every cell").
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from per_model_report import run_over_models  # noqa: E402
 
 from modeling_unicode.quantization_unicode import embedding_rows  # noqa: E402
 from training.data.shapes import example_rng, render_scene, sample_scene  # noqa: E402
@@ -88,20 +89,5 @@ def probe(path: str, num_scenes: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="trained MLLM folders (e.g. <run>/mllm, or a benchmark's mllm)")
-    parser.add_argument("--scenes", type=int, default=800)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    for path in args.models:
-        result = probe(path, args.scenes)
-        print(path)
-        for key, value in result.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
-            print(f"  {key}: {value}")
-
-
 if __name__ == "__main__":
-    main()
+    run_over_models(__doc__, probe, default_scenes=800)

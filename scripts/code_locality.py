@@ -14,13 +14,14 @@ blank image's code map, it prints per model:
   it, not the caption (docs/results.md, "A patch-local encoder").
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from per_model_report import run_over_models  # noqa: E402
 
 from modeling_unicode.quantization_unicode import flatten_code_map  # noqa: E402
 from training.data.shapes import GRID, caption_for_scene, example_rng, render_scene, sample_scene  # noqa: E402
@@ -80,22 +81,5 @@ def locality(path: str, num_scenes: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="trained MLLM folders (e.g. <run>/mllm, or a benchmark's mllm)")
-    parser.add_argument("--scenes", type=int, default=64)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    for path in args.models:
-        result = locality(path, args.scenes)
-        print(path)
-        for key, value in result.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
-            elif isinstance(value, float):
-                value = f"{value:.3f}"
-            print(f"  {key}: {value}")
-
-
 if __name__ == "__main__":
-    main()
+    run_over_models(__doc__, locality, default_scenes=64)
