@@ -163,13 +163,16 @@ sys.path.insert(0, sys.argv[3])
 from stage1_fixtures import tiny_images, tiny_overrides
 from training.stage1 import StageIArguments, StageITrainer
 args = StageIArguments(output_dir=sys.argv[1], llm_path=sys.argv[2], codebook_size=128, max_steps=50, batch_size=8,
-                       sample_every=0, checkpoint_every=0, vision_overrides=tiny_overrides(dead_code_threshold=0.9))
+                       sample_every=0, checkpoint_every=0, vision_overrides=tiny_overrides(dead_code_threshold=0.9),
+                       cell_colour_weight=1.0)
 trainer = StageITrainer(args, tiny_images(), tiny_images()[:8])
 for _ in range(4):
     trainer.train_step()  # mid-run: r < 1, so the codebook is the EMA blend, not yet the LLM rows
 rank = trainer.accelerator.process_index
 torch.save({"world_size": dist.get_world_size(), "codebook": trainer.unwrapped.codebook.detach().clone(),
-            "encoder": trainer.unwrapped.encoder.conv_in.weight.detach().clone()}, f"{sys.argv[1]}/rank{rank}.pt")
+            "encoder": trainer.unwrapped.encoder.conv_in.weight.detach().clone(),
+            "cell_colour_head": trainer.accelerator.unwrap_model(trainer.cell_colour_head).weight.detach().clone()},
+           f"{sys.argv[1]}/rank{rank}.pt")
 del trainer  # the DDP model holds the gloo group's threads; freed at interpreter exit, they can SIGABRT the rank
 from training.distributed import release_process_group
 release_process_group()
@@ -209,6 +212,8 @@ def test_two_process_run_keeps_codebooks_bit_identical(tmp_path, llm_dir):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
     assert torch.equal(ranks[0]["encoder"], ranks[1]["encoder"])
+    # The cell-colour head is a module beside the model: its gradients must be synced too.
+    assert torch.equal(ranks[0]["cell_colour_head"], ranks[1]["cell_colour_head"])
 
 
 def test_two_process_stage0_writes_one_complete_loadable_text_lm(tmp_path):
