@@ -20,11 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from per_model_report import run_over_models  # noqa: E402
+from per_model_report import run_over_models, single_shape_code_maps  # noqa: E402
 
 from modeling_unicode.quantization_unicode import embedding_rows  # noqa: E402
-from training.data.shapes import example_rng, render_scene, sample_scene  # noqa: E402
-from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
 from training.stage2 import load_model_and_processor  # noqa: E402
 
 ATTRIBUTES = ("color", "shape", "size")
@@ -61,12 +59,8 @@ def pair_lookup(train_pairs, train_y, test_pairs, test_y) -> float:
 def probe(path: str, num_scenes: int) -> dict:
     model, _ = load_model_and_processor(path)
     model.eval()
-    size = model.config.vq_config.image_size
-    scenes = [sample_scene(example_rng(777, "test", i), size, num_objects=1, jitter=True) for i in range(num_scenes)]
-    images = [render_scene(scene) for scene in scenes] + [render_scene({"image_size": size, "objects": []})]
+    scenes, maps, blank = single_shape_code_maps(model, 777, num_scenes, jitter=True)
     with torch.no_grad():
-        maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
-        maps, blank = maps[:-1], maps[-1]
         rows = embedding_rows(model.get_input_embeddings(), maps.reshape(-1)).reshape(*maps.shape, -1).float()
     values = {name: sorted({scene["objects"][0][name] for scene in scenes}) for name in ATTRIBUTES}
     features, pairs, labels = [], [], {name: [] for name in ATTRIBUTES}

@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from per_model_report import run_over_models  # noqa: E402
+from per_model_report import run_over_models, single_shape_code_maps  # noqa: E402
 
 from modeling_unicode.quantization_unicode import flatten_code_map  # noqa: E402
-from training.data.shapes import GRID, caption_for_scene, example_rng, render_scene, sample_scene  # noqa: E402
-from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
+from training.data.shapes import GRID, caption_for_scene  # noqa: E402
 from training.stage2 import load_model_and_processor  # noqa: E402
 
 
@@ -47,12 +46,7 @@ def first_code_nats(model, processor, captions, codes, blank) -> tuple[float, fl
 def locality(path: str, num_scenes: int) -> dict:
     model, processor = load_model_and_processor(path)
     model.eval()
-    size = model.config.vq_config.image_size
-    scenes = [sample_scene(example_rng(4242, "test", i), size, num_objects=1, jitter=False) for i in range(num_scenes)]
-    images = [render_scene(scene) for scene in scenes] + [render_scene({"image_size": size, "objects": []})]
-    with torch.no_grad():
-        maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))  # (n + 1, ĥ, ŵ, D)
-    maps, blank_map = maps[:-1], maps[-1]
+    scenes, maps, blank_map = single_shape_code_maps(model, 4242, num_scenes, jitter=False)
     cells = model.config.vq_config.code_grid_size // GRID  # code positions per side of a Shapes-world cell
     depth = maps.shape[-1]
     outside, outside_total, first_in_block = torch.zeros(depth), 0, 0

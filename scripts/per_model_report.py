@@ -23,3 +23,18 @@ def run_over_models(description: str, measure: Callable[[str, int], dict], defau
             elif isinstance(value, float):
                 value = f"{value:.3f}"
             print(f"  {key}: {value}")
+
+
+def single_shape_code_maps(model, seed: int, num_scenes: int, jitter: bool):
+    """Single-shape test scenes, their code maps (n, ĥ, ŵ, D) and the blank image's code map (ĥ, ŵ, D)."""
+    from training.data.shapes import example_rng, render_scene, sample_scene
+    from training.stage1 import images_to_uint8, to_pixel_values
+
+    size = model.config.vq_config.image_size
+    scenes = [
+        sample_scene(example_rng(seed, "test", i), size, num_objects=1, jitter=jitter) for i in range(num_scenes)
+    ]
+    images = [render_scene(scene) for scene in scenes] + [render_scene({"image_size": size, "objects": []})]
+    with torch.no_grad():
+        maps = model.model.encode_images(to_pixel_values(images_to_uint8(images, size)))
+    return scenes, maps[:-1], maps[-1]
