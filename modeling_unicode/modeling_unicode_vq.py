@@ -278,6 +278,8 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     codebook_usage (`float`): fraction of the K codes used by this batch; perplexity (`float`) of its codes.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the encoder's feature map
         at each level (`UniCodeVQEncoder.feature_levels`), each `(batch, channels, height, width)`.
+    decoder_latents (`torch.FloatTensor` of shape `(batch, z_channels, ĥ, ŵ)`): the quantized latent map the decoder
+        read (HQ: on the bottom grid); stage I's cell-colour term reads each cell's vector from it.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -292,6 +294,7 @@ class UniCodeVisualTokenizerOutput(ModelOutput):
     codebook_usage: Optional[float] = None
     perplexity: Optional[float] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    decoder_latents: Optional[torch.FloatTensor] = None
 
 
 class UniCodePreTrainedVisualTokenizer(PreTrainedModel):
@@ -430,9 +433,13 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
         # vision models do, in its own precision.
         return self.quant_proj(self.encoder(pixel_values.to(self.dtype)))
 
-    def decode_features(self, quantized: torch.Tensor) -> torch.Tensor:
+    def decoder_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantized vectors (B, H, ĥ, ŵ) -> the latent map the decoder reads (B, z_channels, ĥ, ŵ)."""
         # The quantizer works in float32 (distances, the straight-through sum); the decoder runs in the weights' dtype.
-        return self.decoder(self.post_quant_proj(quantized.to(self.dtype)))
+        return self.post_quant_proj(quantized.to(self.dtype))
+
+    def decode_features(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.decoder_latents(quantized))
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, codebook: Optional[torch.Tensor] = None) -> torch.LongTensor:
@@ -463,7 +470,8 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
         with self.encoder.recording_feature_maps(enabled=output_hidden_states) as feature_maps:
             features = self.encode_features(pixel_values)
         quantized = self.quantizer(features, codebook, return_statistics=return_statistics)
-        reconstruction = self.decode_features(quantized.quantized)
+        latents = self.decoder_latents(quantized.quantized)
+        reconstruction = self.decoder(latents)
         reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
         loss = reconstruction_loss + quantized.commitment_loss
         usage = perplexity = None
@@ -482,6 +490,7 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
             codebook_usage=usage,
             perplexity=perplexity,
             hidden_states=tuple(feature_maps) if output_hidden_states else None,
+            decoder_latents=latents,
         )
         if return_dict is None:
             return_dict = self.config.return_dict

@@ -406,23 +406,13 @@ class StageITrainer:
         pixel_values = to_pixel_values(self.train_images[local]).to(self.device)
         ratio = blend_ratio(self.config, self.step, args.max_steps)
         model.train()
-        decoder_inputs = []
-        hook = (
-            self.unwrapped.decoder.register_forward_pre_hook(lambda module, inputs: decoder_inputs.append(inputs[0]))
-            if self.cell_colour_head is not None
-            else None
-        )
-        try:
-            with self._autocast():
-                out = model(pixel_values, return_statistics=True)
-        finally:
-            if hook is not None:
-                hook.remove()
+        with self._autocast():
+            out = model(pixel_values, return_statistics=True)
         loss = out.loss
         logs = {}
         if self.cell_colour_head is not None:
-            cell = self.config.image_size // self.config.latent_grid_size
-            predicted = self.cell_colour_head(decoder_inputs[0].float())
+            cell = self.config.image_size // self.config.latent_grid_size  # pixels per side of a latent cell
+            predicted = self.cell_colour_head(out.decoder_latents.float())
             cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), cell))
             loss = loss + args.cell_colour_weight * cell_colour_loss
             logs["cell_colour_mse"] = float(cell_colour_loss.detach())
