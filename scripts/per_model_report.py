@@ -1,9 +1,16 @@
 """The command line shared by the scripts that measure one trained MLLM folder at a time and print a dict per model."""
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.data.shapes import example_rng, render_scene, sample_scene  # noqa: E402
+from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
 
 
 def run_over_models(description: str, measure: Callable[[str, int], dict], default_scenes: int) -> None:
@@ -27,9 +34,6 @@ def run_over_models(description: str, measure: Callable[[str, int], dict], defau
 
 def single_shape_code_maps(model, seed: int, num_scenes: int, jitter: bool):
     """Single-shape test scenes, their code maps (n, ĥ, ŵ, D) and the blank image's code map (ĥ, ŵ, D)."""
-    from training.data.shapes import example_rng, render_scene, sample_scene
-    from training.stage1 import images_to_uint8, to_pixel_values
-
     size = model.config.vq_config.image_size
     scenes = [
         sample_scene(example_rng(seed, "test", i), size, num_objects=1, jitter=jitter) for i in range(num_scenes)
