@@ -38,6 +38,7 @@ from .modeling_unicode import (
 from .modeling_unicode_vq import UniCodeVisualTokenizer, UniCodeVisualTokenizerOutput
 from .processing_unicode import UniCodeProcessor
 from .quantization_unicode import (
+    UniCodeCodebookLearning,
     UniCodeCodebookTrainer,
     UniCodeQuantizer,
     blend_ratio,

@@ -10,6 +10,9 @@ from typing import Optional, Sequence
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The only place these strings are spelled. `<image>` marks where the processor expands an input
 # image into placeholders; `<boi>`/`<eoi>` bracket a generated image's code ids.
@@ -35,10 +38,20 @@ def add_image_special_tokens(tokenizer) -> dict[str, int]:
 
 
 QUANTIZERS = ("vq", "rq", "hq")
-PARADIGMS = ("frozen", "dual", "iterative")
-DUAL_ROW_NORMS = ("free", "llm")
-BLEND_SCHEDULES = ("ramp", "constant")
 NORM_HANDLINGS = ("normalize", "none")
+# How stage I learned the codebook (`quantization_unicode.UniCodeCodebookLearning`): configs saved before that moved
+# out of the tokenizer's config carry these keys, which a loaded tokenizer ignores.
+TRAINING_ONLY_KEYS = (
+    "paradigm",
+    "ema_decay",
+    "ema_eps",
+    "blend_schedule",
+    "blend_lambda",
+    "blend_tail_fraction",
+    "dead_code_threshold",
+    "dual_sync_interval",
+    "dual_row_norm",
+)
 # What one latent vector of the encoder sees, and what one decodes: the whole image (VQGAN) or only its own patch.
 RECEPTIVE_FIELDS = ("image", "patch")
 VISUAL_INPUTS = ("aggregate", "flatten")
@@ -79,25 +92,6 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             for reproducibility.
         store_codebook (`bool`): whether this module owns a K x `code_dim` codebook parameter. A
             standalone tokenizer does; inside the MLLM it does not, and reads the LLM's rows.
-        paradigm (`str`): how the unified codebook is learned — `"frozen"` (the LLM rows, fixed),
-            `"dual"` (alternating copies between tokenizer and LLM) or `"iterative"` (EMA k-means
-            pulled toward the LLM rows, the paper's choice).
-        ema_decay (`float`), ema_eps (`float`): EMA k-means statistics (released code: 0.99, 1e-5).
-        blend_schedule (`str`): the ratio r of C <- (1 - r) C_ema + r C_llm. `"ramp"`: r rises
-            linearly 0 -> 1 over the first `1 - blend_tail_fraction` of training, then stays 1
-            (released code). `"constant"`: r = 1 - `blend_lambda` (the paper's C' = λC + (1-λ)C_llm),
-            then a tail at r = 1.
-        blend_lambda (`float`): λ of the constant schedule.
-        blend_tail_fraction (`float`): final fraction of stage I with r = 1, so the codebook ends
-            equal to the LLM rows.
-        dead_code_threshold (`float`): EMA count below which a code is restarted from a batch
-            feature (0 disables). Affects only the EMA estimate, never the LLM rows.
-        dual_sync_interval (`int`): `"dual"`: steps between codebook exchanges with the LLM.
-        dual_row_norm (`str`): `"dual"`: `"free"` (the paper's) writes the learned codebook into the
-            LLM rows as it is, at whatever length the EMA gave it; `"llm"` first scales it to the mean
-            length of the LLM's other rows (the quantizer absorbs the factor exactly; needs
-            `level_scales` or `norm_handling="normalize"`). docs/results.md (the previous recipe's ablation) measures
-            both.
         commitment_beta (`float`): weight of the commitment loss (0.25 in the released code).
         entropy_weight (`float`): weight of an assignment-entropy term on the level-0 search during
             training (0 disables, the paper's setting): the mean entropy of each feature's soft
@@ -152,15 +146,6 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         codebook_token_ids: Optional[Sequence[int]] = None,
         codebook_selection: Optional[dict] = None,
         store_codebook: bool = True,
-        paradigm: str = "iterative",
-        ema_decay: float = 0.99,
-        ema_eps: float = 1e-5,
-        blend_schedule: str = "ramp",
-        blend_lambda: float = 0.99,
-        blend_tail_fraction: float = 0.1,
-        dead_code_threshold: float = 0.0,
-        dual_sync_interval: int = 100,
-        dual_row_norm: str = "free",
         commitment_beta: float = 0.25,
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.1,
@@ -188,15 +173,6 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.codebook_token_ids = None if codebook_token_ids is None else [int(i) for i in codebook_token_ids]
         self.codebook_selection = codebook_selection
         self.store_codebook = bool(store_codebook)
-        self.paradigm = paradigm
-        self.ema_decay = float(ema_decay)
-        self.ema_eps = float(ema_eps)
-        self.blend_schedule = blend_schedule
-        self.blend_lambda = float(blend_lambda)
-        self.blend_tail_fraction = float(blend_tail_fraction)
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.dual_sync_interval = int(dual_sync_interval)
-        self.dual_row_norm = dual_row_norm
         self.commitment_beta = float(commitment_beta)
         self.entropy_weight = float(entropy_weight)
         self.entropy_temperature = float(entropy_temperature)
@@ -207,6 +183,13 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.encoder_receptive_field = encoder_receptive_field
         self.decoder_receptive_field = decoder_receptive_field
         self.initializer_range = float(initializer_range)
+        # Folders saved before these moved to stage I's arguments still load; the keys say nothing about the tokenizer.
+        ignored = sorted(key for key in TRAINING_ONLY_KEYS if kwargs.pop(key, None) is not None)
+        if ignored:
+            logger.info(
+                f"ignoring {ignored}: how stage I learned the codebook is not part of the tokenizer's config "
+                "(to train with them, pass them to StageIArguments)"
+            )
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -249,19 +232,11 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value!r} is not supported; use one of {list(allowed)}")
 
         choice("quantizer", self.quantizer, QUANTIZERS)
-        choice("paradigm", self.paradigm, PARADIGMS)
-        choice("dual_row_norm", self.dual_row_norm, DUAL_ROW_NORMS)
-        choice("blend_schedule", self.blend_schedule, BLEND_SCHEDULES)
         choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
         choice("encoder_receptive_field", self.encoder_receptive_field, RECEPTIVE_FIELDS)
         choice("decoder_receptive_field", self.decoder_receptive_field, RECEPTIVE_FIELDS)
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
-        if self.dual_row_norm == "llm" and not (self.level_scales or self.norm_handling == "normalize"):
-            raise ValueError(
-                "dual_row_norm='llm' rescales the codebook rows, which only level_scales=True or "
-                "norm_handling='normalize' can absorb exactly; set one of them or dual_row_norm='free'"
-            )
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must list at least one stage, e.g. [1, 2, 2, 4]")
         for name in ("image_size", "in_channels", "base_channels", "z_channels", "codebook_size", "code_dim"):
@@ -273,14 +248,6 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
                 f"{self.downsampling_factor} of channel_multipliers={self.channel_multipliers} with "
                 f"quantizer={self.quantizer!r}; use a multiple of {self.downsampling_factor} or fewer stages"
             )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
-        if not 0.0 <= self.blend_lambda <= 1.0:
-            raise ValueError(f"blend_lambda={self.blend_lambda} must be in [0, 1]")
-        if not 0.0 <= self.blend_tail_fraction < 1.0:
-            raise ValueError(f"blend_tail_fraction={self.blend_tail_fraction} must be in [0, 1)")
-        if self.dual_sync_interval < 1:
-            raise ValueError(f"dual_sync_interval={self.dual_sync_interval} must be >= 1")
         if self.entropy_weight < 0:
             raise ValueError(f"entropy_weight={self.entropy_weight} must be >= 0 (0 disables the entropy term)")
         if self.entropy_temperature <= 0:

@@ -526,7 +526,73 @@ class UniCodeQuantizer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Learning the unified codebook: the three paradigms
 # ----------------------------------------------------------------------------------------------
-def blend_ratio(config: UniCodeVisualTokenizerConfig, step: int, total_steps: int) -> float:
+PARADIGMS = ("frozen", "dual", "iterative")
+DUAL_ROW_NORMS = ("free", "llm")
+BLEND_SCHEDULES = ("ramp", "constant")
+
+
+@dataclass
+class UniCodeCodebookLearning:
+    """How stage I learns the unified codebook: training-only settings, so they are not part of a saved tokenizer's
+    config (a trained tokenizer's codebook is the LLM's rows, whichever way it got there).
+
+    Args:
+        paradigm: `"frozen"` (the LLM rows, fixed), `"dual"` (alternating copies between tokenizer and LLM) or
+            `"iterative"` (EMA k-means pulled toward the LLM rows, the paper's choice; Sec. 3.2).
+        ema_decay, ema_eps: EMA k-means statistics (the released code's 0.99 and 1e-5); `ema_decay` also paces the
+            fitted level scales.
+        blend_schedule: the ratio r of C <- (1 - r) C_ema + r C_llm. `"ramp"`: r rises linearly 0 -> 1 over the
+            first `1 - blend_tail_fraction` of training, then stays 1 (released code). `"constant"`: r = 1 -
+            `blend_lambda` (the paper's C' = λC + (1-λ)C_llm), then a tail at r = 1.
+        blend_lambda: λ of the constant schedule.
+        blend_tail_fraction: final fraction of stage I with r = 1, so the codebook ends equal to the LLM rows.
+        dead_code_threshold: EMA count below which a code is restarted from a batch feature (0 disables). Affects
+            only the EMA estimate, never the LLM rows.
+        dual_sync_interval: `"dual"`: steps between codebook exchanges with the LLM.
+        dual_row_norm: `"dual"`: `"free"` (the paper's) writes the learned codebook into the LLM rows as it is;
+            `"llm"` first scales it to the mean length of the LLM's other rows (the quantizer absorbs the factor
+            exactly, so it needs `level_scales` or `norm_handling="normalize"`; docs/results.md measures both).
+    """
+
+    paradigm: str = "iterative"
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    blend_schedule: str = "ramp"
+    blend_lambda: float = 0.99
+    blend_tail_fraction: float = 0.1
+    dead_code_threshold: float = 0.0
+    dual_sync_interval: int = 100
+    dual_row_norm: str = "free"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("paradigm", PARADIGMS),
+            ("blend_schedule", BLEND_SCHEDULES),
+            ("dual_row_norm", DUAL_ROW_NORMS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {list(allowed)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0.0 <= self.blend_lambda <= 1.0:
+            raise ValueError(f"blend_lambda={self.blend_lambda} must be in [0, 1]")
+        if not 0.0 <= self.blend_tail_fraction < 1.0:
+            raise ValueError(f"blend_tail_fraction={self.blend_tail_fraction} must be in [0, 1)")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold={self.dead_code_threshold} must be >= 0 (0 disables restarts)")
+        if self.dual_sync_interval < 1:
+            raise ValueError(f"dual_sync_interval={self.dual_sync_interval} must be >= 1")
+
+    def check_tokenizer(self, config: UniCodeVisualTokenizerConfig) -> None:
+        """Raise if these settings cannot train a tokenizer of `config`."""
+        if self.dual_row_norm == "llm" and not (config.level_scales or config.norm_handling == "normalize"):
+            raise ValueError(
+                "dual_row_norm='llm' rescales the codebook rows, which only level_scales=True or "
+                "norm_handling='normalize' can absorb exactly; set one of them or dual_row_norm='free'"
+            )
+
+
+def blend_ratio(learning: UniCodeCodebookLearning, step: int, total_steps: int) -> float:
     """r of C <- (1 - r) C_ema + r C_llm at `step` (0-based) of `total_steps`.
 
     `ramp` (released code): r grows linearly to exactly 1 at the end of the ramp, then a tail at 1.
@@ -535,12 +601,12 @@ def blend_ratio(config: UniCodeVisualTokenizerConfig, step: int, total_steps: in
     """
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps} must be >= 1")
-    ramp_steps = max(1, int(round(total_steps * (1.0 - config.blend_tail_fraction))))
+    ramp_steps = max(1, int(round(total_steps * (1.0 - learning.blend_tail_fraction))))
     if step + 1 >= ramp_steps:
         return 1.0
-    if config.blend_schedule == "ramp":
+    if learning.blend_schedule == "ramp":
         return (step + 1) / ramp_steps
-    return 1.0 - config.blend_lambda
+    return 1.0 - learning.blend_lambda
 
 
 def _all_reduce_sum(*tensors: torch.Tensor) -> None:
@@ -564,12 +630,12 @@ class UniCodeCodebookTrainer(nn.Module):
     codebook from the same numbers.
     """
 
-    def __init__(self, config: UniCodeVisualTokenizerConfig, codebook: torch.Tensor):
+    def __init__(self, learning: UniCodeCodebookLearning, codebook: torch.Tensor):
         super().__init__()
-        self.paradigm = config.paradigm
-        self.decay = config.ema_decay
-        self.eps = config.ema_eps
-        self.dead_code_threshold = config.dead_code_threshold
+        self.paradigm = learning.paradigm
+        self.decay = learning.ema_decay
+        self.eps = learning.ema_eps
+        self.dead_code_threshold = learning.dead_code_threshold
         # Without restarts, start as if every code had been seen once at its current value, so an
         # unseen code keeps its row (sum / size = row). With restarts, start from zero counts: every
         # code the first batch leaves unused is re-seeded from a feature at once — otherwise a fresh
@@ -650,12 +716,11 @@ class UniCodeCodebookTrainer(nn.Module):
         scale exactly. Returns the factor applied.
 
         Why it is an option: the EMA codebook follows the encoder's features, and with fitted level
-        scales nothing pins its length (rows x a, scales / a reconstruct alike). Measured on the tiny
-        preset under the paper's dual ("free"): rows of mean length 56 against 0.75 for text rows
-        after 1,000 steps; with tied input and output embeddings every code token's logit dwarfs the
-        text's, and the MLLM answered "the. a large det the. a" to every question. That is the
-        paper's finding (the visual codebook moves faster than the text one and destroys the LLM's
-        language ability); "llm" tests whether the length alone is to blame."""
+        scales nothing pins its length (rows x a, scales / a reconstruct alike). Under the paper's dual
+        ("free") the code rows grow far longer than the text rows, so with tied input and output
+        embeddings every code token's logit dwarfs the text's and the MLLM stops writing language: the
+        paper's finding that the visual codebook moves faster than the text one (Sec. 3.2). "llm" tests
+        whether the length alone is to blame (docs/results.md, the previous recipe's ablation)."""
         alpha = float(target_norm) / float(codebook.float().norm(dim=1).mean().clamp_min(1e-12))
         codebook.mul_(alpha)
         quantizer.absorb_row_scale(alpha)
@@ -692,6 +757,7 @@ __all__ = [
     "usage_statistics",
     "QuantizerOutput",
     "UniCodeQuantizer",
+    "UniCodeCodebookLearning",
     "UniCodeCodebookTrainer",
     "blend_ratio",
 ]

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hub_upload.run_folder import STAGE1_DIR  # noqa: E402
 from training.data.scene_parser import patch_colours  # noqa: E402
 from training.data.shapes import COLORS, render_scene  # noqa: E402
 
@@ -55,6 +56,8 @@ def main() -> None:
         raise SystemExit(f"--run {run} has no vision_tokenizer/; run `unicode-mllm demo` or `train-tokenizer` first")
     tokenizer = UniCodeVisualTokenizer.from_pretrained(run / "vision_tokenizer").eval()
     config = tokenizer.config
+    metrics_path = run / STAGE1_DIR / "metrics.json"
+    stage1_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     size, grid = config.image_size, config.code_grid_size
     scenes = build_split("train", args.images, image_size=size, seed=0)
     pixels = to_pixel_values(images_to_uint8(list(scenes["image"]), size, "Shapes scenes"))
@@ -95,7 +98,7 @@ def main() -> None:
             {
                 "run": str(run),
                 "quantizer": config.quantizer,
-                "paradigm": config.paradigm,
+                "paradigm": stage1_metrics.get("paradigm"),  # how stage I learned the codebook
                 "patches": int(len(labels)),
                 "coverage": args.coverage,
                 "colours": len(COLORS),

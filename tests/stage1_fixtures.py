@@ -43,7 +43,6 @@ def tiny_overrides(**extra):
         "channel_multipliers": [1, 2],
         "z_channels": 8,
         "code_dim": HIDDEN,
-        "dual_sync_interval": 2,
         **extra,
     }
 

@@ -10,7 +10,8 @@ from training.ablate import FACTORS, claims, run_ablation
 
 OVERRIDES = {
     "text_model_overrides": TEXT_MODEL,
-    "vision_overrides": {**VISION, "dual_sync_interval": 2},
+    "vision_overrides": VISION,
+    "stage1_overrides": {"dual_sync_interval": 2},
     "codebook_size": 128,
     "quiet": True,
 }
@@ -60,7 +61,7 @@ def test_table_has_a_measured_row_per_variant(ablation):
 def test_variants_change_only_their_factor(ablation):
     out, _ = ablation
     report = lambda name: json.loads((out / name / "report.json").read_text())  # noqa: E731
-    assert report("paradigm=dual")["settings"]["vision_tokenizer"]["paradigm"] == "dual"
+    assert report("paradigm=dual")["settings"]["paradigm"] == "dual"
     assert (
         not report("paradigm=frozen")["reused"]["stage1_tokenizer"]
         and report("paradigm=frozen")["reused"]["stage0_text_lm"]

@@ -555,7 +555,8 @@ def test_cli_chooses_the_stage_one_paradigm_quantizer_and_entropy_term(monkeypat
     tokenizer = build_parser().parse_args(
         ["train-tokenizer", "--entropy-weight", "0.1", "--dead-code-threshold", "0.5"]
     )
-    assert _vision_flags(tokenizer) == {"entropy_weight": 0.1, "dead_code_threshold": 0.5}
+    assert _vision_flags(tokenizer) == {"entropy_weight": 0.1}
+    assert tokenizer.dead_code_threshold == 0.5  # how stage I learns the codebook: a stage-I argument
     with pytest.raises(SystemExit):  # the ablation varies the paradigm itself
         build_parser().parse_args(["ablate", "--paradigm", "dual"])
 

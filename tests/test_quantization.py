@@ -1,11 +1,14 @@
 """Unified-codebook quantizers: row selection, layout, nearest-code search, RQ/HQ, paradigms."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_unicode import (
+    UniCodeCodebookLearning,
     UniCodeCodebookTrainer,
     UniCodeQuantizer,
     UniCodeVisualTokenizerConfig,
@@ -44,8 +47,15 @@ def test_nearest_code_finds_exact_members():
 
 
 def make_quantizer(kind, depth=1, dim=16, **kw):
-    config = UniCodeVisualTokenizerConfig(quantizer=kind, depth=depth, code_dim=dim, codebook_size=64, **kw)
-    return config, UniCodeQuantizer(config)
+    """(how the codebook is learned, a quantizer): `kw` holds fields of either."""
+    learning_fields = {f.name for f in fields(UniCodeCodebookLearning)}
+    learning = UniCodeCodebookLearning(**{k: v for k, v in kw.items() if k in learning_fields})
+    tokenizer_fields = {k: v for k, v in kw.items() if k not in learning_fields}
+    config = UniCodeVisualTokenizerConfig(
+        quantizer=kind, depth=depth, code_dim=dim, codebook_size=64, **tokenizer_fields
+    )
+    learning.check_tokenizer(config)
+    return learning, UniCodeQuantizer(config)
 
 
 def test_rq_residual_norm_decreases_level_by_level():
@@ -149,10 +159,10 @@ def statistics(quantizer, codebook, features):
 
 
 def test_frozen_codebook_is_bit_identical_after_updates():
-    config, quantizer = make_quantizer("rq", depth=2, paradigm="frozen")
+    learning, quantizer = make_quantizer("rq", depth=2, paradigm="frozen")
     codebook = torch.randn(64, 16)
     before = codebook.clone()
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     for _ in range(5):
         counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
         trainer.update(codebook, counts, sums, llm_rows=before, ratio=0.3)
@@ -160,10 +170,10 @@ def test_frozen_codebook_is_bit_identical_after_updates():
 
 
 def test_iterative_update_matches_hand_computation():
-    config, quantizer = make_quantizer("vq", paradigm="iterative", ema_decay=0.9, ema_eps=1e-5, norm_handling="none")
+    learning, quantizer = make_quantizer("vq", paradigm="iterative", ema_decay=0.9, ema_eps=1e-5, norm_handling="none")
     codebook = torch.randn(64, 16)
     llm_rows = torch.randn(64, 16)
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     features = torch.randn(2, 16, 4, 4)
     counts, sums = statistics(quantizer, codebook, features)
     # Hand: assignment counts/sums, EMA from (size 1, sum = row), Laplace smoothing, blend r=0.25.
@@ -183,12 +193,14 @@ def test_iterative_update_matches_hand_computation():
 
 @pytest.mark.parametrize("schedule", ["ramp", "constant"])
 def test_schedules_end_bit_identical_to_llm_rows(schedule):
-    config, quantizer = make_quantizer("rq", depth=2, paradigm="iterative", blend_schedule=schedule, blend_lambda=0.9)
+    learning, quantizer = make_quantizer(
+        "rq", depth=2, paradigm="iterative", blend_schedule=schedule, blend_lambda=0.9
+    )
     codebook = torch.randn(64, 16)
     llm_rows = torch.randn(64, 16) * 0.3
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     total = 20
-    ratios = [blend_ratio(config, step, total) for step in range(total)]
+    ratios = [blend_ratio(learning, step, total) for step in range(total)]
     for ratio in ratios:
         counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
         trainer.update(codebook, counts, sums, llm_rows=llm_rows, ratio=ratio)
@@ -213,9 +225,9 @@ def test_dual_writes_and_reads_rows_of_a_real_llama_embedding_table():
     )
     embedding = llama.get_input_embeddings()
     token_ids = torch.arange(100, 164)
-    config, quantizer = make_quantizer("vq", paradigm="dual")
+    learning, quantizer = make_quantizer("vq", paradigm="dual")
     codebook = embedding_rows(embedding, token_ids).detach().clone()
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     untouched = embedding.weight[:100].detach().clone()
     for _ in range(3):
         counts, sums = statistics(quantizer, codebook, torch.randn(2, 16, 4, 4))
@@ -255,9 +267,9 @@ def test_usage_statistics_count_codes():
 
 
 def test_dead_code_restarts_reseed_unused_codes_from_features():
-    config, quantizer = make_quantizer("vq", paradigm="iterative", dead_code_threshold=0.05, norm_handling="none")
+    learning, quantizer = make_quantizer("vq", paradigm="iterative", dead_code_threshold=0.05, norm_handling="none")
     codebook = torch.randn(64, 16)
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     out = quantizer(torch.randn(1, 16, 2, 2), codebook, return_statistics=True)  # 4 vectors: >= 60 codes unused
     trainer.update(
         codebook,
@@ -284,10 +296,10 @@ def test_level_scales_let_a_fixed_codebook_quantize_residuals_at_their_own_scale
     features = (3 * codebook[pick[0]] + codebook[pick[1]]).permute(0, 3, 1, 2)
 
     def residual_error(level_scales):
-        config, quantizer = make_quantizer(
+        learning, quantizer = make_quantizer(
             "rq", depth=2, paradigm="frozen", norm_handling="none", level_scales=level_scales, ema_decay=0.5
         )
-        trainer = UniCodeCodebookTrainer(config, codebook)
+        trainer = UniCodeCodebookTrainer(learning, codebook)
         for _ in range(30 if level_scales else 0):
             out = quantizer(features, codebook, return_statistics=True)
             trainer.update_level_scales(quantizer.level_scale, out.level_fit)
@@ -305,7 +317,7 @@ def test_level_scales_let_a_fixed_codebook_quantize_residuals_at_their_own_scale
 
 def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_through_it():
     torch.manual_seed(0)
-    config, quantizer = make_quantizer("vq", paradigm="iterative", norm_handling="none", codebook_projection=True)
+    learning, quantizer = make_quantizer("vq", paradigm="iterative", norm_handling="none", codebook_projection=True)
     with torch.no_grad():
         quantizer.codebook_projection.weight.copy_(torch.eye(16) + 0.1 * torch.randn(16, 16))
         quantizer.codebook_projection.bias.normal_(0, 0.1)
@@ -320,7 +332,7 @@ def test_codebook_projection_learns_from_the_codebook_loss_and_iterative_blends_
         assert plain == pytest.approx(
             float(0.25 * (features - searched[out.indices[..., 0]].permute(0, 3, 1, 2)).pow(2).mean()), rel=1e-5
         )
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     trainer.update(codebook, out.code_counts, out.code_sums, llm_rows=llm_rows, ratio=0.25, quantizer=quantizer)
     size = trainer.ema_cluster_size
     smoothed = (size + 1e-5) / (size.sum() + 64 * 1e-5) * size.sum()
@@ -336,7 +348,7 @@ def test_match_row_norm_rescales_the_rows_and_keeps_every_decoder_input(kind, de
     """Dual paradigm: the rows handed to the LLM take the LLM's row length, and neither the codes nor
     the quantized latent change (the projection bias and level scales absorb the factor)."""
     torch.manual_seed(0)
-    config, quantizer = make_quantizer(
+    learning, quantizer = make_quantizer(
         kind, depth=depth, paradigm="dual", norm_handling=norm_handling, level_scales=True, codebook_projection=True
     )
     with torch.no_grad():
@@ -346,7 +358,7 @@ def test_match_row_norm_rescales_the_rows_and_keeps_every_decoder_input(kind, de
     codebook = 40.0 * torch.randn(64, 16)  # drifted far from LLM-sized rows
     features = 20.0 * torch.randn(2, 16, 8, 8)
     before = quantizer(features, codebook)
-    trainer = UniCodeCodebookTrainer(config, codebook)
+    trainer = UniCodeCodebookTrainer(learning, codebook)
     alpha = trainer.match_row_norm(codebook, 0.75, quantizer)
     assert alpha < 0.1 and torch.isclose(codebook.norm(dim=1).mean(), torch.tensor(0.75), rtol=1e-4)
     after = quantizer(features, codebook)
@@ -368,7 +380,7 @@ def test_entropy_term_spreads_assignments_and_only_trains():
     """The assignment-entropy term: per-feature entropy minus batch entropy of the soft assignments,
     added only in training; descending it moves features from one shared code to many."""
     torch.manual_seed(0)
-    config, quantizer = make_quantizer(
+    learning, quantizer = make_quantizer(
         "rq", depth=2, norm_handling="none", entropy_weight=1.0, entropy_temperature=0.1
     )
     codebook = torch.randn(64, 16)

@@ -38,6 +38,7 @@ def make_trainer(out, llm_dir, steps=6, paradigm="iterative", quantizer="rq", co
         checkpoint_every=kw.pop("checkpoint_every", 0),
         eval_images=8,
         vision_overrides=tiny_overrides(),
+        dual_sync_interval=kw.pop("dual_sync_interval", 2),
         **kw,
     )
     images = tiny_images()
@@ -139,6 +140,17 @@ def test_bad_inputs_are_named(tmp_path, llm_dir):
             images,
             images,
         )
+    with pytest.raises(ValueError, match=r"vision_overrides sets \['dual_sync_interval'\].*StageIArguments fields"):
+        StageITrainer(
+            StageIArguments(**args, codebook_size=64, vision_overrides=tiny_overrides(dual_sync_interval=2)),
+            images,
+            images,
+        )
+    with pytest.raises(ValueError, match="dual_row_norm='llm' rescales the codebook rows"):
+        overrides = tiny_overrides(level_scales=False, norm_handling="none")
+        StageITrainer(
+            StageIArguments(**args, codebook_size=64, dual_row_norm="llm", vision_overrides=overrides), images, images
+        )
 
 
 def test_code_width_follows_the_llm(tmp_path, llm_dir, capsys):
@@ -163,7 +175,7 @@ sys.path.insert(0, sys.argv[3])
 from stage1_fixtures import tiny_images, tiny_overrides
 from training.stage1 import StageIArguments, StageITrainer
 args = StageIArguments(output_dir=sys.argv[1], llm_path=sys.argv[2], codebook_size=128, max_steps=50, batch_size=8,
-                       sample_every=0, checkpoint_every=0, vision_overrides=tiny_overrides(dead_code_threshold=0.9),
+                       sample_every=0, checkpoint_every=0, vision_overrides=tiny_overrides(), dead_code_threshold=0.9,
                        cell_colour_weight=1.0)
 trainer = StageITrainer(args, tiny_images(), tiny_images()[:8])
 for _ in range(4):
@@ -332,7 +344,9 @@ def test_dual_row_norm_llm_hands_over_rows_as_long_as_the_text_rows(tmp_path, ll
         sample_every=0,
         checkpoint_every=0,
         eval_images=8,
-        vision_overrides=tiny_overrides(level_scales=True, norm_handling="none", dual_row_norm=row_norm),
+        vision_overrides=tiny_overrides(level_scales=True, norm_handling="none"),
+        dual_row_norm=row_norm,
+        dual_sync_interval=2,
     )
     _, tokenizer = load_text_lm(llm_dir)
     blocks = packed_blocks(tokenizer, ["the red circle is at the top left"] * 50, 16)

@@ -1,10 +1,18 @@
 """UniCodeVisualTokenizer: shapes per quantizer, Auto* round trip, presets, and clear errors."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from modeling_unicode import UniCodeVisualTokenizer, UniCodeVisualTokenizerConfig, unflatten_code_map
+from modeling_unicode import (
+    UniCodeCodebookLearning,
+    UniCodeVisualTokenizer,
+    UniCodeVisualTokenizerConfig,
+    unflatten_code_map,
+)
+from modeling_unicode.configuration_unicode import TRAINING_ONLY_KEYS
 from training.presets import list_presets, vision_tokenizer_config
 
 TOKEN_OFFSET = 500  # codes are vocabulary ids, not 0..K-1
@@ -193,7 +201,6 @@ def test_bad_codes_get_clear_errors():
         ({"codebook_size": 4, "codebook_token_ids": [1, 2, 3]}, "has 3 ids but codebook_size=4"),
         ({"codebook_size": 3, "codebook_token_ids": [1, 2, 2]}, "repeated ids"),
         ({"quantizer": "pq"}, "quantizer='pq' is not supported"),
-        ({"paradigm": "joint"}, "paradigm='joint'"),
         ({"encoder_receptive_field": "cell"}, "encoder_receptive_field='cell' is not supported"),
         ({"decoder_receptive_field": "cell"}, "decoder_receptive_field='cell' is not supported"),
     ],
@@ -201,6 +208,33 @@ def test_bad_codes_get_clear_errors():
 def test_config_validation_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         UniCodeVisualTokenizerConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"paradigm": "joint"}, "paradigm='joint' is not supported"),
+        ({"blend_schedule": "cosine"}, "blend_schedule='cosine' is not supported"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0 must be in"),
+        ({"dual_sync_interval": 0}, "dual_sync_interval=0 must be >= 1"),
+    ],
+)
+def test_codebook_learning_validation_names_the_field(settings, message):
+    with pytest.raises(ValueError, match=message):
+        UniCodeCodebookLearning(**settings)
+
+
+def test_a_tokenizer_saved_with_stage_one_settings_still_loads_and_saves_without_them(tmp_path):
+    """Folders saved before the codebook-learning settings left the config carry `paradigm`, `ema_*`, `blend_*`,
+    `dual_*`: they load, and what they save again describes the tokenizer only."""
+    config = vision_tokenizer_config("tiny", codebook_token_ids=list(range(256)), codebook_size=256)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not set(saved) & set(TRAINING_ONLY_KEYS)
+    saved.update(paradigm="dual", ema_decay=0.9, blend_tail_fraction=0.5, dual_row_norm="llm", dead_code_threshold=0.1)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = UniCodeVisualTokenizerConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
 
 
 def test_presets_exist_and_base_matches_the_paper_architecture():

@@ -113,7 +113,6 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 # Visual-tokenizer config fields a command line may override: flag --entropy-weight sets `entropy_weight`.
 VISION_FLAGS = {
     "norm_handling": dict(choices=["normalize", "none"]),
-    "dead_code_threshold": dict(type=float),
     "entropy_weight": dict(
         type=float, help="MAGVIT-v2 entropy term for codebook usage (default 0: off; see docs/results.md)"
     ),
@@ -177,9 +176,6 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         train_images = images_to_uint8(train["image"], image_size, "train")
         eval_images = images_to_uint8(validation["image"], image_size, "validation")
     text_blocks = None
-    if (args.paradigm or preset["vision_tokenizer"].get("paradigm")) == "dual":
-        _, tokenizer = load_text_lm(llm_path)
-        text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=2000, seed=args.seed)), 64)
     stage_args = StageIArguments.from_recipe(
         output,
         llm_path,
@@ -195,9 +191,13 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         seed=args.seed,
         gan_weight=args.gan_weight,
         cell_colour_weight=args.cell_colour_weight,
+        dead_code_threshold=args.dead_code_threshold,
         vision_overrides=_vision_flags(args),
         init_from=args.init_from,
     )
+    if stage_args.codebook_learning.paradigm == "dual":
+        _, tokenizer = load_text_lm(llm_path)
+        text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=2000, seed=args.seed)), 64)
     metrics = StageITrainer(stage_args, train_images, eval_images, text_blocks=text_blocks).train(resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -735,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--batch-size", type=positive_int)
     tok.add_argument("--lr", type=float)
     tok.add_argument("--gan-weight", type=float)
+    tok.add_argument(
+        "--dead-code-threshold",
+        type=float,
+        help="EMA count below which a code is re-seeded from a batch feature (0: never; default: the recipe's)",
+    )
     tok.add_argument(
         "--cell-colour-weight",
         type=float,

@@ -89,6 +89,8 @@ class DemoArguments:
     # Reduced settings (tests): overrides of the preset's text model / visual tokenizer.
     text_model_overrides: dict = field(default_factory=dict)
     vision_overrides: dict = field(default_factory=dict)
+    # Overrides of stage I's arguments (`StageIArguments` fields, e.g. how it learns the codebook: dual_sync_interval).
+    stage1_overrides: dict = field(default_factory=dict)
     codebook_size: Optional[int] = None
     paradigm: Optional[str] = None
     quantizer: Optional[str] = None
@@ -106,25 +108,23 @@ def _recipe(preset: str) -> dict:
         raise DemoSettingsError(str(error)) from None
 
 
-def _stage2_uses_lora(preset: str) -> bool:
-    """The recipe's `stage2.lora` (LoRA unless it says full fine-tuning): it decides the SFT arguments,
-    when a stage-II folder is complete, and whether the run has an adapter."""
-    return bool(_recipe(preset).get("stage2", {}).get("lora", True))
-
-
 def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     """The recipe's `demo` section with `overrides`, checked for unknown and missing keys."""
-    section = dict(_recipe(preset).get("demo") or {})
+    from .presets import load_preset
+
+    return _checked_budget(preset, _recipe(preset), load_preset(preset), overrides)
+
+
+def _checked_budget(preset: str, recipe: dict, model_preset: dict, overrides: Optional[dict]) -> dict:
+    section = dict(recipe.get("demo") or {})
     goals = section.pop("goals", {})
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(BUDGET_KEYS))
     if unknown:
         raise DemoSettingsError(f"budget has unknown keys {unknown}; use some of {list(BUDGET_KEYS)}")
     budget = {**section, **overrides}
-    from .presets import load_preset
-
     # A pretrained LLM has no stage-0 training to budget.
-    trains_stage0 = load_preset(preset)["text_model"].get("source") == "stage0"
+    trains_stage0 = model_preset["text_model"].get("source") == "stage0"
     missing = [k for k in BUDGET_KEYS if k not in budget and (trains_stage0 or k not in STAGE0_BUDGET_KEYS)]
     if missing:
         raise DemoSettingsError(
@@ -150,6 +150,43 @@ def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     return {**budget, "goals": goals}
 
 
+@dataclass
+class DemoPlan:
+    """What a demo run reads from its preset and recipe, resolved once at the door (`resolve`) and handed to every
+    stage: nothing after it reads the preset's or the recipe's files again."""
+
+    preset_name: str
+    preset: dict  # the model preset, with DemoArguments.text_model_overrides applied
+    recipe: dict
+    budget: dict  # the recipe's `demo` section with DemoArguments.budget, checked; the goals apart
+    goals: dict
+    decompress: bool  # decompression pre-training runs (`decompress_steps: 0` in a budget skips it too)
+    # Stage II trains LoRA adapters (the recipe's `stage2.lora`; LoRA unless it says full fine-tuning): it decides
+    # the SFT arguments, when a stage-II folder is complete, and whether the run has an adapter.
+    lora: bool
+
+    @classmethod
+    def resolve(cls, args: DemoArguments) -> "DemoPlan":
+        from .presets import load_preset
+
+        recipe, preset = _recipe(args.preset), load_preset(args.preset)
+        budget = _checked_budget(args.preset, recipe, preset, args.budget)
+        goals = budget.pop("goals")
+        return cls(
+            preset_name=args.preset,
+            preset={**preset, "text_model": {**preset["text_model"], **args.text_model_overrides}},
+            recipe=recipe,
+            budget=budget,
+            goals=goals,
+            decompress=args.decompress and budget["decompress_steps"] > 0,
+            lora=bool(recipe.get("stage2", {}).get("lora", True)),
+        )
+
+    def section(self, name: str) -> dict:
+        """The recipe's section `name` (`stage0`, `stage1`, `stage2`), empty if the recipe has none."""
+        return self.recipe.get(name) or {}
+
+
 # The reusable stages in pipeline order and their folders under the run; the first folder is the one
 # named in errors. Settings of later stages include those of earlier ones (see `stage_settings`).
 STAGE_FOLDERS = {
@@ -166,7 +203,7 @@ def _without(section: dict, *keys: str) -> dict:
     return {k: v for k, v in section.items() if k not in keys}
 
 
-def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: bool) -> dict[str, dict]:
+def stage_settings(args: DemoArguments, plan: DemoPlan) -> dict[str, dict]:
     """stage -> the settings its output depends on, as they read back from `STAGE_RECORDS`. Each stage's
     settings contain those of the stages it builds on, so a change upstream invalidates it too. Recipe
     sections are recorded without the keys the demo's budget sets instead."""
@@ -174,7 +211,7 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
     from .tasks import task_rows_fingerprint
     from .text_lm import recipe_training_settings
 
-    recipe = _recipe(args.preset)
+    preset, budget, decompress = plan.preset, plan.budget, plan.decompress
     settings: dict[str, dict] = {}
     # The data is code, not a setting: its fingerprints stand in for it, so a folder trained on what an
     # older version generated is refused like one made with other settings.
@@ -193,19 +230,20 @@ def stage_settings(args: DemoArguments, preset: dict, budget: dict, decompress: 
             **upstream,
             "text_scenes": budget["text_scenes"],
             "stage0_steps": budget["stage0_steps"],
-            "recipe_stage0": recipe_training_settings(recipe.get("stage0", {})),
+            "recipe_stage0": recipe_training_settings(plan.section("stage0")),
         }
     upstream = settings["stage1_tokenizer"] = {
         **upstream,
         **{k: budget[k] for k in ("stage1_steps", "stage1_train_images", "stage1_eval_images")},
         "vision_tokenizer": {**preset["vision_tokenizer"], **args.vision_overrides},
+        "stage1_overrides": args.stage1_overrides,
         "paradigm": args.paradigm,
         "quantizer": args.quantizer,
         "codebook_size": args.codebook_size,
-        "recipe_stage1": _without(recipe.get("stage1", {}), "max_steps"),
+        "recipe_stage1": _without(plan.section("stage1"), "max_steps"),
     }
     upstream = settings["code_datasets"] = {**upstream, "visual_input": args.visual_input}
-    stage2 = recipe.get("stage2", {})
+    stage2 = plan.section("stage2")
     shared = {
         "task_rows_sha256": task_rows_fingerprint(),
         "stage2_train_images": budget["stage2_train_images"],
@@ -323,62 +361,63 @@ class StageClock:
         return result
 
 
-def train_stage0(run: Path, preset: dict, budget: dict, seed: int) -> Path:
+def train_stage0(run: Path, plan: DemoPlan, seed: int) -> Path:
     from .data.shapes import text_corpus
     from .text_lm import recipe_training_settings, train_text_lm
 
-    stage0 = _recipe(preset["name"]).get("stage0", {})
-    texts = list(text_corpus(num_scenes=budget["text_scenes"], seed=seed))
+    texts = list(text_corpus(num_scenes=plan.budget["text_scenes"], seed=seed))
     return train_text_lm(
         run / TEXT_LM_DIR,
-        preset["text_model"],
+        plan.preset["text_model"],
         texts,
-        max_steps=budget["stage0_steps"],
+        max_steps=plan.budget["stage0_steps"],
         seed=seed,
-        **recipe_training_settings(stage0),
+        **recipe_training_settings(plan.section("stage0")),
     )
 
 
 def train_stage1(
     run: Path,
-    preset_name: str,
+    plan: DemoPlan,
     llm_path: Path,
-    budget: dict,
     seed: int,
     *,
     paradigm=None,
     quantizer=None,
     codebook_size=None,
     vision_overrides=None,
+    stage1_overrides=None,
 ) -> dict:
-    """Stage I through `StageITrainer`, with the recipe's `stage1` values and the demo's budget."""
+    """Stage I through `StageITrainer`, with the recipe's `stage1` values, then `stage1_overrides`, and the demo's
+    budget."""
     from .data.shapes import build_split, text_corpus
-    from .presets import load_preset
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
     from .text_lm import load_text_lm, packed_blocks
 
-    stage1 = _recipe(preset_name).get("stage1", {})
-    vision = {**load_preset(preset_name)["vision_tokenizer"], **(vision_overrides or {})}
-    size = vision["image_size"]
+    budget = plan.budget
+    size = {**plan.preset["vision_tokenizer"], **(vision_overrides or {})}["image_size"]
     train = build_split("train", budget["stage1_train_images"], image_size=size, seed=seed)
     validation = build_split("validation", budget["stage1_eval_images"], image_size=size, seed=seed)
-    text_blocks = None
-    if (paradigm or vision.get("paradigm")) == "dual":
-        _, tokenizer = load_text_lm(str(llm_path))
-        text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=500, seed=seed)), 64)
     args = StageIArguments.from_recipe(
         run,
         llm_path,
-        preset_name,
+        plan.preset_name,
         paradigm=paradigm,
         quantizer=quantizer,
         codebook_size=codebook_size,
         max_steps=budget["stage1_steps"],
-        warmup_steps=min(stage1.get("warmup_steps", StageIArguments.warmup_steps), budget["stage1_steps"]),
+        warmup_steps=min(
+            plan.section("stage1").get("warmup_steps", StageIArguments.warmup_steps), budget["stage1_steps"]
+        ),
         seed=seed,
         eval_images=budget["stage1_eval_images"],
         vision_overrides=dict(vision_overrides or {}),
+        **(stage1_overrides or {}),
     )
+    text_blocks = None
+    if args.codebook_learning.paradigm == "dual":
+        _, tokenizer = load_text_lm(str(llm_path))
+        text_blocks = packed_blocks(tokenizer, list(text_corpus(num_scenes=500, seed=seed)), 64)
     return StageITrainer(
         args,
         images_to_uint8(train["image"], size, "train"),
@@ -394,9 +433,8 @@ def _stage1_metrics(run: Path) -> dict:
 
 def stage2_arguments(
     run: Path,
-    preset_name: str,
+    plan: DemoPlan,
     stage: str,
-    budget: dict,
     seed: int,
     device: str,
     from_decompressed: Optional[bool] = None,
@@ -406,10 +444,10 @@ def stage2_arguments(
     return StageIIArguments.from_recipe(
         run,
         stage,
-        preset_name,
-        max_steps=budget[f"{stage}_steps"],
-        train_images=budget["stage2_train_images"],
-        eval_images=budget["stage2_eval_images"],
+        plan.preset_name,
+        max_steps=plan.budget[f"{stage}_steps"],
+        train_images=plan.budget["stage2_train_images"],
+        eval_images=plan.budget["stage2_eval_images"],
         seed=seed,
         resume=True,
         use_cpu=device == "cpu",
@@ -417,10 +455,10 @@ def stage2_arguments(
     )
 
 
-def _stage2_done(run: Path, preset_name: str, stage: str) -> bool:
+def _stage2_done(run: Path, plan: DemoPlan, stage: str) -> bool:
     from .stage2 import stage_complete
 
-    return stage_complete(run, stage, _stage2_uses_lora(preset_name))
+    return stage_complete(run, stage, plan.lora)
 
 
 # -- samples.png ----------------------------------------------------------------------------------
@@ -676,10 +714,7 @@ def _draw_examples(run: Path, examples: dict) -> tuple[str, str, str, str]:
 def _demo_report(
     run: Path,
     args: DemoArguments,
-    preset: dict,
-    budget: dict,
-    goals: dict,
-    decompress: bool,
+    plan: DemoPlan,
     results: dict,
     stage1: Optional[dict],
     stage2: dict,
@@ -690,6 +725,7 @@ def _demo_report(
     """report.json's content: the evaluation beside its chance and ceiling, the goals, each stage's figures, the
     settings the run used, its seconds and the software versions."""
     question, answer, prediction, prompt = example
+    preset, budget, goals = plan.preset, plan.budget, plan.goals
     wall = dict(clock.seconds)
     wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
     wall["this_invocation"] = time.perf_counter() - started
@@ -719,10 +755,8 @@ def _demo_report(
             "text_model": preset["text_model"],
             "budget": budget,
             "visual_input": args.visual_input,
-            "decompression_pretraining": decompress,
-            "stage2": _without(
-                _recipe(args.preset).get("stage2", {}), "train_images", "eval_images", "decompress", "sft", "trainer"
-            ),
+            "decompression_pretraining": plan.decompress,
+            "stage2": _without(plan.section("stage2"), "train_images", "eval_images", "decompress", "sft", "trainer"),
             "vision_tokenizer": {
                 k: getattr(vq, k)
                 for k in (
@@ -730,11 +764,11 @@ def _demo_report(
                     "quantizer",
                     "depth",
                     "codebook_size",
-                    "paradigm",
                     "code_grid_size",
                     "tokens_per_image",
                 )
             },
+            "paradigm": (stage1 or {}).get("paradigm"),  # how stage I learned the codebook (its metrics.json)
         },
         "wall_seconds": wall,
         "reused": clock.reused,
@@ -753,28 +787,23 @@ def _demo_report(
 
 def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
-    from .presets import load_preset
     from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
     from .text_lm import pretrained_text_lm
 
     _check_demo_process(args)
     run = Path(args.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    budget = demo_budget(args.preset, args.budget)
-    goals = budget.pop("goals")
-    preset = load_preset(args.preset)
-    preset["text_model"] = {**preset["text_model"], **args.text_model_overrides}
+    plan = DemoPlan.resolve(args)
+    preset, budget = plan.preset, plan.budget
     previous = {}
     if (run / REPORT_FILE).is_file():
         previous = json.loads((run / REPORT_FILE).read_text()).get("wall_seconds", {})
     clock = StageClock(previous, quiet=args.quiet)
     started = time.perf_counter()
-    # decompress_steps: 0 in a budget skips the stage like decompress=False (SFT then starts from the base).
-    decompress = args.decompress and budget["decompress_steps"] > 0
-    settings = stage_settings(args, preset, budget, decompress)
+    settings = stage_settings(args, plan)
     made = {
         **{s: is_complete(run / STAGE_FOLDERS[s][0]) for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")},
-        **{f"stage2_{s}": _stage2_done(run, args.preset, s) for s in ("decompress", "sft")},
+        **{f"stage2_{s}": _stage2_done(run, plan, s) for s in ("decompress", "sft")},
     }
     check_reusable(run, settings, made)
 
@@ -797,7 +826,7 @@ def run_demo(args: DemoArguments) -> dict:
                 "stage0_text_lm",
                 made["stage0_text_lm"],
                 lambda: (
-                    train_stage0(run, {**preset, "name": args.preset}, budget, args.seed)
+                    train_stage0(run, plan, args.seed)
                     if trains_stage0
                     else pretrained_text_lm(preset["text_model"], run / TEXT_LM_DIR, args.llm)
                 ),
@@ -816,14 +845,14 @@ def run_demo(args: DemoArguments) -> dict:
             if stage1_done
             else train_stage1(
                 run,
-                args.preset,
+                plan,
                 llm,
-                budget,
                 args.seed,
                 paradigm=args.paradigm,
                 quantizer=args.quantizer,
                 codebook_size=args.codebook_size,
                 vision_overrides=args.vision_overrides,
+                stage1_overrides=args.stage1_overrides,
             )
         ),
     )
@@ -841,18 +870,18 @@ def run_demo(args: DemoArguments) -> dict:
     )
     stage("code_datasets", codes_done, codes)
     stage2 = {}
-    for name in ("decompress", "sft") if decompress else ("sft",):
+    for name in ("decompress", "sft") if plan.decompress else ("sft",):
         stage2[name] = stage(
             f"stage2_{name}",
             made[f"stage2_{name}"],
             lambda name=name: train_stage2(
-                stage2_arguments(run, args.preset, name, budget, args.seed, args.device, from_decompressed=decompress)
+                stage2_arguments(run, plan, name, args.seed, args.device, from_decompressed=plan.decompress)
             ),
         )
     # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
     # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
     shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
-    if _stage2_uses_lora(args.preset) and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
+    if plan.lora and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
         shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
 
     results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm, trains_stage0))
@@ -861,10 +890,7 @@ def run_demo(args: DemoArguments) -> dict:
     report = _demo_report(
         run,
         args,
-        preset,
-        budget,
-        goals,
-        decompress,
+        plan,
         results,
         stage1,
         stage2,
@@ -884,6 +910,7 @@ def run_demo(args: DemoArguments) -> dict:
 __all__ = [
     "BUDGET_KEYS",
     "DemoArguments",
+    "DemoPlan",
     "DemoSettingsError",
     "demo_budget",
     "run_demo",

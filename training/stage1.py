@@ -17,7 +17,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hub_upload.run_folder import LLM_DIR, STAGE1_DIR, VISION_TOKENIZER_DIR
 from modeling_unicode import (
+    UniCodeCodebookLearning,
     UniCodeCodebookTrainer,
     UniCodeVisualTokenizer,
     blend_ratio,
@@ -37,6 +38,7 @@ from modeling_unicode import (
     select_codebook_rows,
     write_embedding_rows,
 )
+from modeling_unicode.configuration_unicode import TRAINING_ONLY_KEYS
 from modeling_unicode.image_processing_unicode import pixel_values_from_uint8, uint8_from_pixel_values
 
 from .checkpointing import (
@@ -68,7 +70,17 @@ class StageIArguments:
     output_dir: str
     llm_path: str
     preset: str = "tiny"
-    paradigm: Optional[str] = None  # None: the preset's
+    # How the unified codebook is learned (`UniCodeCodebookLearning`: its defaults apply where these are None). Not
+    # part of the saved tokenizer: its codebook is the LLM's rows, whichever way it got there.
+    paradigm: Optional[str] = None
+    ema_decay: Optional[float] = None
+    ema_eps: Optional[float] = None
+    blend_schedule: Optional[str] = None
+    blend_lambda: Optional[float] = None
+    blend_tail_fraction: Optional[float] = None
+    dead_code_threshold: Optional[float] = None
+    dual_sync_interval: Optional[int] = None
+    dual_row_norm: Optional[str] = None
     quantizer: Optional[str] = None
     depth: Optional[int] = None
     codebook_size: Optional[int] = None
@@ -110,6 +122,12 @@ class StageIArguments:
         the CLI and the demo alike."""
         settings, _ = recipe_settings(cls, [load_recipe(preset).get("stage1")], overrides)
         return cls(output_dir=str(output_dir), llm_path=str(llm_path), preset=preset, **settings)
+
+    @property
+    def codebook_learning(self) -> UniCodeCodebookLearning:
+        """The codebook-learning settings these arguments give (validated: a bad value raises naming it)."""
+        given = {f.name: getattr(self, f.name) for f in fields(UniCodeCodebookLearning)}
+        return UniCodeCodebookLearning(**{name: value for name, value in given.items() if value is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,14 +256,20 @@ class StageITrainer:
         overrides = {
             k: v
             for k, v in {
-                "paradigm": args.paradigm,
                 "quantizer": args.quantizer,
                 "depth": args.depth,
                 "codebook_size": args.codebook_size,
             }.items()
             if v is not None
         }
+        misplaced = sorted(set(args.vision_overrides) & set(TRAINING_ONLY_KEYS))
+        if misplaced:
+            raise ValueError(
+                f"vision_overrides sets {misplaced}, which say how stage I learns the codebook, not what the "
+                "tokenizer is: pass them as StageIArguments fields (recipe section `stage1`) instead"
+            )
         overrides.update(args.vision_overrides)
+        self.learning = args.codebook_learning
         start = UniCodeVisualTokenizer.from_pretrained(args.init_from) if args.init_from else None
         probe = start.config if start is not None else vision_tokenizer_config(preset, **overrides)
         hidden, rows = self.llm.get_input_embeddings().weight.shape[1], self.llm.get_input_embeddings().weight.shape[0]
@@ -279,16 +303,17 @@ class StageITrainer:
             self.config = vision_tokenizer_config(
                 preset, **overrides, codebook_token_ids=ids, codebook_selection=selection
             )
+        self.learning.check_tokenizer(self.config)
         self.token_ids = torch.tensor(ids, device=self.device)
 
         torch.manual_seed(args.seed)
         model = (start or UniCodeVisualTokenizer(self.config)).to(self.device)
         with torch.no_grad():
             model.codebook.copy_(self.llm_rows())  # every paradigm starts from the LLM's rows
-        self.codebook_trainer = UniCodeCodebookTrainer(self.config, model.codebook).to(self.device)
+        self.codebook_trainer = UniCodeCodebookTrainer(self.learning, model.codebook).to(self.device)
         # Only `dual` trains the LLM in stage I, so the rows the iterative codebook is pulled toward
         # are read once, not gathered (K x H: 268 MB for the base preset) at every step.
-        self.iterative_target = self.llm_rows() if self.config.paradigm == "iterative" else None
+        self.iterative_target = self.llm_rows() if self.learning.paradigm == "iterative" else None
         trained = [p for p in model.parameters() if p.requires_grad]
         self.cell_colour_head = None
         if args.cell_colour_weight > 0:
@@ -315,7 +340,7 @@ class StageITrainer:
 
         self.text_blocks = text_blocks
         self.text_optimizer = None
-        if self.config.paradigm == "dual":
+        if self.learning.paradigm == "dual":
             if text_blocks is None or len(text_blocks) == 0:
                 raise ValueError(
                     "paradigm='dual' trains the LLM on text between exchanges: pass text_blocks (token blocks)"
@@ -404,7 +429,7 @@ class StageITrainer:
         share = args.batch_size // self.accelerator.num_processes
         local = indices[self.accelerator.process_index * share : (self.accelerator.process_index + 1) * share]
         pixel_values = to_pixel_values(self.train_images[local]).to(self.device)
-        ratio = blend_ratio(self.config, self.step, args.max_steps)
+        ratio = blend_ratio(self.learning, self.step, args.max_steps)
         model.train()
         with self._autocast():
             out = model(pixel_values, return_statistics=True)
@@ -442,7 +467,7 @@ class StageITrainer:
             logs["discriminator_loss"] = float(disc_loss.detach())
 
         codebook = self.unwrapped.codebook
-        llm_rows = self.iterative_target if self.config.paradigm == "iterative" else None
+        llm_rows = self.iterative_target if self.learning.paradigm == "iterative" else None
         self.codebook_trainer.update(
             codebook.data,
             out.code_counts,
@@ -454,7 +479,7 @@ class StageITrainer:
         )
         if out.level_fit is not None:
             self.codebook_trainer.update_level_scales(self.unwrapped.quantizer.level_scale, out.level_fit)
-        if self.config.paradigm == "dual" and (self.step + 1) % self.config.dual_sync_interval == 0:
+        if self.learning.paradigm == "dual" and (self.step + 1) % self.learning.dual_sync_interval == 0:
             logs.update(self.dual_exchange())
         mse = float(out.reconstruction_loss.detach())
         self.step += 1
@@ -475,7 +500,7 @@ class StageITrainer:
         """Dual paradigm: write the codebook into the LLM rows; with `dual_row_norm="llm"`, at the length
         of the LLM's other rows (`UniCodeCodebookTrainer.match_row_norm`)."""
         codebook = self.unwrapped.codebook
-        if self.config.dual_row_norm == "llm":
+        if self.learning.dual_row_norm == "llm":
             self.codebook_trainer.match_row_norm(
                 codebook.data, self.text_row_norm(), quantizer=self.unwrapped.quantizer
             )
@@ -610,7 +635,7 @@ class StageITrainer:
         progress = tqdm(
             total=args.max_steps,
             initial=self.step,
-            desc=f"stage I ({self.config.paradigm}, {self.config.quantizer})",
+            desc=f"stage I ({self.learning.paradigm}, {self.config.quantizer})",
             disable=not self.accelerator.is_main_process,
             dynamic_ncols=True,
         )
@@ -633,7 +658,7 @@ class StageITrainer:
 
     def finish(self, seconds: float) -> dict:
         codebook = self.unwrapped.codebook
-        if self.config.paradigm == "dual":
+        if self.learning.paradigm == "dual":
             # Dual ends by handing the codebook to the LLM, which is saved beside the tokenizer.
             self.hand_codebook_to_llm()
         with torch.no_grad():
@@ -646,7 +671,7 @@ class StageITrainer:
             "train_seconds": seconds,
             "steps": self.step,
             "unified": unified,
-            "paradigm": self.config.paradigm,
+            "paradigm": self.learning.paradigm,
             "quantizer": self.config.quantizer,
             "depth": self.config.depth,
             "codebook_size": self.config.codebook_size,
@@ -658,7 +683,7 @@ class StageITrainer:
             self.save_samples("final")
             with atomic_directory(self.out / VISION_TOKENIZER_DIR) as staging:
                 self.unwrapped.save_pretrained(staging)
-            if self.config.paradigm == "dual":
+            if self.learning.paradigm == "dual":
                 with atomic_directory(self.out / LLM_DIR) as staging:
                     self.llm.save_pretrained(staging)
                     self.text_tokenizer.save_pretrained(staging)
