@@ -19,21 +19,23 @@ import argparse
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.data.shapes import build_split  # noqa: E402
+from training.presets import load_preset  # noqa: E402
+from training.stage1 import StageIArguments, StageITrainer, images_to_uint8  # noqa: E402
+from training.text_lm import pretrained_text_lm  # noqa: E402
+
 
 def gemma_folder(run: Path) -> str:
-    from training.presets import load_preset
-    from training.text_lm import pretrained_text_lm
-
     return pretrained_text_lm(load_preset("gemma-270m")["text_model"], run / "text_lm")
 
 
 def stage1(run: Path, issue: bool, steps: int, batch: int) -> dict:
-    from training.data.shapes import build_split
-    from training.stage1 import StageIArguments, StageITrainer, images_to_uint8
-
     llm = gemma_folder(run)
     preset = "tiny" if issue else "gemma-270m"
     overrides = {"code_dim": 640, "z_channels": 640} if issue else {}
@@ -61,6 +63,7 @@ def stage1(run: Path, issue: bool, steps: int, batch: int) -> dict:
 
 
 def stage2(run: Path, issue: bool, steps: int, batch: int) -> dict:
+    # here, not at the top: the stage-I process would count TRL's and PEFT's imports in its peak RSS
     from training.stage2 import StageIIArguments, train_stage2
 
     tokenizer = run / "stage1-preset" / "vision_tokenizer"

@@ -33,7 +33,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.data.scene_parser import patch_colours  # noqa: E402
+from training.data.shapes import build_split, render_scene  # noqa: E402
+from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows  # noqa: E402
+from training.sft import CodesCollator  # noqa: E402
+from training.stage2 import StageIIArguments, load_model_and_processor, shapes_code_datasets, train_stage2  # noqa: E402
+from training.tasks import generation_tasks, tokenize_tasks  # noqa: E402
 
 # The recipe this benchmark starts from (the tiny demo's stage II before this benchmark existed); each lever
 # changes what it names, nothing else.
@@ -63,8 +74,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if name not in LEVERS:
             raise SystemExit(f"variant {name!r} is not a lever ({sorted(LEVERS)}); write NAME=key:value,...")
         return name, dict(LEVERS[name])
-    import yaml
-
     settings = {}
     for item in re.split(r",(?![^\[]*\])", spec):  # commas inside [a,b] belong to a list value
         key, sep, value = item.partition(":")
@@ -91,14 +100,6 @@ def copy_run(source: Path, work: Path, train_images: int) -> None:
 def code_losses(model, processor, eval_codes, depth: int) -> dict:
     """Teacher-forced nats per code of held-out text-to-image rows (caption always given), split by whether
     the code's patch shows any shape: background codes are most of an image and easy."""
-    import numpy as np
-    import torch
-
-    from training.data.scene_parser import patch_colours
-    from training.data.shapes import render_scene
-    from training.sft import CodesCollator
-    from training.tasks import generation_tasks, tokenize_tasks
-
     rows = tokenize_tasks(
         generation_tasks(eval_codes, depth, segments=1, caption_drop=0.0), processor, desc="code loss rows"
     )
@@ -126,12 +127,6 @@ def code_losses(model, processor, eval_codes, depth: int) -> dict:
 
 def run_one(args, name: str, settings: dict, seed: int) -> dict:
     """Train one (variant, seed) into <work>/<name>-s<seed> and evaluate it; returns the result."""
-    import torch
-
-    from training.data.shapes import build_split
-    from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows
-    from training.stage2 import StageIIArguments, load_model_and_processor, shapes_code_datasets, train_stage2
-
     decoding = {k: settings.pop(k, v) for k, v in DECODING.items()}
     trained_by = settings.pop("decode", None)  # a decoding-only row: another variant's models, drawn otherwise
     folder = Path(args.work) / f"{name}-s{seed}"

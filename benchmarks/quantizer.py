@@ -48,6 +48,7 @@ def run_worker(name: str, n: int, d: int, k: int, peer_chunk: int) -> dict:
     vectors, codebook = make_data(n, d, k)
     setup = None
     if name.startswith("ours_") and name != "ours_search":
+        # here, not at the top: each contender's imports count in its own worker's memory, not the others'
         from modeling_unicode import UniCodeQuantizer, UniCodeVisualTokenizerConfig
 
         depth = 4 if name.endswith("rq4") else 1
@@ -58,7 +59,7 @@ def run_worker(name: str, n: int, d: int, k: int, peer_chunk: int) -> dict:
         features = vectors.reshape(n // GRID**2, GRID, GRID, d).permute(0, 3, 1, 2).contiguous()
         setup = lambda: quantizer(features, codebook)  # noqa: E731
     elif name.startswith("vqpytorch"):
-        from vector_quantize_pytorch import ResidualVQ, VectorQuantize
+        from vector_quantize_pytorch import ResidualVQ, VectorQuantize  # optional: the `bench` extra
 
         if name.endswith("rq4"):
             peer = ResidualVQ(dim=d, num_quantizers=4, codebook_size=k, shared_codebook=True, decay=0.99)
@@ -70,7 +71,7 @@ def run_worker(name: str, n: int, d: int, k: int, peer_chunk: int) -> dict:
             for start in range(0, n, peer_chunk):
                 peer(vectors[start : start + peer_chunk].unsqueeze(0))
     elif name == "ours_search":
-        from modeling_unicode import nearest_code
+        from modeling_unicode import nearest_code  # here: counted in this worker's memory only
 
         setup = lambda: nearest_code(vectors, codebook)  # noqa: E731
     elif name == "gemm":

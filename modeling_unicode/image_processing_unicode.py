@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import numpy as np
 import PIL.Image
+import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 RESIZE_MODES = ("squash", "center_crop")
@@ -225,13 +226,8 @@ class UniCodeImageProcessor(BaseImageProcessor):
     def postprocess(self, pixel_values) -> list[PIL.Image.Image]:
         """Pixels (batch, 3, H, W) in [-1, 1] (e.g. `decode_image_tokens`) -> PIL RGB images.
         Values outside [-1, 1] (a decoder overshoots a little) are clipped to the displayable range."""
-        try:
-            import torch
-
-            if isinstance(pixel_values, torch.Tensor):
-                pixel_values = pixel_values.detach().float().cpu().numpy()
-        except ImportError:  # pragma: no cover - torch is a hard dependency of the model files
-            pass
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = pixel_values.detach().float().cpu().numpy()
         array = np.asarray(pixel_values, dtype=np.float32)
         if array.ndim == 3:
             array = array[None]

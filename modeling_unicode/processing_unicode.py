@@ -10,6 +10,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .configuration_unicode import BOI_TOKEN, EOI_TOKEN, GENERATION_MODES, IMAGE_TOKEN, image_placeholder_count
+from .image_processing_unicode import UniCodeImageProcessor
 
 # Vicuna v1.5's conversation format (the paper's LLM), with {"type": "image"} content rendered as one
 # <image> that the processor then expands. Shipped with the processor because many LLM tokenizers
@@ -96,8 +97,6 @@ class UniCodeProcessor(ProcessorMixin):
     def from_model_config(cls, config, tokenizer, image_processor=None, **kwargs) -> "UniCodeProcessor":
         """A processor matching a `UniCodeConfig`: placeholder count and image size from the config,
         and a check that the tokenizer's image special tokens are the config's ids."""
-        from .image_processing_unicode import UniCodeImageProcessor
-
         config.require_vision("a UniCode processor")
         size = config.vq_config.image_size
         if image_processor is None:

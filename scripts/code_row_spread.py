@@ -14,12 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.stage2 import load_model_and_processor  # noqa: E402
 
 
 def spread(rows):
-    import torch
-
     mean = rows.mean(0)
     fraction = float(mean.norm() ** 2 / (rows.norm(dim=1) ** 2).mean())
     energy = torch.linalg.svdvals(rows - mean) ** 2
@@ -37,10 +39,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders of `unicode-mllm demo` (with stage2/base)")
     args = parser.parse_args()
-
-    import torch
-
-    from training.stage2 import load_model_and_processor
 
     for run in args.runs:
         model, _ = load_model_and_processor(Path(run) / "stage2" / "base")

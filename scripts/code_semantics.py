@@ -27,12 +27,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hub_upload.run_folder import STAGE1_DIR  # noqa: E402
+from modeling_unicode import UniCodeVisualTokenizer  # noqa: E402
+from modeling_unicode.quantization_unicode import token_ids_to_code_indices  # noqa: E402
 from training.data.scene_parser import patch_colours  # noqa: E402
-from training.data.shapes import COLORS, render_scene  # noqa: E402
+from training.data.shapes import COLORS, build_split, render_scene  # noqa: E402
+from training.stage1 import images_to_uint8, to_pixel_values  # noqa: E402
+from training.stage2 import load_model_and_processor  # noqa: E402
 
 
 def main() -> None:
@@ -44,12 +49,6 @@ def main() -> None:
         "--probes", action="store_true", help="also probe the LLM's image input vectors (needs <run>/mllm)"
     )
     args = parser.parse_args()
-
-    import torch
-
-    from modeling_unicode import UniCodeVisualTokenizer
-    from training.data.shapes import build_split
-    from training.stage1 import images_to_uint8, to_pixel_values
 
     run = Path(args.run)
     if not (run / "vision_tokenizer" / "config.json").is_file():
@@ -113,11 +112,6 @@ def main() -> None:
 def vector_probes(run: Path, pixels, keep, labels, split: int, seed: int = 0) -> dict:
     """Held-out colour accuracy of linear and MLP probes on the LLM's image input and on the
     decoder-side quantized vector, at the labelled patches (`keep`: (images, grid, grid))."""
-    import torch
-
-    from modeling_unicode.quantization_unicode import token_ids_to_code_indices
-    from training.stage2 import load_model_and_processor
-
     if not (run / "mllm" / "config.json").is_file():
         raise SystemExit(f"--probes needs {run}/mllm (a finished `unicode-mllm demo` or stage II)")
     model = load_model_and_processor(run / "mllm")[0].eval()

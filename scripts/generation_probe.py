@@ -17,12 +17,21 @@ Prints one JSON line.
 """
 
 import argparse
+import collections
 import json
 import math
 import sys
 from pathlib import Path
 
+import datasets
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.codes import CODES_COLUMN  # noqa: E402
+from training.evaluation import generate_images, single_shape_prompts  # noqa: E402
+from training.metrics import load_metric  # noqa: E402
+from training.stage2 import load_model_and_processor  # noqa: E402
 
 
 def main() -> None:
@@ -32,16 +41,6 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="single-shape prompts for the free-running part")
     parser.add_argument("--top-k", type=int, default=20)
     args = parser.parse_args()
-
-    import collections
-
-    import datasets
-    import torch
-
-    from training.codes import CODES_COLUMN
-    from training.evaluation import generate_images, single_shape_prompts
-    from training.metrics import load_metric
-    from training.stage2 import load_model_and_processor
 
     run = Path(args.run)
     folders = sorted(p for p in (run / "codes").glob("validation-*") if (p / "COMPLETE").exists())

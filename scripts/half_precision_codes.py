@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,8 +28,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    from transformers import AutoModelForImageTextToText
 
     def load(dtype):
         return AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()

@@ -18,20 +18,29 @@ text-to-image scene match.
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+import datasets
+import numpy as np
+import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_unicode import UniCodeVisualTokenizer, modeling_unicode  # noqa: E402
+from training.codes import CODES_COLUMN  # noqa: E402
+from training.data.scene_parser import patch_colours  # noqa: E402
+from training.data.shapes import build_split, render_scene  # noqa: E402
+from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows  # noqa: E402
+from training.stage2 import StageIIArguments, assemble_base, load_model_and_processor, train_stage2  # noqa: E402
 
 ORACLE_COVERAGE = 0.3  # a patch a third covered by a shape already reads as that shape's colour
 
 
 def colour_oracle_codes(image, token_ids, grid: int, depth: int):
     """(grid, grid, depth) code map of vocabulary ids: per patch, the id of its dominant colour."""
-    import numpy as np
-
-    from training.data.scene_parser import patch_colours
-
     labels = patch_colours(image, grid, ORACLE_COVERAGE)  # -1 background, else a colour index
     # Spread over the codebook so the oracle ids are not K-neighbours of one another by construction.
     chosen = np.asarray(token_ids)[(labels + 1) * 37 % len(token_ids)]
@@ -41,14 +50,6 @@ def colour_oracle_codes(image, token_ids, grid: int, depth: int):
 def use_colour_oracle(work: Path) -> None:
     """Rewrite the run's cached code datasets with oracle codes and make the MLLM encode pixels the
     same way, so training and evaluation both see the oracle."""
-    import datasets
-    import numpy as np
-    import torch
-
-    from modeling_unicode import UniCodeVisualTokenizer, modeling_unicode
-    from training.codes import CODES_COLUMN
-    from training.data.shapes import render_scene
-
     config = UniCodeVisualTokenizer.from_pretrained(work / "vision_tokenizer").config
     ids, grid, depth, size = list(config.codebook_token_ids), config.code_grid_size, config.depth, config.image_size
     for folder in sorted(p for p in (work / "codes").iterdir() if (p / "COMPLETE").exists()):
@@ -115,10 +116,6 @@ def main() -> None:
     parser.add_argument("--vqa-images", type=int, default=100)
     parser.add_argument("--generation-prompts", type=int, default=24)
     args = parser.parse_args()
-
-    from training.data.shapes import build_split
-    from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows
-    from training.stage2 import StageIIArguments, assemble_base, load_model_and_processor, train_stage2
 
     src, work = Path(args.run), Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -23,16 +23,25 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_unicode import token_ids_to_code_indices, unflatten_code_map  # noqa: E402
+from training.codes import CODES_COLUMN, encode_image_dataset  # noqa: E402
+from training.data.shapes import QUESTION_TYPES, build_split, scene_from_json  # noqa: E402
+from training.sft import CodesCollator, reinitialize_decoder_layers  # noqa: E402
+from training.stage2 import load_model_and_processor  # noqa: E402
+from training.tasks import IGNORE_INDEX, ConversationTokenizer, _item, _text, _turn  # noqa: E402
 
 
 def bag_of_codes(model, train, test, answers, types, weight_decay: float = 1e-3) -> dict:
     """Test accuracy per type of a multinomial logistic regression on code-id histograms."""
-    import torch
-    import torch.nn.functional as F
-
-    from modeling_unicode import token_ids_to_code_indices, unflatten_code_map
-
     vq = model.config.vq_config
     num_codes = len(model.model.codebook_token_ids)
 
@@ -99,15 +108,6 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    import torch
-    import torch.nn.functional as F
-
-    from training.codes import CODES_COLUMN, encode_image_dataset
-    from training.data.shapes import QUESTION_TYPES, build_split, scene_from_json
-    from training.sft import CodesCollator, reinitialize_decoder_layers
-    from training.stage2 import load_model_and_processor
-    from training.tasks import IGNORE_INDEX, ConversationTokenizer, _item, _text, _turn
 
     types = list(QUESTION_TYPES) if args.types == "all" else args.types.split(",")
     unknown = sorted(set(types) - set(QUESTION_TYPES))

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from hub_upload.run_folder import LLM_DIR, TEXT_LM_DIR, VISION_TOKENIZER_DIR
+from modeling_unicode import UniCodeVisualTokenizer
 
 from .checkpointing import atomic_directory, atomic_write_json, atomic_write_text, is_complete
-from .demo import STAGE_FOLDERS, DemoArguments, copy_stage_record, demo_budget, run_demo
+from .demo import STAGE_FOLDERS, DemoArguments, _recipe, copy_stage_record, demo_budget, run_demo
+from .text_lm import load_text_lm
 
 # factor -> variants other than the baseline's value (the baseline is named "baseline")
 FACTORS = {
@@ -45,12 +50,6 @@ def make_separate_codebook(run: str | Path) -> Path:
     """Turn `<run>` (text_lm/ + a unified vision_tokenizer/) into the separate-vocabulary variant:
     `<run>/llm/` (the LLM + tokenizer with K new rows = the code vectors) and `<run>/vision_tokenizer/`
     whose codes are those new ids. Stage II's LLM lookup prefers `<run>/llm/`."""
-    import torch
-
-    from modeling_unicode import UniCodeVisualTokenizer
-
-    from .text_lm import load_text_lm
-
     run = Path(run)
     if is_complete(run / LLM_DIR):
         return run / LLM_DIR
@@ -84,8 +83,6 @@ def make_separate_codebook(run: str | Path) -> Path:
 def _variant_arguments(
     base: DemoArguments, factor: Optional[str], value: Optional[str], folder: Path
 ) -> DemoArguments:
-    from dataclasses import replace
-
     args = replace(base, output_dir=str(folder))
     if factor == "paradigm":
         args.paradigm = value
@@ -222,8 +219,6 @@ def run_ablation(
 ) -> dict:
     """Run the baseline and each variant of `factors`; write `ablation.json` / `ablation.md`.
     `demo_overrides`: extra `DemoArguments` fields for every variant (tests: a reduced model)."""
-    from .demo import _recipe
-
     factors = list(FACTORS) if factors is None else list(factors)
     unknown = [f for f in factors if f not in FACTORS]
     if unknown:

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from safetensors import safe_open
+
 COMPLETE_MARKER = "COMPLETE"
 # Below this much free space a failed write is put down to a full disk: torch's zip writer reports one as
 # "unexpected pos ..." rather than ENOSPC.
@@ -125,8 +127,6 @@ def atomic_save_image(image, path: str | os.PathLike) -> Path:
 
 def unreadable_file(folder: str | os.PathLike) -> Optional[tuple[Path, str]]:
     """The first JSON or safetensors file in `folder` that does not parse (truncated, overwritten), with why."""
-    from safetensors import safe_open
-
     for path in sorted(Path(folder).iterdir()):
         try:
             if path.suffix == ".json":

@@ -23,6 +23,7 @@ instead of being reused or overwritten.
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 import json
 import os
 import platform
@@ -32,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from PIL import Image, ImageDraw, ImageFont
 
 from hub_upload.run_folder import (
     ADAPTER_DIR,
@@ -47,9 +50,40 @@ from hub_upload.run_folder import (
     TEXT_LM_DIR,
     VISION_TOKENIZER_DIR,
 )
+from modeling_unicode import UniCodeVisualTokenizerConfig
+from modeling_unicode.modeling_unicode import check_guidance_scale
 
 from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
+from .data.shapes import build_split, shapes_world_fingerprint, text_corpus
+from .evaluation import (
+    LEAST_GENERATION_PROMPTS,
+    above_chance,
+    check_device,
+    evaluate_on_shapes,
+    metrics_markdown,
+    require_whole_number,
+)
+from .language import language_kept, text_perplexity
+from .presets import load_preset, load_recipe
 from .run_guard import setting_differences
+from .stage1 import StageIArguments, StageITrainer, images_to_uint8
+from .stage2 import (
+    StageIIArguments,
+    assemble_base,
+    load_model_and_processor,
+    shapes_code_datasets,
+    stage_complete,
+    train_stage2,
+)
+from .tasks import task_rows_fingerprint
+from .text_lm import (
+    check_llm_path,
+    load_text_lm,
+    packed_blocks,
+    pretrained_text_lm,
+    recipe_training_settings,
+    train_text_lm,
+)
 
 # Keys of a recipe's `demo` section; every one must be set there or in `budget=`.
 BUDGET_KEYS = (
@@ -100,8 +134,6 @@ class DemoArguments:
 
 
 def _recipe(preset: str) -> dict:
-    from .presets import load_recipe
-
     try:
         return load_recipe(preset)
     except ValueError as error:
@@ -110,8 +142,6 @@ def _recipe(preset: str) -> dict:
 
 def demo_budget(preset: str, overrides: Optional[dict] = None) -> dict:
     """The recipe's `demo` section with `overrides`, checked for unknown and missing keys."""
-    from .presets import load_preset
-
     return _checked_budget(preset, _recipe(preset), load_preset(preset), overrides)
 
 
@@ -132,10 +162,6 @@ def _checked_budget(preset: str, recipe: dict, model_preset: dict, overrides: Op
             f"configuration/recipes/{preset}.yaml or pass them in budget="
         )
     # Checked here, before any training, rather than by the stage that would fail on it minutes later.
-    from modeling_unicode.modeling_unicode import check_guidance_scale
-
-    from .evaluation import LEAST_GENERATION_PROMPTS, require_whole_number
-
     try:
         for key, value in budget.items():
             if key == "guidance_scale":
@@ -167,8 +193,6 @@ class DemoPlan:
 
     @classmethod
     def resolve(cls, args: DemoArguments) -> "DemoPlan":
-        from .presets import load_preset
-
         recipe, preset = _recipe(args.preset), load_preset(args.preset)
         budget = _checked_budget(args.preset, recipe, preset, args.budget)
         goals = budget.pop("goals")
@@ -207,10 +231,6 @@ def stage_settings(args: DemoArguments, plan: DemoPlan) -> dict[str, dict]:
     """stage -> the settings its output depends on, as they read back from `STAGE_RECORDS`. Each stage's
     settings contain those of the stages it builds on, so a change upstream invalidates it too. Recipe
     sections are recorded without the keys the demo's budget sets instead."""
-    from .data.shapes import shapes_world_fingerprint
-    from .tasks import task_rows_fingerprint
-    from .text_lm import recipe_training_settings
-
     preset, budget, decompress = plan.preset, plan.budget, plan.decompress
     settings: dict[str, dict] = {}
     # The data is code, not a setting: its fingerprints stand in for it, so a folder trained on what an
@@ -329,8 +349,6 @@ def check_reusable(run: Path, settings: dict[str, dict], made: dict[str, bool]) 
 
 
 def _versions() -> dict:
-    import importlib.metadata as metadata
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for name in ("torch", "transformers", "datasets", "accelerate", "trl", "peft", "evaluate", "numpy"):
         try:
@@ -362,9 +380,6 @@ class StageClock:
 
 
 def train_stage0(run: Path, plan: DemoPlan, seed: int) -> Path:
-    from .data.shapes import text_corpus
-    from .text_lm import recipe_training_settings, train_text_lm
-
     texts = list(text_corpus(num_scenes=plan.budget["text_scenes"], seed=seed))
     return train_text_lm(
         run / TEXT_LM_DIR,
@@ -390,10 +405,6 @@ def train_stage1(
 ) -> dict:
     """Stage I through `StageITrainer`, with the recipe's `stage1` values, then `stage1_overrides`, and the demo's
     budget."""
-    from .data.shapes import build_split, text_corpus
-    from .stage1 import StageIArguments, StageITrainer, images_to_uint8
-    from .text_lm import load_text_lm, packed_blocks
-
     budget = plan.budget
     size = {**plan.preset["vision_tokenizer"], **(vision_overrides or {})}["image_size"]
     train = build_split("train", budget["stage1_train_images"], image_size=size, seed=seed)
@@ -439,8 +450,6 @@ def stage2_arguments(
     device: str,
     from_decompressed: Optional[bool] = None,
 ):
-    from .stage2 import StageIIArguments
-
     return StageIIArguments.from_recipe(
         run,
         stage,
@@ -456,8 +465,6 @@ def stage2_arguments(
 
 
 def _stage2_done(run: Path, plan: DemoPlan, stage: str) -> bool:
-    from .stage2 import stage_complete
-
     return stage_complete(run, stage, plan.lora)
 
 
@@ -465,8 +472,6 @@ def _stage2_done(run: Path, plan: DemoPlan, stage: str) -> bool:
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
@@ -491,8 +496,6 @@ def save_samples(examples: dict, path) -> Path:
 def samples_grid(inputs, reconstructions, generated, answered, tile: int = 128, columns: int = 8):
     """One PNG: test inputs over their reconstructions, generated images over their prompts, and
     answered questions (image, question, prediction, truth)."""
-    from PIL import Image, ImageDraw
-
     font, label_h = _font(11), 72
     rows = [
         ("input", [(im, None) for im in inputs[:columns]]),
@@ -530,8 +533,6 @@ def _vqa_label(question: str, prediction: str, answer: str) -> str:
 
 def answered_question(image, question: str, prediction: str, answer: str, side: int = 256):
     """`question.png`: the image enlarged, with its question, the model's answer and the truth printed below."""
-    from PIL import Image, ImageDraw
-
     text = _wrapped(_vqa_label(question, prediction, answer), 40, 6)
     canvas = Image.new("RGB", (side + 8, side + 12 + 16 * (text.count("\n") + 1)), "white")
     canvas.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (4, 4))
@@ -543,8 +544,6 @@ def answered_question(image, question: str, prediction: str, answer: str, side: 
 
 
 def _goal_checks(metrics: dict, chance: dict, goals: dict, language: Optional[dict] = None) -> dict:
-    from .evaluation import above_chance
-
     checks = {}
     paths = {
         "psnr_db": ("reconstruction", "psnr"),
@@ -582,8 +581,6 @@ def _goal_checks(metrics: dict, chance: dict, goals: dict, language: Optional[di
 
 
 def report_markdown(report: dict) -> str:
-    from .evaluation import metrics_markdown
-
     lines = [
         f"# UniCode demo — preset `{report['settings']['preset']}`",
         "",
@@ -647,8 +644,6 @@ def _language_markdown(language: Optional[dict]) -> list[str]:
 def _check_demo_process(args: DemoArguments) -> None:
     """Refuse, before any work, a demo that cannot run here: under a multi-process launcher, on a missing device,
     or with an unknown visual input."""
-    from .evaluation import check_device
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         # Every rank would run every stage, evaluation and report on the same folder and race on its files.
@@ -663,8 +658,6 @@ def _check_demo_process(args: DemoArguments) -> None:
     except ValueError as error:
         raise DemoSettingsError(str(error)) from None
     if args.llm is not None:
-        from .text_lm import check_llm_path
-
         try:
             check_llm_path(args.llm, "--llm")
         except ValueError as error:
@@ -677,11 +670,6 @@ def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path, from_
     """The demo's evaluation of the run's final MLLM (`evaluation.evaluate_on_shapes`) with the budget's counts,
     and its `language`: the perplexity on held-out English of the LLM the run started from (`llm`; `from_scratch`:
     trained by stage 0 on the Shapes world's text) and of the final MLLM (`language.text_perplexity`)."""
-    from .evaluation import evaluate_on_shapes
-    from .language import language_kept, text_perplexity
-    from .stage2 import load_model_and_processor
-    from .text_lm import load_text_lm
-
     text_model, tokenizer = load_text_lm(llm)
     before = text_perplexity(text_model.to(args.device), tokenizer)
     del text_model
@@ -729,8 +717,6 @@ def _demo_report(
     wall = dict(clock.seconds)
     wall["total"] = float(sum(wall.values()))  # the pipeline's cost, reused stages at their measured time
     wall["this_invocation"] = time.perf_counter() - started
-    from modeling_unicode import UniCodeVisualTokenizerConfig
-
     vq = UniCodeVisualTokenizerConfig.from_pretrained(run / VISION_TOKENIZER_DIR)
     report = {
         "run_dir": str(run),
@@ -787,9 +773,6 @@ def _demo_report(
 
 def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
-    from .stage2 import assemble_base, load_model_and_processor, shapes_code_datasets, train_stage2
-    from .text_lm import pretrained_text_lm
-
     _check_demo_process(args)
     run = Path(args.output_dir)
     run.mkdir(parents=True, exist_ok=True)

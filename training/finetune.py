@@ -21,11 +21,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from transformers import AutoProcessor
+
 from hub_upload.run_folder import ADAPTER_DIR
 
 from .checkpointing import atomic_write_json
 from .codes import CODES_COLUMN, encode_image_dataset
 from .data.real_images import CAPTION_COLUMNS, caption_texts, load_image_dataset, pick_column
+from .sft import load_unicode_model, merge_adapter
+from .stage2 import run_sft, save_adapter
 from .tasks import task_features, tokenize_tasks
 
 
@@ -116,11 +120,6 @@ def finetune_lora(
     Saves the adapter (PEFT format) to `<output_dir>/adapter` and, with `merge=True`, the merged
     model + processor to `<output_dir>/merged`; `resume=True` continues from the last complete checkpoint in
     `<output_dir>/trainer`. Returns metrics and those paths."""
-    from transformers import AutoProcessor
-
-    from .sft import load_unicode_model, merge_adapter
-    from .stage2 import run_sft, save_adapter
-
     output_dir = Path(output_dir)
     if isinstance(model, (str, os.PathLike)):
         base = str(model)

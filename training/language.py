@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .sft import labelled_log_probs
+
 HELD_OUT_TEXT = Path(__file__).resolve().parent / "data" / "held_out_english.txt"
 
 
@@ -22,8 +24,6 @@ def text_perplexity(model, tokenizer, text: Optional[str] = None, block_size: in
     """exp(mean next-token loss) of `model` over `text` (default: the held-out English), cut into blocks of
     `block_size` tokens, each starting with the tokenizer's BOS. Only the scored positions reach the LM head,
     256 at a time (`sft.labelled_log_probs`), so a 262k-row vocabulary never needs logits for a whole block."""
-    from .sft import labelled_log_probs
-
     if block_size < 2:
         raise ValueError(f"block_size={block_size} must be at least 2 (a token and its successor)")
     text = HELD_OUT_TEXT.read_text(encoding="utf-8") if text is None else text

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 import sysconfig
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from modeling_unicode import UniCodeVisualTokenizerConfig
 
 
 def configuration_dir() -> Path:
@@ -50,8 +53,6 @@ def recipe_settings(arguments_class, sections: list[dict], overrides: dict) -> t
     """The fields of the dataclass `arguments_class` that the recipe `sections` set (later sections win), then the
     caller's `overrides` (None means "the recipe's"). Returns (settings, the overrides that were given); an
     override that is no field raises, naming the fields. Each stage's `from_recipe` builds its arguments here."""
-    from dataclasses import fields
-
     names = {f.name for f in fields(arguments_class)}
     settings = {k: v for section in sections for k, v in (section or {}).items() if k in names}
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -65,7 +66,5 @@ def recipe_settings(arguments_class, sections: list[dict], overrides: dict) -> t
 
 def vision_tokenizer_config(preset: str | dict, **overrides):
     """`UniCodeVisualTokenizerConfig` of a model preset (by name or as loaded), with overrides."""
-    from modeling_unicode import UniCodeVisualTokenizerConfig
-
     data = load_preset(preset) if isinstance(preset, str) else preset
     return UniCodeVisualTokenizerConfig(**{**data["vision_tokenizer"], **overrides})

@@ -19,21 +19,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
-from transformers import TrainerCallback
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput
 
-from .checkpointing import COMPLETE_MARKER, atomic_directory, checkpoint_step, is_complete, latest_complete_checkpoint
+from hub_upload.export import add_remote_code
+from modeling_unicode import IMAGE_SPECIAL_TOKENS, UniCodeConfig
+
+from .checkpointing import (
+    COMPLETE_MARKER,
+    atomic_directory,
+    checkpoint_step,
+    is_complete,
+    latest_complete_checkpoint,
+    naming_corrupt_files,
+    verify_weights,
+)
 from .tasks import IGNORE_INDEX
 
 
@@ -105,8 +121,6 @@ def unicode_lora_config(
     """A PEFT `LoraConfig` for a UniCode MLLM (the paper: r 128, α 256, dropout 0.05, all linear
     layers but lm_head). `target_modules` are leaf names of linear layers inside the LLM; a name that
     is not one raises, listing the ones that exist."""
-    from peft import LoraConfig
-
     available = language_model_linear_names(model)
     targets = list(target_modules) if target_modules else available
     unknown = [t for t in targets if t not in available]
@@ -141,8 +155,6 @@ def freeze_for_stage2(model) -> None:
 
 def image_special_token_ids(model) -> list[int]:
     """Ids of `<image>`, `<boi>`, `<eoi>`: the only embedding rows stage II trains (never a code row)."""
-    from modeling_unicode import IMAGE_SPECIAL_TOKENS
-
     config = model.config
     ids = sorted(
         {
@@ -325,11 +337,6 @@ def add_labelled_positions_lm_head(model, code_logits: str = "vocabulary") -> No
     projecting only those costs a fraction of full logits. Same loss and per-token fields as TRL's
     `FusedCausalLMOutput` (entropy and top-1 only feed its metrics, without gradient). Call it after
     `SFTTrainer` is built (it patches the model then); PEFT and DDP wrappers still route through it."""
-    import functools
-    import types
-
-    from trl.trainer.utils import FusedCausalLMOutput
-
     if code_logits not in CODE_LOGITS:
         raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
     original = type(model).forward
@@ -406,8 +413,7 @@ class WallClockBudget(TrainerCallback):
 
 
 def _sft_trainer_class():
-    """`SFTTrainer` with the stage-II loss options (imported lazily: TRL is heavy)."""
-    from trl import SFTTrainer
+    """`SFTTrainer` with the stage-II loss options."""
 
     class UniCodeSFTTrainer(SFTTrainer):
         """TRL's `SFTTrainer` plus two stage-II options:
@@ -472,8 +478,6 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     (autocast: faster steps on CPUs with bf16 instructions), no gradient
     checkpointing (slower there, and memory is not the limit); with CUDA: bf16 where supported,
     checkpointing on."""
-    from trl import SFTConfig
-
     cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
     # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns,
     # and goes in v6); older 5.x only know the old one. Either spelling in a recipe means the same.
@@ -623,13 +627,6 @@ def task_losses(
 def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
     """A UniCode MLLM folder or repo id (our classes are registered on import; `trust_remote_code`
     loads a Hub export)."""
-    from transformers import AutoModelForImageTextToText
-
-    import modeling_unicode  # noqa: F401 - registers the Auto classes
-    from modeling_unicode import UniCodeConfig
-
-    from .checkpointing import naming_corrupt_files, verify_weights
-
     if Path(path).is_dir():
         verify_weights(path)
     config_file = Path(path) / "config.json"
@@ -660,8 +657,6 @@ def load_unicode_model(path: str | os.PathLike, dtype=torch.float32, **kwargs):
 
 def load_adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, **kwargs):
     """`PeftModel.from_pretrained(base model, adapter folder)`."""
-    from peft import PeftModel
-
     return PeftModel.from_pretrained(load_unicode_model(base, **kwargs), str(adapter))
 
 
@@ -686,9 +681,6 @@ def merge_adapter(
 
     `base` defaults to the adapter's `base_model_name_or_path`; the processor is copied from
     `processor_from` (default: the base folder)."""
-    from peft import PeftConfig
-    from transformers import AutoProcessor
-
     adapter = require_adapter_folder(adapter)
     base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     if not base:
@@ -701,8 +693,6 @@ def save_mllm(model, processor, folder: str | os.PathLike) -> Path:
     """An MLLM folder (model + processor), atomically, that also loads with `trust_remote_code=True` alone
     (`hub_upload.export.add_remote_code`): without `import modeling_unicode`, transformers would otherwise
     answer with its "update Transformers" message."""
-    from hub_upload.export import add_remote_code
-
     with atomic_directory(folder) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,6 +34,7 @@ from hub_upload.run_folder import LLM_DIR, STAGE1_DIR, VISION_TOKENIZER_DIR
 from modeling_unicode import (
     UniCodeCodebookLearning,
     UniCodeCodebookTrainer,
+    UniCodeImageProcessor,
     UniCodeVisualTokenizer,
     blend_ratio,
     embedding_rows,
@@ -48,8 +51,10 @@ from .checkpointing import (
     latest_complete_checkpoint,
     verify_weights,
 )
+from .metrics import load_metric
 from .presets import load_preset, load_recipe, recipe_settings, vision_tokenizer_config
 from .run_guard import check_resume_settings, read_settings
+from .text_lm import load_text_lm
 
 # What a resumed stage-I run may change: how long it trains, and how often it logs, draws, saves and evaluates.
 RESUMABLE_CHANGES = (
@@ -137,8 +142,6 @@ def images_to_uint8(images, image_size: int, argument: str = "dataset", image_pr
     """Images of any size and mode (PIL, paths, bytes, uint8 arrays) -> (N, 3, S, S) uint8, kept in memory so a
     step is a slice. Each goes through `image_processor.fit` (default: `UniCodeImageProcessor(size=S)`), so
     training sees an image exactly as the processor shows it to the model at inference."""
-    from modeling_unicode import UniCodeImageProcessor
-
     processor = image_processor or UniCodeImageProcessor(size=image_size)
     if processor.size != image_size:
         raise ValueError(
@@ -239,10 +242,6 @@ class CorruptCheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 class StageITrainer:
     def __init__(self, args: StageIArguments, train_images, eval_images, text_blocks: Optional[torch.Tensor] = None):
-        from accelerate import Accelerator
-
-        from .text_lm import load_text_lm
-
         self.args = args
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
@@ -534,8 +533,6 @@ class StageITrainer:
     def evaluate(self) -> dict:
         """PSNR (on 8-bit reconstructions, as images are seen) and codebook usage on the validation
         images, through the project's `evaluate` metric modules."""
-        from .metrics import load_metric
-
         model = self.unwrapped.eval()
         originals, reconstructions, codes = [], [], []
         for start in range(0, len(self.eval_images), 64):
@@ -551,8 +548,6 @@ class StageITrainer:
 
     @torch.no_grad()
     def save_samples(self, name: str, count: int = 8) -> Path:
-        from PIL import Image
-
         model = self.unwrapped.eval()
         originals = to_pixel_values(self.eval_images[:count]).to(self.device)
         with self._autocast():

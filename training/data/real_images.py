@@ -136,7 +136,7 @@ def load_skimage_images(names=None, image_size: int | None = None):
     own, differing sizes.
     """
 
-    try:
+    try:  # optional: scikit-image only serves these sample images
         import skimage.data
     except ImportError:
         raise ImportError("load_skimage_images needs scikit-image: pip install scikit-image") from None

@@ -15,8 +15,10 @@ simply wrong on every attribute.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from .shapes import BACKGROUND, COLORS, GRID, POSITIONS, SHAPES, SIZES, shape_centroid_offset, shape_coverage
@@ -48,8 +50,6 @@ def _to_array(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32)
     if isinstance(image, dict) and "bytes" in image:  # a datasets Image cell, not decoded
-        import io
-
         return np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB"), dtype=np.float32)
     if hasattr(image, "detach"):  # a torch tensor; no torch import needed to read it
         image = image.detach().cpu().numpy()
@@ -251,10 +251,6 @@ def _describe(component: np.ndarray, sl, allowed: np.ndarray, cov: np.ndarray, c
 def degrade_image(image: Image.Image, *, jpeg_quality: int = 75, blur_radius: float = 0.0) -> Image.Image:
     """Gaussian blur (radius in px, 0 = none) then JPEG at ``jpeg_quality``: the parser's
     robustness benchmark (scripts/parser_accuracy.py, tests)."""
-    import io
-
-    from PIL import ImageFilter
-
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     if blur_radius > 0:

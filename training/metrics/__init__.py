@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import evaluate
+
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES = ("vqa_accuracy", "scene_match", "psnr", "ssim", "codebook_usage", "fid")
 
@@ -24,6 +26,4 @@ def metric_path(name: str) -> Path:
 
 def load_metric(name: str, **kwargs):
     """`evaluate.load` on the metric's folder: a local path, so nothing is downloaded."""
-    import evaluate
-
     return evaluate.load(str(metric_path(name)), **kwargs)

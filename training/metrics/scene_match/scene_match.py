@@ -15,14 +15,13 @@ the Shapes world scene parser; requested objects are matched one-to-one to parse
 import datasets
 import evaluate
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 
 def _match(requested, parsed):
     """Pairs (i, j) minimising attribute disagreements; scipy's assignment is exact and cheap."""
-    from scipy.optimize import linear_sum_assignment
-
     if not requested or not parsed:
         return []
     cost = np.array([[sum(r[a] != p[a] for a in ATTRIBUTES) for p in parsed] for r in requested])
@@ -40,7 +39,7 @@ class SceneMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        try:
+        try:  # here, not at the top: evaluate runs a copy of this file, where `training` may not import
             from training.data.scene_parser import parse_scene
             from training.data.shapes import canonical_objects, scene_request
         except ImportError as error:
