@@ -105,6 +105,23 @@ def test_the_cell_colour_term_teaches_the_encoder_each_cells_colour(tmp_path, ll
     assert set(plain.unwrapped.state_dict()) == set(coloured.unwrapped.state_dict())
 
 
+def test_the_cell_colour_term_at_a_finer_resolution_predicts_each_cells_sub_patches(tmp_path, llm_dir):
+    """`cell_colour_resolution`: r x r mean colours per cell instead of one, against the image pooled to that grid;
+    a resolution that does not divide the cell is refused, naming the argument."""
+    trainer = make_trainer(tmp_path / "fine", llm_dir, cell_colour_weight=1.0, cell_colour_resolution=2)
+    pixels = torch.rand(2, 3, trainer.config.image_size, trainer.config.image_size) * 2 - 1
+    with torch.no_grad():
+        latents = trainer.unwrapped(pixels).decoder_latents
+        head = trainer.accelerator.unwrap_model(trainer.cell_colour_head)
+        predicted = torch.nn.functional.pixel_shuffle(head(latents), 2)
+    assert predicted.shape == (2, 3, 2 * trainer.config.latent_grid_size, 2 * trainer.config.latent_grid_size)
+    logs = [trainer.train_step() for _ in range(4)]
+    assert logs[-1]["cell_colour_mse"] < logs[0]["cell_colour_mse"]
+    cell = trainer.config.image_size // trainer.config.latent_grid_size
+    with pytest.raises(ValueError, match=f"cell_colour_resolution=3 must divide the {cell} pixels"):
+        make_trainer(tmp_path / "bad", llm_dir, cell_colour_weight=1.0, cell_colour_resolution=3)
+
+
 def test_corrupt_checkpoint_on_resume_is_named(tmp_path, llm_dir):
     trainer = make_trainer(tmp_path, llm_dir, steps=4)
     trainer.train_step()

@@ -366,6 +366,30 @@ def test_several_captions_per_image_are_different_captions_of_that_scene(codes):
         understanding_tasks(scenes, captions_per_image=-1)
 
 
+def test_several_drawings_per_image_draw_that_scene_from_its_other_captions(codes):
+    """`drawings_per_image`: more text-to-image rows per scene, each prompted with another of its captions; one
+    drawing per scene keeps the rows it always had."""
+    train, _ = codes
+    scenes = train.select(range(3))
+
+    def drawings(**kwargs):
+        rows = generation_tasks(scenes, depth=2, segments=1, caption_drop=0.0, **kwargs)
+        return [
+            (r["messages"][0]["content"][0]["text"], r[CODES_COLUMN]) for r in rows if r["task"] == "text_to_image"
+        ]
+
+    one, three = drawings(), drawings(drawings_per_image=3)
+    assert len(one) == 3 and len(three) == 9
+    assert [prompt for prompt, _ in three[::3]] == [prompt for prompt, _ in one]  # the first is the single row's
+    for index in range(3):
+        rows = three[3 * index : 3 * index + 3]
+        assert all(row_codes == scenes[index][CODES_COLUMN] for _, row_codes in rows)  # the same scene's codes
+        quoted = [[c for c in scenes[index]["captions"] if c in prompt] for prompt, _ in rows]
+        assert all(quoted) and len({max(q, key=len) for q in quoted}) == 3  # three different captions
+    with pytest.raises(ValueError, match="drawings_per_image=0"):
+        generation_tasks(scenes, depth=2, drawings_per_image=0)
+
+
 def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, tmp_path):
     from training.sft import prepare_full_finetune
 

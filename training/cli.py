@@ -204,6 +204,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         gan_weight=args.gan_weight,
         cell_colour_weight=args.cell_colour_weight,
         dead_code_threshold=args.dead_code_threshold,
+        cell_colour_resolution=args.cell_colour_resolution,
         vision_overrides=_vision_flags(args),
         init_from=args.init_from,
     )
@@ -721,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-colour-weight",
         type=float,
         help="weight of the term that asks each cell's codes for that cell's mean colour (default: the recipe's)",
+    )
+    tok.add_argument(
+        "--cell-colour-resolution",
+        type=positive_int,
+        help="that term's grid of mean colours per cell side (1: the cell's mean; default: the recipe's)",
     )
     tok.add_argument(
         "--train-images",

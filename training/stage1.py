@@ -116,6 +116,9 @@ class StageIArguments:
     # writes codes one cell at a time, must learn colour from combinations of cells (docs/results.md, "Colour in
     # every cell").
     cell_colour_weight: float = 0.0
+    # The term's detail: each cell's patch predicted as an r x r grid of mean colours (1: the patch's mean). r > 1
+    # asks each cell's codes for where in the patch the colour lies too, i.e. for the local shape.
+    cell_colour_resolution: int = 1
     vision_overrides: dict = field(default_factory=dict)
     # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
     init_from: Optional[str] = None
@@ -316,7 +319,14 @@ class StageITrainer:
         trained = [p for p in model.parameters() if p.requires_grad]
         self.cell_colour_head = None
         if args.cell_colour_weight > 0:
-            self.cell_colour_head = nn.Conv2d(self.config.z_channels, self.config.in_channels, 1).to(self.device)
+            cell = self.config.image_size // self.config.latent_grid_size
+            if args.cell_colour_resolution < 1 or cell % args.cell_colour_resolution:
+                raise ValueError(
+                    f"cell_colour_resolution={args.cell_colour_resolution} must divide the {cell} pixels of a latent "
+                    "cell (1: each cell's mean colour)"
+                )
+            outputs = self.config.in_channels * args.cell_colour_resolution**2
+            self.cell_colour_head = nn.Conv2d(self.config.z_channels, outputs, 1).to(self.device)
             trained += list(self.cell_colour_head.parameters())
         optimizer = torch.optim.Adam(trained, lr=args.learning_rate, betas=tuple(args.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -436,8 +446,9 @@ class StageITrainer:
         logs = {}
         if self.cell_colour_head is not None:
             cell = self.config.image_size // self.config.latent_grid_size  # pixels per side of a latent cell
-            predicted = self.cell_colour_head(out.decoder_latents.float())
-            cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), cell))
+            detail = args.cell_colour_resolution
+            predicted = F.pixel_shuffle(self.cell_colour_head(out.decoder_latents.float()), detail)
+            cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), cell // detail))
             loss = loss + args.cell_colour_weight * cell_colour_loss
             logs["cell_colour_mse"] = float(cell_colour_loss.detach())
         if self.discriminator is not None and self.step >= args.gan_start_step:

@@ -116,6 +116,7 @@ class StageIIArguments:
     questions_per_image: int = 2
     questions_per_conversation: int = 1
     captions_per_image: int = 1  # caption rows per scene, each another of the scene's captions while they last
+    drawings_per_image: int = 1  # text-to-image rows per scene, each from another of its captions while they last
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -268,6 +269,7 @@ def stage_tasks(
     seed: int = 0,
     drawing_codes=None,
     captions_per_image: int = 1,
+    drawings_per_image: int = 1,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -293,7 +295,11 @@ def stage_tasks(
         )
     if tasks & {"text_to_image", "continue_image"}:
         drawn = codes if drawing_codes is None else drawing_codes
-        parts.append(generation_tasks(drawn, depth, segments, caption_drop=caption_drop, seed=seed))
+        parts.append(
+            generation_tasks(
+                drawn, depth, segments, caption_drop=caption_drop, seed=seed, drawings_per_image=drawings_per_image
+            )
+        )
     rows = datasets.concatenate_datasets(parts)
     return rows if tasks == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
 
@@ -520,6 +526,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "questions_per_image": args.questions_per_image,
         "questions_per_conversation": args.questions_per_conversation,
         "captions_per_image": args.captions_per_image,
+        "drawings_per_image": args.drawings_per_image,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

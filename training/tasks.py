@@ -182,30 +182,40 @@ def understanding_tasks(
     return _build(dataset, rows_of, [CODES_COLUMN, "captions", "questions"], "understanding", seed)
 
 
-def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float = 0.1, seed: int = 0):
+def generation_tasks(
+    dataset, depth: int, segments: int = 4, caption_drop: float = 0.1, seed: int = 0, drawings_per_image: int = 1
+):
     """Text-to-image (caption in, `<boi>` codes `<eoi>` out; with probability `caption_drop` the
     caption is "" in the processor's default template — CFG's unconditional prompt) and
-    continue-a-partial-image (caption + the first k segments in, segment k+1 out)."""
+    continue-a-partial-image (caption + the first k segments in, segment k+1 out).
+    `drawings_per_image`: text-to-image rows per image, each from another of its captions while they last."""
     if not 0.0 <= caption_drop < 1.0:
         raise ValueError(f"caption_drop={caption_drop} must be in [0, 1) (the paper's p, default 0.1)")
+    if drawings_per_image < 1:
+        raise ValueError(f"drawings_per_image={drawings_per_image} must be >= 1 (text-to-image rows per image)")
 
-    def rows_of(row, index):
-        rng = _rng(seed, index, 3)
-        if not row["captions"]:
-            return
-        caption = row["captions"][rng.integers(len(row["captions"]))]
-        n = len(row[CODES_COLUMN])
+    def drawing(rng, caption: str, n: int):
         if rng.random() < caption_drop:
             instruction = templates.TEXT_TO_IMAGE[0].format(caption="")
         else:
             instruction = templates.TEXT_TO_IMAGE[rng.integers(len(templates.TEXT_TO_IMAGE))].format(caption=caption)
-        yield (
+        return (
             "text_to_image",
             [
                 _turn("user", _text(instruction)),
                 _turn("assistant", _item("boi"), _item("codes", 0, n), _item("eoi")),
             ],
         )
+
+    def rows_of(row, index):
+        rng = _rng(seed, index, 3)
+        captions = row["captions"]
+        if not captions:
+            return
+        first = int(rng.integers(len(captions)))
+        caption = captions[first]
+        n = len(row[CODES_COLUMN])
+        yield drawing(rng, caption, n)
         if segments > 1:
             bounds = segment_bounds(n, depth, segments)
             k = int(rng.integers(1, segments))
@@ -217,6 +227,10 @@ def generation_tasks(dataset, depth: int, segments: int = 4, caption_drop: float
                     _turn("assistant", _item("codes", bounds[k], bounds[k + 1])),
                 ],
             )
+        if drawings_per_image > 1:  # drawn only then, so one drawing per image keeps the rows it always had
+            others = [int(c) for c in rng.permutation(len(captions)) if c != first] or [first]
+            for k in range(drawings_per_image - 1):
+                yield drawing(rng, captions[others[k % len(others)]], n)
 
     return _build(dataset, rows_of, [CODES_COLUMN, "captions"], "generation", seed)
 
