@@ -771,123 +771,156 @@ def _demo_report(
     return report
 
 
+class DemoRun:
+    """One demo run's jobs, in pipeline order: each stage trains unless its folder is finished and was made with
+    the same settings (`demo_stages.json`), then the evaluation and the report. `run_demo` calls them in turn."""
+
+    def __init__(self, args: DemoArguments):
+        self.args = args
+        self.run = Path(args.output_dir)
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.plan = DemoPlan.resolve(args)
+        previous = {}
+        if (self.run / REPORT_FILE).is_file():
+            previous = json.loads((self.run / REPORT_FILE).read_text()).get("wall_seconds", {})
+        self.clock = StageClock(previous, quiet=args.quiet)
+        self.started = time.perf_counter()
+        self.settings = stage_settings(args, self.plan)
+        self.made = {
+            **{
+                s: is_complete(self.run / STAGE_FOLDERS[s][0])
+                for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")
+            },
+            **{f"stage2_{s}": _stage2_done(self.run, self.plan, s) for s in ("decompress", "sft")},
+        }
+        check_reusable(self.run, self.settings, self.made)
+
+    def stage(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
+        if not done:
+            record_stage(self.run, started_key(name), self.settings[name])
+        result = self.clock.run(name, done, work)
+        # Recorded only once the work has returned: a record always describes a finished folder.
+        if not done:
+            record_stage(self.run, name, self.settings[name])
+        return result
+
+    def text_lm(self) -> tuple[Path, bool]:
+        """Stage 0: the LLM trained from scratch on the Shapes world's text, or a pretrained one read into the run.
+        Returns its folder and whether it was trained here."""
+        args, preset = self.args, self.plan.preset
+        trains_stage0 = (
+            args.llm is None and preset["text_model"].get("source") == "stage0" and "stage0_text_lm" in self.settings
+        )
+        if "stage0_text_lm" not in self.settings:
+            return Path(preset["text_model"]["name_or_path"]), False
+        llm = self.stage(
+            "stage0_text_lm",
+            self.made["stage0_text_lm"],
+            lambda: (
+                train_stage0(self.run, self.plan, args.seed)
+                if trains_stage0
+                else pretrained_text_lm(preset["text_model"], self.run / TEXT_LM_DIR, args.llm)
+            ),
+        )
+        return Path(llm), trains_stage0
+
+    def tokenizer(self, llm: Path) -> dict:
+        """Stage I; returns its metrics. A finished vision_tokenizer/ is never retrained nor re-exported: the
+        ablation's separate-codebook variant rewrites it after stage I."""
+        args, done = self.args, self.made["stage1_tokenizer"]
+        return self.stage(
+            "stage1_tokenizer",
+            done,
+            lambda: (
+                _stage1_metrics(self.run)
+                if done
+                else train_stage1(
+                    self.run,
+                    self.plan,
+                    llm,
+                    args.seed,
+                    paradigm=args.paradigm,
+                    quantizer=args.quantizer,
+                    codebook_size=args.codebook_size,
+                    vision_overrides=args.vision_overrides,
+                    stage1_overrides=args.stage1_overrides,
+                )
+            ),
+        )
+
+    def code_datasets(self, llm: Path) -> None:
+        """The assembled base MLLM, and the Shapes scenes encoded once as code datasets. They are cached per image
+        count and seed (and checked against the tokenizer), so a checked stage2/base with missing codes only
+        encodes them."""
+        args, budget = self.args, self.plan.budget
+
+        def codes():
+            model, _ = load_model_and_processor(
+                assemble_base(self.run, args.preset, llm=args.llm and str(llm), visual_input=args.visual_input)
+            )
+            shapes_code_datasets(
+                self.run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed
+            )
+
+        cached = (self.run / CODES_DIR / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
+        self.stage("code_datasets", self.made["code_datasets"] and cached, codes)
+
+    def stage2(self) -> dict:
+        """Decompression pre-training (unless the budget skips it), then instruction tuning; returns their metrics.
+        The run's adapter, if stage II trained LoRA, is published at <run>/adapter, where hub_upload looks (its
+        base: stage2/decompress/model); a fully fine-tuned run has none, and a stale copy from an earlier LoRA run
+        must not pass for one."""
+        plan, args = self.plan, self.args
+        metrics = {}
+        for name in ("decompress", "sft") if plan.decompress else ("sft",):
+            metrics[name] = self.stage(
+                f"stage2_{name}",
+                self.made[f"stage2_{name}"],
+                lambda name=name: train_stage2(
+                    stage2_arguments(self.run, plan, name, args.seed, args.device, from_decompressed=plan.decompress)
+                ),
+            )
+        shutil.rmtree(self.run / ADAPTER_DIR, ignore_errors=True)
+        if plan.lora and is_complete(self.run / STAGE2_DIR / "sft" / ADAPTER_DIR):
+            shutil.copytree(self.run / STAGE2_DIR / "sft" / ADAPTER_DIR, self.run / ADAPTER_DIR)
+        return metrics
+
+    def evaluate_and_report(self, llm: Path, from_scratch: bool, stage1: dict, stage2: dict) -> dict:
+        """The evaluation, the pictures and report.json / report.md; returns the report."""
+        run, args = self.run, self.args
+        results = self.clock.run(
+            "evaluation", False, lambda: _evaluate_run(run, self.plan.budget, args, llm, from_scratch)
+        )
+        question, answer, prediction, prompt = _draw_examples(run, results["examples"])
+        report = _demo_report(
+            run,
+            args,
+            self.plan,
+            results,
+            stage1,
+            stage2,
+            self.clock,
+            self.started,
+            example=(question, answer, prediction, prompt),
+        )
+        atomic_write_json(run / REPORT_FILE, report)
+        atomic_write_text(run / REPORT_MARKDOWN_FILE, report_markdown(report))
+        if not args.quiet:
+            print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / QUESTION_FILE})")
+            print(f"generated for '{prompt}': {run / GENERATED_FILE}")
+            print(f"report: {run / REPORT_MARKDOWN_FILE}")
+        return report
+
+
 def run_demo(args: DemoArguments) -> dict:
     """The whole pipeline on `args.output_dir`; returns the report (also written as report.json)."""
     _check_demo_process(args)
-    run = Path(args.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.resolve(args)
-    preset, budget = plan.preset, plan.budget
-    previous = {}
-    if (run / REPORT_FILE).is_file():
-        previous = json.loads((run / REPORT_FILE).read_text()).get("wall_seconds", {})
-    clock = StageClock(previous, quiet=args.quiet)
-    started = time.perf_counter()
-    settings = stage_settings(args, plan)
-    made = {
-        **{s: is_complete(run / STAGE_FOLDERS[s][0]) for s in ("stage0_text_lm", "stage1_tokenizer", "code_datasets")},
-        **{f"stage2_{s}": _stage2_done(run, plan, s) for s in ("decompress", "sft")},
-    }
-    check_reusable(run, settings, made)
-
-    def stage(name: str, done: bool, work: Callable[[], Any]) -> Any:
-        if not done:
-            record_stage(run, started_key(name), settings[name])
-        result = clock.run(name, done, work)
-        # Recorded only once the work has returned: a record always describes a finished folder.
-        if not done:
-            record_stage(run, name, settings[name])
-        return result
-
-    # Stage 0 trains the LLM from scratch on the Shapes world's text (else a pretrained LLM is read).
-    trains_stage0 = (
-        args.llm is None and preset["text_model"].get("source") == "stage0" and "stage0_text_lm" in settings
-    )
-    if "stage0_text_lm" in settings:
-        llm = Path(
-            stage(
-                "stage0_text_lm",
-                made["stage0_text_lm"],
-                lambda: (
-                    train_stage0(run, plan, args.seed)
-                    if trains_stage0
-                    else pretrained_text_lm(preset["text_model"], run / TEXT_LM_DIR, args.llm)
-                ),
-            )
-        )
-    else:
-        llm = Path(preset["text_model"]["name_or_path"])
-    # A finished vision_tokenizer/ is never retrained nor re-exported: the ablation's separate-codebook
-    # variant rewrites it after stage I.
-    stage1_done = made["stage1_tokenizer"]
-    stage1 = stage(
-        "stage1_tokenizer",
-        stage1_done,
-        lambda: (
-            _stage1_metrics(run)
-            if stage1_done
-            else train_stage1(
-                run,
-                plan,
-                llm,
-                args.seed,
-                paradigm=args.paradigm,
-                quantizer=args.quantizer,
-                codebook_size=args.codebook_size,
-                vision_overrides=args.vision_overrides,
-                stage1_overrides=args.stage1_overrides,
-            )
-        ),
-    )
-
-    def codes():
-        model, _ = load_model_and_processor(
-            assemble_base(run, args.preset, llm=args.llm and str(llm), visual_input=args.visual_input)
-        )
-        shapes_code_datasets(run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed)
-
-    # Code datasets are cached per image count and seed (and checked against the tokenizer), so a
-    # checked stage2/base with missing codes only encodes them.
-    codes_done = (
-        made["code_datasets"] and (run / CODES_DIR / f"train-{budget['stage2_train_images']}-s{args.seed}").is_dir()
-    )
-    stage("code_datasets", codes_done, codes)
-    stage2 = {}
-    for name in ("decompress", "sft") if plan.decompress else ("sft",):
-        stage2[name] = stage(
-            f"stage2_{name}",
-            made[f"stage2_{name}"],
-            lambda name=name: train_stage2(
-                stage2_arguments(run, plan, name, args.seed, args.device, from_decompressed=plan.decompress)
-            ),
-        )
-    # hub_upload looks for the run's adapter at <run>/adapter (its base: stage2/decompress/model); a fully
-    # fine-tuned run has none, and a stale copy from an earlier LoRA run must not pass for one.
-    shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
-    if plan.lora and is_complete(run / STAGE2_DIR / "sft" / ADAPTER_DIR):
-        shutil.copytree(run / STAGE2_DIR / "sft" / ADAPTER_DIR, run / ADAPTER_DIR)
-
-    results = clock.run("evaluation", False, lambda: _evaluate_run(run, budget, args, llm, trains_stage0))
-    question, answer, prediction, prompt = _draw_examples(run, results["examples"])
-
-    report = _demo_report(
-        run,
-        args,
-        plan,
-        results,
-        stage1,
-        stage2,
-        clock,
-        started,
-        example=(question, answer, prediction, prompt),
-    )
-    atomic_write_json(run / REPORT_FILE, report)
-    atomic_write_text(run / REPORT_MARKDOWN_FILE, report_markdown(report))
-    if not args.quiet:
-        print(f"\nQ: {question}\nA: {prediction}   (truth: {answer}; image: {run / QUESTION_FILE})")
-        print(f"generated for '{prompt}': {run / GENERATED_FILE}")
-        print(f"report: {run / REPORT_MARKDOWN_FILE}")
-    return report
+    demo = DemoRun(args)
+    llm, from_scratch = demo.text_lm()
+    stage1 = demo.tokenizer(llm)
+    demo.code_datasets(llm)
+    stage2 = demo.stage2()
+    return demo.evaluate_and_report(llm, from_scratch, stage1, stage2)
 
 
 __all__ = [
