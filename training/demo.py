@@ -39,7 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 from hub_upload.run_folder import (
     ADAPTER_DIR,
     CODES_DIR,
+    DEMO_STAGES_FILE,
     GENERATED_FILE,
+    LLM_DIR,
     MLLM_DIR,
     QUESTION_FILE,
     REPORT_FILE,
@@ -214,13 +216,13 @@ class DemoPlan:
 # The reusable stages in pipeline order and their folders under the run; the first folder is the one
 # named in errors. Settings of later stages include those of earlier ones (see `stage_settings`).
 STAGE_FOLDERS = {
-    "stage0_text_lm": ("text_lm",),
-    "stage1_tokenizer": ("vision_tokenizer", "stage1", "llm"),  # llm/: the LLM a dual stage I trained
-    "code_datasets": ("stage2/base", "codes"),
-    "stage2_decompress": ("stage2/decompress",),
-    "stage2_sft": ("stage2/sft", "mllm"),
+    "stage0_text_lm": (TEXT_LM_DIR,),
+    "stage1_tokenizer": (VISION_TOKENIZER_DIR, STAGE1_DIR, LLM_DIR),  # llm/: the LLM a dual stage I trained
+    "code_datasets": (f"{STAGE2_DIR}/base", CODES_DIR),
+    "stage2_decompress": (f"{STAGE2_DIR}/decompress",),
+    "stage2_sft": (f"{STAGE2_DIR}/sft", MLLM_DIR),
 }
-STAGE_RECORDS = "demo_stages.json"
+STAGE_RECORDS = DEMO_STAGES_FILE
 
 
 def _without(section: dict, *keys: str) -> dict:
