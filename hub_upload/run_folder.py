@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from modeling_unicode.configuration_unicode import UniCodeConfig
-
 # The run folder's layout (docs/design.md, "The run folder"): the one place its names are spelled. The training
 # stages that write a run and the export that reads it both import these.
 TEXT_LM_DIR = "text_lm"  # stage 0
@@ -81,6 +79,10 @@ class RunFolder:
 def missing_mllm_parts(mllm: Path, shown_as: str = MLLM_DIR) -> list[str]:
     """What `mllm` lacks to be a loadable UniCode MLLM folder (model + processor), each part named as
     `shown_as/<file>`; [] when nothing is missing. Export checks a run's `mllm/` with it, `evaluate` any folder."""
+    # Here, not at the top: the layout names above are read by the command line and by `push`, which must not load
+    # transformers to answer.
+    from modeling_unicode.configuration_unicode import UniCodeConfig
+
     if not mllm.is_dir():
         return [f"{shown_as}/ (the assembled MLLM; stage II writes it)"]
     missing = []

@@ -20,6 +20,9 @@ unicode-mllm push exports/unicode-tiny --repo-id NAME/unicode-tiny [--private] [
 
 from __future__ import annotations
 
+# The command handlers import their stage's modules when they run, not here: torch, transformers, TRL and PEFT take
+# seconds to load, and `unicode-mllm --help` or a mistyped flag should answer at once. Everywhere else in the
+# package imports sit at the top.
 import argparse
 import contextlib
 import json
@@ -27,11 +30,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-
-from hub_upload.export import export_adapter, export_run
-from hub_upload.push import PushError, push_folder
 from hub_upload.run_folder import (
     ADAPTER_DIR,
     LLM_DIR,
@@ -41,36 +39,12 @@ from hub_upload.run_folder import (
     STAGE2_DIR,
     TEXT_LM_DIR,
     VISION_TOKENIZER_DIR,
-    missing_mllm_parts,
-)
-from modeling_unicode import UniCodeVisualTokenizerConfig
-
-from . import demo, evaluation
-from .ablate import FACTORS, run_ablation
-from .checkpointing import DiskFullError, atomic_write_json, atomic_write_text, is_complete
-from .data.real_images import load_image_dataset
-from .data.shapes import build_split, text_corpus
-from .demo import DemoArguments, DemoSettingsError, save_samples
-from .distributed import release_process_group
-from .evaluation import check_device, check_evaluation_settings, metrics_markdown
-from .finetune import finetune_lora
-from .presets import list_presets, load_preset, load_recipe
-from .run_guard import guard_output
-from .sft import merge_adapter, require_adapter_folder
-from .stage1 import StageIArguments, StageITrainer, images_to_uint8
-from .stage2 import StageIIArguments, load_model_and_processor, train_stage2
-from .text_lm import (
-    check_llm_path,
-    load_text_lm,
-    looks_local,
-    packed_blocks,
-    pretrained_text_lm,
-    recipe_training_settings,
-    train_text_lm,
 )
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import list_presets, load_preset
+
     if args.name:
         print(json.dumps(load_preset(args.name), indent=2))
     else:
@@ -93,6 +67,8 @@ def positive_int(text: str) -> int:
 def model_reference(text: str) -> str:
     """argparse type of --model / --llm / --adapter ...: a local file or folder, or a Hub repo id. A missing local
     path is named here instead of being sent to the Hub, which would answer with a repo-id format error."""
+    from .text_lm import looks_local
+
     if looks_local(text) and not Path(text).expanduser().exists():
         raise argparse.ArgumentTypeError(f"no such file or folder: {text!r} (a Hub repo id is NAME or OWNER/NAME)")
     return text
@@ -100,6 +76,8 @@ def model_reference(text: str) -> str:
 
 def llm_reference(text: str) -> str:
     """argparse type of every --llm: an existing causal-LM folder or .gguf, or a Hub repo id (`check_llm_path`)."""
+    from .text_lm import check_llm_path
+
     try:
         return check_llm_path(text, argument="")
     except ValueError as error:
@@ -111,6 +89,10 @@ def _pick(flag, recipe: dict, key: str, default):
 
 
 def _cmd_train_text(args: argparse.Namespace) -> int:
+    from .data.shapes import text_corpus
+    from .presets import load_preset, load_recipe
+    from .text_lm import pretrained_text_lm, recipe_training_settings, train_text_lm
+
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     if args.llm or preset["text_model"].get("source") != "stage0":
         # A pretrained LLM: nothing to train; a GGUF becomes the run's text_lm/ folder here (once).
@@ -151,9 +133,16 @@ def _vision_flags(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .data.shapes import build_split, text_corpus
+    from .presets import load_preset, load_recipe
+    from .stage1 import StageIArguments, StageITrainer, images_to_uint8
+    from .text_lm import load_text_lm, packed_blocks, pretrained_text_lm
+
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     data = recipe.get("data", {})
     output = Path(args.output)
+    from .checkpointing import is_complete
+
     if args.resume and is_complete(output / VISION_TOKENIZER_DIR):
         print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
         return 0
@@ -168,6 +157,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         llm_path = pretrained_text_lm(preset["text_model"], output / TEXT_LM_DIR, args.llm)
     image_size = preset["vision_tokenizer"]["image_size"]
     if args.init_from:
+        from modeling_unicode import UniCodeVisualTokenizerConfig
+
         image_size = UniCodeVisualTokenizerConfig.from_pretrained(args.init_from).image_size
     if args.images:  # the user's images; a tenth (at least one) held out for the validation PSNR
         images = _user_images(args, "train-tokenizer")
@@ -225,6 +216,8 @@ def _add_image_data_flags(parser: argparse.ArgumentParser) -> None:
 
 # -- stage II: train --stage decompress|sft, merge, finetune --------------------------------------
 def _cmd_train_stage2(args: argparse.Namespace) -> int:
+    from .stage2 import StageIIArguments, train_stage2
+
     metrics = train_stage2(
         StageIIArguments.from_recipe(
             args.output,
@@ -254,12 +247,16 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from .sft import merge_adapter
+
     print(f"merged: {merge_adapter(args.adapter, args.output, base=args.base)}")
     return 0
 
 
 def _user_images(args: argparse.Namespace, command: str):
     """`--images` / `--dataset` loaded (the accepted layouts), or None after one error line naming the fix."""
+    from .data.real_images import load_image_dataset
+
     try:
         return load_image_dataset(
             args.dataset if command == "finetune" else args.images, args.split, image_column=args.image_column
@@ -270,6 +267,8 @@ def _user_images(args: argparse.Namespace, command: str):
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune_lora
+
     data = _user_images(args, "finetune")
     if data is None:
         return 2
@@ -375,6 +374,8 @@ def _add_stage2_parsers(sub) -> None:
 
 # -- hub_upload: export / push (thin wrappers; the work is in hub_upload) ---------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
+    from hub_upload.export import export_adapter, export_run
+
     try:
         if args.adapter_only:
             out = export_adapter(args.run_dir, args.out_dir, overwrite=args.overwrite)
@@ -397,6 +398,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    from hub_upload.push import PushError, push_folder
+
     try:
         result = push_folder(
             args.folder,
@@ -467,9 +470,11 @@ def _budget_flags(args: argparse.Namespace) -> dict:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoArguments, DemoSettingsError, run_demo
+
     output = args.output or f"outputs/demo-{args.preset}"
     try:
-        demo.run_demo(  # through the module: tests patch training.demo.run_demo
+        run_demo(
             DemoArguments(
                 output_dir=output,
                 preset=args.preset,
@@ -489,6 +494,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import FACTORS, run_ablation
+    from .demo import DemoSettingsError
+
     try:
         table = run_ablation(
             args.output,
@@ -520,6 +528,8 @@ _EVALUATE_COUNTS = (
 def _unicode_model_problem(model: str) -> str | None:
     """Why `model` (a folder or repo id) cannot be evaluated, or None; a name that is no folder here is
     left to `from_pretrained` as a repo id."""
+    from hub_upload.run_folder import missing_mllm_parts
+
     folder = Path(model)
     if not folder.exists():
         return None
@@ -533,6 +543,14 @@ def _unicode_model_problem(model: str) -> str | None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpointing import atomic_write_json, atomic_write_text
+    from .demo import save_samples
+    from .evaluation import check_device, check_evaluation_settings, evaluate_on_shapes, metrics_markdown
+    from .sft import require_adapter_folder
+    from .stage2 import load_model_and_processor
+
     counts = {name: getattr(args, name) for name in _EVALUATE_COUNTS if getattr(args, name) is not None}
     problem = _unicode_model_problem(args.model)
     try:
@@ -548,10 +566,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     model, processor = load_model_and_processor(args.model)
     if args.adapter:  # merged once, so generation runs at the plain model's speed
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     model.to(device=args.device, dtype=getattr(torch, args.dtype))
     options = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("seed", args.seed)) if v is not None}
-    results = evaluation.evaluate_on_shapes(model, processor, **counts, **options)  # tests patch it there
+    results = evaluate_on_shapes(model, processor, **counts, **options)
     title = f"`{args.model}`" + (f" + adapter `{args.adapter}`" if args.adapter else "")
     seed = results["settings"]["seed"]
     markdown = f"# UniCode evaluation — {title}\n\nShapes world, seed {seed}.\n\n{metrics_markdown(results)}\n"
@@ -602,6 +622,16 @@ def _add_evaluate_command(sub) -> None:
     cmd.set_defaults(func=_cmd_evaluate)
 
 
+def ablation_factor(text: str) -> str:
+    """argparse type of `ablate --factors`: checked against the ablation's factors only when the flag is given, so
+    building the parser (and `--help`) does not load the ablation and everything it trains."""
+    from .ablate import FACTORS
+
+    if text not in FACTORS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ablation factor; choose from {list(FACTORS)}")
+    return text
+
+
 def _add_demo_commands(sub) -> None:
     for name, helper in (
         ("demo", "the main job: stage 0 -> I -> codes -> decompress -> SFT -> evaluation -> report, offline"),
@@ -619,7 +649,9 @@ def _add_demo_commands(sub) -> None:
         for flag, kind in _BUDGET_FLAGS:
             cmd.add_argument(flag, type=kind, help="override the recipe's demo budget")
         if name == "ablate":
-            cmd.add_argument("--factors", nargs="+", choices=list(FACTORS), help="default: all of them")
+            cmd.add_argument(
+                "--factors", nargs="+", type=ablation_factor, help="factors of training/ablate.py (default: all)"
+            )
         else:  # the ablation sets these itself, one factor at a time
             cmd.add_argument(
                 "--paradigm", choices=["frozen", "dual", "iterative"], help="stage I (default: iterative)"
@@ -647,9 +679,13 @@ def _output_guard(args: argparse.Namespace, command_line: str):
     """One writer per output folder, and a command's finished or interrupted products kept unless --resume or
     --overwrite says what to do with them (run_guard.guard_output). Commands whose own logic decides what to reuse
     (demo, ablate: settings records; export: --overwrite) take the lock alone."""
+    from .run_guard import guard_output
+
     command = args.command
     options = {"resume": getattr(args, "resume", False), "overwrite": getattr(args, "overwrite", False)}
     if command == "train-text":
+        from .presets import load_preset
+
         # With a pretrained LLM, text_lm/ is its dequantized copy, made once and reused: not a product to guard.
         pretrained = args.llm or load_preset(args.preset)["text_model"].get("source") != "stage0"
         products = [] if pretrained else [TEXT_LM_DIR]
@@ -759,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpointing import DiskFullError
+    from .distributed import release_process_group
+
     parser = build_parser()
     args = parser.parse_args(argv)
     command_line = " ".join([parser.prog, *(sys.argv[1:] if argv is None else argv)])

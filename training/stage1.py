@@ -318,6 +318,7 @@ class StageITrainer:
         self.iterative_target = self.llm_rows() if self.learning.paradigm == "iterative" else None
         trained = [p for p in model.parameters() if p.requires_grad]
         self.cell_colour_head = None
+        self.cell_colour_pool = 0  # pixels per side of one colour the term predicts
         if args.cell_colour_weight > 0:
             cell = self.config.image_size // self.config.latent_grid_size
             if args.cell_colour_resolution < 1 or cell % args.cell_colour_resolution:
@@ -325,6 +326,7 @@ class StageITrainer:
                     f"cell_colour_resolution={args.cell_colour_resolution} must divide the {cell} pixels of a latent "
                     "cell (1: each cell's mean colour)"
                 )
+            self.cell_colour_pool = cell // args.cell_colour_resolution
             outputs = self.config.in_channels * args.cell_colour_resolution**2
             self.cell_colour_head = nn.Conv2d(self.config.z_channels, outputs, 1).to(self.device)
             trained += list(self.cell_colour_head.parameters())
@@ -445,10 +447,9 @@ class StageITrainer:
         loss = out.loss
         logs = {}
         if self.cell_colour_head is not None:
-            cell = self.config.image_size // self.config.latent_grid_size  # pixels per side of a latent cell
-            detail = args.cell_colour_resolution
-            predicted = F.pixel_shuffle(self.cell_colour_head(out.decoder_latents.float()), detail)
-            cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), cell // detail))
+            colours = self.cell_colour_head(out.decoder_latents.float())
+            predicted = F.pixel_shuffle(colours, args.cell_colour_resolution)
+            cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), self.cell_colour_pool))
             loss = loss + args.cell_colour_weight * cell_colour_loss
             logs["cell_colour_mse"] = float(cell_colour_loss.detach())
         if self.discriminator is not None and self.step >= args.gan_start_step:

@@ -111,6 +111,12 @@ def _build(dataset, rows_of, columns: Sequence[str], what: str, seed: int):
     )
 
 
+def _caption_order(rng, count: int, first: int) -> list[int]:
+    """Caption `first`, then the image's other captions in a random order: several rows of one image each take
+    another of its captions while they last (the caller cycles through the list)."""
+    return [first] + [int(c) for c in rng.permutation(count) if c != first]
+
+
 def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
     """The paper's in-context pre-training: the compressed image in, its flattened codes out, as T
     assistant turns (each a segment of whole positions)."""
@@ -157,7 +163,7 @@ def understanding_tasks(
         if captions and captions_per_image:
             order = [int(rng.integers(len(captions)))]
             if captions_per_image > 1:  # drawn only then, so one caption per image keeps the rows it always had
-                order += [int(c) for c in rng.permutation(len(captions)) if c != order[0]]
+                order = _caption_order(rng, len(captions), order[0])
             for k in range(captions_per_image):
                 prompt = templates.CAPTION[rng.integers(len(templates.CAPTION))]
                 caption = captions[order[k % len(order)]]
@@ -228,9 +234,9 @@ def generation_tasks(
                 ],
             )
         if drawings_per_image > 1:  # drawn only then, so one drawing per image keeps the rows it always had
-            others = [int(c) for c in rng.permutation(len(captions)) if c != first] or [first]
-            for k in range(drawings_per_image - 1):
-                yield drawing(rng, captions[others[k % len(others)]], n)
+            order = _caption_order(rng, len(captions), first)
+            for k in range(1, drawings_per_image):
+                yield drawing(rng, captions[order[k % len(order)]], n)
 
     return _build(dataset, rows_of, [CODES_COLUMN, "captions"], "generation", seed)
 
