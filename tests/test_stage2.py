@@ -366,6 +366,26 @@ def test_several_captions_per_image_are_different_captions_of_that_scene(codes):
         understanding_tasks(scenes, captions_per_image=-1)
 
 
+def test_question_type_weights_ask_the_weighted_types_more_often(codes):
+    """`question_type_weights`: the VQA rows draw a heavy type's question more often, from the scene's own
+    questions; no weights keep the uniform draw."""
+    train, _ = codes
+
+    types = {qa["question"]: qa["type"] for scene in train for qa in scene["questions"]}
+
+    def asked(**kwargs):
+        rows = understanding_tasks(train, questions_per_image=2, captions_per_image=0, **kwargs)
+        prompts = [r["messages"][0]["content"][1]["text"] for r in rows]
+        return [types[max((q for q in types if q in prompt), key=len)] for prompt in prompts]
+
+    uniform, weighted = asked(), asked(question_type_weights={"shape": 20.0})
+    assert len(uniform) == len(weighted) == 2 * len(train)
+    assert weighted.count("shape") >= 0.8 * len(train) > 2 * uniform.count("shape")  # nearly every scene asks it
+    assert asked(question_type_weights=None) == uniform
+    with pytest.raises(ValueError, match=r"question_type_weights=.*\['colour'\] are not question types"):
+        understanding_tasks(train, question_type_weights={"colour": 2.0})
+
+
 def test_several_drawings_per_image_draw_that_scene_from_its_other_captions(codes):
     """`drawings_per_image`: more text-to-image rows per scene, each prompted with another of its captions; one
     drawing per scene keeps the rows it always had."""
@@ -747,3 +767,30 @@ def test_position_tables_train_whole_under_lora_in_either_layout(layout):
     loss.backward()
     trained = [n for n, p in peft_model.named_parameters() if "code_position_embedding" in n and p.grad is not None]
     assert trained and all("modules_to_save" in n for n in trained)
+
+
+def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(mllm, codes, tmp_path):
+    from training.rehearsal import rehearsal_cache, rehearsal_dataset, rehearsal_share
+    from training.sft import image_special_token_ids
+
+    model, processor = mllm
+    tokenizer = processor.tokenizer
+    rows = sft_rows(codes[0], model, processor)
+    distinct, mixed = rehearsal_share(0.2, len(rows), rows_trained=10)
+    assert (distinct, mixed) == (2, round(0.25 * len(rows)))  # a fifth of the mix; only what 10 rows can read
+    texts = rehearsal_dataset(tmp_path, model, tokenizer, (distinct, mixed), 8, 0, rows.features)
+    assert len(texts) == mixed and set(texts["task"]) == {"text"}
+    assert len({tuple(ids) for ids in texts["input_ids"]}) <= distinct
+    special = set(image_special_token_ids(model))
+    for ids, labels, image_codes in zip(texts["input_ids"], texts["labels"], texts["image_codes"]):
+        assert ids[0] == tokenizer.bos_token_id and 1 < len(ids) <= 9 and not image_codes
+        assert labels == [IGNORE_INDEX] + ids[1:]  # every sampled token is learnt, BOS is given
+        assert not special & set(ids)  # the image tokens are not the LLM's language
+    assert rehearsal_cache(tmp_path, distinct, 8, 0).is_file()
+    again = rehearsal_dataset(tmp_path, None, tokenizer, (distinct, mixed), 8, 0, rows.features)  # no model: cache
+    assert again["input_ids"] == texts["input_ids"]
+    mixed_rows = datasets.concatenate_datasets([rows, texts])
+    batch = CodesCollator(tokenizer.pad_token_id)([mixed_rows[0], mixed_rows[len(rows)]])
+    assert batch["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="rehearsal_fraction=1.0 must lie in"):
+        rehearsal_share(1.0, len(rows), 10)

@@ -47,6 +47,7 @@ from .checkpointing import atomic_directory, atomic_write_json, is_complete, nam
 from .codes import cached_code_dataset, code_signature
 from .data.shapes import build_split
 from .presets import load_preset, load_recipe, recipe_settings
+from .rehearsal import rehearsal_dataset, rehearsal_share
 from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
 from .sft import (
     CODE_LOGITS,
@@ -117,11 +118,18 @@ class StageIIArguments:
     questions_per_conversation: int = 1
     captions_per_image: int = 1  # caption rows per scene, each another of the scene's captions while they last
     drawings_per_image: int = 1  # text-to-image rows per scene, each from another of its captions while they last
+    # Odds of drawing a question of each type for the VQA rows (1 for a type not named; None: uniform): more of the
+    # questions a model answers worst (training.tasks.understanding_tasks).
+    question_type_weights: Optional[dict[str, float]] = None
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
     # spreads a shape's codes over many neighbours (docs/results.md, "Centred drawings").
     centred_drawings: bool = False
+    # Self-rehearsal (training.rehearsal): this share of the SFT rows is text the LLM sampled itself before SFT, each
+    # row at most `rehearsal_tokens` long, so that a pretrained LLM keeps its language. 0: none.
+    rehearsal_fraction: float = 0.0
+    rehearsal_tokens: int = 64
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -270,6 +278,7 @@ def stage_tasks(
     drawing_codes=None,
     captions_per_image: int = 1,
     drawings_per_image: int = 1,
+    question_type_weights: Optional[dict[str, float]] = None,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -291,6 +300,7 @@ def stage_tasks(
                 questions_per_image=questions_per_image,
                 questions_per_conversation=questions_per_conversation,
                 captions_per_image=captions_per_image,
+                question_type_weights=question_type_weights,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -527,6 +537,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "questions_per_conversation": args.questions_per_conversation,
         "captions_per_image": args.captions_per_image,
         "drawings_per_image": args.drawings_per_image,
+        "question_type_weights": args.question_type_weights,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(
@@ -539,6 +550,20 @@ def train_stage2(args: StageIIArguments) -> dict:
         processor,
         max_length,
     )
+    if args.rehearsal_fraction and args.stage == "sft":
+        # Sampled from the model SFT starts from, before any adapter: its own language is what is kept. One
+        # process samples and caches; the others read the cache after the barrier.
+        share = rehearsal_share(args.rehearsal_fraction, len(train_rows), args.max_steps * args.batch_size)
+
+        def rehearsal():
+            return rehearsal_dataset(
+                args.run_dir, model, processor.tokenizer, share, args.rehearsal_tokens, args.seed, train_rows.features
+            )
+
+        if _main_process():
+            rehearsal()
+        _barrier()
+        train_rows = datasets.concatenate_datasets([train_rows, rehearsal()])
     overrides = {
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,

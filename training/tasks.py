@@ -26,7 +26,7 @@ from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 
 from . import templates
 from .codes import CODES_COLUMN
-from .data.shapes import build_split
+from .data.shapes import QUESTION_TYPES, build_split
 
 TASKS_DECOMPRESS = ("decompress",)
 TASKS_SFT = ("caption", "vqa", "text_to_image", "continue_image")
@@ -143,9 +143,11 @@ def understanding_tasks(
     questions_per_image: int = 2,
     questions_per_conversation: int = 1,
     captions_per_image: int = 1,
+    question_type_weights: Optional[dict[str, float]] = None,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
-    (`questions_per_image` random questions).
+    (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
+    replacement, with odds proportional to its weight, 1 for a type not named).
 
     `questions_per_conversation` > 1 asks several questions of one image as consecutive turns: the
     image's placeholders are paid for once instead of once per answer, so a step carries several
@@ -155,6 +157,13 @@ def understanding_tasks(
         raise ValueError(
             f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
             f"questions_per_conversation={questions_per_conversation} >= 1"
+        )
+    weights = dict(question_type_weights or {})
+    unknown = sorted(set(weights) - set(QUESTION_TYPES))
+    if unknown or any(not w > 0 for w in weights.values()):
+        raise ValueError(
+            f"question_type_weights={weights} must give positive weights to question types of {list(QUESTION_TYPES)}"
+            + (f"; {unknown} are not question types" if unknown else "")
         )
 
     def rows_of(row, index):
@@ -172,7 +181,13 @@ def understanding_tasks(
                     [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))],
                 )
         questions = list(row["questions"])
-        chosen = [questions[int(q)] for q in rng.permutation(len(questions))[:questions_per_image]]
+        if weights:
+            odds = np.array([weights.get(qa["type"], 1.0) for qa in questions])
+            count = min(questions_per_image, len(questions))
+            picked = rng.choice(len(questions), size=count, replace=False, p=odds / odds.sum())
+        else:  # the unweighted draw keeps the rows (and task_rows_sha256) of the recipes before the weights
+            picked = rng.permutation(len(questions))[:questions_per_image]
+        chosen = [questions[int(q)] for q in picked]
         for start in range(0, len(chosen), questions_per_conversation):
             messages = []
             for qa in chosen[start : start + questions_per_conversation]:
