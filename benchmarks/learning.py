@@ -75,7 +75,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise SystemExit(f"variant {name!r} is not a lever ({sorted(LEVERS)}); write NAME=key:value,...")
         return name, dict(LEVERS[name])
     settings = {}
-    for item in re.split(r",(?![^\[]*\])", spec):  # commas inside [a,b] belong to a list value
+    for item in re.split(r",(?![^\[]*\])(?![^{]*})", spec):  # commas inside [a,b] or {a: 1, b: 2} belong to the value
         key, sep, value = item.partition(":")
         if not sep:
             raise SystemExit(f"variant {text!r}: {item!r} is not key:value")

@@ -776,8 +776,9 @@ def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(ml
     model, processor = mllm
     tokenizer = processor.tokenizer
     rows = sft_rows(codes[0], model, processor)
-    distinct, mixed = rehearsal_share(0.2, len(rows), rows_trained=10)
+    distinct, mixed = rehearsal_share(0.2, len(rows), rows_trained=10, max_samples=8)
     assert (distinct, mixed) == (2, round(0.25 * len(rows)))  # a fifth of the mix; only what 10 rows can read
+    assert rehearsal_share(0.2, len(rows), rows_trained=1000, max_samples=8)[0] == 8  # sampling time is capped
     texts = rehearsal_dataset(tmp_path, model, tokenizer, (distinct, mixed), 8, 0, rows.features)
     assert len(texts) == mixed and set(texts["task"]) == {"text"}
     assert len({tuple(ids) for ids in texts["input_ids"]}) <= distinct
@@ -793,4 +794,4 @@ def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(ml
     batch = CodesCollator(tokenizer.pad_token_id)([mixed_rows[0], mixed_rows[len(rows)]])
     assert batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="rehearsal_fraction=1.0 must lie in"):
-        rehearsal_share(1.0, len(rows), 10)
+        rehearsal_share(1.0, len(rows), 10, 8)

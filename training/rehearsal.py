@@ -30,14 +30,16 @@ from .tasks import IGNORE_INDEX
 REHEARSAL_TASK = "text"
 
 
-def rehearsal_share(fraction: float, task_rows: int, rows_trained: int) -> tuple[int, int]:
+def rehearsal_share(fraction: float, task_rows: int, rows_trained: int, max_samples: int) -> tuple[int, int]:
     """(distinct samples, rows in the mix) for rehearsal rows to be `fraction` of the SFT rows: as many distinct
-    samples as training will read (`fraction` of the `rows_trained`, steps x batch; sampling more costs time and is
-    never read), repeated up to `fraction` of the mix."""
+    samples as training will read (`fraction` of the `rows_trained`, steps x batch; more are never read), at most
+    `max_samples` (each costs a full generation through the LLM's head), repeated up to `fraction` of the mix."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"rehearsal_fraction={fraction} must lie in (0, 1): the share of SFT rows that are rehearsal")
+    if max_samples < 1:
+        raise ValueError(f"rehearsal_samples={max_samples} must be at least 1")
     mixed = max(1, round(fraction / (1.0 - fraction) * task_rows))
-    distinct = max(1, min(mixed, math.ceil(fraction * rows_trained)))
+    distinct = max(1, min(mixed, math.ceil(fraction * rows_trained), max_samples))
     return distinct, mixed
 
 
@@ -56,7 +58,7 @@ def sample_rehearsal_text(
     bos = tokenizer.bos_token_id
     if bos is None:
         raise ValueError(
-            "the tokenizer has no BOS token to start rehearsal text from; set rehearsal_rows=0 for this LLM"
+            "the tokenizer has no BOS token to start rehearsal text from; set rehearsal_fraction=0 for this LLM"
         )
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -70,17 +72,19 @@ def sample_rehearsal_text(
         for start in range(0, rows, batch_size):
             count = min(batch_size, rows - start)
             prompt = torch.full((count, 1), bos, dtype=torch.long, device=model.device)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=tokens,
-                pad_token_id=pad,
-                suppress_tokens=suppressed or None,
-            )
+            # bf16 as SFT trains: the LLM's whole head scores every sampled position, most of the sampling time.
+            with torch.autocast(model.device.type, dtype=torch.bfloat16):
+                out = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=tokens,
+                    pad_token_id=pad,
+                    suppress_tokens=suppressed or None,
+                )
             for row in out[:, 1:].tolist():
                 if eos is not None and eos in row:
                     row = row[: row.index(eos) + 1]  # the LLM ending its text is part of its language too

@@ -130,6 +130,7 @@ class StageIIArguments:
     # row at most `rehearsal_tokens` long, so that a pretrained LLM keeps its language. 0: none.
     rehearsal_fraction: float = 0.0
     rehearsal_tokens: int = 64
+    rehearsal_samples: int = 320  # distinct rows sampled at most (repeated to the share): sampling time
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -553,7 +554,9 @@ def train_stage2(args: StageIIArguments) -> dict:
     if args.rehearsal_fraction and args.stage == "sft":
         # Sampled from the model SFT starts from, before any adapter: its own language is what is kept. One
         # process samples and caches; the others read the cache after the barrier.
-        share = rehearsal_share(args.rehearsal_fraction, len(train_rows), args.max_steps * args.batch_size)
+        share = rehearsal_share(
+            args.rehearsal_fraction, len(train_rows), args.max_steps * args.batch_size, args.rehearsal_samples
+        )
 
         def rehearsal():
             return rehearsal_dataset(
