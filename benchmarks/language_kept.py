@@ -18,6 +18,7 @@ are kept per run (`<work>/<variant>-s<seed>/result.json`); finished runs are not
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -29,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning import parse_variant  # noqa: E402
 
+from hub_upload.run_folder import CODES_DIR, LLM_DIR, STAGE2_DIR, TEXT_LM_DIR, VISION_TOKENIZER_DIR  # noqa: E402
 from training.language import text_perplexity  # noqa: E402
-from training.stage2 import StageIIArguments, load_model_and_processor, train_stage2  # noqa: E402
+from training.stage2 import StageIIArguments, load_model_and_processor, stage_paths, train_stage2  # noqa: E402
 
 RESULT = "result.json"
-SHARED = ("text_lm", "llm", "vision_tokenizer", "codes", "stage2/base")  # read (codes: appended) by every variant
+# Read by every variant (codes/: the rehearsal samples are appended, shared by variants that draw the same ones).
+SHARED = (TEXT_LM_DIR, LLM_DIR, VISION_TOKENIZER_DIR, CODES_DIR, f"{STAGE2_DIR}/base")
 
 
 def link_run(source: Path, folder: Path) -> None:
@@ -42,6 +45,13 @@ def link_run(source: Path, folder: Path) -> None:
         if (source / name).exists() and not (folder / name).exists():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).symlink_to((source / name).resolve(), target_is_directory=True)
+
+
+@functools.lru_cache(maxsize=None)
+def perplexity_of(folder: Path) -> float:
+    """The held-out English perplexity of the model in `folder`; the shared base is measured once per invocation."""
+    model, processor = load_model_and_processor(folder)
+    return text_perplexity(model, processor.tokenizer)["perplexity"]
 
 
 def run_one(args, name: str, settings: dict, seed: int) -> dict:
@@ -62,10 +72,9 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     started = time.perf_counter()
     metrics = train_stage2(stage_args)
     wall = time.perf_counter() - started
-    model, processor = load_model_and_processor(folder / "mllm")
-    after = text_perplexity(model, processor.tokenizer)
-    base, _ = load_model_and_processor(folder / "stage2" / "base")
-    before = text_perplexity(base, processor.tokenizer)
+    paths = stage_paths(folder, "sft")
+    after = perplexity_of(paths["merged"])
+    before = perplexity_of(paths["assembled"].resolve())
     result = {
         "variant": name,
         "seed": seed,
@@ -73,8 +82,8 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "steps": metrics["global_step"],
         "sft_seconds": metrics["train_seconds"],
         "stage_wall_seconds": wall,
-        "perplexity_before": before["perplexity"],
-        "perplexity_after": after["perplexity"],
+        "perplexity_before": before,
+        "perplexity_after": after,
         "held_out_before": metrics["before"],
         "held_out": metrics["after"],
     }

@@ -39,6 +39,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hub_upload.run_folder import (  # noqa: E402
+    CODES_DIR,
+    LLM_DIR,
+    MLLM_DIR,
+    STAGE2_DIR,
+    TEXT_LM_DIR,
+    VISION_TOKENIZER_DIR,
+)
 from training.data.scene_parser import patch_colours  # noqa: E402
 from training.data.shapes import build_split, render_scene  # noqa: E402
 from training.evaluation import evaluate_generation, evaluate_vqa, majority_answers, train_question_rows  # noqa: E402
@@ -86,15 +94,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def copy_run(source: Path, work: Path, train_images: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for name in ("text_lm", "vision_tokenizer", "llm", "stage2/base"):
+    for name in (TEXT_LM_DIR, VISION_TOKENIZER_DIR, LLM_DIR, f"{STAGE2_DIR}/base"):
         path = source / name
         if path.is_dir():
             shutil.copytree(path, work / name)
-    codes = source / "codes"
+    codes = source / CODES_DIR
     for folder in codes.iterdir() if codes.is_dir() else []:
         # Other train sizes are encoded by train_stage2 and the seconds it takes are reported apart.
         if folder.name.startswith("validation") or folder.name.startswith(f"train-{train_images}-"):
-            shutil.copytree(folder, work / "codes" / folder.name)
+            shutil.copytree(folder, work / CODES_DIR / folder.name)
 
 
 def code_losses(model, processor, eval_codes, depth: int) -> dict:
@@ -138,7 +146,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     if trained_by:
         # Decoding changes only the drawings: the source's training, VQA and losses stand as they were measured.
         result = json.loads((Path(args.work) / f"{trained_by}-s{seed}" / RESULT).read_text())
-        model, processor = load_model_and_processor(Path(args.work) / f"{trained_by}-s{seed}" / "mllm")
+        model, processor = load_model_and_processor(Path(args.work) / f"{trained_by}-s{seed}" / MLLM_DIR)
         generation = evaluate_generation(
             model.eval(), processor, args.generation_prompts, decoding["guidance"], **sampling
         )
@@ -175,7 +183,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     )
     metrics = train_stage2(stage_args)
     wall = time.perf_counter() - started
-    model, processor = load_model_and_processor(folder / "mllm")
+    model, processor = load_model_and_processor(folder / MLLM_DIR)
     model.eval()
     test = build_split("test", args.vqa_images, image_size=model.config.vq_config.image_size, seed=0)
     prior = majority_answers(train_question_rows(stage["train_images"], 0))
@@ -208,11 +216,11 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     }
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     for heavy in (
-        "stage2",
-        "codes",
-        "text_lm",
-        "llm",
-        "vision_tokenizer",
+        STAGE2_DIR,
+        CODES_DIR,
+        TEXT_LM_DIR,
+        LLM_DIR,
+        VISION_TOKENIZER_DIR,
     ):  # keep mllm/ (the model) and the result only
         shutil.rmtree(folder / heavy, ignore_errors=True)
     return result

@@ -790,6 +790,14 @@ def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(ml
     assert rehearsal_cache(tmp_path, distinct, 8, 0).is_file()
     again = rehearsal_dataset(tmp_path, None, tokenizer, (distinct, mixed), 8, 0, rows.features)  # no model: cache
     assert again["input_ids"] == texts["input_ids"]
+    cache = rehearsal_cache(tmp_path, distinct, 8, 0)
+    stale = {**json.loads(cache.read_text()), "model": "/another/base", "rows": [[5]] * distinct}
+    cache.write_text(json.dumps(stale))  # samples of another model: this one samples its own again
+    assert (
+        rehearsal_dataset(tmp_path, model, tokenizer, (distinct, mixed), 8, 0, rows.features)["input_ids"]
+        == texts["input_ids"]
+    )
+    assert json.loads(cache.read_text())["model"] != "/another/base"
     mixed_rows = datasets.concatenate_datasets([rows, texts])
     batch = CodesCollator(tokenizer.pad_token_id)([mixed_rows[0], mixed_rows[len(rows)]])
     assert batch["input_ids"].shape[0] == 2

@@ -133,6 +133,7 @@ def _vision_flags(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .checkpointing import is_complete
     from .data.shapes import build_split, text_corpus
     from .presets import load_preset, load_recipe
     from .stage1 import StageIArguments, StageITrainer, images_to_uint8
@@ -141,8 +142,6 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     preset, recipe = load_preset(args.preset), load_recipe(args.preset)
     data = recipe.get("data", {})
     output = Path(args.output)
-    from .checkpointing import is_complete
-
     if args.resume and is_complete(output / VISION_TOKENIZER_DIR):
         print(f"stage I already finished: {output / 'vision_tokenizer'} (delete it to train again)")
         return 0

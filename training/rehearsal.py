@@ -8,7 +8,8 @@ constant, KL(p_before || p_now) over the text the LLM would write: the drift its
 Forgetting in Large Language Models with Self-Synthesized Rehearsal", Huang et al. 2024, samples instances the same
 way). Pure ancestral sampling (temperature 1, no top-k / top-p) keeps the samples unbiased.
 
-The rows are sampled once per (run, count, length, seed) and cached in the run's codes folder.
+The rows are sampled once per (run, count, length, seed) and cached in the run's codes folder, with the model they
+were sampled from: a stage II that starts from another model (the decompression stage's) samples again.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def sample_rehearsal_text(
         for start in range(0, rows, batch_size):
             count = min(batch_size, rows - start)
             prompt = torch.full((count, 1), bos, dtype=torch.long, device=model.device)
-            # bf16 as SFT trains: the LLM's whole head scores every sampled position, most of the sampling time.
+            # Under the autocast SFT trains with (bf16), so the rows are the distribution its forward computes.
             with torch.autocast(model.device.type, dtype=torch.bfloat16):
                 out = model.generate(
                     input_ids=prompt,
@@ -95,20 +96,30 @@ def sample_rehearsal_text(
     return sampled
 
 
+def _model_source(model) -> str:
+    """The folder a model was loaded from, links resolved (runs that link one base share its samples); "" when it
+    was built in memory."""
+    name = getattr(model, "name_or_path", "") or ""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
 def rehearsal_dataset(
     run_dir, model, tokenizer, share: tuple[int, int], tokens: int, seed: int, features
 ) -> datasets.Dataset:
     """Tokenized rehearsal rows (`input_ids` = BOS + sampled text, every sampled token labelled; no image) with
     the SFT rows' `features`: `share` = (distinct samples, rows), from `rehearsal_share`. Sampled on first use and
-    read from the run's cache after that."""
+    read from the run's cache after that while `model` is the one they were sampled from (`model=None`: the cache,
+    whichever model wrote it)."""
     distinct, mixed = share
     cache = rehearsal_cache(run_dir, distinct, tokens, seed)
-    if cache.is_file():
-        texts = json.loads(cache.read_text())["rows"]
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+    source = None if model is None else _model_source(model)
+    if cached is not None and source in (None, cached.get("model")):
+        texts = cached["rows"]
     else:
         texts = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, {"rows": texts, "tokens": tokens, "seed": seed})
+        atomic_write_json(cache, {"rows": texts, "tokens": tokens, "seed": seed, "model": source})
     texts = [texts[i % len(texts)] for i in range(mixed)]
     bos = tokenizer.bos_token_id
     columns = {
