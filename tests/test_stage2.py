@@ -2,6 +2,7 @@
 merge == adapter, atomic checkpoints and resume, clear errors."""
 
 import json
+import math
 
 import datasets
 import pytest
@@ -803,3 +804,101 @@ def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(ml
     assert batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="rehearsal_fraction=1.0 must lie in"):
         rehearsal_share(1.0, len(rows), 10, 8)
+
+
+def test_rehearsal_references_are_the_llms_next_token_distribution_at_each_sampled_token(mllm, tmp_path):
+    """`rehearsal_top_k`: every sampled token keeps the LLM's k most likely ids there and their probabilities, the
+    distribution a teacher-forced forward of the same text gives (the sampler's cache does not change it)."""
+    from training.rehearsal import sample_rehearsal_text
+    from training.sft import image_special_token_ids
+
+    model, processor = mllm
+    tokenizer = processor.tokenizer
+    sampled = sample_rehearsal_text(model, tokenizer, rows=3, tokens=6, seed=0, top_k=4)
+    assert sampled == sample_rehearsal_text(model, tokenizer, rows=3, tokens=6, seed=0, top_k=4)  # seeded
+    special = image_special_token_ids(model)
+    for row, ids, probs in zip(sampled["rows"], sampled["reference_ids"], sampled["reference_probs"]):
+        assert len(ids) == len(probs) == len(row) and all(len(k) == 4 for k in ids)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=torch.tensor([[tokenizer.bos_token_id] + row])).logits[0, :-1].float()
+        logits[:, special] = -float("inf")
+        expected = logits.softmax(-1)
+        assert torch.allclose(torch.tensor(probs), expected.gather(-1, torch.tensor(ids)), atol=1e-4)
+        assert torch.allclose(torch.tensor(probs), expected.topk(4).values, atol=1e-4)
+    with pytest.raises(ValueError, match="rehearsal_top_k=-1"):
+        sample_rehearsal_text(model, tokenizer, rows=1, tokens=4, top_k=-1)
+
+
+def test_reference_loss_is_best_at_the_reference_not_at_the_drawn_token():
+    """The distribution target's optimum is the reference (its top k and its remaining mass), where the drawn
+    token's log-prob alone prefers all mass on the drawn token; rows without references score the drawn token."""
+    from training.sft import reference_log_prob
+
+    reference = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    ids, probs = torch.tensor([[0, 1]]), reference[:2].unsqueeze(0)
+    drawn = torch.tensor([3])  # a token outside the top 2, as samples often are
+
+    def value(distribution, with_reference=True):
+        log_probs = distribution.log().unsqueeze(0)
+        weights = probs if with_reference else torch.zeros_like(probs)
+        return reference_log_prob(log_probs, drawn, ids, weights).item()
+
+    memorised = torch.tensor([0.01, 0.01, 0.01, 0.95, 0.01, 0.01])
+    assert value(reference) > value(memorised)
+    assert value(reference, with_reference=False) < value(memorised, with_reference=False)
+    assert value(reference, with_reference=False) == pytest.approx(math.log(0.1))
+    logits = torch.zeros(6, requires_grad=True)  # the optimum found by descent is the reference on the partition
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        (-reference_log_prob(logits.log_softmax(-1).unsqueeze(0), drawn, ids, probs)).sum().backward()
+        optimizer.step()
+    learnt = logits.softmax(-1).detach()
+    assert learnt[:2].tolist() == pytest.approx([0.5, 0.2], abs=1e-3)
+    assert learnt[2:].sum().item() == pytest.approx(0.3, abs=1e-3)
+
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_repeated_rehearsal_rows_keep_the_llms_distribution_with_references(mllm, codes, tmp_path, top_k):
+    """Self-rehearsal rows read many times: scored on the drawn tokens, training learns those tokens (their
+    probability grows); scored against the LLM's distribution (`rehearsal_top_k`), it keeps what the LLM would
+    write."""
+    from training.rehearsal import rehearsal_dataset, with_reference_columns
+
+    model, processor = mllm
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / f"base-{top_k}"))
+    tokenizer = processor.tokenizer
+    features = sft_rows(codes[0].select(range(2)), model, processor).features
+    rows = rehearsal_dataset(tmp_path, model, tokenizer, (2, 16), 8, 0, features, top_k=top_k)
+    if top_k:
+        assert set(rows.column_names) >= {"reference_ids", "reference_probs"}
+        task_rows = with_reference_columns(sft_rows(codes[0].select(range(2)), model, processor))
+        batch = CodesCollator(tokenizer.pad_token_id)([task_rows[0], rows[0]])
+        labelled = batch["labels"][1] != IGNORE_INDEX
+        assert batch["reference_probs"][1, labelled].gt(0).all() and not batch["reference_probs"][0].any()
+    text = torch.tensor([rows[0]["input_ids"]])
+
+    def drawn_probability(m):
+        with torch.no_grad():
+            probs = m(input_ids=text).logits[0, :-1].float().softmax(-1)
+        return probs.gather(-1, text[0, 1:].unsqueeze(-1)).mean().item()
+
+    before = drawn_probability(model)
+    trainer, _ = run_sft(
+        model,
+        processor,
+        rows,
+        tmp_path / f"sft-{top_k}",
+        lora=False,
+        max_steps=40,
+        learning_rate=3e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_steps=10,
+        code_logits="code_rows",
+    )
+    after = drawn_probability(trainer.model.eval())
+    if top_k:
+        assert after < 1.25 * before
+    else:
+        assert after > 2 * before

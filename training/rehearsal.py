@@ -8,8 +8,11 @@ constant, KL(p_before || p_now) over the text the LLM would write: the drift its
 Forgetting in Large Language Models with Self-Synthesized Rehearsal", Huang et al. 2024, samples instances the same
 way). Pure ancestral sampling (temperature 1, no top-k / top-p) keeps the samples unbiased.
 
-The rows are sampled once per (run, count, length, seed) and cached in the run's codes folder, with the model they
-were sampled from: a stage II that starts from another model (the decompression stage's) samples again.
+With `top_k` > 0 each sampled position also keeps the LLM's `top_k` most likely next tokens and their
+probabilities, and the loss there is the cross-entropy against that distribution (over the k ids and one bucket for
+the rest, `training.sft.reference_log_prob`): a row read several times then teaches the distribution it was drawn
+from, not the drawn text (docs/results.md, "Language kept: the distribution, not the sample"). This is knowledge
+distillation from the LLM before SFT (Hinton et al. 2015) on its own samples, with no second model in memory.
 """
 
 from __future__ import annotations
@@ -44,54 +47,72 @@ def rehearsal_share(fraction: float, task_rows: int, rows_trained: int, max_samp
     return distinct, mixed
 
 
-def rehearsal_cache(run_dir: str | os.PathLike, rows: int, tokens: int, seed: int) -> Path:
-    return Path(run_dir) / CODES_DIR / f"rehearsal-{rows}x{tokens}-s{seed}.json"
+def rehearsal_cache(run_dir: str | os.PathLike, rows: int, tokens: int, seed: int, top_k: int = 0) -> Path:
+    return Path(run_dir) / CODES_DIR / f"rehearsal-{rows}x{tokens}-k{top_k}-s{seed}.json"
+
+
+def _sample_next(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` (B, V), drawn by inverse CDF: one uniform per row against the cumulative
+    probabilities. `torch.multinomial` draws V exponentials per row instead, most of a step over a 262k vocabulary
+    (docs/results.md, "Language kept: self-rehearsal")."""
+    cumulative = probs.cumsum(-1)
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, uniform, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 @torch.no_grad()
 def sample_rehearsal_text(
-    model, tokenizer, rows: int, tokens: int, seed: int = 0, batch_size: int = 32
-) -> list[list[int]]:
-    """`rows` token-id sequences of at most `tokens` new tokens each, sampled by `model` (a UniCode MLLM or any
-    causal LM) from its BOS alone. The image tokens are never sampled: they are not the LLM's language."""
+    model, tokenizer, rows: int, tokens: int, seed: int = 0, batch_size: int = 32, top_k: int = 0
+) -> dict[str, list]:
+    """{"rows": `rows` token-id sequences of at most `tokens` new tokens each, sampled by `model` (a UniCode MLLM or
+    any causal LM) from its BOS alone; "reference_ids" / "reference_probs": for each sampled token, the `top_k` most
+    likely ids there and their probabilities (each row a (tokens, top_k) nested list; empty rows when `top_k` is
+    0)}. The image tokens are never sampled: they are not the LLM's language."""
     if rows < 1 or tokens < 2:
         raise ValueError(f"rehearsal needs rows >= 1 and tokens >= 2, got rows={rows}, tokens={tokens}")
+    if top_k < 0:
+        raise ValueError(f"rehearsal_top_k={top_k} must be 0 (sampled tokens only) or a number of reference ids")
     bos = tokenizer.bos_token_id
     if bos is None:
         raise ValueError(
             "the tokenizer has no BOS token to start rehearsal text from; set rehearsal_fraction=0 for this LLM"
         )
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     suppressed = image_special_token_ids(model) if hasattr(getattr(model, "config", None), "vq_config") else []
     was_training = model.training
     model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    sampled: list[list[int]] = []
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    sampled: dict[str, list] = {"rows": [], "reference_ids": [], "reference_probs": []}
     try:
         for start in range(0, rows, batch_size):
             count = min(batch_size, rows - start)
-            prompt = torch.full((count, 1), bos, dtype=torch.long, device=model.device)
-            # Under the autocast SFT trains with (bf16), so the rows are the distribution its forward computes.
-            with torch.autocast(model.device.type, dtype=torch.bfloat16):
-                out = model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=tokens,
-                    pad_token_id=pad,
-                    suppress_tokens=suppressed or None,
-                )
-            for row in out[:, 1:].tolist():
+            step_ids = torch.full((count, 1), bos, dtype=torch.long, device=model.device)
+            cache, drawn, top = None, [], []
+            for _ in range(tokens):
+                # Under the autocast SFT trains with (bf16), so the rows are the distribution its forward computes.
+                with torch.autocast(model.device.type, dtype=torch.bfloat16):
+                    out = model(input_ids=step_ids, cache=cache, use_cache=True)
+                cache = out.cache
+                logits = out.logits[:, -1].float()
+                if suppressed:
+                    logits[:, suppressed] = -math.inf
+                probs = logits.softmax(-1)
+                step_ids = _sample_next(probs, generator).unsqueeze(-1)
+                drawn.append(step_ids)
+                if top_k:
+                    top.append(probs.topk(min(top_k, probs.shape[-1]), dim=-1))
+                if eos is not None and bool(torch.cat(drawn, 1).eq(eos).any(1).all()):
+                    break
+            drawn_rows = torch.cat(drawn, 1).tolist()
+            for i, row in enumerate(drawn_rows):
                 if eos is not None and eos in row:
                     row = row[: row.index(eos) + 1]  # the LLM ending its text is part of its language too
-                sampled.append(row)
+                sampled["rows"].append(row)
+                sampled["reference_ids"].append([t.indices[i].tolist() for t in top[: len(row)]])
+                sampled["reference_probs"].append(
+                    [[round(p, 6) for p in t.values[i].tolist()] for t in top[: len(row)]]
+                )
     finally:
-        torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return sampled
 
@@ -103,24 +124,41 @@ def _model_source(model) -> str:
     return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
+def reference_features(features: datasets.Features) -> datasets.Features:
+    """`features` plus the two reference columns (`sample_rehearsal_text`): per labelled token, the ids and
+    probabilities the LLM gave there before SFT; empty in rows that are not rehearsal."""
+    return datasets.Features(
+        {
+            **features,
+            "reference_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+            "reference_probs": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+        }
+    )
+
+
+def with_reference_columns(rows: datasets.Dataset) -> datasets.Dataset:
+    """`rows` with empty reference columns, to be concatenated with rehearsal rows that carry them."""
+    return rows.map(lambda _: {"reference_ids": [], "reference_probs": []}, features=reference_features(rows.features))
+
+
 def rehearsal_dataset(
-    run_dir, model, tokenizer, share: tuple[int, int], tokens: int, seed: int, features
+    run_dir, model, tokenizer, share: tuple[int, int], tokens: int, seed: int, features, top_k: int = 0
 ) -> datasets.Dataset:
     """Tokenized rehearsal rows (`input_ids` = BOS + sampled text, every sampled token labelled; no image) with
-    the SFT rows' `features`: `share` = (distinct samples, rows), from `rehearsal_share`. Sampled on first use and
-    read from the run's cache after that while `model` is the one they were sampled from (`model=None`: the cache,
-    whichever model wrote it)."""
+    the SFT rows' `features`: `share` = (distinct samples, rows), from `rehearsal_share`. With `top_k` > 0 the rows
+    also carry the reference columns (`reference_features`; give the SFT rows them with `with_reference_columns`).
+    Sampled on first use and read from the run's cache after that while `model` is the one they were sampled from
+    (`model=None`: the cache, whichever model wrote it)."""
     distinct, mixed = share
-    cache = rehearsal_cache(run_dir, distinct, tokens, seed)
+    cache = rehearsal_cache(run_dir, distinct, tokens, seed, top_k)
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     source = None if model is None else _model_source(model)
-    if cached is not None and source in (None, cached.get("model")):
-        texts = cached["rows"]
-    else:
-        texts = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed)
+    if cached is None or source not in (None, cached.get("model")):
+        cached = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed, top_k=top_k)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, {"rows": texts, "tokens": tokens, "seed": seed, "model": source})
-    texts = [texts[i % len(texts)] for i in range(mixed)]
+        atomic_write_json(cache, {**cached, "tokens": tokens, "seed": seed, "top_k": top_k, "model": source})
+    order = [i % len(cached["rows"]) for i in range(mixed)]
+    texts = [cached["rows"][i] for i in order]
     bos = tokenizer.bos_token_id
     columns = {
         "input_ids": [[bos] + text for text in texts],
@@ -129,7 +167,19 @@ def rehearsal_dataset(
     }
     if "task" in features:
         columns["task"] = [REHEARSAL_TASK] * len(texts)
+    if top_k:
+        features = reference_features(features)
+        columns["reference_ids"] = [cached["reference_ids"][i] for i in order]
+        columns["reference_probs"] = [cached["reference_probs"][i] for i in order]
     return datasets.Dataset.from_dict(columns).cast(features)
 
 
-__all__ = ["REHEARSAL_TASK", "rehearsal_share", "rehearsal_cache", "sample_rehearsal_text", "rehearsal_dataset"]
+__all__ = [
+    "REHEARSAL_TASK",
+    "rehearsal_share",
+    "rehearsal_cache",
+    "sample_rehearsal_text",
+    "reference_features",
+    "with_reference_columns",
+    "rehearsal_dataset",
+]

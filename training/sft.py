@@ -56,7 +56,8 @@ from .tasks import IGNORE_INDEX
 class CodesCollator:
     """Right-pads `input_ids` (pad id) / `labels` (-100), builds `attention_mask`, and stacks the
     `image_codes` of rows that have an input image into a (num_images, ĥ·ŵ·D) tensor, in row order
-    (the order the model fills the placeholders)."""
+    (the order the model fills the placeholders). Rows with self-rehearsal references (`training.rehearsal`) give
+    (B, T, k) `reference_ids` / `reference_probs`, each labelled token's set at its position, zero elsewhere."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
         if pad_token_id is None:
@@ -88,6 +89,22 @@ class CodesCollator:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if images:
             batch["image_codes"] = torch.stack(images)
+        references = [row.get("reference_ids") or [] for row in rows]
+        if any(references):
+            top_k = max(len(r[0]) for r in references if r)
+            batch["reference_ids"] = torch.zeros((len(rows), width, top_k), dtype=torch.long)
+            batch["reference_probs"] = torch.zeros((len(rows), width, top_k))
+            for i, row in enumerate(rows):
+                if not references[i]:
+                    continue
+                labelled = labels[i] != IGNORE_INDEX
+                if int(labelled.sum()) != len(references[i]):
+                    raise ValueError(
+                        f"row {i} has {len(references[i])} reference sets for {int(labelled.sum())} labelled tokens; "
+                        "rebuild the rehearsal rows with training.rehearsal.rehearsal_dataset"
+                    )
+                batch["reference_ids"][i, labelled] = torch.as_tensor(references[i], dtype=torch.long)
+                batch["reference_probs"][i, labelled] = torch.as_tensor(row["reference_probs"], dtype=torch.float32)
         return batch
 
 
@@ -297,13 +314,38 @@ def code_rows(model, device) -> tuple[torch.Tensor, torch.Tensor]:
     return cached
 
 
+def reference_log_prob(
+    log_probs: torch.Tensor, targets: torch.Tensor, reference_ids: torch.Tensor, reference_probs: torch.Tensor
+) -> torch.Tensor:
+    """(N,) minus the cross-entropy from a reference distribution known on its top k, for log-probs (N, V): over the
+    k reference ids and one bucket for every other id, which holds the reference's remaining mass. Its optimum is
+    the reference's own probabilities on the k ids and its mass on the rest, whichever token was drawn at that
+    position; the drawn token's log-prob alone is optimised by putting all the mass on it, so a row read several
+    times teaches the drawn text rather than the distribution it came from. Rows whose reference probabilities are
+    all zero (not rehearsal) score the target's log-prob."""
+    known = reference_probs > 0
+    head_log_probs = log_probs.gather(-1, reference_ids)
+    head = (head_log_probs * reference_probs).sum(-1)
+    head_mass = (head_log_probs.exp() * known).sum(-1)
+    rest = (1.0 - reference_probs.sum(-1)).clamp(min=0.0)
+    rest_log_prob = torch.log1p(-head_mass.clamp(max=1.0 - 1e-6))
+    distilled = head + rest * rest_log_prob
+    drawn = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.where(known.any(-1), distilled, drawn)
+
+
 def labelled_log_probs(
-    model, hidden: torch.Tensor, targets: torch.Tensor, on_code_rows: Optional[torch.Tensor] = None
+    model,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    on_code_rows: Optional[torch.Tensor] = None,
+    reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ):
     """(log-prob of each target, entropy, is-top-1) for hidden states `hidden` (N, H) of labelled positions.
     Positions in `on_code_rows` (N,) bool are scored over the K code rows only (`image_span_targets`), the rest
     over the whole vocabulary: with a 262k-row vocabulary the full head on every code of a drawn image is most
-    of a step."""
+    of a step. `reference` = ((N, k) ids, (N, k) probabilities): where given (non-zero), the "log-prob" is
+    `reference_log_prob` (self-rehearsal's distribution targets)."""
     head = model.get_output_embeddings()
     picked = hidden.new_zeros(len(targets), dtype=torch.float32)
     entropy, is_top1 = torch.zeros_like(picked), torch.zeros_like(picked)
@@ -319,7 +361,11 @@ def labelled_log_probs(
             ids, index = codes
             logits = hidden[rows] @ head.weight[ids.to(hidden.device)].T.to(hidden.dtype)
             log_probs, wanted = logits.float().log_softmax(-1), index[targets[rows]]
-        picked = picked.masked_scatter(rows, log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1))
+        if codes is None and reference is not None:
+            value = reference_log_prob(log_probs, wanted, reference[0][rows], reference[1][rows])
+        else:
+            value = log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
+        picked = picked.masked_scatter(rows, value)
         with torch.no_grad():
             entropy[rows] = -(log_probs.exp() * log_probs).sum(-1)
             is_top1[rows] = (log_probs.argmax(-1) == wanted).float()
@@ -343,6 +389,8 @@ def add_labelled_positions_lm_head(model, code_logits: str = "vocabulary") -> No
 
     @functools.wraps(original)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        reference = [kwargs.pop(name, None) for name in ("reference_ids", "reference_probs")]
+        reference = None if reference[0] is None else reference
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original(self, *args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
@@ -352,13 +400,16 @@ def add_labelled_positions_lm_head(model, code_logits: str = "vocabulary") -> No
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
             input_ids = None if input_ids is None else input_ids[:, :-1]
+            reference = None if reference is None else [r[:, 1:] for r in reference]
         else:
             labels = shift_labels
         mask = labels != IGNORE_INDEX
         on_code_rows = None
         if code_logits == "code_rows" and input_ids is not None:
             on_code_rows = image_span_targets(self, input_ids, labels)[mask]
-        picked, entropy, is_top1 = labelled_log_probs(self, hidden[mask], labels[mask], on_code_rows)
+        if reference is not None:
+            reference = [r.to(hidden.device)[mask] for r in reference]
+        picked, entropy, is_top1 = labelled_log_probs(self, hidden[mask], labels[mask], on_code_rows, reference)
         # masked_scatter keeps an all-ignored batch connected to the graph (a differentiable zero).
         per_token = [picked.new_zeros(mask.shape).masked_scatter(mask, x) for x in (picked, entropy, is_top1)]
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

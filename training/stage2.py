@@ -47,7 +47,7 @@ from .checkpointing import atomic_directory, atomic_write_json, is_complete, nam
 from .codes import cached_code_dataset, code_signature
 from .data.shapes import build_split
 from .presets import load_preset, load_recipe, recipe_settings
-from .rehearsal import rehearsal_dataset, rehearsal_share
+from .rehearsal import rehearsal_dataset, rehearsal_share, with_reference_columns
 from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
 from .sft import (
     CODE_LOGITS,
@@ -131,6 +131,9 @@ class StageIIArguments:
     rehearsal_fraction: float = 0.0
     rehearsal_tokens: int = 64
     rehearsal_samples: int = 320  # distinct rows sampled at most (repeated to the share): sampling time
+    # > 0: each rehearsal token is scored against the LLM's top-k distribution there before SFT rather than the
+    # drawn token alone (training.rehearsal): repeated rows cannot be memorised. 0: the drawn tokens.
+    rehearsal_top_k: int = 0
     train_images: int = 2000
     eval_images: int = 64
     eval_rows_per_task: int = 64
@@ -560,13 +563,21 @@ def train_stage2(args: StageIIArguments) -> dict:
 
         def rehearsal():
             return rehearsal_dataset(
-                args.run_dir, model, processor.tokenizer, share, args.rehearsal_tokens, args.seed, train_rows.features
+                args.run_dir,
+                model,
+                processor.tokenizer,
+                share,
+                args.rehearsal_tokens,
+                args.seed,
+                train_rows.features,
+                top_k=args.rehearsal_top_k,
             )
 
         if _main_process():
             rehearsal()
         _barrier()
-        train_rows = datasets.concatenate_datasets([train_rows, rehearsal()])
+        task_rows = with_reference_columns(train_rows) if args.rehearsal_top_k else train_rows
+        train_rows = datasets.concatenate_datasets([task_rows, rehearsal()])
     overrides = {
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
