@@ -120,6 +120,10 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
             blank patches far from it. `"patch"`: the encoder runs on each latent cell's pixel patch alone (the
             same layers, the patches as a batch), so a blank patch always gets the same codes and a shape's codes
             sit in its own cells.
+        encoder_patch_cells (`int`): with `encoder_receptive_field="patch"`, the side of each encoded patch in
+            latent cells (1: one cell). 2 lets each code see the 2 x 2 block around it, e.g. a whole shape of the
+            Shapes world's layout, so each of its codes can say which shape it is part of, while blank blocks
+            still always get the same codes.
         decoder_receptive_field (`str`): `"image"` (VQGAN): each pixel is decoded from the codes around it, so the
             decoder can take a cell's colour from its neighbours and the encoder need not put it in every cell.
             `"patch"`: each latent cell's codes decode its own pixel patch (the convolutions stay inside the cell;
@@ -154,6 +158,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         level_scales: bool = False,
         codebook_projection: bool = False,
         encoder_receptive_field: str = "image",
+        encoder_patch_cells: int = 1,
         decoder_receptive_field: str = "image",
         initializer_range: float = 0.02,
         **kwargs,
@@ -181,6 +186,7 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         self.level_scales = bool(level_scales)
         self.codebook_projection = bool(codebook_projection)
         self.encoder_receptive_field = encoder_receptive_field
+        self.encoder_patch_cells = int(encoder_patch_cells)
         self.decoder_receptive_field = decoder_receptive_field
         self.initializer_range = float(initializer_range)
         # Folders saved before these moved to stage I's arguments still load; the keys say nothing about the tokenizer.
@@ -235,6 +241,16 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
         choice("norm_handling", self.norm_handling, NORM_HANDLINGS)
         choice("encoder_receptive_field", self.encoder_receptive_field, RECEPTIVE_FIELDS)
         choice("decoder_receptive_field", self.decoder_receptive_field, RECEPTIVE_FIELDS)
+        if self.encoder_patch_cells != 1 and self.encoder_receptive_field != "patch":
+            raise ValueError(
+                f"encoder_patch_cells={self.encoder_patch_cells} sizes the encoder's patches; set "
+                "encoder_receptive_field='patch' too, or leave encoder_patch_cells at 1"
+            )
+        if self.encoder_patch_cells < 1 or self.latent_grid_size % self.encoder_patch_cells:
+            raise ValueError(
+                f"encoder_patch_cells={self.encoder_patch_cells} must be a positive divisor of the latent grid's side "
+                f"({self.latent_grid_size} for image_size={self.image_size})"
+            )
         if self.quantizer == "rq" and int(self.depth) < 1:
             raise ValueError(f"depth={self.depth} must be >= 1 for quantizer='rq' (the number of residual levels)")
         if not self.channel_multipliers:

@@ -188,8 +188,9 @@ class UniCodeVQEncoder(nn.Module):
         self.middle = UniCodeVQMiddle(channels, config.dropout)
         self.norm_out = _group_norm(channels)
         self.conv_out = nn.Conv2d(channels, config.z_channels, 3, padding=1)
-        # `encoder_receptive_field="patch"`: the latent cells per side, each encoded from its own pixels.
-        self.cells_per_side = config.latent_grid_size if config.encoder_receptive_field == "patch" else None
+        # `encoder_receptive_field="patch"`: the patches per side, each encoded from its own pixels.
+        patches = config.latent_grid_size // config.encoder_patch_cells
+        self.cells_per_side = patches if config.encoder_receptive_field == "patch" else None
 
     @property
     def feature_levels(self) -> list[nn.Module]:

@@ -108,6 +108,24 @@ def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp
     assert AutoConfig.from_pretrained(tmp_path).encoder_receptive_field == "patch"
 
 
+def test_encoder_patches_of_two_cells_see_their_block_and_nothing_else(tmp_path):
+    """`encoder_patch_cells=2`: repainting one latent cell's pixels changes the features of the 2 x 2 block it lies
+    in (each code sees its neighbours in the block, e.g. the rest of a shape) and of no other cell; it saves."""
+    model = tiny("rq", encoder_receptive_field="patch", encoder_patch_cells=2)
+    cells = model.config.latent_grid_size
+    patch = SIZE // cells
+    before = images()
+    after = before.clone()
+    after[:, :, patch : 2 * patch, :patch] = 1.0  # latent cell (1, 0), in the block of cells (0..1, 0..1)
+    with torch.no_grad():
+        moved = (model.encode_features(after) - model.encode_features(before)).abs().sum(1) > 0
+    expected = torch.zeros(cells, cells, dtype=torch.bool)
+    expected[:2, :2] = True
+    assert torch.equal(moved, expected.expand_as(moved))
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).encoder_patch_cells == 2
+
+
 @pytest.mark.parametrize("quantizer", ["rq", "hq"])
 def test_a_patch_decoder_paints_each_cell_from_its_own_latent(quantizer, tmp_path):
     """`decoder_receptive_field="patch"`: a change to one latent cell repaints that cell's pixels; the others move only
@@ -203,6 +221,8 @@ def test_bad_codes_get_clear_errors():
         ({"quantizer": "pq"}, "quantizer='pq' is not supported"),
         ({"encoder_receptive_field": "cell"}, "encoder_receptive_field='cell' is not supported"),
         ({"decoder_receptive_field": "cell"}, "decoder_receptive_field='cell' is not supported"),
+        ({"encoder_patch_cells": 2}, "set encoder_receptive_field='patch' too"),
+        ({"encoder_receptive_field": "patch", "encoder_patch_cells": 5}, "must be a positive divisor"),
     ],
 )
 def test_config_validation_names_the_field(overrides, message):

@@ -324,13 +324,13 @@ def reference_log_prob(
     times teaches the drawn text rather than the distribution it came from. Rows whose reference probabilities are
     all zero (not rehearsal) score the target's log-prob."""
     known = reference_probs > 0
-    head_log_probs = log_probs.gather(-1, reference_ids)
+    # One gather for the reference ids and the drawn token: each gather's backward is a (N, V) buffer.
+    picked = log_probs.gather(-1, torch.cat([reference_ids, targets.unsqueeze(-1)], -1))
+    head_log_probs, drawn = picked[:, :-1], picked[:, -1]
     head = (head_log_probs * reference_probs).sum(-1)
     head_mass = (head_log_probs.exp() * known).sum(-1)
     rest = (1.0 - reference_probs.sum(-1)).clamp(min=0.0)
-    rest_log_prob = torch.log1p(-head_mass.clamp(max=1.0 - 1e-6))
-    distilled = head + rest * rest_log_prob
-    drawn = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    distilled = head + rest * torch.log1p(-head_mass.clamp(max=1.0 - 1e-6))
     return torch.where(known.any(-1), distilled, drawn)
 
 
