@@ -88,6 +88,7 @@ def sample_rehearsal_text(
             count = min(batch_size, rows - start)
             step_ids = torch.full((count, 1), bos, dtype=torch.long, device=model.device)
             cache, drawn, top = None, [], []
+            finished = torch.zeros(count, dtype=torch.bool, device=model.device)
             for _ in range(tokens):
                 # Under the autocast SFT trains with (bf16), so the rows are the distribution its forward computes.
                 with torch.autocast(model.device.type, dtype=torch.bfloat16):
@@ -101,16 +102,20 @@ def sample_rehearsal_text(
                 drawn.append(step_ids)
                 if top_k:
                     top.append(probs.topk(min(top_k, probs.shape[-1]), dim=-1))
-                if eos is not None and bool(torch.cat(drawn, 1).eq(eos).any(1).all()):
-                    break
-            drawn_rows = torch.cat(drawn, 1).tolist()
-            for i, row in enumerate(drawn_rows):
+                if eos is not None:
+                    finished |= step_ids.squeeze(-1).eq(eos)
+                    if bool(finished.all()):
+                        break
+            # One transfer to lists per batch, not one per row and step.
+            top_ids = torch.stack([t.indices for t in top], 1).tolist() if top_k else None
+            top_probs = torch.stack([t.values for t in top], 1).tolist() if top_k else None
+            for i, row in enumerate(torch.cat(drawn, 1).tolist()):
                 if eos is not None and eos in row:
                     row = row[: row.index(eos) + 1]  # the LLM ending its text is part of its language too
                 sampled["rows"].append(row)
-                sampled["reference_ids"].append([t.indices[i].tolist() for t in top[: len(row)]])
+                sampled["reference_ids"].append(top_ids[i][: len(row)] if top_k else [])
                 sampled["reference_probs"].append(
-                    [[round(p, 6) for p in t.values[i].tolist()] for t in top[: len(row)]]
+                    [[round(p, 6) for p in step] for step in top_probs[i][: len(row)]] if top_k else []
                 )
     finally:
         model.train(was_training)
