@@ -14,6 +14,10 @@ same way. One markdown table comes out, one row per variant (mean of its seeds, 
     python benchmarks/learning.py --run outputs/demo-tiny --work outputs/learning --seconds 240 \\
         --variants baseline head=output_head:trained --seeds 0 1 --jobs 2
 
+With `--steps N` every run trains N steps instead (the learning rate on the recipe's step schedule): the same
+comparison for levers that leave a step's cost unchanged (another tokenizer, decoding), and one that does not depend
+on what else the machine runs.
+
 A variant is `NAME` (a lever defined in LEVERS below) or `NAME=key:value,key:value` with StageIIArguments fields
 (and `guidance`, `top_k`, `temperature` for decoding). With `--jobs 2` two runs train at once on one thread
 each, so compare rows of one `--jobs`/`--threads` setting only. Results are kept per run
@@ -170,10 +174,11 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "logging_steps": 50,
         **stage.get("extra", {}),
     }  # extra: SFTConfig fields
+    budget = {"max_steps": args.steps} if args.steps else {"max_seconds": args.seconds}
     stage_args = StageIIArguments(
         run_dir=str(folder),
         stage="sft",
-        max_seconds=args.seconds,
+        **budget,
         eval_images=args.eval_images,
         save_steps=10**9,
         use_cpu=True,
@@ -196,7 +201,8 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "variant": name,
         "seed": seed,
         "settings": {**stage, **decoding},
-        "seconds_budget": args.seconds,
+        "seconds_budget": None if args.steps else args.seconds,
+        "steps_budget": args.steps,
         "trained_by": name,
         "threads": torch.get_num_threads(),
         "sft_seconds": metrics["train_seconds"],
@@ -297,6 +303,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["baseline"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--seconds", type=float, default=240.0, help="SFT wall-clock budget per run")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="SFT steps per run instead of --seconds (equal steps, not seconds)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--vqa-images", type=int, default=60)
@@ -343,6 +352,7 @@ def main() -> None:
                 str(seed),
                 "--seconds",
                 str(args.seconds),
+                *(["--steps", str(args.steps)] if args.steps else []),
                 "--vqa-images",
                 str(args.vqa_images),
                 "--generation-prompts",

@@ -55,6 +55,31 @@ def join_cells(patches: torch.Tensor, cells_per_side: Optional[int]) -> torch.Te
     return image.contiguous()
 
 
+class UniCodeVQConv2d(nn.Conv2d):
+    """`nn.Conv2d` that computes a zero-padded, stride-1 convolution of a 1 x 1 map as the matrix product it is.
+
+    The patch-local encoder (`encoder_receptive_field="patch"`) runs every latent cell as an image of its own, so its
+    last stage and middle block see 1 x 1 maps, where a "same"-padded k x k kernel meets its input only through its
+    centre tap. oneDNN still runs a whole convolution there, several times slower than the product, and those maps
+    were most of the encoder's step (docs/results.md, "The 1 x 1 maps of the patch encoder"). Same parameters and
+    outputs as `nn.Conv2d`; every other input goes through it unchanged."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        height, width = self.kernel_size
+        if (
+            hidden.shape[-2:] == (1, 1)
+            and height % 2 == 1
+            and width % 2 == 1
+            and self.padding == (height // 2, width // 2)
+            and self.stride == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+        ):
+            centre = self.weight[:, :, height // 2, width // 2]
+            return F.linear(hidden.flatten(1), centre, self.bias)[:, :, None, None]
+        return super().forward(hidden)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in VQGAN, fewer for narrow tiny models so every group has channels.
     return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6, affine=True)
@@ -90,11 +115,11 @@ class UniCodeVQResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float):
         super().__init__()
         self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = UniCodeVQConv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = UniCodeVQConv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = UniCodeVQConv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         residual = self.conv1(F.silu(self.norm1(hidden)))
@@ -108,8 +133,8 @@ class UniCodeVQAttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.qkv = UniCodeVQConv2d(channels, 3 * channels, 1)
+        self.proj_out = UniCodeVQConv2d(channels, channels, 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         b, c, h, w = hidden.shape
@@ -123,7 +148,7 @@ class UniCodeVQAttnBlock(nn.Module):
 class UniCodeVQDownsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = UniCodeVQConv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Pad right/bottom only, so the stride-2 conv halves even sizes exactly (VQGAN).
@@ -133,7 +158,7 @@ class UniCodeVQDownsample(nn.Module):
 class UniCodeVQUpsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = UniCodeVQConv2d(channels, channels, 3, padding=1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(hidden, scale_factor=2.0, mode="nearest"))
@@ -174,7 +199,7 @@ class UniCodeVQEncoder(nn.Module):
     def __init__(self, config: UniCodeVisualTokenizerConfig):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_multipliers]
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+        self.conv_in = UniCodeVQConv2d(config.in_channels, config.base_channels, 3, padding=1)
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         resolution, channels = config.image_size, config.base_channels
@@ -187,7 +212,7 @@ class UniCodeVQEncoder(nn.Module):
                 resolution //= 2
         self.middle = UniCodeVQMiddle(channels, config.dropout)
         self.norm_out = _group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, config.z_channels, 3, padding=1)
+        self.conv_out = UniCodeVQConv2d(channels, config.z_channels, 3, padding=1)
         # `encoder_receptive_field="patch"`: the patches per side, each encoded from its own pixels.
         patches = config.latent_grid_size // config.encoder_patch_cells
         self.cells_per_side = patches if config.encoder_receptive_field == "patch" else None
@@ -236,7 +261,7 @@ class UniCodeVQDecoder(nn.Module):
         widths = [config.base_channels * m for m in config.channel_multipliers]
         channels = widths[-1]
         resolution = config.latent_grid_size
-        self.conv_in = nn.Conv2d(config.z_channels, channels, 3, padding=1)
+        self.conv_in = UniCodeVQConv2d(config.z_channels, channels, 3, padding=1)
         self.middle = UniCodeVQMiddle(channels, config.dropout)
         self.stages = nn.ModuleList()
         self.upsamples = nn.ModuleList()
@@ -249,7 +274,7 @@ class UniCodeVQDecoder(nn.Module):
                 self.upsamples.append(UniCodeVQUpsample(channels))
                 resolution *= 2
         self.norm_out = _group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
+        self.conv_out = UniCodeVQConv2d(channels, config.in_channels, 3, padding=1)
         # `decoder_receptive_field="patch"`: each latent cell decodes its own pixels alone.
         self.cells_per_side = config.latent_grid_size if config.decoder_receptive_field == "patch" else None
         if self.cells_per_side is not None:
@@ -338,9 +363,9 @@ class UniCodeVisualTokenizer(UniCodePreTrainedVisualTokenizer):
     def __init__(self, config: UniCodeVisualTokenizerConfig):
         super().__init__(config)
         self.encoder = UniCodeVQEncoder(config)
-        self.quant_proj = nn.Conv2d(config.z_channels, config.code_dim, 1)
+        self.quant_proj = UniCodeVQConv2d(config.z_channels, config.code_dim, 1)
         self.quantizer = UniCodeQuantizer(config)
-        self.post_quant_proj = nn.Conv2d(config.code_dim, config.z_channels, 1)
+        self.post_quant_proj = UniCodeVQConv2d(config.code_dim, config.z_channels, 1)
         self.decoder = UniCodeVQDecoder(config)
         if config.store_codebook:
             # Learned only by the paradigm's update rule (EMA / copies), never by gradients.

@@ -624,7 +624,7 @@ def test_turning_decompression_off_retrains_sft_from_the_base(run_copy):
     assert metrics["base"] == str(run_copy / "stage2" / "base")
 
 
-def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(demo_run, tmp_path):
+def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tables_them(demo_run, tmp_path):
     """benchmarks/learning.py on a finished run folder: a trained variant and a decoding-only row of its model,
     each a result.json with the table's figures, and the table prints every row."""
     import subprocess
@@ -675,6 +675,17 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_and_tables_them(
     assert (
         len(rows) == 4 and "| VQA |" in done.stdout and "| T2I all-correct |" in done.stdout
     )  # a VQA and a drawing table
+    # --steps: equal steps instead of equal seconds
+    common[common.index("--work") + 1] = str(tmp_path / "steps")
+    done = subprocess.run(
+        [sys.executable, str(script), *common, "--steps", "3", "--variants", variants[0]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stepped = json.loads((tmp_path / "steps" / "head-s0" / "result.json").read_text())
+    assert stepped["steps"] == stepped["steps_budget"] == 3 and stepped["seconds_budget"] is None
 
 
 def test_goal_margins_over_chance_and_over_swapped_images():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from stage2_fixtures import shapes_at
+from transformers import Trainer
 from utils_mllm import tiny_mllm
 
 from training import templates
@@ -611,6 +612,8 @@ def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):
             losses[normalization] = float(trainer.compute_loss(trainer.model, dict(batch)))
     assert losses["row"] == pytest.approx(float(per_row.mean()), rel=1e-4)
     assert losses["token"] == pytest.approx(float(nats[mask].mean()), rel=1e-4)
+    # The FLOPs the trainer logs (trainer_state.json's total_flos) are Trainer's own estimate, counted once.
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
     assert abs(losses["row"] - losses["token"]) > 1e-3  # rows of different lengths: the two really differ
     with pytest.raises(ValueError, match="loss_normalization='sum' is not one of"):
         _sft_trainer_class()(

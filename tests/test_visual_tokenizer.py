@@ -13,6 +13,7 @@ from modeling_unicode import (
     unflatten_code_map,
 )
 from modeling_unicode.configuration_unicode import TRAINING_ONLY_KEYS
+from modeling_unicode.modeling_unicode_vq import UniCodeVQConv2d
 from training.presets import list_presets, vision_tokenizer_config
 
 TOKEN_OFFSET = 500  # codes are vocabulary ids, not 0..K-1
@@ -106,6 +107,33 @@ def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp
     assert hidden[0].shape == (2, local.config.base_channels, SIZE, SIZE) and hidden[-1].shape[-1] == cells
     local.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).encoder_receptive_field == "patch"
+
+
+def test_convolutions_of_one_by_one_maps_match_plain_convolutions_in_value_and_gradient(monkeypatch):
+    """The patch encoder's 1 x 1 maps go through `UniCodeVQConv2d`'s matrix product: its features, its loss's
+    gradients and the saved parameters are those of plain convolutions; other maps take the convolution itself."""
+    model = tiny("rq", encoder_receptive_field="patch").train()
+    pixels = images()
+
+    def features_and_gradients():
+        model.zero_grad()
+        features = model.encode_features(pixels)
+        features.square().mean().backward()
+        return features.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    product, product_grads = features_and_gradients()
+    with monkeypatch.context() as patch:
+        patch.setattr(UniCodeVQConv2d, "forward", torch.nn.Conv2d.forward)
+        plain, plain_grads = features_and_gradients()
+    torch.testing.assert_close(product, plain)
+    assert product_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(product_grads[name], grad, msg=name)
+    assert sorted(model.encoder.conv_out.state_dict()) == ["bias", "weight"]
+    assert model.encoder.conv_out.weight.shape[-2:] == (3, 3)
+    strided = UniCodeVQConv2d(4, 4, 3, stride=2)
+    map_2x2 = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(strided(map_2x2), torch.nn.Conv2d.forward(strided, map_2x2))
 
 
 def test_encoder_patches_of_two_cells_see_their_block_and_nothing_else(tmp_path):
