@@ -6,9 +6,11 @@ Times forward + backward + Adam step of `UniCodeVisualTokenizer` (bf16 autocast,
 same random images, the variants interleaved so that all see the same machine load:
 
 - `image`: `encoder_receptive_field="image"`;
-- `patch`: the patch-local encoder, as stage I trains it (1 x 1 maps as matrix products, fused Adam);
+- `patch`: the patch-local encoder with one latent cell per patch (`encoder_patch_cells=1`), as stage I trains it:
+  1 x 1 maps as matrix products, fused Adam;
 - `patch, plain convolutions`: its 1 x 1 maps through `nn.Conv2d` (`UniCodeVQConv2d` off);
-- `patch, per-tensor Adam`: torch's default CPU Adam instead of the fused one.
+- `patch, per-tensor Adam`: torch's default CPU Adam instead of the fused one;
+- `preset`: the preset's own encoder (`tiny`: patches of 2 x 2 cells).
 
 Prints ms per step and each variant's cost as a ratio of `patch`.
 """
@@ -30,12 +32,14 @@ from modeling_unicode import UniCodeVisualTokenizer  # noqa: E402
 from modeling_unicode.modeling_unicode_vq import UniCodeVQConv2d  # noqa: E402
 from training.presets import vision_tokenizer_config  # noqa: E402
 
-# name: (encoder_receptive_field, 1 x 1 maps as products, fused Adam)
+ONE_CELL = {"encoder_receptive_field": "patch", "encoder_patch_cells": 1}
+# name: (config overrides of the preset, 1 x 1 maps as products, fused Adam)
 VARIANTS = {
-    "image": ("image", True, True),
-    "patch": ("patch", True, True),
-    "patch, plain convolutions": ("patch", False, True),
-    "patch, per-tensor Adam": ("patch", True, False),
+    "image": ({"encoder_receptive_field": "image", "encoder_patch_cells": 1}, True, True),
+    "patch": (ONE_CELL, True, True),
+    "patch, plain convolutions": (ONE_CELL, False, True),
+    "patch, per-tensor Adam": (ONE_CELL, True, False),
+    "preset": ({}, True, True),
 }
 
 
@@ -48,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models, optimizers = {}, {}
-    for name, (field, _, fused) in VARIANTS.items():
-        config = vision_tokenizer_config(args.preset, encoder_receptive_field=field)
+    for name, (overrides, _, fused) in VARIANTS.items():
+        config = vision_tokenizer_config(args.preset, **overrides)
         config.codebook_token_ids = list(range(config.codebook_size))
         torch.manual_seed(0)
         models[name] = UniCodeVisualTokenizer(config).train()

@@ -61,8 +61,8 @@ class UniCodeVQConv2d(nn.Conv2d):
     The patch-local encoder (`encoder_receptive_field="patch"`) runs every latent cell as an image of its own, so its
     last stage and middle block see 1 x 1 maps, where a "same"-padded k x k kernel meets its input only through its
     centre tap. oneDNN still runs a whole convolution there, several times slower than the product, and those maps
-    were most of the encoder's step (docs/results.md, "The 1 x 1 maps of the patch encoder"). Same parameters and
-    outputs as `nn.Conv2d`; every other input goes through it unchanged."""
+    were a large share of the encoder's step (docs/results.md, "The 1 x 1 maps of the patch encoder"). Same
+    parameters and outputs as `nn.Conv2d`; every other input goes through it unchanged."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         height, width = self.kernel_size

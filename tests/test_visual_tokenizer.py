@@ -89,8 +89,8 @@ def test_hidden_states_are_the_encoders_feature_maps_on_request_and_change_nothi
 def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp_path):
     """`encoder_receptive_field="patch"`: repainting one latent cell's pixels changes that cell's features and no
     other (the image encoder changes them all); hidden states keep their image layout; the setting saves."""
-    local = tiny(quantizer, encoder_receptive_field="patch")
-    whole = tiny(quantizer, encoder_receptive_field="image")
+    local = tiny(quantizer, encoder_receptive_field="patch", encoder_patch_cells=1)
+    whole = tiny(quantizer, encoder_receptive_field="image", encoder_patch_cells=1)
     cells = local.config.latent_grid_size
     patch = SIZE // cells
     before = images()
@@ -112,7 +112,7 @@ def test_a_patch_encoder_codes_each_cell_from_its_own_pixels_only(quantizer, tmp
 def test_convolutions_of_one_by_one_maps_match_plain_convolutions_in_value_and_gradient(monkeypatch):
     """The patch encoder's 1 x 1 maps go through `UniCodeVQConv2d`'s matrix product: its features, its loss's
     gradients and the saved parameters are those of plain convolutions; other maps take the convolution itself."""
-    model = tiny("rq", encoder_receptive_field="patch").train()
+    model = tiny("rq", encoder_receptive_field="patch", encoder_patch_cells=1).train()
     pixels = images()
 
     def features_and_gradients():

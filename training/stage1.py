@@ -330,8 +330,8 @@ class StageITrainer:
             outputs = self.config.in_channels * args.cell_colour_resolution**2
             self.cell_colour_head = nn.Conv2d(self.config.z_channels, outputs, 1).to(self.device)
             trained += list(self.cell_colour_head.parameters())
-        # One fused kernel over all parameters: on CPU torch's default Adam steps tensor by tensor, a tenth of a
-        # tiny tokenizer's step (docs/results.md, "The 1 x 1 maps of the patch encoder").
+        # One fused kernel over all parameters: on CPU torch's default Adam steps tensor by tensor, a measurable share
+        # of a tiny tokenizer's step (docs/results.md, "The 1 x 1 maps of the patch encoder").
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trained)
         optimizer = torch.optim.Adam(trained, lr=args.learning_rate, betas=tuple(args.adam_betas), fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
