@@ -72,6 +72,7 @@ class UniCodeVQConv2d(nn.Conv2d):
             and width % 2 == 1
             and self.padding == (height // 2, width // 2)
             and self.stride == (1, 1)
+            and self.dilation == (1, 1)
             and self.groups == 1
             and self.padding_mode == "zeros"
         ):
