@@ -485,6 +485,7 @@ def _sft_trainer_class():
                 )
             self.loss_normalization = loss_normalization
             self.wall_clock = wall_clock
+            self._parameter_count: Optional[int] = None  # floating_point_ops counts them once
             callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
             super().__init__(*args, callbacks=callbacks, **kwargs)
             if loss_normalization == "row":
@@ -506,7 +507,7 @@ def _sft_trainer_class():
             main_input = getattr(self.model, "main_input_name", "input_ids")
             if main_input not in inputs or not hasattr(self.model, "num_parameters"):
                 return 0
-            if getattr(self, "_parameter_count", None) is None:
+            if self._parameter_count is None:
                 self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
             return 6 * inputs[main_input].numel() * self._parameter_count
 

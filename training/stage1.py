@@ -332,7 +332,7 @@ class StageITrainer:
             trained += list(self.cell_colour_head.parameters())
         # One fused kernel over all parameters: on CPU torch's default Adam steps tensor by tensor, a measurable share
         # of a tiny tokenizer's step (docs/results.md, "The 1 x 1 maps of the patch encoder").
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trained)
+        fused = self.device.type in ("cpu", "cuda")  # every trained tensor is a float on self.device
         optimizer = torch.optim.Adam(trained, lr=args.learning_rate, betas=tuple(args.adam_betas), fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
