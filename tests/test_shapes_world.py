@@ -171,6 +171,37 @@ def test_existence_questions_take_the_article_their_colour_needs():
     assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
 
 
+def test_yes_no_questions_are_answered_as_the_scene_says_with_even_odds():
+    scene = {
+        "image_size": 64,
+        "objects": [
+            {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
+            {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
+        ],
+    }
+    rng = np.random.default_rng(0)
+    existence = shapes.yes_no_questions(scene, "existence", 400, rng)
+    relation = shapes.yes_no_questions(scene, "relation", 400, rng)
+    assert len(existence) == len(relation) == 400
+    for qa in existence:
+        named = qa["question"][len("Is there ") : -1].split(" ", 1)[1]
+        assert qa["type"] == "existence" and qa["answer"] == (
+            "yes" if named in ("red circle", "blue square") else "no"
+        )
+    for qa in relation:
+        left_of = " to the left of " in qa["question"]
+        red_first = qa["question"].startswith("Is the red circle")
+        assert qa["type"] == "relation" and qa["answer"] == ("yes" if left_of == red_first else "no")
+    for questions in (existence, relation):
+        assert 150 < sum(qa["answer"] == "yes" for qa in questions) < 250
+    one_column = {"image_size": 64, "objects": scene["objects"][:1]}
+    assert shapes.yes_no_questions(one_column, "relation", 3, rng) == []
+    with pytest.raises(ValueError, match="kind='color' is not a yes/no question type"):
+        shapes.yes_no_questions(scene, "color", 1, rng)
+    with pytest.raises(ValueError, match="count=-1 must be a whole number"):
+        shapes.yes_no_questions(scene, "existence", -1, rng)
+
+
 def test_fingerprint_is_stable_and_follows_the_generated_text(monkeypatch):
     first = shapes_world_fingerprint()
     assert first == shapes_world_fingerprint() and len(first) == 16

@@ -388,6 +388,35 @@ def test_question_type_weights_ask_the_weighted_types_more_often(codes):
         understanding_tasks(train, question_type_weights={"colour": 2.0})
 
 
+def test_yes_no_questions_per_image_extend_each_conversation_with_true_answers(codes):
+    """`yes_no_questions_per_image`: n more existence questions per image, asked in the image's conversation after
+    the drawn ones, each answered as the scene says; without it the rows are those it always had."""
+    from training.data.shapes import ALL_PAIRS, color_shape_pairs
+
+    train, _ = codes
+
+    def vqa(**kwargs):
+        rows = understanding_tasks(
+            train, questions_per_image=2, questions_per_conversation=8, captions_per_image=0, **kwargs
+        )
+        return [r["messages"] for r in rows if r["task"] == "vqa"]
+
+    plain, extended = vqa(), vqa(yes_no_questions_per_image={"existence": 3})
+    assert vqa(yes_no_questions_per_image={"existence": 0}) == plain
+    for scene, before, after in zip(train, plain, extended):
+        assert after[: len(before)] == before and len(after) == len(before) + 6  # three more question/answer turns
+        present = color_shape_pairs(scene["scene"])
+        for user, assistant in zip(after[len(before) :: 2], after[len(before) + 1 :: 2]):
+            question, answer = user["content"][-1]["text"], assistant["content"][0]["text"]
+            named = [(c, s) for c, s in ALL_PAIRS if f" {c} {s}?" in question]
+            assert len(named) == 1, question
+            assert answer == ("yes" if named[0] in present else "no")
+    with pytest.raises(ValueError, match=r"yes_no_questions_per_image=.*yes/no question types"):
+        understanding_tasks(train, yes_no_questions_per_image={"color": 1})
+    with pytest.raises(ValueError, match=r"needs columns .*'scene'"):
+        understanding_tasks(train.remove_columns("scene"), yes_no_questions_per_image={"existence": 1})
+
+
 def test_several_drawings_per_image_draw_that_scene_from_its_other_captions(codes):
     """`drawings_per_image`: more text-to-image rows per scene, each prompted with another of its captions; one
     drawing per scene keeps the rows it always had."""

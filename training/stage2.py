@@ -121,6 +121,9 @@ class StageIIArguments:
     # Odds of drawing a question of each type for the VQA rows (1 for a type not named; None: uniform): more of the
     # questions a model answers worst (training.tasks.understanding_tasks).
     question_type_weights: Optional[dict[str, float]] = None
+    # More yes/no questions per VQA image ({"existence": n, "relation": m}; Shapes world rows): they answer only by
+    # comparing the question with the image (training.tasks.understanding_tasks).
+    yes_no_questions_per_image: Optional[dict[str, int]] = None
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -283,6 +286,7 @@ def stage_tasks(
     captions_per_image: int = 1,
     drawings_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
+    yes_no_questions_per_image: Optional[dict[str, int]] = None,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -305,6 +309,7 @@ def stage_tasks(
                 questions_per_conversation=questions_per_conversation,
                 captions_per_image=captions_per_image,
                 question_type_weights=question_type_weights,
+                yes_no_questions_per_image=yes_no_questions_per_image,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -542,6 +547,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "captions_per_image": args.captions_per_image,
         "drawings_per_image": args.drawings_per_image,
         "question_type_weights": args.question_type_weights,
+        "yes_no_questions_per_image": args.yes_no_questions_per_image,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

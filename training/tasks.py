@@ -26,7 +26,7 @@ from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 
 from . import templates
 from .codes import CODES_COLUMN
-from .data.shapes import QUESTION_TYPES, build_split
+from .data.shapes import QUESTION_TYPES, YES_NO_TYPES, build_split, yes_no_questions
 
 TASKS_DECOMPRESS = ("decompress",)
 TASKS_SFT = ("caption", "vqa", "text_to_image", "continue_image")
@@ -144,6 +144,7 @@ def understanding_tasks(
     questions_per_conversation: int = 1,
     captions_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
+    yes_no_questions_per_image: Optional[dict[str, int]] = None,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -152,7 +153,11 @@ def understanding_tasks(
     `questions_per_conversation` > 1 asks several questions of one image as consecutive turns: the
     image's placeholders are paid for once instead of once per answer, so a step carries several
     times more answer tokens (the image is most of a VQA row's length). The first turn is the
-    evaluation's prompt exactly (image, then the question)."""
+    evaluation's prompt exactly (image, then the question).
+
+    `yes_no_questions_per_image` ({type: n}, Shapes world rows, which carry a `scene`): n more questions of that
+    yes/no type per image, drawn from the scene (`shapes.yes_no_questions`), asked after the drawn ones in the same
+    conversations."""
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
             f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
@@ -165,6 +170,16 @@ def understanding_tasks(
             f"question_type_weights={weights} must give positive weights to question types of {list(QUESTION_TYPES)}"
             + (f"; {unknown} are not question types" if unknown else "")
         )
+
+    extra = dict(yes_no_questions_per_image or {})
+    if set(extra) - set(YES_NO_TYPES) or any(
+        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in extra.values()
+    ):
+        raise ValueError(
+            f"yes_no_questions_per_image={extra} must map yes/no question types of {list(YES_NO_TYPES)} to whole "
+            "numbers >= 0"
+        )
+    extra = {kind: int(n) for kind, n in extra.items() if n}
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -188,6 +203,8 @@ def understanding_tasks(
         else:  # the unweighted draw keeps the rows (and task_rows_sha256) of the recipes before the weights
             picked = rng.permutation(len(questions))[:questions_per_image]
         chosen = [questions[int(q)] for q in picked]
+        for kind, count in extra.items():  # a generator of their own, so the rows without them do not change
+            chosen += yes_no_questions(row["scene"], kind, count, _rng(seed, index, 4))
         for start in range(0, len(chosen), questions_per_conversation):
             messages = []
             for qa in chosen[start : start + questions_per_conversation]:
@@ -200,7 +217,8 @@ def understanding_tasks(
                 messages += [user, _turn("assistant", _text(qa["answer"]))]
             yield "vqa", messages
 
-    return _build(dataset, rows_of, [CODES_COLUMN, "captions", "questions"], "understanding", seed)
+    columns = [CODES_COLUMN, "captions", "questions"] + (["scene"] if extra else [])
+    return _build(dataset, rows_of, columns, "understanding", seed)
 
 
 def generation_tasks(

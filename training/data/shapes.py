@@ -420,30 +420,56 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     add("count", 1, str(sum(o["color"] == color for o in objs)), color=color)
 
-    present = {(o["color"], o["shape"]) for o in objs}
-    if rng.random() < 0.5:
-        c, s = sorted(present)[int(rng.integers(len(present)))]
-        add("existence", 0, "yes", article=indefinite_article(c), color=c, shape=s)
-    else:
-        absent = [p for p in ALL_PAIRS if p not in present]
-        c, s = absent[int(rng.integers(len(absent)))]
-        add("existence", 0, "no", article=indefinite_article(c), color=c, shape=s)
-
-    pairs = [(a, b) for a in objs for b in objs if a["col"] != b["col"]]
-    if pairs:
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        which = int(rng.integers(2))
-        truth = a["col"] < b["col"] if which == 0 else a["col"] > b["col"]
-        add(
-            "relation",
-            which,
-            "yes" if truth else "no",
-            color=a["color"],
-            shape=a["shape"],
-            color2=b["color"],
-            shape2=b["shape"],
-        )
+    qa.append(_existence_question(objs, rng))
+    relation = _relation_question(objs, rng)
+    if relation is not None:
+        qa.append(relation)
     return qa
+
+
+def _yes_no(kind: str, template_index: int, truth: bool, **slots) -> dict:
+    question = QUESTION_TEMPLATES[kind][template_index].format(**slots)
+    return {"question": question, "answer": "yes" if truth else "no", "type": kind}
+
+
+def _existence_question(objs: list[dict], rng: np.random.Generator) -> dict:
+    """A present (colour, shape) pair or an absent one, with even odds."""
+    present = {(o["color"], o["shape"]) for o in objs}
+    truth = bool(rng.random() < 0.5)
+    choices = sorted(present) if truth else [p for p in ALL_PAIRS if p not in present]
+    c, s = choices[int(rng.integers(len(choices)))]
+    return _yes_no("existence", 0, truth, article=indefinite_article(c), color=c, shape=s)
+
+
+def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | None:
+    """Left of / right of, about two shapes in different columns (None when every shape shares one column)."""
+    pairs = [(a, b) for a in objs for b in objs if a["col"] != b["col"]]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    which = int(rng.integers(2))
+    truth = a["col"] < b["col"] if which == 0 else a["col"] > b["col"]
+    return _yes_no("relation", which, truth, color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
+
+
+YES_NO_TYPES: tuple[str, ...] = ("existence", "relation")
+
+
+def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Generator) -> list[dict]:
+    """`count` more questions of a yes/no type about a scene, drawn as `questions_for_scene` draws its own (so the
+    answers keep its even odds). A scene with every shape in one column has no relation questions: [] then.
+
+    Why more of them: a yes/no answer compares the question's words with the image, and neither alone says
+    anything about it, so its loss gives no signal until the comparison is learnt (docs/results.md, "What the LLM
+    reads"); the other types answer from the image alone."""
+    if kind not in YES_NO_TYPES:
+        raise ValueError(f"kind={kind!r} is not a yes/no question type; use one of {list(YES_NO_TYPES)}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count={count!r} must be a whole number >= 0 (questions of type {kind!r} to add)")
+    objs = (scene_from_json(scene) if isinstance(scene, str) else scene)["objects"]
+    draw = _existence_question if kind == "existence" else _relation_question
+    drawn = [draw(objs, rng) for _ in range(int(count))]
+    return [qa for qa in drawn if qa is not None]
 
 
 # ---------------------------------------------------------------------------------------------
