@@ -14,7 +14,13 @@ from utils_mllm import tiny_mllm
 
 from training import templates
 from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
-from training.sft import CodesCollator, last_complete_checkpoint, merge_adapter, unicode_lora_config
+from training.sft import (
+    CodesCollator,
+    image_special_token_ids,
+    last_complete_checkpoint,
+    merge_adapter,
+    unicode_lora_config,
+)
 from training.stage2 import _use_axial_positions, run_sft
 from training.tasks import (
     IGNORE_INDEX,
@@ -607,6 +613,35 @@ def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(m
         run_sft(model, processor, rows, tmp_path / "lora", lora={"r": 4}, output_head="trained", max_steps=1)
     with pytest.raises(ValueError, match="output_head='frozen' is not one of"):
         run_sft(model, processor, rows, tmp_path / "bad", lora=False, output_head="frozen", max_steps=1)
+
+
+def test_a_head_trained_on_its_code_rows_keeps_its_text_rows_equal_to_the_input_rows(mllm, codes, tmp_path):
+    """`output_head="trained_code_rows"`: the untied head's code rows learn; its text rows stay bit-identical copies of
+    the input rows, so a word is written with the row it is read with."""
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    code_rows = torch.as_tensor(model.config.vq_config.codebook_token_ids)
+    text = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    text[code_rows] = False
+    text[torch.as_tensor(image_special_token_ids(model))] = False
+    rows_before = model.get_input_embeddings().weight.detach().clone()
+    trainer, _ = run_sft(
+        model,
+        processor,
+        sft_rows(train.select(range(8)), model, processor),
+        tmp_path / "sft",
+        lora=False,
+        output_head="trained_code_rows",
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+    )
+    head = trainer.model.lm_head.weight.detach()
+    assert head.data_ptr() != trainer.model.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(head[text], rows_before[text])
+    assert not torch.equal(head[code_rows], rows_before[code_rows])
 
 
 def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):

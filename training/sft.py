@@ -186,13 +186,17 @@ def image_special_token_ids(model) -> list[int]:
     return ids
 
 
-def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
+def prepare_full_finetune(model, text_rows: bool = False, head_text_rows: bool = True) -> list[str]:
     """Full fine-tuning of the LLM decoder, the alternative to LoRA for a small LLM trained from scratch
     (a low-rank update is too weak a lever there). The input embedding (= the unified codebook, and the
     LM head when tied) trains only on the image special-token rows, as with LoRA, plus with `text_rows`
     every row that is not a visual code (a from-scratch LLM's stage 0 may never have seen the question
     words). Its gradient is masked, so Adam (zero moments, no weight decay on zero gradients) leaves the
-    codebook rows bit-identical. The visual tokenizer stays frozen. Returns the trainable parameters' names."""
+    codebook rows bit-identical. The visual tokenizer stays frozen. Returns the trainable parameters' names.
+
+    An untied head (`untie_output_head`) trains whole, or with `head_text_rows=False` only on its code and image
+    special rows: its text rows stay the copies of the input rows, so the hidden state that answers "red" is pushed
+    towards the very row the question's "red" enters with (the `trained_code_rows` head)."""
     model.requires_grad_(False)
     llm = model.model.language_model
     embedding = llm.get_input_embeddings().weight
@@ -208,14 +212,20 @@ def prepare_full_finetune(model, text_rows: bool = False) -> list[str]:
     embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embedding:
-        head.weight.requires_grad_(True)  # an untied head (`untie_output_head`) is the model's own: it trains whole
+        head.weight.requires_grad_(True)  # an untied head (`untie_output_head`) is the model's own
+        if not head_text_rows:
+            rows = torch.zeros(head.weight.shape[0], 1, dtype=head.weight.dtype, device=head.weight.device)
+            rows[image_special_token_ids(model)] = 1
+            rows[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=rows.device)] = 1
+            head.weight.register_hook(lambda grad: grad * rows.to(grad.device, grad.dtype))
     for table in ("image_position_embedding", "code_position_embedding"):
         if getattr(model.model, table, None) is not None:
             getattr(model.model, table).requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-OUTPUT_HEADS = ("tied", "trained")
+# "trained": an untied head that trains whole; "trained_code_rows": untied, only its code and image special rows train.
+OUTPUT_HEADS = ("tied", "trained", "trained_code_rows")
 
 
 def untie_output_head(model) -> bool:

@@ -91,9 +91,9 @@ class StageIIArguments:
     reinit_decoder: bool = (
         False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
     )
-    output_head: str = (
-        "tied"  # "trained": an untied LM head that learns to write codes (sft.untie_output_head); full fine-tuning
-    )
+    # "trained": an untied LM head that learns to write codes (sft.untie_output_head); "trained_code_rows": untied,
+    # but only its code rows train, its text rows stay the input rows' copies. Full fine-tuning only.
+    output_head: str = "tied"
     image_positions: bool = False  # a learned embedding per input-image placeholder (config.image_position_embeddings)
     code_positions: bool = (
         False  # a learned embedding per index of a written image's codes (config.code_position_embeddings)
@@ -362,9 +362,9 @@ def run_sft(
             )
     if output_head not in OUTPUT_HEADS:
         raise ValueError(f"output_head={output_head!r} is not one of {list(OUTPUT_HEADS)}")
-    if output_head == "trained" and lora is not False:
+    if output_head != "tied" and lora is not False:
         raise ValueError(
-            "output_head='trained' needs full fine-tuning (lora=False); with LoRA the LM head stays the "
+            f"output_head={output_head!r} needs full fine-tuning (lora=False); with LoRA the LM head stays the "
             "frozen, tied codebook (output_head='tied')"
         )
     wall_clock = WallClockBudget(max_seconds) if max_seconds is not None else None
@@ -393,9 +393,11 @@ def run_sft(
             "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
         )
     if peft_config is None:
-        if output_head == "trained":
+        if output_head != "tied":
             untie_output_head(model)
-        prepare_full_finetune(model, text_rows=train_text_embeddings)
+        prepare_full_finetune(
+            model, text_rows=train_text_embeddings, head_text_rows=output_head != "trained_code_rows"
+        )
     else:
         model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
     trainer = _sft_trainer_class()(
