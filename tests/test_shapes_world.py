@@ -121,14 +121,18 @@ def test_scene_from_caption_rejects_text_it_cannot_ground():
         scene_from_caption(3)
 
 
+# A red circle top left and a blue square bottom right: every question about it has one right answer.
+TWO_SHAPES = {
+    "image_size": 64,
+    "objects": [
+        {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
+        {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
+    ],
+}
+
+
 def test_questions_answer_correctly_on_a_hand_made_scene():
-    scene = {
-        "image_size": 64,
-        "objects": [
-            {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
-            {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
-        ],
-    }
+    scene = TWO_SHAPES
     kinds = set()
     for seed in range(40):
         for qa in questions_for_scene(scene, np.random.default_rng(seed)):
@@ -172,13 +176,7 @@ def test_existence_questions_take_the_article_their_colour_needs():
 
 
 def test_yes_no_questions_are_answered_as_the_scene_says_with_even_odds():
-    scene = {
-        "image_size": 64,
-        "objects": [
-            {"shape": "circle", "color": "red", "size": "large", "position": "top left", "row": 0, "col": 0},
-            {"shape": "square", "color": "blue", "size": "small", "position": "bottom right", "row": 2, "col": 2},
-        ],
-    }
+    scene = TWO_SHAPES
     rng = np.random.default_rng(0)
     existence = shapes.yes_no_questions(scene, "existence", 400, rng)
     relation = shapes.yes_no_questions(scene, "relation", 400, rng)

@@ -574,6 +574,24 @@ def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads
         reinitialize_decoder_layers(deeper, num_layers=0)
 
 
+def _three_head_steps(model, processor, rows, output_dir, output_head: str):
+    """Three full fine-tuning steps at a high learning rate, so every trained row moves; returns the trained model."""
+    trainer, _ = run_sft(
+        model,
+        processor,
+        rows,
+        output_dir,
+        lora=False,
+        output_head=output_head,
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    return trainer.model
+
+
 def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(mllm, codes, tmp_path):
     """`output_head="trained"` unties the LM head (a copy of the tied rows), trains it, saves it as its own weight
     and reloads untied; the input embedding's codebook rows do not move."""
@@ -586,20 +604,7 @@ def test_trained_output_head_learns_while_the_codebook_rows_stay_bit_identical(m
     codebook_before = embedding[code_rows].detach().clone()
     head_before = embedding.detach().clone()
     rows = sft_rows(train.select(range(8)), model, processor)
-    trainer, _ = run_sft(
-        model,
-        processor,
-        rows,
-        tmp_path / "sft",
-        lora=False,
-        output_head="trained",
-        max_steps=3,
-        learning_rate=1e-2,
-        per_device_train_batch_size=4,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    trained = trainer.model
+    trained = _three_head_steps(model, processor, rows, tmp_path / "sft", "trained")
     assert (
         trained.lm_head.weight is not trained.get_input_embeddings().weight and not trained.config.tie_word_embeddings
     )
@@ -626,20 +631,10 @@ def test_a_head_trained_on_its_code_rows_keeps_its_text_rows_equal_to_the_input_
     text[code_rows] = False
     text[torch.as_tensor(image_special_token_ids(model))] = False
     rows_before = model.get_input_embeddings().weight.detach().clone()
-    trainer, _ = run_sft(
-        model,
-        processor,
-        sft_rows(train.select(range(8)), model, processor),
-        tmp_path / "sft",
-        lora=False,
-        output_head="trained_code_rows",
-        max_steps=3,
-        learning_rate=1e-2,
-        per_device_train_batch_size=4,
-        save_strategy="no",
-    )
-    head = trainer.model.lm_head.weight.detach()
-    assert head.data_ptr() != trainer.model.get_input_embeddings().weight.data_ptr()
+    rows = sft_rows(train.select(range(8)), model, processor)
+    trained = _three_head_steps(model, processor, rows, tmp_path / "sft", "trained_code_rows")
+    head = trained.lm_head.weight.detach()
+    assert head.data_ptr() != trained.get_input_embeddings().weight.data_ptr()
     assert torch.equal(head[text], rows_before[text])
     assert not torch.equal(head[code_rows], rows_before[code_rows])
 
