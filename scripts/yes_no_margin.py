@@ -18,11 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from per_model_report import run_over_models  # noqa: E402
 
-from training.data.shapes import make_example, scene_from_json  # noqa: E402
+from training.data.shapes import YES_NO_TYPES, make_example, scene_from_json  # noqa: E402
 from training.evaluation import vqa_prompt  # noqa: E402
 from training.stage2 import load_model_and_processor  # noqa: E402
-
-YES_NO_TYPES = ("existence", "relation")
 
 
 def answer_token(tokenizer, word: str) -> int:

@@ -637,6 +637,17 @@ def test_a_head_trained_on_its_code_rows_keeps_its_text_rows_equal_to_the_input_
     assert head.data_ptr() != trained.get_input_embeddings().weight.data_ptr()
     assert torch.equal(head[text], rows_before[text])
     assert not torch.equal(head[code_rows], rows_before[code_rows])
+    with pytest.raises(ValueError, match="train_text_embeddings=True would move"):
+        run_sft(
+            model,
+            processor,
+            rows,
+            tmp_path / "bad",
+            lora=False,
+            output_head="trained_code_rows",
+            train_text_embeddings=True,
+            max_steps=1,
+        )
 
 
 def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):

@@ -392,6 +392,11 @@ def run_sft(
         raise ValueError(
             "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
         )
+    if train_text_embeddings and output_head == "trained_code_rows":
+        raise ValueError(
+            "output_head='trained_code_rows' keeps the head's text rows equal to the input rows, which "
+            "train_text_embeddings=True would move; use output_head='trained' with it"
+        )
     if peft_config is None:
         if output_head != "tied":
             untie_output_head(model)

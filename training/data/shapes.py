@@ -380,6 +380,7 @@ def scene_request(reference: dict | str, image_size: int = 64) -> dict:
 
 
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "size", "count", "existence", "position", "relation")
+YES_NO_TYPES: tuple[str, ...] = ("existence", "relation")  # answered "yes" or "no"
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": ("What color is the {shape} {position_phrase}?",),
     "shape": ("What shape is {position_phrase}?",),
@@ -450,9 +451,6 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
     which = int(rng.integers(2))
     truth = a["col"] < b["col"] if which == 0 else a["col"] > b["col"]
     return _yes_no("relation", which, truth, color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
-
-
-YES_NO_TYPES: tuple[str, ...] = ("existence", "relation")
 
 
 def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Generator) -> list[dict]:
