@@ -33,9 +33,14 @@ from training.stage2 import load_model_and_processor  # noqa: E402
 ATTRIBUTES = ("color", "shape", "size")
 
 
-def linear_probe(train_x, train_y, test_x, test_y) -> float:
+def standardised(train_x, test_x):
+    """Both sets scaled by the training set's per-feature mean and spread."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
+def linear_probe(train_x, train_y, test_x, test_y) -> float:
+    train_x, test_x = standardised(train_x, test_x)
     weight = torch.zeros(train_x.shape[1], int(train_y.max()) + 1, requires_grad=True)
     bias = torch.zeros(weight.shape[1], requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
@@ -51,8 +56,7 @@ def linear_probe(train_x, train_y, test_x, test_y) -> float:
 
 
 def mlp_probe(train_x, train_y, test_x, test_y, hidden: int = 512, epochs: int = 100) -> float:
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, test_x = standardised(train_x, test_x)
     net = torch.nn.Sequential(
         torch.nn.Linear(train_x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, int(train_y.max()) + 1)
     )
@@ -116,9 +120,9 @@ def probe(path: str, num_scenes: int) -> dict:
         ]
     )
     cut = int(0.7 * len(scenes))
+    summed, side_by_side = blocks.sum(1), blocks.flatten(1)
     for name in ATTRIBUTES:
         y = torch.tensor([values[name].index(scene["objects"][0][name]) for scene in scenes])
-        summed, side_by_side = blocks.sum(1), blocks.flatten(1)
         result[name].update(
             {
                 "block sum linear": linear_probe(summed[:cut], y[:cut], summed[cut:], y[cut:]),

@@ -186,6 +186,22 @@ def image_special_token_ids(model) -> list[int]:
     return ids
 
 
+def _row_mask(table: torch.Tensor, ids) -> torch.Tensor:
+    """(rows of `table`,) bool, True at the row ids given."""
+    mask = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+    mask[torch.as_tensor(ids, device=table.device)] = True
+    return mask
+
+
+def _train_rows(table: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+    """Make `table` trainable on the rows `keep` marks only (None: all): the other rows' gradient is zeroed, so Adam
+    (zero moments, no weight decay on zero gradients) leaves them bit-identical."""
+    table.requires_grad_(True)
+    if keep is not None:
+        scale = keep.to(table.dtype).unsqueeze(1)
+        table.register_hook(lambda grad: grad * scale.to(grad.device, grad.dtype))
+
+
 def prepare_full_finetune(model, text_rows: bool = False, head_text_rows: bool = True) -> list[str]:
     """Full fine-tuning of the LLM decoder, the alternative to LoRA for a small LLM trained from scratch
     (a low-rank update is too weak a lever there). The input embedding (= the unified codebook, and the
@@ -203,21 +219,13 @@ def prepare_full_finetune(model, text_rows: bool = False, head_text_rows: bool =
     for parameter in llm.parameters():
         if parameter is not embedding:
             parameter.requires_grad_(True)
-    mask = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
-    mask[image_special_token_ids(model)] = 1
-    if text_rows:
-        mask[:] = 1
-        mask[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=mask.device)] = 0
-    embedding.requires_grad_(True)
-    embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    codes, special = model.config.vq_config.codebook_token_ids, image_special_token_ids(model)
+    # The embedding: the image special rows, or every row but the codes.
+    _train_rows(embedding, ~_row_mask(embedding, codes) if text_rows else _row_mask(embedding, special))
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embedding:
-        head.weight.requires_grad_(True)  # an untied head (`untie_output_head`) is the model's own
-        if not head_text_rows:
-            rows = torch.zeros(head.weight.shape[0], 1, dtype=head.weight.dtype, device=head.weight.device)
-            rows[image_special_token_ids(model)] = 1
-            rows[torch.as_tensor(model.config.vq_config.codebook_token_ids, device=rows.device)] = 1
-            head.weight.register_hook(lambda grad: grad * rows.to(grad.device, grad.dtype))
+        # An untied head (`untie_output_head`) is the model's own: whole, or its code and image special rows.
+        _train_rows(head.weight, None if head_text_rows else _row_mask(head.weight, list(codes) + list(special)))
     for table in ("image_position_embedding", "code_position_embedding"):
         if getattr(model.model, table, None) is not None:
             getattr(model.model, table).requires_grad_(True)

@@ -26,7 +26,7 @@ from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 
 from . import templates
 from .codes import CODES_COLUMN
-from .data.shapes import QUESTION_TYPES, YES_NO_TYPES, build_split, yes_no_questions
+from .data.shapes import QUESTION_TYPES, build_split, check_yes_no_counts, yes_no_questions
 
 TASKS_DECOMPRESS = ("decompress",)
 TASKS_SFT = ("caption", "vqa", "text_to_image", "continue_image")
@@ -172,13 +172,10 @@ def understanding_tasks(
         )
 
     extra = dict(yes_no_questions_per_image or {})
-    if set(extra) - set(YES_NO_TYPES) or any(
-        isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in extra.values()
-    ):
-        raise ValueError(
-            f"yes_no_questions_per_image={extra} must map yes/no question types of {list(YES_NO_TYPES)} to whole "
-            "numbers >= 0"
-        )
+    try:
+        check_yes_no_counts(extra)
+    except ValueError as error:
+        raise ValueError(f"yes_no_questions_per_image={extra}: {error}") from None
     extra = {kind: int(n) for kind, n in extra.items() if n}
 
     def rows_of(row, index):

@@ -453,6 +453,17 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
     return _yes_no("relation", which, truth, color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
 
 
+def check_yes_no_counts(counts: dict) -> None:
+    """Refuse anything but {yes/no question type: whole number >= 0}."""
+    for kind, count in counts.items():
+        if kind not in YES_NO_TYPES:
+            raise ValueError(
+                f"kind={kind!r} is not a yes/no question type (yes/no question types: {list(YES_NO_TYPES)})"
+            )
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"count={count!r} must be a whole number >= 0 (questions of type {kind!r} to add)")
+
+
 def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Generator) -> list[dict]:
     """`count` more questions of a yes/no type about a scene, drawn as `questions_for_scene` draws its own (so the
     answers keep its even odds). A scene with every shape in one column has no relation questions: [] then.
@@ -460,10 +471,7 @@ def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Ge
     Why more of them: a yes/no answer compares the question's words with the image, and neither alone says
     anything about it, so its loss gives no signal until the comparison is learnt (docs/results.md, "What the LLM
     reads"); the other types answer from the image alone."""
-    if kind not in YES_NO_TYPES:
-        raise ValueError(f"kind={kind!r} is not a yes/no question type; use one of {list(YES_NO_TYPES)}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"count={count!r} must be a whole number >= 0 (questions of type {kind!r} to add)")
+    check_yes_no_counts({kind: count})
     objs = (scene_from_json(scene) if isinstance(scene, str) else scene)["objects"]
     draw = _existence_question if kind == "existence" else _relation_question
     drawn = [draw(objs, rng) for _ in range(int(count))]
