@@ -360,6 +360,7 @@ def run_sft(
                 f"train_dataset has no {name!r} column (columns: {train_dataset.column_names}); build task rows and "
                 "tokenize them with training.tasks.tokenize_tasks"
             )
+    # Settings that do not fit are refused before anything is written or scored.
     if output_head not in OUTPUT_HEADS:
         raise ValueError(f"output_head={output_head!r} is not one of {list(OUTPUT_HEADS)}")
     if output_head != "tied" and lora is not False:
@@ -367,6 +368,17 @@ def run_sft(
             f"output_head={output_head!r} needs full fine-tuning (lora=False); with LoRA the LM head stays the "
             "frozen, tied codebook (output_head='tied')"
         )
+    if train_text_embeddings and lora is not False:
+        raise ValueError(
+            "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
+        )
+    if train_text_embeddings and output_head == "trained_code_rows":
+        raise ValueError(
+            "output_head='trained_code_rows' keeps the head's text rows equal to the input rows, which "
+            "train_text_embeddings=True would move; use output_head='trained' with it"
+        )
+    if code_logits not in CODE_LOGITS:
+        raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
     wall_clock = WallClockBudget(max_seconds) if max_seconds is not None else None
     if wall_clock is not None:
         sft_overrides = {**sft_overrides, "max_steps": 10**9, "warmup_steps": 0}  # the clock ends the run
@@ -384,19 +396,8 @@ def run_sft(
     elif settings is not None and _main_process():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(record, settings)
-    if code_logits not in CODE_LOGITS:
-        raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
     scoring = {"max_rows": eval_rows_per_task, "code_logits": code_logits}
     before = task_losses(model, eval_by_task, collator, **scoring) if eval_by_task else {}
-    if train_text_embeddings and peft_config is not None:
-        raise ValueError(
-            "train_text_embeddings=True needs full fine-tuning (lora=False); LoRA keeps the embedding frozen"
-        )
-    if train_text_embeddings and output_head == "trained_code_rows":
-        raise ValueError(
-            "output_head='trained_code_rows' keeps the head's text rows equal to the input rows, which "
-            "train_text_embeddings=True would move; use output_head='trained' with it"
-        )
     if peft_config is None:
         if output_head != "tied":
             untie_output_head(model)
