@@ -80,6 +80,13 @@ LEVERS = {
 RESULT = "result.json"
 
 
+def sampling_settings(decoding: dict) -> dict:
+    """generate()'s sampling arguments of a variant's decoding (none: greedy)."""
+    if not decoding["top_k"]:
+        return {}
+    return {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]}
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition("=")
     if not spec:
@@ -142,11 +149,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     decoding = {k: settings.pop(k, v) for k, v in DECODING.items()}
     trained_by = settings.pop("decode", None)  # a decoding-only row: another variant's models, drawn otherwise
     folder = Path(args.work) / f"{name}-s{seed}"
-    sampling = (
-        {"do_sample": True, "top_k": decoding["top_k"], "temperature": decoding["temperature"]}
-        if decoding["top_k"]
-        else {}
-    )
+    sampling = sampling_settings(decoding)
     if trained_by:
         # Decoding changes only the drawings: the source's training, VQA and losses stand as they were measured.
         result = json.loads((Path(args.work) / f"{trained_by}-s{seed}" / RESULT).read_text())
@@ -159,6 +162,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
                 "variant": name,
                 "trained_by": trained_by,
                 "settings": {**result["settings"], **decoding},
+                "generation_prompts": args.generation_prompts,
                 "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
             }
         )
@@ -190,13 +194,8 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     wall = time.perf_counter() - started
     model, processor = load_model_and_processor(folder / MLLM_DIR)
     model.eval()
-    test = build_split("test", args.vqa_images, image_size=model.config.vq_config.image_size, seed=0)
-    prior = majority_answers(train_question_rows(stage["train_images"], 0))
-    vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True)
-    generation = evaluate_generation(model, processor, args.generation_prompts, decoding["guidance"], **sampling)
     _, eval_codes = shapes_code_datasets(folder, model, stage["train_images"], args.eval_images, seed)
     losses = code_losses(model, processor, eval_codes, model.config.vq_config.depth)
-    keep = lambda scores: {k: v for k, v in scores.items() if k.startswith("accuracy")}  # noqa: E731
     result = {
         "variant": name,
         "seed": seed,
@@ -211,14 +210,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "tokens_per_second": metrics.get("train_tokens", 0) / max(metrics["train_seconds"], 1e-9),
         "held_out": metrics["after"],
         "code_nats": losses,
-        "vqa": keep(vqa["model"]),
-        "vqa_chance": keep(vqa["chance"]),
-        "vqa_swapped": keep(vqa["swapped"]),
-        "vqa_one_shape": keep(vqa["model_one_shape"]),
-        "vqa_multi_shape": keep(vqa["model_multi_shape"]),
-        "vqa_one_shape_chance": keep(vqa["chance_one_shape"]),
-        "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
-        "t2i_ceiling": {k: v for k, v in generation["ceiling"].items() if k != "num_images"},
+        **task_scores(model, processor, args, stage["train_images"], decoding, stage.get("question_first", False)),
     }
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     for heavy in (
@@ -232,10 +224,55 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     return result
 
 
+def task_scores(model, processor, args, train_images: int, decoding: dict, question_first: bool) -> dict:
+    """VQA on the first `--vqa-images` test scenes and drawing of the first `--generation-prompts` prompts (both
+    sets grow by appending, so a larger set holds the smaller one), with the sizes they were measured on."""
+    test = build_split("test", args.vqa_images, image_size=model.config.vq_config.image_size, seed=0)
+    prior = majority_answers(train_question_rows(train_images, 0))
+    vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True, question_first=question_first)
+    sampling = sampling_settings(decoding)
+    generation = evaluate_generation(model, processor, args.generation_prompts, decoding["guidance"], **sampling)
+    keep = lambda scores: {k: v for k, v in scores.items() if k.startswith("accuracy")}  # noqa: E731
+    return {
+        "vqa_images": args.vqa_images,
+        "generation_prompts": args.generation_prompts,
+        "vqa": keep(vqa["model"]),
+        "vqa_chance": keep(vqa["chance"]),
+        "vqa_swapped": keep(vqa["swapped"]),
+        "vqa_one_shape": keep(vqa["model_one_shape"]),
+        "vqa_multi_shape": keep(vqa["model_multi_shape"]),
+        "vqa_one_shape_chance": keep(vqa["chance_one_shape"]),
+        "t2i": {k: v for k, v in generation["model"].items() if k != "num_images"},
+        "t2i_ceiling": {k: v for k, v in generation["ceiling"].items() if k != "num_images"},
+    }
+
+
+def rescore(args, folder: Path) -> None:
+    """Score a finished run's kept model again on `--vqa-images` / `--generation-prompts` (its training, losses and
+    speed stand): a larger evaluation set for rows measured on a small one."""
+    result = json.loads((folder / RESULT).read_text())
+    if (result.get("vqa_images", 60), result.get("generation_prompts", 32)) == (
+        args.vqa_images,
+        args.generation_prompts,
+    ):
+        return
+    trained = folder.parent / f"{result['trained_by']}-s{result['seed']}"  # a decoding-only row draws its source's
+    model, processor = load_model_and_processor(trained / MLLM_DIR)
+    decoding = {k: result["settings"].get(k, v) for k, v in DECODING.items()}
+    train_images = result["settings"].get("train_images", BASE["train_images"])
+    question_first = result["settings"].get("question_first", False)
+    result.update(task_scores(model.eval(), processor, args, train_images, decoding, question_first))
+    (folder / RESULT).write_text(json.dumps(result, indent=1))
+    print(
+        f"rescored {folder}: VQA {100 * result['vqa']['accuracy']:.1f}, one-shape "
+        f"{100 * result['vqa_one_shape']['accuracy']:.1f}, drawing {100 * result['t2i']['all_correct']:.1f}"
+    )
+
+
 def _mean(results: list[dict], path: str) -> tuple[float, list[float]]:
     values = []
     for result in results:
-        value = result
+        value = {"vqa_images": 60, "generation_prompts": 32, **result}  # the sizes of results that predate the fields
         for key in path.split("."):
             value = value.get(key, float("nan")) if isinstance(value, dict) else float("nan")
         values.append(float(value))
@@ -270,6 +307,8 @@ def table(work: Path, names: list[str]) -> str:
         ("answer loss", "held_out.vqa", False),
         ("steps", "steps", False),
         ("tokens/s", "tokens_per_second", False),
+        ("VQA scenes", "vqa_images", False),
+        ("prompts", "generation_prompts", False),
     ]
     return "\n\n".join(_rows(by_name, names, part) for part in (columns, drawing))
 
@@ -283,7 +322,7 @@ def _rows(by_name: dict, names: list[str], columns: list) -> str:
         cells = []
         for label, path, show_seeds in columns:
             mean, values = _mean(results, path)
-            if path in ("steps", "tokens_per_second"):
+            if path in ("steps", "tokens_per_second", "vqa_images", "generation_prompts"):
                 cells.append(f"{mean:.0f}")
             elif label.startswith("nats") or label == "answer loss":
                 cells.append(f"{mean:.2f}")
@@ -312,11 +351,24 @@ def main() -> None:
     parser.add_argument("--generation-prompts", type=int, default=32)
     parser.add_argument("--eval-images", type=int, default=32, help="held-out scenes for the losses")
     parser.add_argument("--table", action="store_true", help="only print the table of the results in --work")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the finished runs of --variants (all in --work without it) again on --vqa-images and "
+        "--generation-prompts, then print the table",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one variant spec
     args = parser.parse_args()
     work = Path(args.work)
     if args.table:
         print(table(work, [spec.partition("=")[0] for spec in args.variants] if args.variants != ["baseline"] else []))
+        return
+    if args.rescore:
+        names = [spec.partition("=")[0] for spec in args.variants] if args.variants != ["baseline"] else []
+        for path in sorted(work.glob(f"*/{RESULT}")):
+            if not names or json.loads(path.read_text())["variant"] in names:
+                rescore(args, path.parent)
+        print(table(work, names))
         return
     variants = [parse_variant(v) for v in args.variants]
     if args.one:

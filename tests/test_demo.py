@@ -686,6 +686,18 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     assert done.returncode == 0, done.stderr[-3000:]
     stepped = json.loads((tmp_path / "steps" / "head-s0" / "result.json").read_text())
     assert stepped["steps"] == stepped["steps_budget"] == 3 and stepped["seconds_budget"] is None
+    # --rescore: the kept models scored again on a larger evaluation set; training figures stand
+    common[common.index("--work") + 1] = str(tmp_path)
+    common[common.index("--vqa-images") + 1] = "4"
+    done = subprocess.run(
+        [sys.executable, str(script), *common, "--rescore"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("head", "sampled"):
+        again = json.loads((tmp_path / f"{name}-s0" / "result.json").read_text())
+        assert (again["vqa_images"], again["generation_prompts"]) == (4, 2)
+        assert again["steps"] == head["steps"] and again["code_nats"] == head["code_nats"]
+    assert again["settings"]["top_k"] == 5 and "| VQA scenes |" in done.stdout
 
 
 def test_goal_margins_over_chance_and_over_swapped_images():

@@ -316,29 +316,30 @@ def test_full_finetune_trains_the_decoder_and_leaves_the_codebook_bit_identical(
     assert metrics["after"]["vqa"] < metrics["before"]["vqa"]
 
 
-def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mllm, codes):
+@pytest.mark.parametrize("question_first", [False, True])
+def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mllm, codes, question_first):
     from training.evaluation import vqa_prompt
 
     model, processor = mllm
     train, _ = codes
     row = train[0]
-    rows = tokenize_tasks(
-        understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8), processor
-    )
+    asked = {"questions_per_image": 8, "questions_per_conversation": 8, "question_first": question_first}
+    rows = tokenize_tasks(understanding_tasks(train.select([0]), **asked), processor)
     vqa = [r for r in rows if r["task"] == "vqa"]
     assert len(vqa) == 1 and vqa[0]["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
     ids, labels = vqa[0]["input_ids"], vqa[0]["labels"]
     first_answer = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    messages = [
-        t
-        for t in understanding_tasks(train.select([0]), questions_per_image=8, questions_per_conversation=8)
-        if t["task"] == "vqa"
-    ][0]["messages"]
-    first_question = messages[0]["content"][1]["text"].strip()
-    prompt = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])["input_ids"][
-        0
-    ]
+    messages = [t for t in understanding_tasks(train.select([0]), **asked) if t["task"] == "vqa"][0]["messages"]
+    first_question = messages[0]["content"][int(not question_first)]["text"].strip()
+    prompt = processor(
+        text=vqa_prompt(processor, first_question, question_first), images=[shapes_at(16, 1)[0]["image"]]
+    )["input_ids"][0]
     assert ids[:first_answer] == prompt.tolist()
+    image_first = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])
+    text_before_image = ids.index(processor.image_token_id) - image_first["input_ids"][0].tolist().index(
+        processor.image_token_id
+    )
+    assert (text_before_image > 0) == question_first  # the question's tokens moved in front of the image
     tokenizer = processor.tokenizer
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).split()  # noqa: E731
     answers = decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])

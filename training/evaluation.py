@@ -47,15 +47,28 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def vqa_prompt(processor, question: str) -> str:
-    """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked, after the image)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}]
+def vqa_prompt(processor, question: str, question_first: bool = False) -> str:
+    """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked, after the image; before it
+    for a model trained with `question_first`)."""
+    content = (
+        [{"type": "text", "text": question + "\n"}, {"type": "image"}]
+        if question_first
+        else [{"type": "image"}, {"type": "text", "text": "\n" + question}]
+    )
+    messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @torch.no_grad()
 def answer_questions(
-    model, processor, images, questions, batch_size: int = 16, max_new_tokens: int = 8, desc: str = "VQA"
+    model,
+    processor,
+    images,
+    questions,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    desc: str = "VQA",
+    question_first: bool = False,
 ) -> list[str]:
     """Greedy answers, one per (image, question) pair, batched with left padding."""
     if len(images) != len(questions):
@@ -68,7 +81,7 @@ def answer_questions(
             chunk_q = questions[start : start + batch_size]
             chunk_i = images[start : start + batch_size]
             inputs = processor(
-                text=[vqa_prompt(processor, q) for q in chunk_q],
+                text=[vqa_prompt(processor, q, question_first) for q in chunk_q],
                 images=list(chunk_i),
                 return_tensors="pt",
                 padding=True,
@@ -97,6 +110,7 @@ def evaluate_vqa(
     batch_size: int = 16,
     desc: str = "VQA",
     swapped_images: bool = False,
+    question_first: bool = False,
 ) -> dict:
     """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
     `dataset`; also returns the (image, question, answer, prediction) tuples.
@@ -117,7 +131,8 @@ def evaluate_vqa(
             answers.append(qa["answer"])
             kinds.append(qa["type"])
             scene_of.append(index)
-    predictions = answer_questions(model, processor, images, questions, batch_size=batch_size, desc=desc)
+    ask = {"batch_size": batch_size, "question_first": question_first}
+    predictions = answer_questions(model, processor, images, questions, desc=desc, **ask)
     metric = load_metric("vqa_accuracy")
     model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)
     prior_predictions = [prior.get(k, "") for k in kinds]
@@ -143,9 +158,7 @@ def evaluate_vqa(
                 "swapped_images=True needs at least 2 scenes in the dataset (each question gets another scene's image)"
             )
         others = [rows[(i + 1) % len(rows)]["image"] for i in scene_of]
-        swapped = answer_questions(
-            model, processor, others, questions, batch_size=batch_size, desc=desc + ", swapped images"
-        )
+        swapped = answer_questions(model, processor, others, questions, desc=desc + ", swapped images", **ask)
         out["swapped"] = metric.compute(predictions=swapped, references=answers, question_types=kinds)
     return out
 

@@ -124,6 +124,8 @@ class StageIIArguments:
     # More yes/no questions per VQA image ({"existence": n, "relation": m}; Shapes world rows): they answer only by
     # comparing the question with the image (training.tasks.understanding_tasks).
     yes_no_questions_per_image: Optional[dict[str, int]] = None
+    # Each VQA conversation's first question before the image, not after it (training.tasks.understanding_tasks).
+    question_first: bool = False
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -287,6 +289,7 @@ def stage_tasks(
     drawings_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
+    question_first: bool = False,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -310,6 +313,7 @@ def stage_tasks(
                 captions_per_image=captions_per_image,
                 question_type_weights=question_type_weights,
                 yes_no_questions_per_image=yes_no_questions_per_image,
+                question_first=question_first,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -556,6 +560,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "drawings_per_image": args.drawings_per_image,
         "question_type_weights": args.question_type_weights,
         "yes_no_questions_per_image": args.yes_no_questions_per_image,
+        "question_first": args.question_first,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

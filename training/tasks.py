@@ -145,6 +145,7 @@ def understanding_tasks(
     captions_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
+    question_first: bool = False,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -157,7 +158,12 @@ def understanding_tasks(
 
     `yes_no_questions_per_image` ({type: n}, Shapes world rows, which carry a `scene`): n more questions of that
     yes/no type per image, drawn from the scene (`shapes.yes_no_questions`), asked after the drawn ones in the same
-    conversations."""
+    conversations.
+
+    `question_first`: a conversation's first question comes before the image. In a causal LLM the image's positions
+    can then attend to the asked words, so whether a patch matches them is computed at the patch, where its code
+    is; asked after the image, the answer position must gather the words first and search the image with them
+    after (docs/results.md, "What the LLM reads")."""
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
             f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
@@ -206,11 +212,12 @@ def understanding_tasks(
             messages = []
             for qa in chosen[start : start + questions_per_conversation]:
                 prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
-                user = (
-                    _turn("user", _item("image"), _text("\n" + prompt))
-                    if not messages
-                    else _turn("user", _text(prompt))
-                )
+                if messages:
+                    user = _turn("user", _text(prompt))
+                elif question_first:
+                    user = _turn("user", _text(prompt + "\n"), _item("image"))
+                else:
+                    user = _turn("user", _item("image"), _text("\n" + prompt))
                 messages += [user, _turn("assistant", _text(qa["answer"]))]
             yield "vqa", messages
 
