@@ -976,3 +976,58 @@ def test_repeated_rehearsal_rows_keep_the_llms_distribution_with_references(mllm
         assert after < 1.25 * before
     else:
         assert after > 2 * before
+
+
+def test_first_rows_sampler_draws_the_first_rows_first_then_the_others_as_one_resumable_stream():
+    from training.sft import FirstRowsSampler
+
+    first = [7, 8, 9]
+    sampler = FirstRowsSampler(10, first, first_samples=8, seed=3)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    stream = [i for epoch in epochs for i in epoch]
+    assert len(sampler) == 7 and all(len(e) == 7 for e in epochs)
+    assert set(stream[:8]) <= set(first) and not set(stream[8:]) & set(first)
+    assert sorted(stream[:6]) == [7, 7, 8, 8, 9, 9]  # each pass through the first rows holds each row once
+    assert sorted(stream[8:15]) == list(range(7))  # the later rows' first pass, then a new shuffle
+    resumed = FirstRowsSampler(10, first, first_samples=8, seed=3)
+    resumed.set_epoch(1)
+    assert list(resumed) == epochs[1]  # a resumed run draws the rows it would have drawn
+    assert list(FirstRowsSampler(10, first, 0, seed=3)) and not set(FirstRowsSampler(10, first, 0)) & set(first)
+    with pytest.raises(ValueError, match="first_rows must index the 10 training rows"):
+        FirstRowsSampler(10, [10], 4)
+    with pytest.raises(ValueError, match="first_samples=4 needs rows"):
+        FirstRowsSampler(10, [], 4)
+    with pytest.raises(ValueError, match="every training row"):
+        FirstRowsSampler(2, [0, 1], 4)
+
+
+def test_the_trainer_trains_its_first_steps_on_the_first_rows(mllm, codes, tmp_path):
+    """`first_rows` / `first_steps` (the one-shape-first curriculum): the trainer's batches of the first steps come
+    from those rows only, the later batches from the other rows."""
+    from training.sft import _sft_trainer_class, unicode_sft_config
+
+    model, processor = mllm
+    train, _ = codes
+    rows = sft_rows(train.select(range(4)), model, processor)
+    captions = [i for i, task in enumerate(rows["task"]) if task == "caption"]
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=unicode_sft_config(tmp_path / "t", max_steps=4, per_device_train_batch_size=2),
+        train_dataset=rows,
+        data_collator=CodesCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        first_rows=captions,
+        first_steps=2,
+    )
+    caption_ids = {tuple(rows[i]["input_ids"]) for i in captions}
+    batches = list(trainer.get_train_dataloader())
+    drawn = [
+        tuple(ids[mask.bool()].tolist()) in caption_ids
+        for batch in batches
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+    ]
+    assert drawn[:4] == [True] * 4 and not any(drawn[4:])
+    assert len(batches) == (len(rows) - len(captions) + 1) // 2

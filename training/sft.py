@@ -481,6 +481,46 @@ class WallClockBudget(TrainerCallback):
         return control
 
 
+class FirstRowsSampler(torch.utils.data.Sampler):
+    """A two-phase curriculum: the first `first_samples` rows drawn come from `first_rows` only, every later one from
+    the other rows. Each phase reshuffles its rows on every pass through them.
+
+    The draws are one seeded stream that the Trainer reads `len(self)` rows per epoch (`set_epoch`), so a resumed run
+    draws the rows it would have drawn."""
+
+    def __init__(self, num_rows: int, first_rows, first_samples: int, seed: int = 0):
+        self.first_rows = sorted({int(i) for i in first_rows})
+        if self.first_rows and not 0 <= self.first_rows[0] <= self.first_rows[-1] < num_rows:
+            raise ValueError(f"first_rows must index the {num_rows} training rows, got {self.first_rows[-1]}")
+        if first_samples and not self.first_rows:
+            raise ValueError(f"first_samples={first_samples} needs rows to draw them from; first_rows is empty")
+        chosen = set(self.first_rows)
+        self.later_rows = [i for i in range(num_rows) if i not in chosen]
+        if not self.later_rows:
+            raise ValueError("first_rows holds every training row; the later phase would have none to draw")
+        self.first_samples, self.seed, self.epoch = int(first_samples), int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.later_rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @staticmethod
+    def _cycled(rows: list[int], count: int, generator: torch.Generator) -> list[int]:
+        order: list[int] = []
+        while len(order) < count:
+            order += [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+        return order[:count]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        start, end = self.epoch * len(self), (self.epoch + 1) * len(self)
+        stream = self._cycled(self.first_rows, min(end, self.first_samples), generator)
+        stream += self._cycled(self.later_rows, end - len(stream), generator)
+        return iter(stream[start:end])
+
+
 def _sft_trainer_class():
     """`SFTTrainer` with the stage-II loss options."""
 
@@ -491,11 +531,19 @@ def _sft_trainer_class():
           loss the mean over rows. TRL's default ("token") averages over all labelled tokens of the batch, so a
           text-to-image row (one label per code) outweighs a VQA row (a one-word answer) a hundredfold, and the
           shared layers learn to draw long before they learn to look;
-        - `wall_clock`: a `WallClockBudget`, whose schedule replaces the step-based one.
+        - `wall_clock`: a `WallClockBudget`, whose schedule replaces the step-based one;
+        - `first_rows` / `first_steps`: the first steps train on those rows only, the rest on the others
+          (`FirstRowsSampler`).
         """
 
         def __init__(
-            self, *args, loss_normalization: str = "token", wall_clock: Optional[WallClockBudget] = None, **kwargs
+            self,
+            *args,
+            loss_normalization: str = "token",
+            wall_clock: Optional[WallClockBudget] = None,
+            first_rows=None,
+            first_steps: int = 0,
+            **kwargs,
         ):
             if loss_normalization not in LOSS_NORMALIZATIONS:
                 raise ValueError(
@@ -503,11 +551,21 @@ def _sft_trainer_class():
                 )
             self.loss_normalization = loss_normalization
             self.wall_clock = wall_clock
+            self.first_rows, self.first_steps = first_rows, int(first_steps)
             self._parameter_count: Optional[int] = None  # floating_point_ops counts them once
             callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
             super().__init__(*args, callbacks=callbacks, **kwargs)
             if loss_normalization == "row":
                 self.loss_is_scaled_for_ga = False  # a mean per micro-batch: Trainer averages over accumulation steps
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.first_rows is None:
+                return super()._get_train_sampler(train_dataset)
+            rows = len(train_dataset if train_dataset is not None else self.train_dataset)
+            # Rows per optimizer step on this process; each process's shard of the batches is drawn from one stream.
+            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            per_step *= self.args.world_size
+            return FirstRowsSampler(rows, self.first_rows, self.first_steps * per_step, self.args.seed)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.wall_clock is None:
@@ -782,6 +840,7 @@ def save_mllm(model, processor, folder: str | os.PathLike) -> Path:
 
 __all__ = [
     "CodesCollator",
+    "FirstRowsSampler",
     "language_model_linear_names",
     "unicode_lora_config",
     "freeze_for_stage2",

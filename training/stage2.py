@@ -45,7 +45,7 @@ from modeling_unicode import (
 
 from .checkpointing import atomic_directory, atomic_write_json, is_complete, naming_corrupt_files, naming_full_disk
 from .codes import cached_code_dataset, code_signature
-from .data.shapes import build_split
+from .data.shapes import build_split, scene_from_json
 from .presets import load_preset, load_recipe, recipe_settings
 from .rehearsal import rehearsal_dataset, rehearsal_share, with_reference_columns
 from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
@@ -126,6 +126,10 @@ class StageIIArguments:
     yes_no_questions_per_image: Optional[dict[str, int]] = None
     # Each VQA conversation's first question before the image, not after it (training.tasks.understanding_tasks).
     question_first: bool = False
+    # A curriculum: the first this many SFT steps train on rows of one-shape scenes only (their own rows, drawn with
+    # another seed), the rest on the usual rows. A lone shape needs no search for the object a question names, so
+    # reading and the yes/no comparison can be learnt before binding (Shapes world rows).
+    one_shape_first_steps: int = 0
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -347,14 +351,17 @@ def run_sft(
     settings: Optional[dict] = None,
     may_differ: tuple[str, ...] = (),
     code_logits: str = "vocabulary",
+    first_rows=None,
+    first_steps: int = 0,
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
     with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
     (trainer, {"before", "after", ...}). `output_head="trained"` unties the LM head and trains it (full fine-tuning);
     `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options; `code_logits` is
-    `sft.add_labelled_positions_lm_head`'s. `settings` (the caller's arguments) are recorded in `output_dir`, and a
-    resume with other ones, `may_differ` aside, is refused.
+    `sft.add_labelled_positions_lm_head`'s; `first_rows` (indices of `train_dataset`) and `first_steps` a curriculum:
+    the first steps train on those rows only, the later ones on the others (`sft.FirstRowsSampler`). `settings` (the
+    caller's arguments) are recorded in `output_dir`, and a resume with other ones, `may_differ` aside, is refused.
 
     Shared by the run-folder stages and a user's fine-tune (`training.finetune`)."""
 
@@ -420,6 +427,8 @@ def run_sft(
         callbacks=[CompleteCheckpointCallback()],
         loss_normalization=loss_normalization,
         wall_clock=wall_clock,
+        first_rows=first_rows,
+        first_steps=first_steps,
     )
     _expose_lm_head_bias(trainer.model)
     if code_logits != "vocabulary" or not _trl_compact_lm_head(trainer.args.device):
@@ -597,6 +606,27 @@ def train_stage2(args: StageIIArguments) -> dict:
         _barrier()
         task_rows = with_reference_columns(train_rows) if args.rehearsal_top_k else train_rows
         train_rows = datasets.concatenate_datasets([task_rows, rehearsal()])
+    first_rows = None
+    if args.one_shape_first_steps and args.stage == "sft":
+        one_shape = [i for i, scene in enumerate(train_codes["scene"]) if len(scene_from_json(scene)["objects"]) == 1]
+        if not one_shape:
+            raise ValueError(
+                f"one_shape_first_steps={args.one_shape_first_steps}: none of the {len(train_codes)} training scenes "
+                "holds one shape; raise train_images or set it to 0"
+            )
+        first = tokenize_tasks(
+            stage_tasks(
+                train_codes.select(one_shape),
+                args.stage,
+                seed=args.seed + 2,
+                drawing_codes=None if train_drawn is None else train_drawn.select(one_shape),
+                **common,
+            ),
+            processor,
+            max_length,
+        )
+        first_rows = range(len(train_rows), len(train_rows) + len(first))
+        train_rows = datasets.concatenate_datasets([train_rows, first.cast(train_rows.features)])
     overrides = {
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
@@ -631,6 +661,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         settings=asdict(args),
         may_differ=RESUMABLE_CHANGES,
         code_logits=args.code_logits,
+        first_rows=first_rows,
+        first_steps=args.one_shape_first_steps if first_rows is not None else 0,
         **overrides,
     )
     if args.lora:
