@@ -1031,3 +1031,28 @@ def test_the_trainer_trains_its_first_steps_on_the_first_rows(mllm, codes, tmp_p
     ]
     assert drawn[:4] == [True] * 4 and not any(drawn[4:])
     assert len(batches) == (len(rows) - len(captions) + 1) // 2
+
+
+def test_curriculum_rows_are_the_one_shape_scenes_or_yes_no_conversations(codes):
+    from training.data.shapes import scene_from_json
+    from training.stage2 import curriculum_tasks
+
+    train, _ = codes
+    common = {
+        "depth": 2,
+        "questions_per_image": 4,
+        "questions_per_conversation": 4,
+        "tasks": ["caption", "vqa", "text_to_image"],
+    }
+    one_shape = curriculum_tasks("one_shape", train, None, seed=2, common=common)
+    lone = {i for i, scene in enumerate(train["scene"]) if len(scene_from_json(scene)["objects"]) == 1}
+    assert lone and set(one_shape["task"]) == {"caption", "vqa", "text_to_image"}
+    assert sorted(map(tuple, one_shape[CODES_COLUMN])) == sorted(
+        tuple(train[i][CODES_COLUMN]) for i in lone for _ in range(3)
+    )  # a caption, a VQA conversation and a drawing of each one-shape scene, nothing of the others
+    yes_no = curriculum_tasks("yes_no", train, None, seed=2, common=common)
+    assert set(yes_no["task"]) == {"vqa"} and len(yes_no) == len(train)
+    answers = [m["content"][0]["text"] for row in yes_no["messages"] for m in row if m["role"] == "assistant"]
+    assert set(answers) == {"yes", "no"} and len(answers) >= 8 * len(train)
+    with pytest.raises(ValueError, match="curriculum_rows='easy' is not one of"):
+        curriculum_tasks("easy", train, None, seed=2, common=common)

@@ -126,10 +126,11 @@ class StageIIArguments:
     yes_no_questions_per_image: Optional[dict[str, int]] = None
     # Each VQA conversation's first question before the image, not after it (training.tasks.understanding_tasks).
     question_first: bool = False
-    # A curriculum: the first this many SFT steps train on rows of one-shape scenes only (their own rows, drawn with
-    # another seed), the rest on the usual rows. A lone shape needs no search for the object a question names, so
-    # reading and the yes/no comparison can be learnt before binding (Shapes world rows).
-    one_shape_first_steps: int = 0
+    # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
+    # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
+    # "yes_no", VQA conversations of yes/no questions only.
+    curriculum_steps: int = 0
+    curriculum_rows: str = "one_shape"
     tasks: Optional[list[str]] = None  # the SFT tasks trained (default: all of training.tasks.TASKS_SFT)
     # Text-to-image rows draw other scenes, rendered with every shape centred in its cell. A caption names the cell,
     # not the place in it, so the jitter of the understanding rows' scenes is noise no caption can predict: it
@@ -331,6 +332,43 @@ def stage_tasks(
     return rows if tasks == set(TASKS_SFT) else rows.filter(lambda task: task in tasks, input_columns="task")
 
 
+CURRICULA = ("one_shape", "yes_no")
+
+
+def curriculum_tasks(kind: str, codes, drawing_codes, seed: int, common: dict):
+    """The task rows a curriculum's first steps train on (`StageIIArguments.curriculum_rows`), drawn with their own
+    `seed` from the training scenes `codes` (and their `drawing_codes`, when drawings are of other renderings).
+
+    - "one_shape": every task of the scenes that hold one shape. A lone shape needs no search for the object a
+      question names, so reading can be learnt before binding.
+    - "yes_no": one VQA conversation per scene of 8 existence and 4 relation questions, nothing else. A yes/no
+      answer comes only from comparing the question with the image, which gives no gradient until it is partly
+      learnt (docs/results.md, "What the LLM reads"); these rows put about a hundred such answers in every step."""
+    if kind not in CURRICULA:
+        raise ValueError(f"curriculum_rows={kind!r} is not one of {list(CURRICULA)}")
+    if "scene" not in codes.column_names:
+        raise ValueError("a curriculum picks its rows by scene: the training codes need the Shapes world's `scene`")
+    if kind == "yes_no":
+        asked = {"existence": 8, "relation": 4}
+        only_yes_no = {
+            **common,
+            "questions_per_image": 0,
+            "captions_per_image": 0,
+            "questions_per_conversation": sum(asked.values()),
+            "yes_no_questions_per_image": asked,
+            "tasks": ["vqa"],
+        }
+        return stage_tasks(codes, "sft", seed=seed, **only_yes_no)
+    one_shape = [i for i, scene in enumerate(codes["scene"]) if len(scene_from_json(scene)["objects"]) == 1]
+    if not one_shape:
+        raise ValueError(
+            f"curriculum_rows='one_shape': none of the {len(codes)} training scenes holds one shape; raise "
+            "train_images or choose another curriculum"
+        )
+    drawn = None if drawing_codes is None else drawing_codes.select(one_shape)
+    return stage_tasks(codes.select(one_shape), "sft", seed=seed, drawing_codes=drawn, **common)
+
+
 def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -515,6 +553,8 @@ def _use_axial_positions(model) -> None:
 
 def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
+    if args.curriculum_rows not in CURRICULA:
+        raise ValueError(f"curriculum_rows={args.curriculum_rows!r} is not one of {list(CURRICULA)}")
     if args.decoder_layers is not None and not args.reinit_decoder:
         raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
@@ -607,21 +647,9 @@ def train_stage2(args: StageIIArguments) -> dict:
         task_rows = with_reference_columns(train_rows) if args.rehearsal_top_k else train_rows
         train_rows = datasets.concatenate_datasets([task_rows, rehearsal()])
     first_rows = None
-    if args.one_shape_first_steps and args.stage == "sft":
-        one_shape = [i for i, scene in enumerate(train_codes["scene"]) if len(scene_from_json(scene)["objects"]) == 1]
-        if not one_shape:
-            raise ValueError(
-                f"one_shape_first_steps={args.one_shape_first_steps}: none of the {len(train_codes)} training scenes "
-                "holds one shape; raise train_images or set it to 0"
-            )
+    if args.curriculum_steps and args.stage == "sft":
         first = tokenize_tasks(
-            stage_tasks(
-                train_codes.select(one_shape),
-                args.stage,
-                seed=args.seed + 2,
-                drawing_codes=None if train_drawn is None else train_drawn.select(one_shape),
-                **common,
-            ),
+            curriculum_tasks(args.curriculum_rows, train_codes, train_drawn, args.seed + 2, common),
             processor,
             max_length,
         )
@@ -662,7 +690,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         may_differ=RESUMABLE_CHANGES,
         code_logits=args.code_logits,
         first_rows=first_rows,
-        first_steps=args.one_shape_first_steps if first_rows is not None else 0,
+        first_steps=args.curriculum_steps if first_rows is not None else 0,
         **overrides,
     )
     if args.lora:
