@@ -21,7 +21,9 @@ on what else the machine runs.
 A variant is `NAME` (a lever defined in LEVERS below) or `NAME=key:value,key:value` with StageIIArguments fields
 (and `guidance`, `top_k`, `temperature` for decoding). With `--jobs 2` two runs train at once on one thread
 each, so compare rows of one `--jobs`/`--threads` setting only. Results are kept per run
-(`<work>/<variant>-s<seed>/result.json`); finished runs are not redone, and `--table` only prints.
+(`<work>/<variant>-s<seed>/result.json`); finished runs are not redone, and `--table` only prints. `--rescore`
+scores the kept models of finished runs again on `--vqa-images` / `--generation-prompts` (both sets grow by
+appending, so a larger one holds the smaller): rows measured on a small set, compared on a larger one.
 """
 
 from __future__ import annotations
