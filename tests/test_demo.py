@@ -649,7 +649,7 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
         "4",
     ]
     variants = [
-        "head=train_images:12,output_head:trained,loss_normalization:row",
+        "head=train_images:12,output_head:trained,loss_normalization:row,curriculum_rows:one_shape,curriculum_steps:1",
         "sampled=decode:head,top_k:5,guidance:2.0",
     ]
     done = subprocess.run(
@@ -660,6 +660,7 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     sampled = json.loads((tmp_path / "sampled-s0" / "result.json").read_text())
     assert head["steps"] >= 1 and head["sft_seconds"] >= 2 and head["tokens_per_second"] > 0
     assert head["settings"]["output_head"] == "trained" and head["settings"]["loss_normalization"] == "row"
+    assert head["settings"]["curriculum_steps"] == 1  # a curriculum through train_stage2
     assert set(head["code_nats"]) == {"background", "shape"} and all(v > 0 for v in head["code_nats"].values())
     assert (
         0 <= head["vqa"]["accuracy"] <= 1

@@ -996,8 +996,9 @@ def test_first_rows_sampler_draws_the_first_rows_first_then_the_others_as_one_re
     resumed.set_epoch(1)
     assert list(resumed) == epochs[1]  # a resumed run draws the rows it would have drawn
     assert list(FirstRowsSampler(10, first, 0, seed=3)) and not set(FirstRowsSampler(10, first, 0)) & set(first)
-    with pytest.raises(ValueError, match="first_rows must index the 10 training rows"):
-        FirstRowsSampler(10, [10], 4)
+    for outside in (10, -1):
+        with pytest.raises(ValueError, match=f"first_rows must index the 10 training rows, got {outside}"):
+            FirstRowsSampler(10, [outside, 3], 4)
     with pytest.raises(ValueError, match="first_samples=4 needs rows"):
         FirstRowsSampler(10, [], 4)
     with pytest.raises(ValueError, match="every training row"):
@@ -1011,6 +1012,7 @@ def test_the_trainer_trains_its_first_steps_on_the_first_rows(mllm, codes, tmp_p
 
     model, processor = mllm
     train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))  # the trainer patches its model
     rows = sft_rows(train.select(range(4)), model, processor)
     captions = [i for i, task in enumerate(rows["task"]) if task == "caption"]
     trainer = _sft_trainer_class()(

@@ -490,8 +490,9 @@ class FirstRowsSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_rows: int, first_rows, first_samples: int, seed: int = 0):
         self.first_rows = sorted({int(i) for i in first_rows})
-        if self.first_rows and not 0 <= self.first_rows[0] <= self.first_rows[-1] < num_rows:
-            raise ValueError(f"first_rows must index the {num_rows} training rows, got {self.first_rows[-1]}")
+        outside = [i for i in (self.first_rows[:1] + self.first_rows[-1:]) if not 0 <= i < num_rows]
+        if outside:
+            raise ValueError(f"first_rows must index the {num_rows} training rows, got {outside[0]}")
         if first_samples and not self.first_rows:
             raise ValueError(f"first_samples={first_samples} needs rows to draw them from; first_rows is empty")
         chosen = set(self.first_rows)

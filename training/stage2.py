@@ -555,6 +555,12 @@ def train_stage2(args: StageIIArguments) -> dict:
     """One stage-II stage on a run folder: codes (cached), tasks, LoRA SFT, adapter, merged model."""
     if args.curriculum_rows not in CURRICULA:
         raise ValueError(f"curriculum_rows={args.curriculum_rows!r} is not one of {list(CURRICULA)}")
+    if (
+        isinstance(args.curriculum_steps, bool)
+        or not isinstance(args.curriculum_steps, int)
+        or args.curriculum_steps < 0
+    ):
+        raise ValueError(f"curriculum_steps={args.curriculum_steps!r} must be a whole number of steps >= 0 (0: none)")
     if args.decoder_layers is not None and not args.reinit_decoder:
         raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
@@ -622,6 +628,15 @@ def train_stage2(args: StageIIArguments) -> dict:
         processor,
         max_length,
     )
+    first_rows = None  # before the rehearsal rows, which then come after them and get the same columns
+    if args.curriculum_steps and args.stage == "sft":
+        first = tokenize_tasks(
+            curriculum_tasks(args.curriculum_rows, train_codes, train_drawn, args.seed + 2, common),
+            processor,
+            max_length,
+        )
+        first_rows = range(len(train_rows), len(train_rows) + len(first))
+        train_rows = datasets.concatenate_datasets([train_rows, first.cast(train_rows.features)])
     if args.rehearsal_fraction and args.stage == "sft":
         # Sampled from the model SFT starts from, before any adapter: its own language is what is kept. One
         # process samples and caches; the others read the cache after the barrier.
@@ -646,15 +661,6 @@ def train_stage2(args: StageIIArguments) -> dict:
         _barrier()
         task_rows = with_reference_columns(train_rows) if args.rehearsal_top_k else train_rows
         train_rows = datasets.concatenate_datasets([task_rows, rehearsal()])
-    first_rows = None
-    if args.curriculum_steps and args.stage == "sft":
-        first = tokenize_tasks(
-            curriculum_tasks(args.curriculum_rows, train_codes, train_drawn, args.seed + 2, common),
-            processor,
-            max_length,
-        )
-        first_rows = range(len(train_rows), len(train_rows) + len(first))
-        train_rows = datasets.concatenate_datasets([train_rows, first.cast(train_rows.features)])
     overrides = {
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
