@@ -466,6 +466,33 @@ def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, 
         run_sft(model, processor, rows, tmp_path / "t", lora={"r": 4}, train_text_embeddings=True, max_steps=1)
 
 
+def test_full_finetune_with_named_words_trains_only_their_rows(mllm, codes, tmp_path):
+    """`train_text_embeddings=[words]`: the rows those words enter with train (and the image special rows), every
+    other row of the table keeps a zero gradient; a row that is a visual code is refused."""
+    from training.sft import image_special_token_ids, prepare_full_finetune, word_row_ids
+
+    model, processor = mllm
+    train, _ = codes
+    words = word_row_ids(processor.tokenizer, ["red", "circle"])
+    assert set(processor.tokenizer(" red circle", add_special_tokens=False)["input_ids"]) <= set(words)
+    assert set(processor.tokenizer("red", add_special_tokens=False)["input_ids"]) <= set(words)
+    for bad in ("red", [], ["red", " "]):
+        with pytest.raises(ValueError, match="a non-empty list of words"):
+            word_row_ids(processor.tokenizer, bad)
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base")).train()
+    special, codebook = image_special_token_ids(model), set(model.config.vq_config.codebook_token_ids)
+    rows = sft_rows(train.select(range(2)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    seen = set(batch["input_ids"].flatten().tolist()) - codebook - set(special)
+    chosen = sorted(seen)[:3]  # text rows this batch reads (this test model's words may share rows with codes)
+    prepare_full_finetune(model, text_rows=chosen)
+    model(**batch).loss.backward()
+    moved = set(model.get_input_embeddings().weight.grad.abs().sum(-1).nonzero().flatten().tolist())
+    assert set(chosen) <= moved <= set(chosen) | set(special)
+    with pytest.raises(ValueError, match="is a visual code"):
+        prepare_full_finetune(model, text_rows=sorted(codebook)[:1])
+
+
 def test_sft_task_subset_keeps_exactly_those_rows(mllm, codes):
     """`tasks=` trains a subset: the same rows as the full mix, filtered, and an unknown name is refused."""
     from training.stage2 import stage_tasks

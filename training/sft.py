@@ -202,13 +202,26 @@ def _train_rows(table: torch.Tensor, keep: Optional[torch.Tensor] = None) -> Non
         table.register_hook(lambda grad: grad * scale.to(grad.device, grad.dtype))
 
 
-def prepare_full_finetune(model, text_rows: bool = False, head_text_rows: bool = True) -> list[str]:
+def word_row_ids(tokenizer, words) -> list[int]:
+    """The embedding rows `words` enter the LLM with: every token of each word, alone and after a space (how a
+    sentence writes it). Refuses anything but a non-empty list of words."""
+    if isinstance(words, str) or not words or any(not isinstance(w, str) or not w.strip() for w in words):
+        raise ValueError(f"train_text_embeddings={words!r}: give True, False or a non-empty list of words")
+    ids = set()
+    for word in words:
+        for text in (word.strip(), " " + word.strip()):
+            ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
+def prepare_full_finetune(model, text_rows: bool | Sequence[int] = False, head_text_rows: bool = True) -> list[str]:
     """Full fine-tuning of the LLM decoder, the alternative to LoRA for a small LLM trained from scratch
     (a low-rank update is too weak a lever there). The input embedding (= the unified codebook, and the
     LM head when tied) trains only on the image special-token rows, as with LoRA, plus with `text_rows`
     every row that is not a visual code (a from-scratch LLM's stage 0 may never have seen the question
-    words). Its gradient is masked, so Adam (zero moments, no weight decay on zero gradients) leaves the
-    codebook rows bit-identical. The visual tokenizer stays frozen. Returns the trainable parameters' names.
+    words), or with a list of row ids those rows (`word_row_ids`). Its gradient is masked, so Adam (zero moments,
+    no weight decay on zero gradients) leaves the codebook rows bit-identical. The visual tokenizer stays frozen.
+    Returns the trainable parameters' names.
 
     An untied head (`untie_output_head`) trains whole, or with `head_text_rows=False` only on its code and image
     special rows: its text rows stay the copies of the input rows, so the hidden state that answers "red" is pushed
@@ -220,8 +233,13 @@ def prepare_full_finetune(model, text_rows: bool = False, head_text_rows: bool =
         if parameter is not embedding:
             parameter.requires_grad_(True)
     codes, special = model.config.vq_config.codebook_token_ids, image_special_token_ids(model)
-    # The embedding: the image special rows, or every row but the codes.
-    _train_rows(embedding, ~_row_mask(embedding, codes) if text_rows else _row_mask(embedding, special))
+    # The embedding: the image special rows, every row but the codes, or the special rows and the rows named.
+    if isinstance(text_rows, bool):
+        _train_rows(embedding, ~_row_mask(embedding, codes) if text_rows else _row_mask(embedding, special))
+    else:
+        if set(text_rows) & set(codes):
+            raise ValueError("a text row to train is a visual code; the codebook rows must stay frozen")
+        _train_rows(embedding, _row_mask(embedding, list(special) + list(text_rows)))
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embedding:
         # An untied head (`untie_output_head`) is the model's own: whole, or its code and image special rows.
@@ -847,6 +865,7 @@ __all__ = [
     "freeze_for_stage2",
     "image_special_token_ids",
     "prepare_full_finetune",
+    "word_row_ids",
     "OUTPUT_HEADS",
     "untie_output_head",
     "reinitialize_decoder_layers",

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import datasets
 import torch
@@ -68,6 +68,7 @@ from .sft import (
     unicode_lora_config,
     unicode_sft_config,
     untie_output_head,
+    word_row_ids,
 )
 from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, split_by_task, tokenize_tasks, understanding_tasks
 from .text_lm import load_text_lm, pretrained_text_lm
@@ -85,9 +86,9 @@ class StageIIArguments:
     batch_size: int = 8
     learning_rate: float = 2e-4
     lora: bool = True  # False: full fine-tuning of the LLM decoder (a small LLM trained from scratch)
-    train_text_embeddings: bool = (
-        False  # full fine-tuning only: the embedding rows that are not visual codes train too
-    )
+    # Full fine-tuning only: True, the embedding rows that are not visual codes train too; a list of words, only those
+    # words' rows (e.g. the colour and shape words a question names an object with).
+    train_text_embeddings: bool | list[str] = False
     reinit_decoder: bool = (
         False  # full fine-tuning only: re-draw the LLM's decoder layers before the first stage-II training
     )
@@ -382,7 +383,7 @@ def run_sft(
     lora: Optional[dict] | bool = None,
     resume: bool = False,
     eval_rows_per_task: Optional[int] = 64,
-    train_text_embeddings: bool = False,
+    train_text_embeddings: bool | Sequence[str] = False,
     output_head: str = "tied",
     loss_normalization: str = "token",
     max_seconds: Optional[float] = None,
@@ -428,6 +429,11 @@ def run_sft(
         )
     if code_logits not in CODE_LOGITS:
         raise ValueError(f"code_logits={code_logits!r} is not one of {list(CODE_LOGITS)}")
+    text_rows = (
+        train_text_embeddings
+        if isinstance(train_text_embeddings, bool)
+        else word_row_ids(processor.tokenizer, train_text_embeddings)
+    )
     wall_clock = WallClockBudget(max_seconds) if max_seconds is not None else None
     if wall_clock is not None:
         sft_overrides = {**sft_overrides, "max_steps": 10**9, "warmup_steps": 0}  # the clock ends the run
@@ -451,7 +457,9 @@ def run_sft(
         if output_head != "tied":
             untie_output_head(model)
         prepare_full_finetune(
-            model, text_rows=train_text_embeddings, head_text_rows=output_head != "trained_code_rows"
+            model,
+            text_rows=text_rows,
+            head_text_rows=output_head != "trained_code_rows",
         )
     else:
         model.requires_grad_(False)  # embeddings, LM head, visual tokenizer: PEFT adds what trains
