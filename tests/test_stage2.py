@@ -475,7 +475,6 @@ def test_full_finetune_with_named_words_trains_only_their_rows(mllm, codes, tmp_
     train, _ = codes
     words = word_row_ids(processor.tokenizer, ["red", "circle"])
     assert set(processor.tokenizer(" red circle", add_special_tokens=False)["input_ids"]) <= set(words)
-    assert set(processor.tokenizer("red", add_special_tokens=False)["input_ids"]) <= set(words)
     for bad in ("red", [], ["red", " "]):
         with pytest.raises(ValueError, match="a non-empty list of words"):
             word_row_ids(processor.tokenizer, bad)

@@ -203,14 +203,13 @@ def _train_rows(table: torch.Tensor, keep: Optional[torch.Tensor] = None) -> Non
 
 
 def word_row_ids(tokenizer, words) -> list[int]:
-    """The embedding rows `words` enter the LLM with: every token of each word, alone and after a space (how a
-    sentence writes it). Refuses anything but a non-empty list of words."""
+    """The embedding rows `words` enter the LLM with: the tokens of each word after a space, as a sentence writes it
+    (the word alone may split into pieces that other words share). Refuses anything but a non-empty list of words."""
     if isinstance(words, str) or not words or any(not isinstance(w, str) or not w.strip() for w in words):
         raise ValueError(f"train_text_embeddings={words!r}: give True, False or a non-empty list of words")
     ids = set()
     for word in words:
-        for text in (word.strip(), " " + word.strip()):
-            ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.update(tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"])
     return sorted(ids)
 
 
