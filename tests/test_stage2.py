@@ -468,7 +468,7 @@ def test_full_finetune_with_text_rows_masks_only_the_codebook_rows(mllm, codes, 
 
 def test_full_finetune_with_named_words_trains_only_their_rows(mllm, codes, tmp_path):
     """`train_text_embeddings=[words]`: the rows those words enter with train (and the image special rows), every
-    other row of the table keeps a zero gradient; a row that is a visual code is refused."""
+    other row of the table keeps a zero gradient; a named row that is a visual code stays frozen, with a warning."""
     from training.sft import image_special_token_ids, prepare_full_finetune, word_row_ids
 
     model, processor = mllm
@@ -488,8 +488,12 @@ def test_full_finetune_with_named_words_trains_only_their_rows(mllm, codes, tmp_
     model(**batch).loss.backward()
     moved = set(model.get_input_embeddings().weight.grad.abs().sum(-1).nonzero().flatten().tolist())
     assert set(chosen) <= moved <= set(chosen) | set(special)
-    with pytest.raises(ValueError, match="is a visual code"):
-        prepare_full_finetune(model, text_rows=sorted(codebook)[:1])
+    model.zero_grad()
+    code_row = sorted(codebook)[0]
+    with pytest.warns(UserWarning, match=rf"text rows \[{code_row}\] are visual codes and stay frozen"):
+        prepare_full_finetune(model, text_rows=[code_row, *chosen])
+    model(**batch).loss.backward()
+    assert model.get_input_embeddings().weight.grad[code_row].abs().sum() == 0  # the codebook row stays frozen
 
 
 def test_sft_task_subset_keeps_exactly_those_rows(mllm, codes):
