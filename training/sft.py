@@ -238,11 +238,12 @@ def prepare_full_finetune(model, text_rows: bool | Sequence[int] = False, head_t
     else:
         # A named row that the codebook took is a code: it stays frozen with the codebook (which rows stage I takes
         # depends on the run, so a recipe's word may be one), and the caller is told.
-        shared = sorted(set(text_rows) & set(codes))
+        shared = set(text_rows) & set(codes)
         if shared:
-            warnings.warn(f"text rows {shared} are visual codes and stay frozen with the codebook", stacklevel=2)
-        trained = [i for i in text_rows if i not in set(shared)]
-        _train_rows(embedding, _row_mask(embedding, list(special) + trained))
+            warnings.warn(
+                f"text rows {sorted(shared)} are visual codes and stay frozen with the codebook", stacklevel=2
+            )
+        _train_rows(embedding, _row_mask(embedding, list(special) + sorted(set(text_rows) - shared)))
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embedding:
         # An untied head (`untie_output_head`) is the model's own: whole, or its code and image special rows.
