@@ -212,7 +212,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
         "tokens_per_second": metrics.get("train_tokens", 0) / max(metrics["train_seconds"], 1e-9),
         "held_out": metrics["after"],
         "code_nats": losses,
-        **task_scores(model, processor, args, stage["train_images"], decoding, stage.get("question_first", False)),
+        **task_scores(model, processor, args, stage["train_images"], decoding, vqa_layout_of(stage)),
     }
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     for heavy in (
@@ -226,12 +226,17 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     return result
 
 
-def task_scores(model, processor, args, train_images: int, decoding: dict, question_first: bool) -> dict:
+def vqa_layout_of(settings: dict) -> str:
+    """The VQA layout a run trained with; runs before `vqa_layout` recorded `question_first` (a bool) instead."""
+    return settings.get("vqa_layout", "question_first" if settings.get("question_first") else "image_first")
+
+
+def task_scores(model, processor, args, train_images: int, decoding: dict, vqa_layout: str) -> dict:
     """VQA on the first `--vqa-images` test scenes and drawing of the first `--generation-prompts` prompts (both
     sets grow by appending, so a larger set holds the smaller one), with the sizes they were measured on."""
     test = build_split("test", args.vqa_images, image_size=model.config.vq_config.image_size, seed=0)
     prior = majority_answers(train_question_rows(train_images, 0))
-    vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True, question_first=question_first)
+    vqa = evaluate_vqa(model, processor, test, prior, swapped_images=True, vqa_layout=vqa_layout)
     sampling = sampling_settings(decoding)
     generation = evaluate_generation(model, processor, args.generation_prompts, decoding["guidance"], **sampling)
     keep = lambda scores: {k: v for k, v in scores.items() if k.startswith("accuracy")}  # noqa: E731
@@ -262,8 +267,8 @@ def rescore(args, folder: Path) -> None:
     model, processor = load_model_and_processor(trained / MLLM_DIR)
     decoding = {k: result["settings"].get(k, v) for k, v in DECODING.items()}
     train_images = result["settings"].get("train_images", BASE["train_images"])
-    question_first = result["settings"].get("question_first", False)
-    result.update(task_scores(model.eval(), processor, args, train_images, decoding, question_first))
+    vqa_layout = vqa_layout_of(result["settings"])
+    result.update(task_scores(model.eval(), processor, args, train_images, decoding, vqa_layout))
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     print(
         f"rescored {folder}: VQA {100 * result['vqa']['accuracy']:.1f}, one-shape "

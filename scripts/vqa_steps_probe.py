@@ -37,7 +37,7 @@ from training.codes import CODES_COLUMN, encode_image_dataset  # noqa: E402
 from training.data.shapes import QUESTION_TYPES, build_split, scene_from_json  # noqa: E402
 from training.sft import CodesCollator, reinitialize_decoder_layers  # noqa: E402
 from training.stage2 import load_model_and_processor  # noqa: E402
-from training.tasks import IGNORE_INDEX, ConversationTokenizer, _item, _text, _turn  # noqa: E402
+from training.tasks import IGNORE_INDEX, ConversationTokenizer, _text, _turn, vqa_opening  # noqa: E402
 
 
 def bag_of_codes(model, train, test, answers, types, weight_decay: float = 1e-3) -> dict:
@@ -129,12 +129,8 @@ def main() -> None:
             one_shape = len(scene_from_json(scene["scene"])["objects"]) == 1
             for qa in scene["questions"]:
                 if qa["type"] in types:
-                    user = (
-                        [_text(qa["question"] + "\n"), _item("image")]
-                        if args.question_first
-                        else [_item("image"), _text("\n" + qa["question"])]
-                    )
-                    messages = [_turn("user", *user), _turn("assistant", _text(qa["answer"]))]
+                    layout = "question_first" if args.question_first else "image_first"
+                    messages = vqa_opening(qa["question"], layout) + [_turn("assistant", _text(qa["answer"]))]
                     out.append(
                         {
                             **conversation(messages, scene[CODES_COLUMN]),

@@ -679,7 +679,15 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     # --steps: equal steps instead of equal seconds
     common[common.index("--work") + 1] = str(tmp_path / "steps")
     done = subprocess.run(
-        [sys.executable, str(script), *common, "--steps", "3", "--variants", variants[0]],
+        [
+            sys.executable,
+            str(script),
+            *common,
+            "--steps",
+            "3",
+            "--variants",
+            variants[0] + ",vqa_layout:describe_first",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -687,6 +695,7 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     assert done.returncode == 0, done.stderr[-3000:]
     stepped = json.loads((tmp_path / "steps" / "head-s0" / "result.json").read_text())
     assert stepped["steps"] == stepped["steps_budget"] == 3 and stepped["seconds_budget"] is None
+    assert stepped["settings"]["vqa_layout"] == "describe_first" and 0 <= stepped["vqa"]["accuracy"] <= 1
     # --rescore: the kept models scored again on a larger evaluation set; training figures stand
     common[common.index("--work") + 1] = str(tmp_path)
     common[common.index("--vqa-images") + 1] = "4"

@@ -24,6 +24,7 @@ from training.sft import (
 from training.stage2 import _use_axial_positions, run_sft
 from training.tasks import (
     IGNORE_INDEX,
+    VQA_LAYOUTS,
     ConversationTokenizer,
     decompression_tasks,
     generation_tasks,
@@ -316,39 +317,70 @@ def test_full_finetune_trains_the_decoder_and_leaves_the_codebook_bit_identical(
     assert metrics["after"]["vqa"] < metrics["before"]["vqa"]
 
 
-@pytest.mark.parametrize("question_first", [False, True])
-def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mllm, codes, question_first):
+@pytest.mark.parametrize("vqa_layout", VQA_LAYOUTS)
+def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mllm, codes, vqa_layout):
     from training.evaluation import vqa_prompt
 
     model, processor = mllm
     train, _ = codes
     row = train[0]
-    asked = {"questions_per_image": 8, "questions_per_conversation": 8, "question_first": question_first}
+    asked = {"questions_per_image": 8, "questions_per_conversation": 8, "vqa_layout": vqa_layout}
     rows = tokenize_tasks(understanding_tasks(train.select([0]), **asked), processor)
     vqa = [r for r in rows if r["task"] == "vqa"]
     assert len(vqa) == 1 and vqa[0]["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
     ids, labels = vqa[0]["input_ids"], vqa[0]["labels"]
-    first_answer = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
     messages = [t for t in understanding_tasks(train.select([0]), **asked) if t["task"] == "vqa"][0]["messages"]
-    first_question = messages[0]["content"][int(not question_first)]["text"].strip()
-    prompt = processor(
-        text=vqa_prompt(processor, first_question, question_first), images=[shapes_at(16, 1)[0]["image"]]
-    )["input_ids"][0]
-    assert ids[:first_answer] == prompt.tolist()
-    image_first = processor(text=vqa_prompt(processor, first_question), images=[shapes_at(16, 1)[0]["image"]])
+    describes = vqa_layout == "describe_first"
+    # the first question's prompt: what evaluation asks a model trained this way, to the token
+    question_turn = messages[2] if describes else messages[0]
+    first_question = [item for item in question_turn["content"] if item["type"] == "text"][0]["text"].strip()
+    description = messages[1]["content"][0]["text"] if describes else None
+    if describes:
+        assert description in row["captions"]  # the opening turn is one of the scene's own captions
+    first_answer = starts[1] if describes else starts[0]
+    image = shapes_at(16, 1)[0]["image"]
+    prompt = processor(text=vqa_prompt(processor, first_question, vqa_layout, description), images=[image])
+    assert ids[:first_answer] == prompt["input_ids"][0].tolist()
+    image_first = processor(text=vqa_prompt(processor, first_question), images=[image])
     text_before_image = ids.index(processor.image_token_id) - image_first["input_ids"][0].tolist().index(
         processor.image_token_id
     )
-    assert (text_before_image > 0) == question_first  # the question's tokens moved in front of the image
+    assert (text_before_image > 0) == (vqa_layout == "question_first")  # the question moved in front of the image
     tokenizer = processor.tokenizer
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).split()  # noqa: E731
     answers = decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     expected = " ".join(m["content"][0]["text"] for m in messages if m["role"] == "assistant")
     assert answers == decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
-    starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
-    assert len(starts) == len(row["questions"]) and len(messages) == 2 * len(row["questions"])  # one answer per turn
+    turns = len(row["questions"]) + describes  # one answer per question, and the caption that opens the talk
+    assert len(starts) == turns and len(messages) == 2 * turns
     with pytest.raises(ValueError, match="questions_per_conversation=0"):
         understanding_tasks(train, questions_per_conversation=0)
+    with pytest.raises(ValueError, match="vqa_layout='caption_first'.*describe_first"):
+        understanding_tasks(train, vqa_layout="caption_first")
+
+
+def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm):
+    from training.evaluation import _generate_text, answer_questions, describe_images, vqa_prompt
+
+    model, processor = mllm
+    model.eval()
+    scenes = [row["image"] for row in shapes_at(16, 3)]
+    images = [scenes[0], scenes[1], scenes[0], scenes[2]]  # the first scene asked twice
+    questions = ["How many shapes are there?", "What shape is in the center?", "Is there a red circle?", "Where?"]
+    batches = []
+    generate = model.generate
+    model.generate = lambda **inputs: batches.append(inputs["input_ids"].shape[0]) or generate(**inputs)
+    try:
+        answers = answer_questions(model, processor, images, questions, vqa_layout="describe_first")
+    finally:
+        del model.generate
+    assert batches == [3, 4]  # each distinct image captioned once, then every question answered
+    own = dict(zip(map(id, scenes), describe_images(model, processor, scenes)))
+    prompts = [vqa_prompt(processor, q, "describe_first", own[id(i)]) for q, i in zip(questions, images)]
+    assert answers == _generate_text(model, processor, prompts, images, 16, 8, "expected")
+    with pytest.raises(ValueError, match="describe_first layout needs the image's caption"):
+        vqa_prompt(processor, questions[0], "describe_first")
 
 
 def test_several_captions_per_image_are_different_captions_of_that_scene(codes):

@@ -41,22 +41,48 @@ from .data.shapes import (
 )
 from .metrics import load_metric
 from .stage1 import images_to_uint8, to_pixel_values
+from .tasks import check_vqa_layout, vqa_opening
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def vqa_prompt(processor, question: str, question_first: bool = False) -> str:
-    """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked, after the image; before it
-    for a model trained with `question_first`)."""
-    content = (
-        [{"type": "text", "text": question + "\n"}, {"type": "image"}]
-        if question_first
-        else [{"type": "image"}, {"type": "text", "text": "\n" + question}]
-    )
-    messages = [{"role": "user", "content": content}]
+def vqa_prompt(processor, question: str, vqa_layout: str = "image_first", description: Optional[str] = None) -> str:
+    """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked), laid out as the model was
+    trained (`tasks.vqa_opening`; `description`, the image's caption, for "describe_first")."""
+    messages = vqa_opening(question, vqa_layout, description)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _generate_text(model, processor, prompts: list[str], images, batch_size: int, max_new_tokens: int, desc: str):
+    """Greedy continuations of (prompt, image) pairs, batched with left padding."""
+    if len(images) != len(prompts):
+        raise ValueError(f"images ({len(images)}) and prompts ({len(prompts)}) must pair up one to one")
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+            inputs = processor(
+                text=prompts[start : start + batch_size],
+                images=list(images[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+            ).to(_device(model))
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            texts += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def describe_images(model, processor, images, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
+    """Greedy captions (`templates.CAPTION[0]`), one per image: what a "describe_first" model answers from."""
+    opening = vqa_opening("", "describe_first", description="")[:1]  # the user turn that asks for the caption
+    prompt = processor.apply_chat_template(opening, add_generation_prompt=True, tokenize=False)
+    return _generate_text(model, processor, [prompt] * len(images), images, batch_size, max_new_tokens, "captions")
 
 
 @torch.no_grad()
@@ -68,29 +94,20 @@ def answer_questions(
     batch_size: int = 16,
     max_new_tokens: int = 8,
     desc: str = "VQA",
-    question_first: bool = False,
+    vqa_layout: str = "image_first",
 ) -> list[str]:
-    """Greedy answers, one per (image, question) pair, batched with left padding."""
+    """Greedy answers, one per (image, question) pair. With "describe_first" the model first captions each
+    distinct image (by identity) and answers after its own caption."""
+    check_vqa_layout(vqa_layout)
     if len(images) != len(questions):
         raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must pair up one to one")
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers: list[str] = []
-    try:
-        for start in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
-            chunk_q = questions[start : start + batch_size]
-            chunk_i = images[start : start + batch_size]
-            inputs = processor(
-                text=[vqa_prompt(processor, q, question_first) for q in chunk_q],
-                images=list(chunk_i),
-                return_tensors="pt",
-                padding=True,
-            ).to(_device(model))
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    descriptions = [None] * len(images)
+    if vqa_layout == "describe_first":
+        distinct = list({id(image): image for image in images}.values())
+        written = dict(zip(map(id, distinct), describe_images(model, processor, distinct, batch_size)))
+        descriptions = [written[id(image)] for image in images]
+    prompts = [vqa_prompt(processor, q, vqa_layout, d) for q, d in zip(questions, descriptions)]
+    return _generate_text(model, processor, prompts, images, batch_size, max_new_tokens, desc)
 
 
 def majority_answers(rows) -> dict[str, str]:
@@ -110,7 +127,7 @@ def evaluate_vqa(
     batch_size: int = 16,
     desc: str = "VQA",
     swapped_images: bool = False,
-    question_first: bool = False,
+    vqa_layout: str = "image_first",
 ) -> dict:
     """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
     `dataset`; also returns the (image, question, answer, prediction) tuples.
@@ -131,7 +148,7 @@ def evaluate_vqa(
             answers.append(qa["answer"])
             kinds.append(qa["type"])
             scene_of.append(index)
-    ask = {"batch_size": batch_size, "question_first": question_first}
+    ask = {"batch_size": batch_size, "vqa_layout": vqa_layout}
     predictions = answer_questions(model, processor, images, questions, desc=desc, **ask)
     metric = load_metric("vqa_accuracy")
     model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)

@@ -70,7 +70,15 @@ from .sft import (
     untie_output_head,
     word_row_ids,
 )
-from .tasks import TASKS_SFT, decompression_tasks, generation_tasks, split_by_task, tokenize_tasks, understanding_tasks
+from .tasks import (
+    TASKS_SFT,
+    check_vqa_layout,
+    decompression_tasks,
+    generation_tasks,
+    split_by_task,
+    tokenize_tasks,
+    understanding_tasks,
+)
 from .text_lm import load_text_lm, pretrained_text_lm
 
 STAGES = ("decompress", "sft")
@@ -125,8 +133,9 @@ class StageIIArguments:
     # More yes/no questions per VQA image ({"existence": n, "relation": m}; Shapes world rows): they answer only by
     # comparing the question with the image (training.tasks.understanding_tasks).
     yes_no_questions_per_image: Optional[dict[str, int]] = None
-    # Each VQA conversation's first question before the image, not after it (training.tasks.understanding_tasks).
-    question_first: bool = False
+    # Where each VQA conversation's first question stands: "image_first", "question_first" or "describe_first"
+    # (training.tasks.VQA_LAYOUTS, training.tasks.vqa_opening).
+    vqa_layout: str = "image_first"
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
     # "yes_no", VQA conversations of yes/no questions only.
@@ -295,7 +304,7 @@ def stage_tasks(
     drawings_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
-    question_first: bool = False,
+    vqa_layout: str = "image_first",
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -319,7 +328,7 @@ def stage_tasks(
                 captions_per_image=captions_per_image,
                 question_type_weights=question_type_weights,
                 yes_no_questions_per_image=yes_no_questions_per_image,
-                question_first=question_first,
+                vqa_layout=vqa_layout,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -569,6 +578,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         or args.curriculum_steps < 0
     ):
         raise ValueError(f"curriculum_steps={args.curriculum_steps!r} must be a whole number of steps >= 0 (0: none)")
+    check_vqa_layout(args.vqa_layout)
     if args.decoder_layers is not None and not args.reinit_decoder:
         raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
     if args.reinit_decoder and args.lora:
@@ -623,7 +633,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "drawings_per_image": args.drawings_per_image,
         "question_type_weights": args.question_type_weights,
         "yes_no_questions_per_image": args.yes_no_questions_per_image,
-        "question_first": args.question_first,
+        "vqa_layout": args.vqa_layout,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

@@ -45,6 +45,40 @@ def _turn(role: str, *items: dict) -> dict:
     return {"role": role, "content": list(items)}
 
 
+# Where a VQA conversation's first question stands (`vqa_opening`). "image_first" is the paper's (and the default):
+# the image, then the question. "question_first" asks before the image, so that the image's positions can attend to
+# the asked words. "describe_first" opens with the image's caption as an assistant turn and asks after it, so that
+# a question about colours and shapes can be answered by reading words; at inference the model writes that caption
+# itself (`evaluation.describe_images`), so the answer still comes from the image (docs/results.md, "Describe,
+# then answer").
+VQA_LAYOUTS = ("image_first", "question_first", "describe_first")
+
+
+def check_vqa_layout(vqa_layout: str) -> None:
+    if vqa_layout not in VQA_LAYOUTS:
+        raise ValueError(f"vqa_layout={vqa_layout!r} is not a VQA layout; use one of {list(VQA_LAYOUTS)}")
+
+
+def vqa_opening(question_prompt: str, vqa_layout: str = "image_first", description: Optional[str] = None):
+    """The messages of a VQA conversation up to its first answer, for training rows and evaluation prompts alike.
+    `description` (the caption turn's text) is needed by, and only by, "describe_first"; the turn that asks for it
+    is always `templates.CAPTION[0]`, the prompt evaluation captions with."""
+    check_vqa_layout(vqa_layout)
+    if (description is None) == (vqa_layout == "describe_first"):
+        raise ValueError(
+            f"description={description!r}: the describe_first layout needs the image's caption, the others take none"
+        )
+    if vqa_layout == "question_first":
+        return [_turn("user", _text(question_prompt + "\n"), _item("image"))]
+    if vqa_layout == "image_first":
+        return [_turn("user", _item("image"), _text("\n" + question_prompt))]
+    return [
+        _turn("user", _item("image"), _text("\n" + templates.CAPTION[0])),
+        _turn("assistant", _text(description)),
+        _turn("user", _text(question_prompt)),
+    ]
+
+
 def segment_bounds(num_codes: int, depth: int, segments: int) -> list[int]:
     """T+1 cut points of a flattened code sequence, on position boundaries (a position's D codes
     stay in one segment, so every segment is whole positions)."""
@@ -145,7 +179,7 @@ def understanding_tasks(
     captions_per_image: int = 1,
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
-    question_first: bool = False,
+    vqa_layout: str = "image_first",
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -160,10 +194,10 @@ def understanding_tasks(
     yes/no type per image, drawn from the scene (`shapes.yes_no_questions`), asked after the drawn ones in the same
     conversations.
 
-    `question_first`: a conversation's first question comes before the image. In a causal LLM the image's positions
-    can then attend to the asked words, so whether a patch matches them is computed at the patch, where its code
-    is; asked after the image, the answer position must gather the words first and search the image with them
-    after (docs/results.md, "What the LLM reads")."""
+    `vqa_layout` (`VQA_LAYOUTS`): where each conversation's first question stands (`vqa_opening`). With
+    "describe_first" the opening caption is one of the scene's captions, at random, and is supervised like any
+    assistant turn."""
+    check_vqa_layout(vqa_layout)
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
             f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
@@ -213,12 +247,15 @@ def understanding_tasks(
             for qa in chosen[start : start + questions_per_conversation]:
                 prompt = templates.VQA[rng.integers(len(templates.VQA))].format(question=qa["question"])
                 if messages:
-                    user = _turn("user", _text(prompt))
-                elif question_first:
-                    user = _turn("user", _text(prompt + "\n"), _item("image"))
+                    messages.append(_turn("user", _text(prompt)))
+                elif vqa_layout == "describe_first":  # drawn only then, so the other layouts keep their rows
+                    if not captions:
+                        raise ValueError(f"row {index} has no captions; vqa_layout='describe_first' opens with one")
+                    description = captions[int(rng.integers(len(captions)))]
+                    messages += vqa_opening(prompt, vqa_layout, description)
                 else:
-                    user = _turn("user", _item("image"), _text("\n" + prompt))
-                messages += [user, _turn("assistant", _text(qa["answer"]))]
+                    messages += vqa_opening(prompt, vqa_layout)
+                messages.append(_turn("assistant", _text(qa["answer"])))
             yield "vqa", messages
 
     columns = [CODES_COLUMN, "captions", "questions"] + (["scene"] if extra else [])
