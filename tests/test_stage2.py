@@ -360,6 +360,20 @@ def test_several_questions_per_conversation_start_with_the_evaluation_prompt(mll
         understanding_tasks(train, vqa_layout="caption_first")
 
 
+def test_caption_closes_vqa_appends_a_caption_turn_and_keeps_the_questions(codes):
+    train, _ = codes
+    scenes = train.select(range(4))
+    asked = {"questions_per_image": 4, "questions_per_conversation": 2}
+    plain = [r for r in understanding_tasks(scenes, **asked) if r["task"] == "vqa"]
+    closed = [r for r in understanding_tasks(scenes, caption_closes_vqa=True, **asked) if r["task"] == "vqa"]
+    assert len(plain) == len(closed) == 8  # no rows added: the other tasks keep their share
+    for row, before, after in zip([r for r in scenes for _ in range(2)], plain, closed):
+        assert after["messages"][:-2] == before["messages"]  # the questions asked as before
+        ask, caption = after["messages"][-2:]
+        assert ask["content"][0]["text"] == templates.CAPTION[0] and caption["role"] == "assistant"
+        assert caption["content"][0]["text"] in row["captions"]
+
+
 def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm):
     from training.evaluation import _generate_text, answer_questions, describe_images, vqa_prompt
 

@@ -136,6 +136,8 @@ class StageIIArguments:
     # Where each VQA conversation's first question stands: "image_first", "question_first" or "describe_first"
     # (training.tasks.VQA_LAYOUTS, training.tasks.vqa_opening).
     vqa_layout: str = "image_first"
+    # Each VQA conversation ends with a caption turn (training.tasks.understanding_tasks).
+    caption_closes_vqa: bool = False
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
     # "yes_no", VQA conversations of yes/no questions only.
@@ -305,6 +307,7 @@ def stage_tasks(
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
     vqa_layout: str = "image_first",
+    caption_closes_vqa: bool = False,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -329,6 +332,7 @@ def stage_tasks(
                 question_type_weights=question_type_weights,
                 yes_no_questions_per_image=yes_no_questions_per_image,
                 vqa_layout=vqa_layout,
+                caption_closes_vqa=caption_closes_vqa,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -634,6 +638,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "question_type_weights": args.question_type_weights,
         "yes_no_questions_per_image": args.yes_no_questions_per_image,
         "vqa_layout": args.vqa_layout,
+        "caption_closes_vqa": args.caption_closes_vqa,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

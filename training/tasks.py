@@ -180,6 +180,7 @@ def understanding_tasks(
     question_type_weights: Optional[dict[str, float]] = None,
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
     vqa_layout: str = "image_first",
+    caption_closes_vqa: bool = False,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -196,7 +197,11 @@ def understanding_tasks(
 
     `vqa_layout` (`VQA_LAYOUTS`): where each conversation's first question stands (`vqa_opening`). With
     "describe_first" the opening caption is one of the scene's captions, at random, and is supervised like any
-    assistant turn."""
+    assistant turn.
+
+    `caption_closes_vqa`: each VQA conversation ends with a caption turn (one of the scene's captions, at random,
+    asked with `templates.CAPTION[0]`): more caption supervision in rows the step reads anyway, so the other tasks
+    keep their share of the rows, and the questions are asked as before."""
     check_vqa_layout(vqa_layout)
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
@@ -242,6 +247,7 @@ def understanding_tasks(
         chosen = [questions[int(q)] for q in picked]
         for kind, count in extra.items():  # a generator of their own, so the rows without them do not change
             chosen += yes_no_questions(row["scene"], kind, count, _rng(seed, index, 4))
+        closing_rng = _rng(seed, index, 5)
         for start in range(0, len(chosen), questions_per_conversation):
             messages = []
             for qa in chosen[start : start + questions_per_conversation]:
@@ -256,6 +262,11 @@ def understanding_tasks(
                 else:
                     messages += vqa_opening(prompt, vqa_layout)
                 messages.append(_turn("assistant", _text(qa["answer"])))
+            if caption_closes_vqa:  # a generator of its own, so the questions are drawn as without it
+                if not captions:
+                    raise ValueError(f"row {index} has no captions; caption_closes_vqa=True ends with one")
+                caption = captions[int(closing_rng.integers(len(captions)))]
+                messages += [_turn("user", _text(templates.CAPTION[0])), _turn("assistant", _text(caption))]
             yield "vqa", messages
 
     columns = [CODES_COLUMN, "captions", "questions"] + (["scene"] if extra else [])
