@@ -1,0 +1,128 @@
+"""Can the tiny recipe's stage-II language model learn the existence comparison from text alone, with no image?
+
+    python scripts/text_existence_probe.py <run folder> [--steps 2000] [--learning-rate 5e-4] [--batch-size 16]
+        [--redraw-word-rows] [--every 250]
+
+Builds the model stage II starts from (`<run>/stage2/base`: an untied head that trains, 2 fresh decoder layers, the
+colour and shape words' rows trainable, as `configuration/recipes/tiny.yaml` does) and trains it on conversations
+with no image: "Describe this image." answered by one of a train scene's captions, then "Is there a <colour>
+<shape>?" answered yes or no (even odds, `shapes.yes_no_questions`). Every `--every` steps it prints the accuracy on
+300 held-out test-scene conversations, read as logit(" yes") > logit(" no") at the answer. The caption holds every
+word the question asks about, so the comparison is between words only. `--redraw-word-rows` first re-draws the
+eleven words' rows at random (same lengths), away from the directions stage 0 left them in
+(docs/results.md, "Describe, then answer").
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import templates  # noqa: E402
+from training.data.shapes import COLORS, SHAPES, make_example, yes_no_questions  # noqa: E402
+from training.sft import (  # noqa: E402
+    prepare_full_finetune,
+    reinitialize_decoder_layers,
+    untie_output_head,
+    word_row_ids,
+)
+from training.stage2 import load_model_and_processor  # noqa: E402
+from training.tasks import IGNORE_INDEX, ConversationTokenizer, _text, _turn  # noqa: E402
+
+
+def conversation_of(tokenize, split: str, index: int, rng: np.random.Generator, image_size: int):
+    example = make_example(0, split, index, image_size=image_size)
+    asked = yes_no_questions(example["scene"], "existence", 1, rng)[0]
+    caption = example["captions"][int(rng.integers(len(example["captions"])))]
+    messages = [
+        _turn("user", _text(templates.CAPTION[0])),
+        _turn("assistant", _text(caption)),
+        _turn("user", _text(asked["question"])),
+        _turn("assistant", _text(asked["answer"])),
+    ]
+    row = tokenize(messages, [])
+    return row["input_ids"], row["labels"], asked["answer"]
+
+
+def padded(rows, pad_id: int):
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, (ids, labs, _) in enumerate(rows):
+        input_ids[k, : len(ids)], labels[k, : len(labs)], attention[k, : len(ids)] = (
+            torch.tensor(ids),
+            torch.tensor(labs),
+            1,
+        )
+    return input_ids, labels, attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--redraw-word-rows", action="store_true")
+    parser.add_argument("--every", type=int, default=250)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, processor = load_model_and_processor(args.run / "stage2" / "base")
+    untie_output_head(model)
+    reinitialize_decoder_layers(model, seed=0, num_layers=args.decoder_layers)
+    words = word_row_ids(processor.tokenizer, list(COLORS) + list(SHAPES))
+    if args.redraw_word_rows:
+        table = model.get_input_embeddings().weight
+        with torch.no_grad():
+            fresh = torch.randn(len(words), table.shape[1])
+            table[words] = fresh / fresh.norm(dim=-1, keepdim=True) * table[words].norm(dim=-1, keepdim=True)
+    prepare_full_finetune(model, text_rows=words)
+    tokenize = ConversationTokenizer(processor)
+    tokenizer = processor.tokenizer
+    yes, no = (tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
+    size = model.config.vq_config.image_size
+    held_out = [conversation_of(tokenize, "test", i, np.random.default_rng(1000 + i), size) for i in range(300)]
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        model.eval()
+        right = 0
+        for start in range(0, len(held_out), 50):
+            chunk = held_out[start : start + 50]
+            input_ids, _, attention = padded(chunk, tokenizer.pad_token_id)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+            for k, (_, labels, answer) in enumerate(chunk):
+                at = max(j for j, label in enumerate(labels) if label in (yes, no)) - 1
+                right += ("yes" if logits[k, at, yes] > logits[k, at, no] else "no") == answer
+        model.train()
+        return right / len(held_out)
+
+    base_rate = max(sum(a == "yes" for *_, a in held_out), sum(a == "no" for *_, a in held_out)) / len(held_out)
+    print(f"held-out base rate {base_rate:.3f}; step 0 accuracy {accuracy():.3f}", flush=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.0)
+    rng = np.random.default_rng(1)
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        rows = [conversation_of(tokenize, "train", int(rng.integers(8000)), rng, size) for _ in range(args.batch_size)]
+        input_ids, labels, attention = padded(rows, tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % args.every == 0 or step == args.steps:
+            seconds = time.perf_counter() - started
+            print(f"step {step}: loss {loss.item():.3f}, accuracy {accuracy():.3f} ({seconds:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
