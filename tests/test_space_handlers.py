@@ -19,7 +19,7 @@ def app():
     return module
 
 
-def test_space_actions_and_bad_input(app, tmp_path):
+def test_space_actions_and_bad_input(app, tmp_path, monkeypatch):
     model, processor = tiny_mllm()
     demo = app.UniCodeDemo(model, processor, max_new_tokens=5, min_new_tokens=3)
     picture = tmp_path / "picture.png"
@@ -55,6 +55,15 @@ def test_space_actions_and_bad_input(app, tmp_path):
         demo.ask(str(picture), "what color " * limit)
     with pytest.raises(gr.Error, match="This description is too long"):
         demo.generate("a red circle " * limit, 3.0, 0)
+    # the question is asked exactly as stage II trained and the evaluation asks (training.evaluation.vqa_prompt)
+    from training.evaluation import vqa_prompt
+
+    prompts = []
+    call = type(processor).__call__
+    monkeypatch.setattr(type(processor), "__call__", lambda self, **kw: prompts.append(kw["text"]) or call(self, **kw))
+    demo.ask(str(picture), "what color is the shape?")
+    assert prompts == [vqa_prompt(processor, "what color is the shape?")]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="min_new_tokens"):
         app.UniCodeDemo(model, processor, max_new_tokens=2, min_new_tokens=4)
     assert isinstance(app.build_demo(demo), gr.Blocks)
