@@ -28,6 +28,7 @@ from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
 from modeling_unicode.modeling_unicode import check_guidance_scale
 from modeling_unicode.quantization_unicode import token_ids_to_code_indices
 
+from . import templates
 from .data.shapes import (
     TRAIN_PAIRS,
     build_split,
@@ -41,7 +42,7 @@ from .data.shapes import (
 )
 from .metrics import load_metric
 from .stage1 import images_to_uint8, to_pixel_values
-from .tasks import check_vqa_layout, vqa_opening
+from .tasks import check_vqa_layout, image_then, vqa_opening
 
 
 def _device(model) -> torch.device:
@@ -80,8 +81,8 @@ def _generate_text(model, processor, prompts: list[str], images, batch_size: int
 @torch.no_grad()
 def describe_images(model, processor, images, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
     """Greedy captions (`templates.CAPTION[0]`), one per image: what a "describe_first" model answers from."""
-    opening = vqa_opening("", "describe_first", description="")[:1]  # the user turn that asks for the caption
-    prompt = processor.apply_chat_template(opening, add_generation_prompt=True, tokenize=False)
+    asked = [image_then(templates.CAPTION[0])]
+    prompt = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=False)
     return _generate_text(model, processor, [prompt] * len(images), images, batch_size, max_new_tokens, "captions")
 
 

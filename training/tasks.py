@@ -45,6 +45,12 @@ def _turn(role: str, *items: dict) -> dict:
     return {"role": role, "content": list(items)}
 
 
+def image_then(text: str) -> dict:
+    """The user turn that shows the image and asks about it: the image, a newline, the text. Every task that reads
+    an image opens this way, and so do the evaluation's prompts."""
+    return _turn("user", _item("image"), _text("\n" + text))
+
+
 # Where a VQA conversation's first question stands (`vqa_opening`). "image_first" is the paper's (and the default):
 # the image, then the question. "question_first" asks before the image, so that the image's positions can attend to
 # the asked words. "describe_first" opens with the image's caption as an assistant turn and asks after it, so that
@@ -71,9 +77,9 @@ def vqa_opening(question_prompt: str, vqa_layout: str = "image_first", descripti
     if vqa_layout == "question_first":
         return [_turn("user", _text(question_prompt + "\n"), _item("image"))]
     if vqa_layout == "image_first":
-        return [_turn("user", _item("image"), _text("\n" + question_prompt))]
+        return [image_then(question_prompt)]
     return [
-        _turn("user", _item("image"), _text("\n" + templates.CAPTION[0])),
+        image_then(templates.CAPTION[0]),
         _turn("assistant", _text(description)),
         _turn("user", _text(question_prompt)),
     ]
@@ -159,7 +165,7 @@ def decompression_tasks(dataset, depth: int, segments: int = 4, seed: int = 0):
         rng = _rng(seed, index, 1)
         bounds = segment_bounds(len(row[CODES_COLUMN]), depth, segments)
         first = templates.DECOMPRESS_FIRST[rng.integers(len(templates.DECOMPRESS_FIRST))]
-        messages = [_turn("user", _item("image"), _text("\n" + first))]
+        messages = [image_then(first)]
         for i in range(segments):
             if i:
                 messages.append(
@@ -235,7 +241,7 @@ def understanding_tasks(
                 caption = captions[order[k % len(order)]]
                 yield (
                     "caption",
-                    [_turn("user", _item("image"), _text("\n" + prompt)), _turn("assistant", _text(caption))],
+                    [image_then(prompt), _turn("assistant", _text(caption))],
                 )
         questions = list(row["questions"])
         if weights:
@@ -467,6 +473,9 @@ def tokenize_tasks(dataset, processor, max_length: Optional[int] = None, desc: s
 __all__ = [
     "TASKS_DECOMPRESS",
     "TASKS_SFT",
+    "VQA_LAYOUTS",
+    "image_then",
+    "vqa_opening",
     "segment_bounds",
     "decompression_tasks",
     "understanding_tasks",
