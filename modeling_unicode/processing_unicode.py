@@ -139,6 +139,15 @@ class UniCodeProcessor(ProcessorMixin):
         messages = [{"role": "user", "content": [{"type": "text", "text": instruction}]}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def question_prompt(self, question: str) -> str:
+        """The prompt for a question about the one input image, as a string ending where the model answers: the
+        image, a newline, the question, the layout stage II's VQA rows are written in (`training.tasks.image_then`).
+        Pass it with the image: `processor(text=processor.question_prompt(q), images=image)`."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}]
+        return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def _image_generation_inputs(self, images, text, **kwargs) -> BatchFeature:
         if images is not None:
             raise ValueError(

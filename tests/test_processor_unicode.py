@@ -131,6 +131,13 @@ def test_batches_pad_on_the_left_and_image_count_must_match_the_text():
         processor(text="USER: <image> hi")
 
 
+def test_question_prompt_is_the_image_a_newline_and_the_question():
+    _, processor = tiny_mllm("rq")
+    assert processor.question_prompt("what color?") == "USER: <image>\nwhat color?\nASSISTANT:"
+    with pytest.raises(TypeError, match="question must be a string, got int"):
+        processor.question_prompt(3)
+
+
 def test_image_generation_prompts_come_with_the_empty_caption_unconditional_prompt():
     _, processor = tiny_mllm("rq")
     inputs = processor(text=["a red circle", "a big blue square"], generation_mode="image")

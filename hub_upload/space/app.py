@@ -96,10 +96,7 @@ class UniCodeDemo:
         if not question:
             raise gr.Error("Type a question about the image.")
         self._check_text(question, "question")
-        # The layout stage II's VQA rows train on and the evaluation asks with (image, a newline, the question:
-        # training.tasks.vqa_opening), so the Space's prompt is token for token the one the model learnt.
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = self.processor.question_prompt(question)  # the layout stage II's VQA rows are written in
         inputs = self.processor(images=[image], text=prompt).to(self.model.device)
         with self._refusals("question"):
             ids = self.model.generate(
