@@ -26,16 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training import templates  # noqa: E402
 from training.data.shapes import COLORS, SHAPES, make_example, yes_no_questions  # noqa: E402
 from training.sft import (  # noqa: E402
+    CodesCollator,
     prepare_full_finetune,
     reinitialize_decoder_layers,
     untie_output_head,
     word_row_ids,
 )
 from training.stage2 import load_model_and_processor  # noqa: E402
-from training.tasks import IGNORE_INDEX, ConversationTokenizer, _text, _turn  # noqa: E402
+from training.tasks import ConversationTokenizer, _text, _turn  # noqa: E402
 
 
-def conversation_of(tokenize, split: str, index: int, rng: np.random.Generator, image_size: int):
+def conversation_of(tokenize, split: str, index: int, rng: np.random.Generator, image_size: int) -> dict:
     example = make_example(0, split, index, image_size=image_size)
     asked = yes_no_questions(example["scene"], "existence", 1, rng)[0]
     caption = example["captions"][int(rng.integers(len(example["captions"])))]
@@ -45,22 +46,7 @@ def conversation_of(tokenize, split: str, index: int, rng: np.random.Generator, 
         _turn("user", _text(asked["question"])),
         _turn("assistant", _text(asked["answer"])),
     ]
-    row = tokenize(messages, [])
-    return row["input_ids"], row["labels"], asked["answer"]
-
-
-def padded(rows, pad_id: int):
-    width = max(len(ids) for ids, _, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, (ids, labs, _) in enumerate(rows):
-        input_ids[k, : len(ids)], labels[k, : len(labs)], attention[k, : len(ids)] = (
-            torch.tensor(ids),
-            torch.tensor(labs),
-            1,
-        )
-    return input_ids, labels, attention
+    return {**tokenize(messages, []), "answer": asked["answer"]}
 
 
 def main() -> None:
@@ -87,6 +73,7 @@ def main() -> None:
     prepare_full_finetune(model, text_rows=words)
     tokenize = ConversationTokenizer(processor)
     tokenizer = processor.tokenizer
+    collate = CodesCollator(tokenizer.pad_token_id)
     yes, no = (tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
     size = model.config.vq_config.image_size
     held_out = [conversation_of(tokenize, "test", i, np.random.default_rng(1000 + i), size) for i in range(300)]
@@ -97,15 +84,16 @@ def main() -> None:
         right = 0
         for start in range(0, len(held_out), 50):
             chunk = held_out[start : start + 50]
-            input_ids, _, attention = padded(chunk, tokenizer.pad_token_id)
-            logits = model(input_ids=input_ids, attention_mask=attention).logits
-            for k, (_, labels, answer) in enumerate(chunk):
-                at = max(j for j, label in enumerate(labels) if label in (yes, no)) - 1
-                right += ("yes" if logits[k, at, yes] > logits[k, at, no] else "no") == answer
+            batch = collate(chunk)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for k, row in enumerate(chunk):
+                at = max(j for j, label in enumerate(row["labels"]) if label in (yes, no)) - 1
+                right += ("yes" if logits[k, at, yes] > logits[k, at, no] else "no") == row["answer"]
         model.train()
         return right / len(held_out)
 
-    base_rate = max(sum(a == "yes" for *_, a in held_out), sum(a == "no" for *_, a in held_out)) / len(held_out)
+    yes_share = sum(row["answer"] == "yes" for row in held_out) / len(held_out)
+    base_rate = max(yes_share, 1 - yes_share)
     print(f"held-out base rate {base_rate:.3f}; step 0 accuracy {accuracy():.3f}", flush=True)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.0)
@@ -113,9 +101,10 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         rows = [conversation_of(tokenize, "train", int(rng.integers(8000)), rng, size) for _ in range(args.batch_size)]
-        input_ids, labels, attention = padded(rows, tokenizer.pad_token_id)
+        batch = collate(rows)
+        text_only = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            loss = model(**text_only).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
