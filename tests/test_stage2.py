@@ -651,6 +651,37 @@ def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads
         reinitialize_decoder_layers(deeper, num_layers=0)
 
 
+def test_reinit_decoder_can_draw_wider_layers_with_more_heads_that_generate_and_reload(mllm, tmp_path):
+    """`decoder_intermediate_size` / `decoder_heads`: the fresh layers' MLP width and head count (each head as wide
+    as the LLM's width allows, the rotary table with it); the codebook rows untouched; the saved model reloads."""
+    from training.sft import reinitialize_decoder_layers
+    from training.stage2 import StageIIArguments, train_stage2
+
+    model, processor = mllm
+    wider = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    embedding = wider.get_input_embeddings().weight.clone()
+    text = wider.config.get_text_config()
+    heads = text.num_attention_heads * 2
+    reinitialize_decoder_layers(wider, seed=0, intermediate_size=3 * text.intermediate_size, num_heads=heads)
+    layer = wider.model.language_model.layers[0]
+    assert layer.mlp.up_proj.out_features == text.intermediate_size and text.num_attention_heads == heads
+    assert text.head_dim == text.hidden_size // heads and layer.self_attn.head_dim == text.head_dim
+    assert wider.model.language_model.rotary_emb.inv_freq.numel() == text.head_dim // 2
+    assert torch.equal(wider.get_input_embeddings().weight, embedding)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    logits = wider(input_ids=ids).logits
+    wider.generate(input_ids=ids, max_new_tokens=3, do_sample=False)  # the KV cache takes the new head width
+    wider.save_pretrained(tmp_path / "wider")
+    reloaded = type(wider).from_pretrained(tmp_path / "wider")
+    assert torch.allclose(reloaded(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match=f"decoder_heads=7 does not divide the LLM's width {text.hidden_size}"):
+        reinitialize_decoder_layers(wider, num_heads=7)
+    with pytest.raises(ValueError, match="decoder_intermediate_size=0 must be a whole number"):
+        reinitialize_decoder_layers(wider, intermediate_size=0)
+    with pytest.raises(ValueError, match="decoder_heads needs reinit_decoder=True"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), decoder_heads=8, lora=False))
+
+
 def _three_head_steps(model, processor, rows, output_dir, output_head: str):
     """Three full fine-tuning steps at a high learning rate, so every trained row moves; returns the trained model."""
     trainer, _ = run_sft(

@@ -283,7 +283,13 @@ def untie_output_head(model) -> bool:
     return was_tied
 
 
-def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] = None) -> list[str]:
+def reinitialize_decoder_layers(
+    model,
+    seed: int = 0,
+    num_layers: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    num_heads: Optional[int] = None,
+) -> list[str]:
     """Re-draw the LLM's decoder layers and final norm with the LLM's own initialisation, keeping the
     input embedding (= the unified codebook, and the LM head when tied) and an untied LM head.
 
@@ -292,25 +298,47 @@ def reinitialize_decoder_layers(model, seed: int = 0, num_layers: Optional[int] 
     same embedding table ground sooner (docs/results.md, "Stage-0 initialisation"). The rows stage I fitted
     the visual tokenizer to stay as they are. Seeded, so a run is reproducible. Returns the re-drawn names.
 
-    `num_layers`: draw that many layers instead (the model sized for the stage-II budget; the embedding
-    table, hence the codebook, does not depend on the depth)."""
+    `num_layers`, `intermediate_size`, `num_heads`: draw that many layers, that wide an MLP, that many attention
+    heads (each head hidden_size / num_heads wide) instead of the LLM's own (the model sized for the stage-II budget;
+    the embedding table, hence the codebook, depends on none of them)."""
     llm = model.model.language_model
     layers = getattr(llm, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not hasattr(llm, "_init_weights"):
         raise ValueError(
             f"reinit_decoder needs an LLM with a `layers` list of decoder layers, got {type(llm).__name__}"
         )
-    if num_layers is not None and num_layers != len(layers):
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"decoder_layers={num_layers!r} must be a whole number of at least 1")
-        text_config = model.config.get_text_config()
+    text_config = model.config.get_text_config()
+    shape = {
+        "decoder_layers": (num_layers, "num_hidden_layers"),
+        "decoder_intermediate_size": (intermediate_size, "intermediate_size"),
+        "decoder_heads": (num_heads, "num_attention_heads"),
+    }
+    for argument, (value, _) in shape.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{argument}={value!r} must be a whole number of at least 1")
+    changed = {key: value for value, key in shape.values() if value is not None and value != getattr(text_config, key)}
+    if changed:
         if getattr(text_config, "layer_types", None) is not None:
             raise ValueError(
-                f"decoder_layers cannot resize {type(llm).__name__}, whose layers differ by type; leave it unset"
+                f"{', '.join(a for a, (v, key) in shape.items() if key in changed)} cannot reshape "
+                f"{type(llm).__name__}, whose layers differ by type; leave it unset"
             )
-        text_config.num_hidden_layers = num_layers
+        if num_heads is not None and text_config.hidden_size % num_heads:
+            raise ValueError(
+                f"decoder_heads={num_heads} does not divide the LLM's width {text_config.hidden_size}; pass a divisor"
+            )
+        for key, value in changed.items():
+            setattr(text_config, key, value)
+        if "num_attention_heads" in changed:
+            # Every head is as wide as the width allows; the rotary table follows the head width.
+            text_config.num_key_value_heads = num_heads
+            text_config.head_dim = text_config.hidden_size // num_heads
+            if isinstance(getattr(llm, "rotary_emb", None), torch.nn.Module):
+                device = model.get_input_embeddings().weight.device
+                llm.rotary_emb = type(llm.rotary_emb)(config=text_config).to(device)
         layer_class = type(layers[0])
-        llm.layers = layers = torch.nn.ModuleList(layer_class(text_config, layer_idx=i) for i in range(num_layers))
+        count = text_config.num_hidden_layers
+        llm.layers = layers = torch.nn.ModuleList(layer_class(text_config, layer_idx=i) for i in range(count))
         layers.to(model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype)
     parts = {
         "layers": layers,

@@ -109,6 +109,8 @@ class StageIIArguments:
     )
     axial_positions: bool = False  # both tables as grid row + column + level (config.position_embedding_layout)
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
+    decoder_intermediate_size: Optional[int] = None  # with reinit_decoder: the fresh layers' MLP width
+    decoder_heads: Optional[int] = None  # with reinit_decoder: the fresh layers' attention heads (divide the width)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
     code_logits: str = "vocabulary"  # "code_rows": a written image's codes scored over the code rows (sft.CODE_LOGITS)
     max_seconds: Optional[float] = (
@@ -169,7 +171,14 @@ class StageIIArguments:
     extra: dict = field(default_factory=dict)  # more SFTConfig fields
 
     # Settings that only a fully fine-tuned LLM can take: with LoRA the decoder layers and the head are frozen.
-    FULL_FINETUNE_ONLY = ("reinit_decoder", "output_head", "decoder_layers", "train_text_embeddings")
+    FULL_FINETUNE_ONLY = (
+        "reinit_decoder",
+        "output_head",
+        "decoder_layers",
+        "decoder_intermediate_size",
+        "decoder_heads",
+        "train_text_embeddings",
+    )
 
     @classmethod
     def from_recipe(
@@ -583,8 +592,9 @@ def train_stage2(args: StageIIArguments) -> dict:
     ):
         raise ValueError(f"curriculum_steps={args.curriculum_steps!r} must be a whole number of steps >= 0 (0: none)")
     check_vqa_layout(args.vqa_layout)
-    if args.decoder_layers is not None and not args.reinit_decoder:
-        raise ValueError("decoder_layers needs reinit_decoder=True: only freshly drawn layers can change in number")
+    for name in ("decoder_layers", "decoder_intermediate_size", "decoder_heads"):
+        if getattr(args, name) is not None and not args.reinit_decoder:
+            raise ValueError(f"{name} needs reinit_decoder=True: only freshly drawn layers can change their shape")
     if args.reinit_decoder and args.lora:
         raise ValueError(
             "reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers"
@@ -604,7 +614,13 @@ def train_stage2(args: StageIIArguments) -> dict:
     base = start["base"]
     model, processor = load_model_and_processor(base)
     if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
-        reinitialize_decoder_layers(model, seed=args.seed, num_layers=args.decoder_layers)
+        reinitialize_decoder_layers(
+            model,
+            seed=args.seed,
+            num_layers=args.decoder_layers,
+            intermediate_size=args.decoder_intermediate_size,
+            num_heads=args.decoder_heads,
+        )
     if args.axial_positions:
         _use_axial_positions(model)
     if args.image_positions and model.model.image_position_embedding is None:
