@@ -1,7 +1,7 @@
 """Can the tiny recipe's stage-II language model learn the existence comparison from text alone, with no image?
 
     python scripts/text_existence_probe.py <run folder> [--steps 2000] [--learning-rate 5e-4] [--batch-size 16]
-        [--redraw-word-rows] [--every 250]
+        [--decoder-layers 2] [--redraw-word-rows] [--answer-only] [--every 250]
 
 Builds the model stage II starts from (`<run>/stage2/base`: an untied head that trains, 2 fresh decoder layers, the
 colour and shape words' rows trainable, as `configuration/recipes/tiny.yaml` does) and trains it on conversations
@@ -10,7 +10,8 @@ with no image: "Describe this image." answered by one of a train scene's caption
 300 held-out test-scene conversations, read as logit(" yes") > logit(" no") at the answer. The caption holds every
 word the question asks about, so the comparison is between words only. `--redraw-word-rows` first re-draws the
 eleven words' rows at random (same lengths), away from the directions stage 0 left them in
-(docs/results.md, "Describe, then answer").
+(docs/results.md, "Describe, then answer"). `--answer-only` supervises the yes/no answer alone, not the caption, whose
+words (unpredictable without the image) otherwise make up most of the loss.
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--decoder-layers", type=int, default=2)
     parser.add_argument("--redraw-word-rows", action="store_true")
+    parser.add_argument("--answer-only", action="store_true")
     parser.add_argument("--every", type=int, default=250)
     args = parser.parse_args()
 
@@ -101,6 +103,10 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         rows = [conversation_of(tokenize, "train", int(rng.integers(8000)), rng, size) for _ in range(args.batch_size)]
+        if args.answer_only:
+            for row in rows:
+                answer = max(j for j, label in enumerate(row["labels"]) if label in (yes, no))
+                row["labels"] = [-100] * answer + list(row["labels"][answer:])
         batch = collate(rows)
         text_only = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
         with torch.autocast("cpu", dtype=torch.bfloat16):
