@@ -122,6 +122,29 @@ def test_the_cell_colour_term_at_a_finer_resolution_predicts_each_cells_sub_patc
         make_trainer(tmp_path / "bad", llm_dir, cell_colour_weight=1.0, cell_colour_resolution=3)
 
 
+def test_the_edge_term_weights_the_error_where_the_image_has_outlines(tmp_path, llm_dir):
+    """`edge_weight`: the reconstruction error counted again with each pixel weighted by the target's local contrast
+    (mean 1 per image): an error on a shape's outline costs, the same error in a flat area does not (the plain MSE
+    still counts it), nor does a blank image or a perfect reconstruction; the trainer logs the term, and a negative
+    weight is refused."""
+    from training.stage1 import edge_weighted_mse
+
+    target = -torch.ones(1, 3, 16, 16)
+    target[:, :, 6:10, 6:10] = 1.0  # a small white square on black
+    assert float(edge_weighted_mse(target, target)) == 0.0
+    on_outline, in_flat_area = target.clone(), target.clone()
+    on_outline[:, :, 6, 6] = -1.0  # the square's corner lost
+    in_flat_area[:, :, 1, 1] = 1.0  # a speck in the empty background
+    assert float(edge_weighted_mse(on_outline, target)) > 0 == float(edge_weighted_mse(in_flat_area, target))
+    blank = torch.zeros(1, 3, 16, 16)
+    assert float(edge_weighted_mse(blank + 0.5, blank)) == 0.0
+    trainer = make_trainer(tmp_path / "edges", llm_dir, edge_weight=1.0)
+    logs = [trainer.train_step() for _ in range(2)]
+    assert all(log["edge_mse"] > 0 for log in logs)
+    with pytest.raises(ValueError, match="edge_weight=-1.0 must be >= 0"):
+        make_trainer(tmp_path / "negative", llm_dir, edge_weight=-1.0)
+
+
 def test_corrupt_checkpoint_on_resume_is_named(tmp_path, llm_dir):
     trainer = make_trainer(tmp_path, llm_dir, steps=4)
     trainer.train_step()

@@ -195,6 +195,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
         cell_colour_weight=args.cell_colour_weight,
         dead_code_threshold=args.dead_code_threshold,
         cell_colour_resolution=args.cell_colour_resolution,
+        edge_weight=args.edge_weight,
         vision_overrides=_vision_flags(args),
         init_from=args.init_from,
     )
@@ -757,6 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell-colour-weight",
         type=float,
         help="weight of the term that asks each cell's codes for that cell's mean colour (default: the recipe's)",
+    )
+    tok.add_argument(
+        "--edge-weight",
+        type=float,
+        help="weight of the reconstruction error counted again where the image has edges (default: the recipe's)",
     )
     tok.add_argument(
         "--cell-colour-resolution",

@@ -119,6 +119,10 @@ class StageIArguments:
     # The term's detail: each cell's patch predicted as an r x r grid of mean colours (1: the patch's mean). r > 1
     # asks each cell's codes for where in the patch the colour lies too, i.e. for the local shape.
     cell_colour_resolution: int = 1
+    # The reconstruction error counted again, each pixel weighted by the target's local contrast (`edge_weighted_mse`;
+    # off when 0). A plain MSE over all pixels counts a small shape's outline by its few pixels, so rounding a small
+    # square into a circle costs the tokenizer almost nothing (docs/results.md, "Where the shape answers are lost").
+    edge_weight: float = 0.0
     vision_overrides: dict = field(default_factory=dict)
     # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
     init_from: Optional[str] = None
@@ -200,6 +204,17 @@ class PatchDiscriminator(torch.nn.Module):
 
     def forward(self, images):
         return self.net(images)
+
+
+def edge_weighted_mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error per pixel, weighted by how far the target pixel is from the mean of its 3 x 3 neighbourhood
+    (summed over channels), with the weights of each image scaled to mean 1: flat areas count for little, outlines
+    and corners for much, and a blank image adds nothing."""
+    target = target.float()
+    neighbourhood = F.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    contrast = (target - neighbourhood).abs().sum(1, keepdim=True)
+    weight = contrast / contrast.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (weight * (reconstruction.float() - target).pow(2)).mean()
 
 
 def adaptive_gan_weight(reconstruction_loss, generator_loss, last_layer) -> torch.Tensor:
@@ -319,6 +334,8 @@ class StageITrainer:
         trained = [p for p in model.parameters() if p.requires_grad]
         self.cell_colour_head = None
         self.cell_colour_pool = 0  # pixels per side of one colour the term predicts
+        if args.edge_weight < 0:
+            raise ValueError(f"edge_weight={args.edge_weight} must be >= 0 (0: off)")
         if args.cell_colour_weight > 0:
             cell = self.config.image_size // self.config.latent_grid_size
             if args.cell_colour_resolution < 1 or cell % args.cell_colour_resolution:
@@ -455,6 +472,10 @@ class StageITrainer:
             cell_colour_loss = F.mse_loss(predicted, F.avg_pool2d(pixel_values.float(), self.cell_colour_pool))
             loss = loss + args.cell_colour_weight * cell_colour_loss
             logs["cell_colour_mse"] = float(cell_colour_loss.detach())
+        if args.edge_weight > 0:
+            edge_loss = edge_weighted_mse(out.reconstruction, pixel_values)
+            loss = loss + args.edge_weight * edge_loss
+            logs["edge_mse"] = float(edge_loss.detach())
         if self.discriminator is not None and self.step >= args.gan_start_step:
             last_layer = self.unwrapped.decoder.conv_out.weight
             with self._autocast():
