@@ -330,7 +330,8 @@ def reinitialize_decoder_layers(
         for key, value in changed.items():
             setattr(text_config, key, value)
         if "num_attention_heads" in changed:
-            # Every head is as wide as the width allows; the rotary table follows the head width.
+            # Every head is as wide as the width allows and has keys and values of its own; the rotary table
+            # follows the head width.
             text_config.num_key_value_heads = num_heads
             text_config.head_dim = text_config.hidden_size // num_heads
             if isinstance(getattr(llm, "rotary_emb", None), torch.nn.Module):

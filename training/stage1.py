@@ -121,7 +121,8 @@ class StageIArguments:
     cell_colour_resolution: int = 1
     # The reconstruction error counted again, each pixel weighted by the target's local contrast (`edge_weighted_mse`;
     # off when 0). A plain MSE over all pixels counts a small shape's outline by its few pixels, so rounding a small
-    # square into a circle costs the tokenizer almost nothing (docs/results.md, "Where the shape answers are lost").
+    # square into a circle costs the tokenizer almost nothing (docs/results.md, thirteenth stop, "Where the shape
+    # answers are lost").
     edge_weight: float = 0.0
     vision_overrides: dict = field(default_factory=dict)
     # Fine-tune: a trained visual tokenizer folder to start from (its layout and codebook ids kept), not a fresh one.
@@ -208,8 +209,8 @@ class PatchDiscriminator(torch.nn.Module):
 
 def edge_weighted_mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error per pixel, weighted by how far the target pixel is from the mean of its 3 x 3 neighbourhood
-    (summed over channels), with the weights of each image scaled to mean 1: flat areas count for little, outlines
-    and corners for much, and a blank image adds nothing."""
+    (summed over channels), with the weights of each image scaled to mean 1: flat areas count for nothing here (the
+    plain MSE still counts them), outlines and corners for much, and a blank image adds nothing."""
     target = target.float()
     neighbourhood = F.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
     contrast = (target - neighbourhood).abs().sum(1, keepdim=True)
