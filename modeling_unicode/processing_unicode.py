@@ -38,6 +38,13 @@ class UniCodeProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": False, "padding_side": "left"}, "common_kwargs": {"return_tensors": "pt"}}
 
 
+def image_then_text(text: str) -> list[dict]:
+    """A user turn's content that shows the one image and then asks about it: the image, a newline, the text. Every
+    stage-II row that reads an image (`training.tasks.image_then`) and every prompt about an image is laid out this
+    way, so the model is asked as it was trained."""
+    return [{"type": "image"}, {"type": "text", "text": "\n" + text}]
+
+
 class UniCodeProcessor(ProcessorMixin):
     r"""Tokenizer + image processor for the UniCode MLLM.
 
@@ -140,12 +147,12 @@ class UniCodeProcessor(ProcessorMixin):
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def question_prompt(self, question: str) -> str:
-        """The prompt for a question about the one input image, as a string ending where the model answers: the
-        image, a newline, the question, the layout stage II's VQA rows are written in (`training.tasks.image_then`).
-        Pass it with the image: `processor(text=processor.question_prompt(q), images=image)`."""
+        """The prompt for a question about the one input image, as a string ending where the model answers, laid
+        out as stage II's rows are (`image_then_text`). Pass it with the image:
+        `processor(text=processor.question_prompt(q), images=image)`."""
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]}]
+        messages = [{"role": "user", "content": image_then_text(question)}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _image_generation_inputs(self, images, text, **kwargs) -> BatchFeature:

@@ -34,7 +34,7 @@ from training.sft import (  # noqa: E402
     word_row_ids,
 )
 from training.stage2 import load_model_and_processor  # noqa: E402
-from training.tasks import ConversationTokenizer, _text, _turn  # noqa: E402
+from training.tasks import IGNORE_INDEX, ConversationTokenizer, _text, _turn  # noqa: E402
 
 
 def conversation_of(tokenize, split: str, index: int, rng: np.random.Generator, image_size: int) -> dict:
@@ -77,6 +77,11 @@ def main() -> None:
     tokenizer = processor.tokenizer
     collate = CodesCollator(tokenizer.pad_token_id)
     yes, no = (tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
+
+    def answer_at(row: dict) -> int:
+        """Where the row's yes/no answer token stands."""
+        return max(j for j, label in enumerate(row["labels"]) if label in (yes, no))
+
     size = model.config.vq_config.image_size
     held_out = [conversation_of(tokenize, "test", i, np.random.default_rng(1000 + i), size) for i in range(300)]
 
@@ -89,7 +94,7 @@ def main() -> None:
             batch = collate(chunk)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             for k, row in enumerate(chunk):
-                at = max(j for j, label in enumerate(row["labels"]) if label in (yes, no)) - 1
+                at = answer_at(row) - 1
                 right += ("yes" if logits[k, at, yes] > logits[k, at, no] else "no") == row["answer"]
         model.train()
         return right / len(held_out)
@@ -105,8 +110,8 @@ def main() -> None:
         rows = [conversation_of(tokenize, "train", int(rng.integers(8000)), rng, size) for _ in range(args.batch_size)]
         if args.answer_only:
             for row in rows:
-                answer = max(j for j, label in enumerate(row["labels"]) if label in (yes, no))
-                row["labels"] = [-100] * answer + list(row["labels"][answer:])
+                answer = answer_at(row)
+                row["labels"] = [IGNORE_INDEX] * answer + list(row["labels"][answer:])
         batch = collate(rows)
         text_only = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
         with torch.autocast("cpu", dtype=torch.bfloat16):

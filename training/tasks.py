@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 
 from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
+from modeling_unicode.processing_unicode import image_then_text
 
 from . import templates
 from .codes import CODES_COLUMN
@@ -46,9 +47,10 @@ def _turn(role: str, *items: dict) -> dict:
 
 
 def image_then(text: str) -> dict:
-    """The user turn that shows the image and asks about it: the image, a newline, the text. Every task that reads
-    an image opens this way, and so do the evaluation's prompts."""
-    return _turn("user", _item("image"), _text("\n" + text))
+    """The user turn that shows the image and asks about it, in the processor's layout (`image_then_text`, shipped
+    with every exported model), its items in the rows' schema. Every task that reads an image opens this way, and so
+    do the evaluation's prompts."""
+    return _turn("user", *({**_item(part["type"]), **part} for part in image_then_text(text)))
 
 
 # Where a VQA conversation's first question stands (`vqa_opening`). "image_first" is the paper's (and the default):
