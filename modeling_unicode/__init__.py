@@ -23,13 +23,16 @@ from .configuration_unicode import (
     UniCodeConfig,
     UniCodeVisualTokenizerConfig,
     add_image_special_tokens,
+    check_adapter_size,
     image_placeholder_count,
 )
 from .image_processing_unicode import UniCodeImageProcessor
 from .modeling_unicode import (
+    ADDED_MODULES,
     UniCodeCausalLMOutputWithPast,
     UniCodeForConditionalGeneration,
     UniCodeImageFeaturesOutput,
+    UniCodeImageInputAdapter,
     UniCodeImageSpanLogitsProcessor,
     UniCodeModel,
     UniCodeModelOutputWithPast,

@@ -285,6 +285,14 @@ class UniCodeVisualTokenizerConfig(PreTrainedConfig):
                 raise ValueError("codebook_token_ids contains negative ids; vocabulary ids start at 0")
 
 
+def check_adapter_size(size) -> None:
+    """Refuse an `image_input_adapter_size` that is not a whole number >= 0."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(
+            f"image_input_adapter_size={size!r} must be a whole number >= 0: the adapter's hidden width, or 0 for none"
+        )
+
+
 def image_placeholder_count(vq_config: UniCodeVisualTokenizerConfig, visual_input: str = "aggregate") -> int:
     """How many placeholder tokens one input image occupies in the LLM sequence.
 
@@ -331,6 +339,13 @@ class UniCodeConfig(PreTrainedConfig):
             embeddings, Ho et al. 2019, "Axial Attention in Multidimensional Transformers", §3), so every cell of
             a grid row shares its row vector and a caption's "top" or "left" binds to one vector learnt from all
             the cells it covers.
+        image_input_adapter_size (`int`): 0 (the paper's model) or the hidden width of a residual MLP that each
+            input-image placeholder's code features pass through before the LLM reads them. The codes, their ids
+            and their rows (the unified codebook) are unchanged; the adapter only re-maps what an image position
+            holds, as the MLP projector of LLaVA-1.5 does for continuous features (Liu et al. 2023, "Improved
+            Baselines with Visual Instruction Tuning"), so the LLM need not learn to pull a cell's shape out of its
+            summed residual rows with attention layers that also do everything else. Its output layer starts at
+            zero: a model it is added to is unchanged.
     """
 
     model_type = "unicode"
@@ -351,6 +366,7 @@ class UniCodeConfig(PreTrainedConfig):
         image_position_embeddings: bool = False,
         code_position_embeddings: bool = False,
         position_embedding_layout: str = "index",
+        image_input_adapter_size: int = 0,
         **kwargs,
     ):
         self.text_config = self._text_config_from(text_config)
@@ -365,6 +381,7 @@ class UniCodeConfig(PreTrainedConfig):
         self.image_position_embeddings = bool(image_position_embeddings)
         self.code_position_embeddings = bool(code_position_embeddings)
         self.position_embedding_layout = position_embedding_layout
+        self.image_input_adapter_size = image_input_adapter_size
         super().__init__(**kwargs)
         self.validate_fields()
 
@@ -419,6 +436,7 @@ class UniCodeConfig(PreTrainedConfig):
                 f"position_embedding_layout={self.position_embedding_layout!r} is not supported; use one of "
                 f"{list(POSITION_EMBEDDING_LAYOUTS)}"
             )
+        check_adapter_size(self.image_input_adapter_size)
         vq, text = self.vq_config, self.text_config
         if vq is None:
             return

@@ -23,7 +23,13 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_unicode import GENERATION_MODES, IMAGE_SPECIAL_TOKENS, UniCodeConfig, add_image_special_tokens
+from .configuration_unicode import (
+    GENERATION_MODES,
+    IMAGE_SPECIAL_TOKENS,
+    UniCodeConfig,
+    add_image_special_tokens,
+    check_adapter_size,
+)
 from .modeling_unicode_vq import UniCodeVisualTokenizer
 from .quantization_unicode import (
     code_coordinates,
@@ -175,6 +181,33 @@ class UniCodeAxialPositionEmbedding(nn.Module):
         return self.rows(row) + self.columns(column) + self.levels(level)
 
 
+class UniCodeImageInputAdapter(nn.Module):
+    """A residual MLP over each input-image placeholder's features (`config.image_input_adapter_size`).
+
+    The unified codebook fixes what an image position holds: the sum of its codes' frozen LLM rows. A cell's shape
+    is spread over those rows in a way no text token's row needs untangling, and the LLM's own layers must learn to
+    do it while they learn everything else. A projector between the image and the LLM (the two-layer MLP of
+    LLaVA-1.5, Liu et al. 2023) gives that re-mapping its own parameters; here it is residual and its output layer
+    starts at zero, so adding it to a trained model changes nothing until it trains, and the codes, their ids and
+    their rows stay as the tokenizer left them.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size)
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.down = nn.Linear(intermediate_size, hidden_size)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.down(nn.functional.gelu(self.up(self.norm(features))))
+
+
+# Modules stage II adds to an assembled model and trains whole (LoRA keeps them as `modules_to_save`).
+ADDED_MODULES = ("image_position_embedding", "code_position_embedding", "image_input_adapter")
+
+
 class UniCodePreTrainedModel(PreTrainedModel):
     config_class = UniCodeConfig
     base_model_prefix = "model"
@@ -230,10 +263,13 @@ class UniCodeModel(UniCodePreTrainedModel):
             self.vision_tokenizer = None
         self.image_position_embedding = None
         self.code_position_embedding = None
+        self.image_input_adapter = None
         if config.image_position_embeddings:
             self.add_image_position_embedding()
         if config.code_position_embeddings:
             self.add_code_position_embedding()
+        if config.image_input_adapter_size:
+            self.add_image_input_adapter(config.image_input_adapter_size)
         self.post_init()
 
     def _position_table(self, rows: int, side: int, levels: int) -> nn.Module:
@@ -266,6 +302,18 @@ class UniCodeModel(UniCodePreTrainedModel):
         )
         self.config.code_position_embeddings = True
         return self.code_position_embedding
+
+    def add_image_input_adapter(self, intermediate_size: int) -> nn.Module:
+        """The input image's adapter (`config.image_input_adapter_size`), added so that the model it is added to
+        computes exactly what it did before, until training moves it."""
+        check_adapter_size(intermediate_size)
+        if not intermediate_size:
+            raise ValueError("add_image_input_adapter(intermediate_size=0) adds nothing; pass the adapter's width")
+        weight = self.get_input_embeddings().weight
+        hidden = self.config.get_text_config().hidden_size
+        self.image_input_adapter = UniCodeImageInputAdapter(hidden, intermediate_size).to(weight.device, weight.dtype)
+        self.config.image_input_adapter_size = intermediate_size
+        return self.image_input_adapter
 
     def image_position_rows(self) -> torch.Tensor:
         """(placeholders, hidden): what `image_position_embedding` adds to an input image's placeholders."""
@@ -386,6 +434,8 @@ class UniCodeModel(UniCodePreTrainedModel):
         embedding = self.get_input_embeddings()
         code_embeddings = embedding_rows(embedding, codes.to(embedding.weight.device))
         features = image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, self.config.visual_input)
+        if self.image_input_adapter is not None:
+            features = self.image_input_adapter(features)
         if self.image_position_embedding is not None:
             features = features + self.image_position_rows().to(features.dtype)
         return UniCodeImageFeaturesOutput(

@@ -302,6 +302,38 @@ def test_image_position_embeddings_start_as_the_papers_input_and_save_with_the_m
     assert torch.equal(reloaded.model.get_image_features(image_codes=codes).pooler_output, moved)
 
 
+def test_image_input_adapter_starts_as_the_papers_input_remaps_each_placeholder_and_saves_with_the_model(tmp_path):
+    """`config.image_input_adapter_size`: a residual MLP over each input-image placeholder's features. Added, the
+    model is unchanged (its output layer is at zero); moved, every placeholder's features change while the codes and
+    the codebook rows stay the tokenizer's; answers still generate; it saves and reloads; a size that is not a whole
+    number >= 0 is refused by name."""
+    model, processor = tiny_mllm()
+    images = random_images(2)
+    codes = model.model.encode_images(images)
+    codebook = model.model.codebook().clone()
+    before = model.model.get_image_features(image_codes=codes).pooler_output
+    adapter = model.model.add_image_input_adapter(32)
+    assert model.config.image_input_adapter_size == 32 and adapter.up.out_features == 32
+    assert torch.equal(model.model.get_image_features(image_codes=codes).pooler_output, before)
+    with torch.no_grad():
+        adapter.down.weight.normal_(std=0.5)
+    moved = model.model.get_image_features(image_codes=codes).pooler_output
+    assert (moved - before).abs().sum(-1).gt(0).all()
+    assert torch.equal(model.model.codebook(), codebook) and torch.equal(model.model.encode_images(images), codes)
+    inputs = processor(text=PROMPT, images=processor.postprocess(images[:1]))
+    answer = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert reloaded.config.image_input_adapter_size == 32
+    assert torch.equal(reloaded.model.get_image_features(image_codes=codes).pooler_output, moved)
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=3, do_sample=False), answer)
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match=f"image_input_adapter_size={bad!r} must be a whole number >= 0"):
+            type(model.config)(**{**model.config.to_dict(), "image_input_adapter_size": bad})
+    with pytest.raises(ValueError, match="adds nothing"):
+        model.model.add_image_input_adapter(0)
+
+
 def test_code_position_embeddings_index_each_written_code_and_generation_matches_without_the_cache(tmp_path):
     """`config.code_position_embeddings`: each code id gets the row of its index in its image (counted since `<boi>`,
     carried across turns), other tokens none; the cached decoding loop passes the index it writes, so its codes

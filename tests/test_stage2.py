@@ -1,6 +1,7 @@
 """Stage II: code datasets, task conversations, LoRA SFT that lowers every task's held-out loss,
 merge == adapter, atomic checkpoints and resume, clear errors."""
 
+import copy
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch
 from peft import get_peft_model
 from stage2_fixtures import shapes_at
 from transformers import Trainer
-from utils_mllm import tiny_mllm
+from utils_mllm import random_images, tiny_mllm
 
 from training import templates
 from training.codes import CODES_COLUMN, check_code_dataset, code_signature, encode_image_dataset
@@ -949,6 +950,35 @@ def test_position_tables_train_whole_under_lora_in_either_layout(layout):
     loss.backward()
     trained = [n for n, p in peft_model.named_parameters() if "code_position_embedding" in n and p.grad is not None]
     assert trained and all("modules_to_save" in n for n in trained)
+
+
+def test_the_image_input_adapter_trains_whole_under_lora_and_full_finetuning_while_the_codebook_stays(mllm, codes):
+    """`StageIIArguments.image_input_adapter_size`: the adapter stage II adds trains (as a module to save under LoRA,
+    wholly under full fine-tuning) and the codebook rows get no gradient; a negative size is refused by name before
+    any work."""
+    from training.sft import prepare_full_finetune
+    from training.stage2 import StageIIArguments, train_stage2
+
+    model, processor = mllm
+    train, _ = codes
+    lora_model, lora_processor = tiny_mllm()
+    lora_model.model.add_image_input_adapter(16)
+    peft_model = get_peft_model(lora_model, unicode_lora_config(lora_model))
+    inputs = lora_processor(text="<image> what?", images=lora_processor.postprocess(random_images(1)))
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if "image_input_adapter" in n and p.grad is not None]
+    assert trained and all("modules_to_save" in n for n in trained)
+    full = copy.deepcopy(model).train()
+    full.model.add_image_input_adapter(16)
+    names = prepare_full_finetune(full)
+    assert {"model.image_input_adapter.up.weight", "model.image_input_adapter.down.weight"} <= set(names)
+    rows = sft_rows(train.select(range(2)), full, processor)
+    full(**CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])).loss.backward()
+    assert full.model.image_input_adapter.down.weight.grad.abs().sum() > 0
+    code_rows = torch.as_tensor(full.config.vq_config.codebook_token_ids)
+    assert full.get_input_embeddings().weight.grad[code_rows].abs().sum() == 0
+    with pytest.raises(ValueError, match="image_input_adapter_size=-4 must be a whole number >= 0"):
+        train_stage2(StageIIArguments(run_dir="unused", image_input_adapter_size=-4))
 
 
 def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(mllm, codes, tmp_path):

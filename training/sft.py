@@ -39,7 +39,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
 from hub_upload.export import add_remote_code
-from modeling_unicode import IMAGE_SPECIAL_TOKENS, UniCodeConfig
+from modeling_unicode import ADDED_MODULES, IMAGE_SPECIAL_TOKENS, UniCodeConfig
 
 from .checkpointing import (
     COMPLETE_MARKER,
@@ -150,11 +150,9 @@ def unicode_lora_config(
     pattern = r"model\.language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")"
     trainable = {_embedding_name(model): image_special_token_ids(model)} if train_special_tokens else None
     base = getattr(model, "get_base_model", lambda: model)()
-    positions = [
-        t for t in ("image_position_embedding", "code_position_embedding") if getattr(base.model, t, None) is not None
-    ]
+    added = [name for name in ADDED_MODULES if getattr(base.model, name, None) is not None]
     return LoraConfig(
-        modules_to_save=positions or None,  # position tables are new in stage II: trained whole, not low-rank
+        modules_to_save=added or None,  # new in stage II (position tables, adapter): trained whole, not low-rank
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
         lora_dropout=dropout,
@@ -248,9 +246,9 @@ def prepare_full_finetune(model, text_rows: bool | Sequence[int] = False, head_t
     if head is not None and head.weight is not embedding:
         # An untied head (`untie_output_head`) is the model's own: whole, or its code and image special rows.
         _train_rows(head.weight, None if head_text_rows else _row_mask(head.weight, list(codes) + list(special)))
-    for table in ("image_position_embedding", "code_position_embedding"):
-        if getattr(model.model, table, None) is not None:
-            getattr(model.model, table).requires_grad_(True)
+    for name in ADDED_MODULES:
+        if getattr(model.model, name, None) is not None:
+            getattr(model.model, name).requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 

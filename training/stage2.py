@@ -41,6 +41,7 @@ from modeling_unicode import (
     UniCodeImageProcessor,
     UniCodeProcessor,
     UniCodeVisualTokenizer,
+    check_adapter_size,
 )
 
 from .checkpointing import atomic_directory, atomic_write_json, is_complete, naming_corrupt_files, naming_full_disk
@@ -108,6 +109,7 @@ class StageIIArguments:
         False  # a learned embedding per index of a written image's codes (config.code_position_embeddings)
     )
     axial_positions: bool = False  # both tables as grid row + column + level (config.position_embedding_layout)
+    image_input_adapter_size: int = 0  # > 0: a residual MLP of that width over the input image's features
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     decoder_intermediate_size: Optional[int] = None  # with reinit_decoder: the fresh layers' MLP width
     decoder_heads: Optional[int] = None  # with reinit_decoder: the fresh layers' attention heads (divide the width)
@@ -592,6 +594,7 @@ def train_stage2(args: StageIIArguments) -> dict:
     ):
         raise ValueError(f"curriculum_steps={args.curriculum_steps!r} must be a whole number of steps >= 0 (0: none)")
     check_vqa_layout(args.vqa_layout)
+    check_adapter_size(args.image_input_adapter_size)
     for name in ("decoder_layers", "decoder_intermediate_size", "decoder_heads"):
         if getattr(args, name) is not None and not args.reinit_decoder:
             raise ValueError(f"{name} needs reinit_decoder=True: only freshly drawn layers can change their shape")
@@ -627,6 +630,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         model.model.add_image_position_embedding()
     if args.code_positions and model.model.code_position_embedding is None:
         model.model.add_code_position_embedding()
+    if args.image_input_adapter_size and model.model.image_input_adapter is None:
+        model.model.add_image_input_adapter(args.image_input_adapter_size)
     vq = model.config.vq_config
     max_length = model.config.get_text_config().max_position_embeddings
     # The jittered scenes, and the centred ones the drawing rows take instead (`centred_drawings`, SFT only).
