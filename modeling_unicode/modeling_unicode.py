@@ -434,10 +434,12 @@ class UniCodeModel(UniCodePreTrainedModel):
         embedding = self.get_input_embeddings()
         code_embeddings = embedding_rows(embedding, codes.to(embedding.weight.device))
         features = image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, self.config.visual_input)
-        if self.image_input_adapter is not None:
-            features = self.image_input_adapter(features)
         if self.image_position_embedding is not None:
             features = features + self.image_position_rows().to(features.dtype)
+        if self.image_input_adapter is not None:
+            # After the positions: an adapter that sees only the codes outgrows the position rows it is added beside
+            # and the LLM loses where each cell is (docs/results.md, "An input adapter").
+            features = self.image_input_adapter(features)
         return UniCodeImageFeaturesOutput(
             last_hidden_state=image_input_embeddings(code_embeddings, self.config.vq_config.quantizer, "flatten"),
             pooler_output=features,
