@@ -341,12 +341,9 @@ class UniCodeConfig(PreTrainedConfig):
             the cells it covers.
         image_input_adapter_size (`int`): 0 (the paper's model) or the hidden width of a residual MLP that each
             input-image placeholder's features (its codes' rows, plus its position row when there is a position
-            table) pass through before the LLM reads them. The codes, their ids and their rows (the unified
-            codebook) are unchanged; the adapter only re-maps what an image position holds, as the MLP projector of
-            LLaVA-1.5 does for continuous features (Liu et al. 2023, "Improved Baselines with Visual Instruction
-            Tuning"), so the LLM need not pull a cell's shape out of its summed residual rows with the attention
-            layers that also do everything else. Its output layer starts at zero: a model it is added to is
-            unchanged. Off in `tiny`, where it read worse (docs/results.md, "An input adapter").
+            table) pass through before the LLM reads them ([`UniCodeImageInputAdapter`], which says why). The
+            codes, their ids and the codebook rows are unchanged. Off in `tiny`, where it read worse
+            (docs/results.md, "An input adapter").
     """
 
     model_type = "unicode"
