@@ -1,7 +1,8 @@
 """Can the tiny recipe's stage-II language model learn the existence comparison from text alone, with no image?
 
     python scripts/text_existence_probe.py <run folder> [--steps 2000] [--learning-rate 5e-4] [--batch-size 16]
-        [--decoder-layers 2] [--redraw-word-rows] [--answer-only] [--every 250]
+        [--decoder-layers 2] [--redraw-word-rows] [--answer-only] [--every 250] [--redraw-text-rows [--redraw-std S]]
+        [--all-text-rows] [--fp32] [--scale-rows F]
 
 Builds the model stage II starts from (`<run>/stage2/base`: an untied head that trains, 2 fresh decoder layers, the
 colour and shape words' rows trainable, as `configuration/recipes/tiny.yaml` does) and trains it on conversations
@@ -12,6 +13,11 @@ word the question asks about, so the comparison is between words only. `--redraw
 eleven words' rows at random (same lengths), away from the directions stage 0 left them in
 (docs/results.md, "Describe, then answer"). `--answer-only` supervises the yes/no answer alone, not the caption, whose
 words (unpredictable without the image) otherwise make up most of the loss.
+
+What else the rows are measured with (docs/results.md, "Text rows drawn afresh"): `--redraw-text-rows` re-draws
+every row that is not a visual code (`sft.redraw_text_rows`, the recipe option), `--redraw-std` at that scale instead
+of the LLM's init; `--all-text-rows` trains every text row, not only the eleven words'; `--scale-rows` multiplies the
+whole table; `--fp32` trains without bf16 autocast.
 """
 
 import argparse
@@ -29,6 +35,7 @@ from training.data.shapes import COLORS, SHAPES, make_example, yes_no_questions 
 from training.sft import (  # noqa: E402
     CodesCollator,
     prepare_full_finetune,
+    redraw_text_rows,
     reinitialize_decoder_layers,
     untie_output_head,
     word_row_ids,
@@ -60,19 +67,32 @@ def main() -> None:
     parser.add_argument("--redraw-word-rows", action="store_true")
     parser.add_argument("--answer-only", action="store_true")
     parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--all-text-rows", action="store_true")
+    parser.add_argument("--fp32", action="store_true")
+    parser.add_argument("--redraw-text-rows", action="store_true")
+    parser.add_argument("--redraw-std", type=float, default=None)
+    parser.add_argument("--scale-rows", type=float, default=1.0)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model, processor = load_model_and_processor(args.run / "stage2" / "base")
+    table = model.get_input_embeddings().weight
+    if args.redraw_text_rows:
+        redrawn = redraw_text_rows(model, seed=0)
+        if args.redraw_std is not None:
+            with torch.no_grad():
+                table[redrawn] *= args.redraw_std / model.config.get_text_config().initializer_range
+    if args.scale_rows != 1.0:
+        with torch.no_grad():
+            table.mul_(args.scale_rows)
     untie_output_head(model)
     reinitialize_decoder_layers(model, seed=0, num_layers=args.decoder_layers)
     words = word_row_ids(processor.tokenizer, list(COLORS) + list(SHAPES))
     if args.redraw_word_rows:
-        table = model.get_input_embeddings().weight
         with torch.no_grad():
             fresh = torch.randn(len(words), table.shape[1])
             table[words] = fresh / fresh.norm(dim=-1, keepdim=True) * table[words].norm(dim=-1, keepdim=True)
-    prepare_full_finetune(model, text_rows=words)
+    prepare_full_finetune(model, text_rows=True if args.all_text_rows else words)
     tokenize = ConversationTokenizer(processor)
     tokenizer = processor.tokenizer
     collate = CodesCollator(tokenizer.pad_token_id)
@@ -114,7 +134,7 @@ def main() -> None:
                 row["labels"] = [IGNORE_INDEX] * answer + list(row["labels"][answer:])
         batch = collate(rows)
         text_only = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             loss = model(**text_only).loss
         loss.backward()
         optimizer.step()

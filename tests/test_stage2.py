@@ -631,6 +631,34 @@ def test_reinit_decoder_redraws_the_layers_and_keeps_the_codebook_rows(mllm, tmp
         train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), decoder_layers=3, lora=False))
 
 
+def test_redraw_text_rows_redraws_every_row_but_the_codes_and_the_padding(mllm, tmp_path):
+    """`redraw_text_rows`: the text and image special rows drawn afresh at the LLM's init scale (seeded), the codebook
+    rows bit-identical; refused without fresh decoder layers."""
+    from training.sft import redraw_text_rows
+    from training.stage2 import StageIIArguments, train_stage2
+
+    model, processor = mllm
+    path = _save(model, processor, tmp_path / "base")
+    first, second = (type(model).from_pretrained(path) for _ in range(2))
+    before = first.get_input_embeddings().weight.detach().clone()
+    codes = torch.as_tensor(first.config.vq_config.codebook_token_ids)
+    pad = first.get_input_embeddings().padding_idx
+    redrawn = redraw_text_rows(first, seed=5)
+    redraw_text_rows(second, seed=5)
+    after = first.get_input_embeddings().weight.detach()
+    assert set(redrawn).isdisjoint(codes.tolist()) and pad not in redrawn
+    assert len(redrawn) == len(after) - len(codes) - (pad is not None)
+    assert torch.equal(after[codes], before[codes])
+    if pad is not None:
+        assert torch.equal(after[pad], before[pad])
+    assert not torch.equal(after[redrawn], before[redrawn])
+    std = first.config.get_text_config().initializer_range
+    assert abs(after[redrawn].std().item() - std) < 0.2 * std
+    assert torch.equal(after, second.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="redraw_text_rows=True needs reinit_decoder=True"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), redraw_text_rows=True, lora=False))
+
+
 def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads(mllm, tmp_path):
     from training.sft import reinitialize_decoder_layers
 

@@ -352,6 +352,29 @@ def reinitialize_decoder_layers(
     return [f"{prefix}.{name}" for prefix, part in parts.items() for name, _ in part.named_parameters()]
 
 
+def redraw_text_rows(model, seed: int = 0) -> list[int]:
+    """Re-draw every input-embedding row that is not a visual code (the text rows and the image special rows) with the
+    LLM's own initialisation, seeded; the codebook rows and the padding row stay as they are. Returns the re-drawn ids.
+
+    Why: fresh decoder layers (`reinitialize_decoder_layers`) that read the text through the rows a small stage-0 LM
+    left behind never learn to compare a question's words with the words before it ("Is there a red circle?" after a
+    caption naming every shape stays a coin), while the same layers over rows drawn afresh learn it: stage 0's rows are
+    shaped for its own, discarded, layers (docs/results.md, "Text rows drawn afresh"). The codebook, which is what
+    stage I unified with the LLM, is not touched, so the images' ids and rows stay those of the tokenizer."""
+    table = model.get_input_embeddings()
+    weight = table.weight
+    keep = _row_mask(weight, model.config.vq_config.codebook_token_ids)
+    if getattr(table, "padding_idx", None) is not None:
+        keep[table.padding_idx] = True
+    redrawn = (~keep).nonzero().flatten()
+    std = model.config.get_text_config().initializer_range
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        fresh = torch.randn(len(redrawn), weight.shape[1]) * std
+        weight[redrawn.to(weight.device)] = fresh.to(weight.device, weight.dtype)
+    return redrawn.tolist()
+
+
 # -- the LM head on CPU ---------------------------------------------------------------------------
 
 
@@ -900,6 +923,7 @@ __all__ = [
     "OUTPUT_HEADS",
     "untie_output_head",
     "reinitialize_decoder_layers",
+    "redraw_text_rows",
     "LOSS_NORMALIZATIONS",
     "WallClockBudget",
     "CODE_LOGITS",

@@ -62,6 +62,7 @@ from .sft import (
     load_unicode_model,
     merge_adapter,
     prepare_full_finetune,
+    redraw_text_rows,
     reinitialize_decoder_layers,
     remove_partial_checkpoints,
     save_mllm,
@@ -110,6 +111,9 @@ class StageIIArguments:
     )
     axial_positions: bool = False  # both tables as grid row + column + level (config.position_embedding_layout)
     image_input_adapter_size: int = 0  # > 0: a residual MLP of that width over the input image's features
+    # With reinit_decoder: every embedding row that is not a visual code re-drawn too (sft.redraw_text_rows); the fresh
+    # layers learn the question-to-context comparison from such rows, not from stage 0's.
+    redraw_text_rows: bool = False
     decoder_layers: Optional[int] = None  # with reinit_decoder: how many fresh layers (default: the LLM's own count)
     decoder_intermediate_size: Optional[int] = None  # with reinit_decoder: the fresh layers' MLP width
     decoder_heads: Optional[int] = None  # with reinit_decoder: the fresh layers' attention heads (divide the width)
@@ -180,6 +184,7 @@ class StageIIArguments:
         "decoder_intermediate_size",
         "decoder_heads",
         "train_text_embeddings",
+        "redraw_text_rows",
     )
 
     @classmethod
@@ -598,6 +603,11 @@ def train_stage2(args: StageIIArguments) -> dict:
     for name in ("decoder_layers", "decoder_intermediate_size", "decoder_heads"):
         if getattr(args, name) is not None and not args.reinit_decoder:
             raise ValueError(f"{name} needs reinit_decoder=True: only freshly drawn layers can change their shape")
+    if args.redraw_text_rows and not args.reinit_decoder:
+        raise ValueError(
+            "redraw_text_rows=True needs reinit_decoder=True: an LLM's own layers read the text rows they were "
+            "trained with"
+        )
     if args.reinit_decoder and args.lora:
         raise ValueError(
             "reinit_decoder=True needs full fine-tuning (lora=False): LoRA cannot train freshly drawn layers"
@@ -624,6 +634,8 @@ def train_stage2(args: StageIIArguments) -> dict:
             intermediate_size=args.decoder_intermediate_size,
             num_heads=args.decoder_heads,
         )
+        if args.redraw_text_rows:
+            redraw_text_rows(model, seed=args.seed)
     if args.axial_positions:
         _use_axial_positions(model)
     if args.image_positions and model.model.image_position_embedding is None:
