@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from transformers import AutoModel, Cache, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.processing_utils import Unpack
@@ -219,6 +220,28 @@ class UniCodePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = "cache"
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Stage II's additions start at zero (`add_image_position_embedding` and the others say why); a model built
+        # from a config that already asks for them must get them so, not drawn by the generic init.
+        if any(module is starts_at_zero for starts_at_zero in self._zero_start_modules()):
+            for parameter in module.parameters(recurse=False):
+                init.zeros_(parameter)
+        else:
+            super()._init_weights(module)
+
+    def _zero_start_modules(self) -> list[nn.Module]:
+        base = getattr(self, self.base_model_prefix, self)
+        found = []
+        for name in ("image_position_embedding", "code_position_embedding"):
+            table = getattr(base, name, None)
+            if table is not None:
+                found.extend(part for part in table.modules() if isinstance(part, nn.Embedding))
+        adapter = getattr(base, "image_input_adapter", None)
+        if isinstance(adapter, UniCodeImageInputAdapter):
+            found.append(adapter.down)
+        return found
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         rows = new_num_tokens if new_num_tokens is not None else self.get_input_embeddings().weight.shape[0]

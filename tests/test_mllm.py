@@ -334,6 +334,29 @@ def test_image_input_adapter_starts_as_the_papers_input_remaps_each_placeholder_
         model.model.add_image_input_adapter(0)
 
 
+@pytest.mark.parametrize("layout", ["index", "axial"])
+def test_a_model_built_from_a_config_with_stage_iis_additions_starts_them_at_zero(layout):
+    """A config that already asks for the position tables and the adapter (a stage-II model rebuilt from its config,
+    e.g. before loading a checkpoint into it) gets them at zero, as `add_…` makes them: the generic init of
+    `post_init` must not draw them at random, or a fresh model would not compute what the paper's model does."""
+    model, _ = tiny_mllm()
+    config = type(model.config)(
+        **{
+            **model.config.to_dict(),
+            "image_position_embeddings": True,
+            "code_position_embeddings": True,
+            "position_embedding_layout": layout,
+            "image_input_adapter_size": 16,
+        }
+    )
+    built = type(model)(config).model
+    for table in (built.image_position_embedding, built.code_position_embedding):
+        assert all(p.abs().sum() == 0 for p in table.parameters())
+    adapter = built.image_input_adapter
+    assert adapter.down.weight.abs().sum() == 0 and adapter.down.bias.abs().sum() == 0
+    assert adapter.up.weight.abs().sum() > 0  # only the output layer starts at zero
+
+
 def test_code_position_embeddings_index_each_written_code_and_generation_matches_without_the_cache(tmp_path):
     """`config.code_position_embeddings`: each code id gets the row of its index in its image (counted since `<boi>`,
     carried across turns), other tokens none; the cached decoding loop passes the index it writes, so its codes
