@@ -343,7 +343,7 @@ class UniCodeConfig(PreTrainedConfig):
             input-image placeholder's features (its codes' rows, plus its position row when there is a position
             table) pass through before the LLM reads them ([`UniCodeImageInputAdapter`], which says why). The
             codes, their ids and the codebook rows are unchanged. Off in `tiny`, where it read worse
-            (docs/results.md, "An input adapter").
+            (docs/results.md, "The edge term on four more stage-I draws, and an input adapter").
     """
 
     model_type = "unicode"

@@ -234,13 +234,12 @@ class UniCodePreTrainedModel(PreTrainedModel):
     def _zero_start_modules(self) -> list[nn.Module]:
         base = getattr(self, self.base_model_prefix, self)
         found = []
-        for name in ("image_position_embedding", "code_position_embedding"):
-            table = getattr(base, name, None)
-            if table is not None:
-                found.extend(part for part in table.modules() if isinstance(part, nn.Embedding))
-        adapter = getattr(base, "image_input_adapter", None)
-        if isinstance(adapter, UniCodeImageInputAdapter):
-            found.append(adapter.down)
+        for name in ADDED_MODULES:
+            added = getattr(base, name, None)
+            if isinstance(added, UniCodeImageInputAdapter):
+                found.append(added.down)  # only the residual branch's output layer starts at zero
+            elif added is not None:
+                found.extend(part for part in added.modules() if isinstance(part, nn.Embedding))
         return found
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):

@@ -1,7 +1,7 @@
 """Can the tiny recipe's stage-II language model learn the existence comparison from text alone, with no image?
 
     python scripts/text_existence_probe.py <run folder> [--steps 2000] [--learning-rate 5e-4] [--batch-size 16]
-        [--decoder-layers 2] [--redraw-word-rows] [--answer-only] [--every 250] [--redraw-text-rows [--redraw-std S]]
+        [--decoder-layers 2] [--redraw-word-rows] [--answer-only] [--every 250] [--redraw-text-rows]
         [--all-text-rows] [--fp32] [--scale-rows F]
 
 Builds the model stage II starts from (`<run>/stage2/base`: an untied head that trains, 2 fresh decoder layers, the
@@ -15,9 +15,8 @@ eleven words' rows at random (same lengths), away from the directions stage 0 le
 words (unpredictable without the image) otherwise make up most of the loss.
 
 What else the rows are measured with (docs/results.md, "Text rows drawn afresh"): `--redraw-text-rows` re-draws
-every row that is not a visual code (`sft.redraw_text_rows`, the recipe option), `--redraw-std` at that scale instead
-of the LLM's init; `--all-text-rows` trains every text row, not only the eleven words'; `--scale-rows` multiplies the
-whole table; `--fp32` trains without bf16 autocast.
+every row that is not a visual code (`sft.redraw_text_rows`, the recipe option); `--all-text-rows` trains every text
+row, not only the eleven words'; `--scale-rows` multiplies the whole table; `--fp32` trains without bf16 autocast.
 """
 
 import argparse
@@ -70,7 +69,6 @@ def main() -> None:
     parser.add_argument("--all-text-rows", action="store_true")
     parser.add_argument("--fp32", action="store_true")
     parser.add_argument("--redraw-text-rows", action="store_true")
-    parser.add_argument("--redraw-std", type=float, default=None)
     parser.add_argument("--scale-rows", type=float, default=1.0)
     args = parser.parse_args()
 
@@ -78,10 +76,7 @@ def main() -> None:
     model, processor = load_model_and_processor(args.run / "stage2" / "base")
     table = model.get_input_embeddings().weight
     if args.redraw_text_rows:
-        redrawn = redraw_text_rows(model, seed=0)
-        if args.redraw_std is not None:
-            with torch.no_grad():
-                table[redrawn] *= args.redraw_std / model.config.get_text_config().initializer_range
+        redraw_text_rows(model, seed=0)
     if args.scale_rows != 1.0:
         with torch.no_grad():
             table.mul_(args.scale_rows)
