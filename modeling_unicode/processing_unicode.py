@@ -45,6 +45,44 @@ def image_then_text(text: str) -> list[dict]:
     return [{"type": "image"}, {"type": "text", "text": "\n" + text}]
 
 
+# Where a question about the image stands: the layout a model was trained to be asked in, saved with its processor
+# (`UniCodeProcessor.vqa_layout`) so that whoever asks it later asks the same way. "image_first" is the paper's (and
+# the default): the image, then the question. "question_first" asks before the image, so that the image's positions
+# can attend to the asked words. "describe_first" opens with the image's caption as an assistant turn and asks after
+# it, so that a question about colours and shapes can be answered by reading words; at inference the model writes that
+# caption itself first (`UniCodeProcessor.description_prompt`), so the answer still comes from the image.
+VQA_LAYOUTS = ("image_first", "question_first", "describe_first")
+# The request whose answer is the caption a "describe_first" conversation opens with (also stage II's first caption
+# template, so the model has been asked it in training).
+DESCRIBE_REQUEST = "Describe this image."
+
+
+def check_vqa_layout(vqa_layout: str) -> None:
+    if vqa_layout not in VQA_LAYOUTS:
+        raise ValueError(f"vqa_layout={vqa_layout!r} is not a VQA layout; use one of {list(VQA_LAYOUTS)}")
+
+
+def question_messages(question: str, vqa_layout: str = "image_first", description: Optional[str] = None) -> list:
+    """The chat messages of a question about the one image, up to its answer, in `vqa_layout`: the one definition of
+    the layouts, used by stage II's rows and by every prompt. `description` (the image's caption) is needed by, and
+    only by, "describe_first"."""
+    check_vqa_layout(vqa_layout)
+    if (description is None) == (vqa_layout == "describe_first"):
+        raise ValueError(
+            f"description={description!r}: the describe_first layout needs the image's caption (ask "
+            "description_prompt() first and pass its answer), the others take none"
+        )
+    if vqa_layout == "question_first":
+        return [{"role": "user", "content": [{"type": "text", "text": question + "\n"}, {"type": "image"}]}]
+    if vqa_layout == "image_first":
+        return [{"role": "user", "content": image_then_text(question)}]
+    return [
+        {"role": "user", "content": image_then_text(DESCRIBE_REQUEST)},
+        {"role": "assistant", "content": [{"type": "text", "text": description}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]
+
+
 class UniCodeProcessor(ProcessorMixin):
     r"""Tokenizer + image processor for the UniCode MLLM.
 
@@ -64,6 +102,8 @@ class UniCodeProcessor(ProcessorMixin):
         num_image_tokens (`int`): placeholders per input image — `UniCodeConfig.image_seq_length`;
             `from_model_config` fills it in.
         image_generation_template (`str`): text-to-image instruction with a `{caption}` field.
+        vqa_layout (`str`): where a question stands against the image (`VQA_LAYOUTS`): the layout the model was
+            trained to be asked in. Stage II records it; `question_prompt` follows it.
     """
 
     valid_processor_kwargs = UniCodeProcessorKwargs
@@ -75,6 +115,7 @@ class UniCodeProcessor(ProcessorMixin):
         chat_template: Optional[str] = None,
         num_image_tokens: int = 64,
         image_generation_template: str = DEFAULT_IMAGE_GENERATION_TEMPLATE,
+        vqa_layout: str = "image_first",
         **kwargs,
     ):
         missing = [
@@ -93,6 +134,8 @@ class UniCodeProcessor(ProcessorMixin):
             raise ValueError("image_generation_template must contain '{caption}' where the description goes")
         self.num_image_tokens = int(num_image_tokens)
         self.image_generation_template = image_generation_template
+        check_vqa_layout(vqa_layout)
+        self.vqa_layout = vqa_layout
         self.image_token, self.boi_token, self.eoi_token = IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN
         if tokenizer is not None:
             self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -146,13 +189,21 @@ class UniCodeProcessor(ProcessorMixin):
         messages = [{"role": "user", "content": [{"type": "text", "text": instruction}]}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def question_prompt(self, question: str) -> str:
+    def question_prompt(self, question: str, description: Optional[str] = None) -> str:
         """The prompt for a question about the one input image, as a string ending where the model answers, laid
-        out as stage II's rows are (`image_then_text`). Pass it with the image:
-        `processor(text=processor.question_prompt(q), images=image)`."""
+        out as the model was trained to be asked (`vqa_layout`). Pass it with the image:
+        `processor(text=processor.question_prompt(q), images=image)`. A "describe_first" model answers after its
+        own caption of the image: generate the answer to `description_prompt()` first and pass it as
+        `description`."""
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}")
-        messages = [{"role": "user", "content": image_then_text(question)}]
+        messages = question_messages(question, self.vqa_layout, description)
+        return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def description_prompt(self) -> str:
+        """The prompt that asks for the image's caption (pass it with the image), the first of the two prompts a
+        "describe_first" model is asked in."""
+        messages = question_messages(DESCRIBE_REQUEST, "image_first")
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _image_generation_inputs(self, images, text, **kwargs) -> BatchFeature:
@@ -212,4 +263,11 @@ class UniCodeProcessor(ProcessorMixin):
         return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
 
 
-__all__ = ["UniCodeProcessor", "DEFAULT_CHAT_TEMPLATE", "DEFAULT_IMAGE_GENERATION_TEMPLATE"]
+__all__ = [
+    "UniCodeProcessor",
+    "DEFAULT_CHAT_TEMPLATE",
+    "DEFAULT_IMAGE_GENERATION_TEMPLATE",
+    "DESCRIBE_REQUEST",
+    "VQA_LAYOUTS",
+    "question_messages",
+]

@@ -630,6 +630,8 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     import subprocess
     import sys
 
+    from transformers import AutoProcessor
+
     folder, _ = demo_run
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
     common = [
@@ -696,6 +698,8 @@ def test_learning_benchmark_trains_each_variant_for_its_seconds_or_steps_and_tab
     stepped = json.loads((tmp_path / "steps" / "head-s0" / "result.json").read_text())
     assert stepped["steps"] == stepped["steps_budget"] == 3 and stepped["seconds_budget"] is None
     assert stepped["settings"]["vqa_layout"] == "describe_first" and 0 <= stepped["vqa"]["accuracy"] <= 1
+    # the layout travels with the saved model, so whoever loads it asks as it was trained
+    assert AutoProcessor.from_pretrained(tmp_path / "steps" / "head-s0" / "mllm").vqa_layout == "describe_first"
     # --rescore: the kept models scored again on a larger evaluation set; training figures stand
     common[common.index("--work") + 1] = str(tmp_path)
     common[common.index("--vqa-images") + 1] = "4"

@@ -138,6 +138,27 @@ def test_question_prompt_is_the_image_a_newline_and_the_question():
         processor.question_prompt(3)
 
 
+def test_question_prompt_follows_the_layout_the_model_was_trained_in_and_the_layout_is_saved(tmp_path):
+    model, processor = tiny_mllm("rq")
+    processor.vqa_layout = "question_first"
+    assert processor.question_prompt("what color?") == "USER: what color?\n<image>\nASSISTANT:"
+    processor.vqa_layout = "describe_first"
+    with pytest.raises(ValueError, match="describe_first layout needs the image's caption.*description_prompt"):
+        processor.question_prompt("what color?")
+    assert processor.description_prompt() == "USER: <image>\nDescribe this image.\nASSISTANT:"
+    eos = processor.tokenizer.eos_token
+    assert processor.question_prompt("what color?", description="a red circle") == (
+        f"USER: <image>\nDescribe this image.\nASSISTANT: a red circle{eos}\nUSER: what color?\nASSISTANT:"
+    )
+    model.config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).vqa_layout == "describe_first"
+    with pytest.raises(ValueError, match="vqa_layout='caption_first' is not a VQA layout.*describe_first"):
+        UniCodeProcessor(
+            image_processor=processor.image_processor, tokenizer=processor.tokenizer, vqa_layout="caption_first"
+        )
+
+
 def test_image_generation_prompts_come_with_the_empty_caption_unconditional_prompt():
     _, processor = tiny_mllm("rq")
     inputs = processor(text=["a red circle", "a big blue square"], generation_mode="image")

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from modeling_unicode.image_processing_unicode import UniCodeImageProcessor
 from modeling_unicode.modeling_unicode import check_guidance_scale
+from modeling_unicode.processing_unicode import check_vqa_layout, question_messages
 from modeling_unicode.quantization_unicode import token_ids_to_code_indices
 
-from . import templates
 from .data.shapes import (
     TRAIN_PAIRS,
     build_split,
@@ -42,17 +42,17 @@ from .data.shapes import (
 )
 from .metrics import load_metric
 from .stage1 import images_to_uint8, to_pixel_values
-from .tasks import check_vqa_layout, image_then, vqa_opening
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def vqa_prompt(processor, question: str, vqa_layout: str = "image_first", description: Optional[str] = None) -> str:
+def vqa_prompt(processor, question: str, vqa_layout: Optional[str] = None, description: Optional[str] = None) -> str:
     """The prompt stage II trains VQA on (`templates.VQA[0]`: the question as asked), laid out as the model was
-    trained (`tasks.vqa_opening`; `description`, the image's caption, for "describe_first")."""
-    messages = vqa_opening(question, vqa_layout, description)
+    trained: `vqa_layout`, by default the one its processor records (`question_messages`; `description`, the
+    image's caption, for "describe_first")."""
+    messages = question_messages(question, vqa_layout or processor.vqa_layout, description)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -80,9 +80,9 @@ def _generate_text(model, processor, prompts: list[str], images, batch_size: int
 
 @torch.no_grad()
 def describe_images(model, processor, images, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
-    """Greedy captions (`templates.CAPTION[0]`), one per image: what a "describe_first" model answers from."""
-    asked = [image_then(templates.CAPTION[0])]
-    prompt = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=False)
+    """Greedy captions (`DESCRIBE_REQUEST`, also `templates.CAPTION[0]`), one per image: what a "describe_first"
+    model answers from."""
+    prompt = processor.description_prompt()
     return _generate_text(model, processor, [prompt] * len(images), images, batch_size, max_new_tokens, "captions")
 
 
@@ -95,10 +95,12 @@ def answer_questions(
     batch_size: int = 16,
     max_new_tokens: int = 8,
     desc: str = "VQA",
-    vqa_layout: str = "image_first",
+    vqa_layout: Optional[str] = None,
 ) -> list[str]:
-    """Greedy answers, one per (image, question) pair. With "describe_first" the model first captions each
-    distinct image (by identity) and answers after its own caption."""
+    """Greedy answers, one per (image, question) pair, asked in `vqa_layout` (default: the processor's, the layout
+    the model was trained in). With "describe_first" the model first captions each distinct image (by identity)
+    and answers after its own caption."""
+    vqa_layout = vqa_layout or processor.vqa_layout
     check_vqa_layout(vqa_layout)
     if len(images) != len(questions):
         raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must pair up one to one")
@@ -128,7 +130,7 @@ def evaluate_vqa(
     batch_size: int = 16,
     desc: str = "VQA",
     swapped_images: bool = False,
-    vqa_layout: str = "image_first",
+    vqa_layout: Optional[str] = None,
 ) -> dict:
     """Accuracy (overall, per type) of the model and of the prior-only baseline on every question of
     `dataset`; also returns the (image, question, answer, prediction) tuples.

@@ -142,7 +142,7 @@ class StageIIArguments:
     # comparing the question with the image (training.tasks.understanding_tasks).
     yes_no_questions_per_image: Optional[dict[str, int]] = None
     # Where each VQA conversation's first question stands: "image_first", "question_first" or "describe_first"
-    # (training.tasks.VQA_LAYOUTS, training.tasks.vqa_opening).
+    # (processing_unicode.VQA_LAYOUTS); recorded in the saved processor, which evaluation asks in.
     vqa_layout: str = "image_first"
     # Each VQA conversation ends with a caption turn (training.tasks.understanding_tasks).
     caption_closes_vqa: bool = False
@@ -626,6 +626,8 @@ def train_stage2(args: StageIIArguments) -> dict:
     start = stage_paths(args.run_dir, args.stage, args.from_decompressed)
     base = start["base"]
     model, processor = load_model_and_processor(base)
+    # Saved with the model, so that evaluation, the Space and users ask it as it was trained.
+    processor.vqa_layout = args.vqa_layout
     if args.reinit_decoder and base == start["assembled"]:  # not again after decompression pre-training
         reinitialize_decoder_layers(
             model,
@@ -759,7 +761,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         save_adapter(trainer, paths["adapter"])
     if trainer.accelerator.is_main_process:
         if args.lora:
-            merge_adapter(paths["adapter"], paths["merged"], base=base, processor_from=base)
+            merge_adapter(paths["adapter"], paths["merged"], base=base, processor=processor)
         else:
             save_mllm(trainer.accelerator.unwrap_model(trainer.model), processor, paths["merged"])
         metrics = {

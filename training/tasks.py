@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 
 from modeling_unicode import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
-from modeling_unicode.processing_unicode import image_then_text
+from modeling_unicode.processing_unicode import VQA_LAYOUTS, check_vqa_layout, image_then_text, question_messages
 
 from . import templates
 from .codes import CODES_COLUMN
@@ -53,37 +53,13 @@ def image_then(text: str) -> dict:
     return _turn("user", *({**_item(part["type"]), **part} for part in image_then_text(text)))
 
 
-# Where a VQA conversation's first question stands (`vqa_opening`). "image_first" is the paper's (and the default):
-# the image, then the question. "question_first" asks before the image, so that the image's positions can attend to
-# the asked words. "describe_first" opens with the image's caption as an assistant turn and asks after it, so that
-# a question about colours and shapes can be answered by reading words; at inference the model writes that caption
-# itself (`evaluation.describe_images`), so the answer still comes from the image (docs/results.md, "Describe,
-# then answer").
-VQA_LAYOUTS = ("image_first", "question_first", "describe_first")
-
-
-def check_vqa_layout(vqa_layout: str) -> None:
-    if vqa_layout not in VQA_LAYOUTS:
-        raise ValueError(f"vqa_layout={vqa_layout!r} is not a VQA layout; use one of {list(VQA_LAYOUTS)}")
-
-
 def vqa_opening(question_prompt: str, vqa_layout: str = "image_first", description: Optional[str] = None):
-    """The messages of a VQA conversation up to its first answer, for training rows and evaluation prompts alike.
-    `description` (the caption turn's text) is needed by, and only by, "describe_first"; the turn that asks for it
-    is always `templates.CAPTION[0]`, the prompt evaluation captions with."""
-    check_vqa_layout(vqa_layout)
-    if (description is None) == (vqa_layout == "describe_first"):
-        raise ValueError(
-            f"description={description!r}: the describe_first layout needs the image's caption, the others take none"
-        )
-    if vqa_layout == "question_first":
-        return [_turn("user", _text(question_prompt + "\n"), _item("image"))]
-    if vqa_layout == "image_first":
-        return [image_then(question_prompt)]
+    """The messages of a VQA conversation up to its first answer in `vqa_layout`, in the rows' schema: the
+    processor's layouts (`question_messages`, the one definition, which evaluation's prompts use too).
+    `description` (the caption turn's text) is needed by, and only by, "describe_first"."""
     return [
-        image_then(templates.CAPTION[0]),
-        _turn("assistant", _text(description)),
-        _turn("user", _text(question_prompt)),
+        _turn(message["role"], *({**_item(part["type"]), **part} for part in message["content"]))
+        for message in question_messages(question_prompt, vqa_layout, description)
     ]
 
 

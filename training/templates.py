@@ -2,10 +2,11 @@
 
 The first text-to-image template is the processor's `DEFAULT_IMAGE_GENERATION_TEMPLATE`, and a
 dropped caption always uses it with `caption=""`: that is exactly the unconditional prompt
-`UniCodeProcessor(..., generation_mode="image")` builds for classifier-free guidance.
+`UniCodeProcessor(..., generation_mode="image")` builds for classifier-free guidance. The first caption request
+is the processor's `DESCRIBE_REQUEST`, the one a "describe_first" model is asked first.
 """
 
-from modeling_unicode.processing_unicode import DEFAULT_IMAGE_GENERATION_TEMPLATE
+from modeling_unicode.processing_unicode import DEFAULT_IMAGE_GENERATION_TEMPLATE, DESCRIBE_REQUEST
 
 TEXT_TO_IMAGE = (
     DEFAULT_IMAGE_GENERATION_TEMPLATE,
@@ -21,7 +22,7 @@ TEXT_TO_IMAGE = (
 )
 
 CAPTION = (
-    "Describe this image.",
+    DESCRIBE_REQUEST,  # the first: the request a "describe_first" conversation opens with
     "What is in this picture?",
     "Write a short caption for the image.",
     "Describe the scene briefly.",

@@ -96,16 +96,21 @@ class UniCodeDemo:
         if not question:
             raise gr.Error("Type a question about the image.")
         self._check_text(question, "question")
-        prompt = self.processor.question_prompt(question)  # the layout stage II's VQA rows are written in
+        description = None
+        if self.processor.vqa_layout == "describe_first":  # this model answers after its own caption of the image
+            description = self._reply(image, self.processor.description_prompt(), max_new_tokens=96)
+        # The layout the model was trained to be asked in (the processor records it).
+        prompt = self.processor.question_prompt(question, description=description)
+        answer = self._reply(image, prompt, max_new_tokens=self.max_new_tokens)
+        return answer or "(the model gave an empty answer)"
+
+    def _reply(self, image, prompt: str, max_new_tokens: int) -> str:
         inputs = self.processor(images=[image], text=prompt).to(self.model.device)
         with self._refusals("question"):
             ids = self.model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=False
+                **inputs, max_new_tokens=max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=False
             )
-        answer = self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[
-            0
-        ].strip()
-        return answer or "(the model gave an empty answer)"
+        return self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
 
     @torch.no_grad()
     def generate(self, prompt: str, guidance: float, seed: int) -> PIL.Image.Image:
