@@ -63,6 +63,12 @@ def test_space_actions_and_bad_input(app, tmp_path, monkeypatch):
     monkeypatch.setattr(type(processor), "__call__", lambda self, **kw: prompts.append(kw["text"]) or call(self, **kw))
     demo.ask(str(picture), "what color is the shape?")
     assert prompts == [vqa_prompt(processor, "what color is the shape?")]
+    # a model trained describe-first is asked for its caption first, then the question after it
+    prompts.clear()
+    processor.vqa_layout = "describe_first"
+    demo.ask(str(picture), "what color is the shape?")
+    assert len(prompts) == 2 and prompts[0] == processor.description_prompt()
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("USER: what color is the shape?\nASSISTANT:")
     monkeypatch.undo()
     with pytest.raises(ValueError, match="min_new_tokens"):
         app.UniCodeDemo(model, processor, max_new_tokens=2, min_new_tokens=4)
