@@ -94,6 +94,9 @@ def test_demo_writes_the_run_folder_of_the_design(demo_run):
     # Trained in stage 0: no Hub id to name (the card describes the LLM instead), and never the run's local path.
     assert settings["base_model"] is None and settings["vision_tokenizer"]["codebook_size"] == 128
     assert settings["stage2"]["lora"] is False and settings["decompression_pretraining"] is True
+    # the model preset says how the LLM reads an image, and the trained model carries it
+    assert settings["visual_input"] == load_preset("tiny")["visual_input"] == model.config.visual_input
+    assert processor.num_image_tokens == model.config.image_seq_length
     assert set(report["wall_seconds"]) >= {
         "stage0_text_lm",
         "stage1_tokenizer",
@@ -598,6 +601,15 @@ def test_swapped_image_vqa_asks_each_question_about_the_next_scene(monkeypatch):
         evaluation.evaluate_vqa(
             None, None, build_split("test", 1, image_size=32, seed=0), prior={}, swapped_images=True
         )
+
+
+def test_a_model_preset_says_how_the_llm_reads_an_image(tmp_path):
+    from training.presets import load_preset, preset_visual_input
+
+    assert preset_visual_input("tiny") == load_preset("tiny")["visual_input"]
+    assert preset_visual_input({"text_model": {}}) == "aggregate"  # the paper's, when a preset does not say
+    with pytest.raises(ValueError, match="the model preset's visual_input='concat' is not one of"):
+        preset_visual_input({"visual_input": "concat"})
 
 
 def test_small_preset_vocabulary_fits_the_offline_text_corpus():

@@ -227,9 +227,10 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     merged_budget = {**(_recipe(preset).get("ablate") or {}), **(budget or {})}
     demo_budget(preset, merged_budget)  # fail early on a bad key, before any training
-    base = DemoArguments(
-        output_dir="", preset=preset, seed=seed, device=device, budget=merged_budget, **(demo_overrides or {})
-    )
+    # The baseline is the paper's design, whatever the preset reads its images with: each factor varies one choice
+    # of the paper's, so `visual_input=flatten` is compared with the paper's aggregate input.
+    overrides = {"visual_input": "aggregate", **(demo_overrides or {})}
+    base = DemoArguments(output_dir="", preset=preset, seed=seed, device=device, budget=merged_budget, **overrides)
     started = time.perf_counter()
     print("== ablation variant: baseline", flush=True)
     baseline_report = run_demo(_variant_arguments(base, None, None, out / "baseline"))

@@ -66,7 +66,7 @@ from .evaluation import (
     require_whole_number,
 )
 from .language import language_kept, text_perplexity
-from .presets import load_preset, load_recipe
+from .presets import load_preset, load_recipe, preset_visual_input
 from .run_guard import setting_differences
 from .stage1 import StageIArguments, StageITrainer, images_to_uint8
 from .stage2 import (
@@ -130,7 +130,7 @@ class DemoArguments:
     codebook_size: Optional[int] = None
     paradigm: Optional[str] = None
     quantizer: Optional[str] = None
-    visual_input: str = "aggregate"
+    visual_input: Optional[str] = None  # "aggregate" | "flatten"; default: the model preset's
     decompress: bool = True
     quiet: bool = False
 
@@ -189,6 +189,7 @@ class DemoPlan:
     budget: dict  # the recipe's `demo` section with DemoArguments.budget, checked; the goals apart
     goals: dict
     decompress: bool  # decompression pre-training runs (`decompress_steps: 0` in a budget skips it too)
+    visual_input: str  # how an input image enters the LLM: DemoArguments.visual_input, else the model preset's
     # Stage II trains LoRA adapters (the recipe's `stage2.lora`; LoRA unless it says full fine-tuning): it decides
     # the SFT arguments, when a stage-II folder is complete, and whether the run has an adapter.
     lora: bool
@@ -205,6 +206,7 @@ class DemoPlan:
             budget=budget,
             goals=goals,
             decompress=args.decompress and budget["decompress_steps"] > 0,
+            visual_input=args.visual_input or preset_visual_input(preset),
             lora=bool(recipe.get("stage2", {}).get("lora", True)),
         )
 
@@ -264,7 +266,7 @@ def stage_settings(args: DemoArguments, plan: DemoPlan) -> dict[str, dict]:
         "codebook_size": args.codebook_size,
         "recipe_stage1": _without(plan.section("stage1"), "max_steps"),
     }
-    upstream = settings["code_datasets"] = {**upstream, "visual_input": args.visual_input}
+    upstream = settings["code_datasets"] = {**upstream, "visual_input": plan.visual_input}
     stage2 = plan.section("stage2")
     shared = {
         "task_rows_sha256": task_rows_fingerprint(),
@@ -664,7 +666,7 @@ def _check_demo_process(args: DemoArguments) -> None:
             check_llm_path(args.llm, "--llm")
         except ValueError as error:
             raise DemoSettingsError(str(error)) from None
-    if args.visual_input not in ("aggregate", "flatten"):
+    if args.visual_input not in (None, "aggregate", "flatten"):
         raise DemoSettingsError(f"visual_input={args.visual_input!r} must be 'aggregate' or 'flatten'")
 
 
@@ -742,7 +744,7 @@ def _demo_report(
             "base_model": args.llm or preset["text_model"].get("name_or_path") or preset["text_model"].get("hub_id"),
             "text_model": preset["text_model"],
             "budget": budget,
-            "visual_input": args.visual_input,
+            "visual_input": plan.visual_input,
             "decompression_pretraining": plan.decompress,
             "stage2": _without(plan.section("stage2"), "train_images", "eval_images", "decompress", "sft", "trainer"),
             "vision_tokenizer": {
@@ -858,7 +860,7 @@ class DemoRun:
 
         def codes():
             model, _ = load_model_and_processor(
-                assemble_base(self.run, args.preset, llm=args.llm and str(llm), visual_input=args.visual_input)
+                assemble_base(self.run, args.preset, llm=args.llm and str(llm), visual_input=self.plan.visual_input)
             )
             shapes_code_datasets(
                 self.run, model, budget["stage2_train_images"], budget["stage2_eval_images"], args.seed

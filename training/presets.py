@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from modeling_unicode import UniCodeVisualTokenizerConfig
+from modeling_unicode.configuration_unicode import VISUAL_INPUTS
 
 
 def configuration_dir() -> Path:
@@ -62,6 +63,16 @@ def recipe_settings(arguments_class, sections: list[dict], overrides: dict) -> t
             f"{arguments_class.__name__}.from_recipe got unknown settings {unknown}; the fields are {sorted(names)}"
         )
     return {**settings, **given}, given
+
+
+def preset_visual_input(preset: str | dict) -> str:
+    """How an input image enters the LLM in a model preset (its `visual_input`; without one the paper's
+    "aggregate"): `UniCodeConfig.visual_input` of the MLLM assembled from it."""
+    data = load_preset(preset) if isinstance(preset, str) else preset
+    value = data.get("visual_input", "aggregate")
+    if value not in VISUAL_INPUTS:
+        raise ValueError(f"the model preset's visual_input={value!r} is not one of {list(VISUAL_INPUTS)}")
+    return value
 
 
 def vision_tokenizer_config(preset: str | dict, **overrides):

@@ -47,7 +47,7 @@ from modeling_unicode import (
 from .checkpointing import atomic_directory, atomic_write_json, is_complete, naming_corrupt_files, naming_full_disk
 from .codes import cached_code_dataset, code_signature
 from .data.shapes import build_split, scene_from_json
-from .presets import load_preset, load_recipe, recipe_settings
+from .presets import load_preset, load_recipe, preset_visual_input, recipe_settings
 from .rehearsal import rehearsal_dataset, rehearsal_share, with_reference_columns
 from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
 from .sft import (
@@ -259,10 +259,11 @@ def _llm_source(run: Path, preset: str, llm: Optional[str]) -> str:
 
 
 def assemble_base(
-    run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None, visual_input: str = "aggregate"
+    run_dir: str | os.PathLike, preset: str = "tiny", llm: Optional[str] = None, visual_input: Optional[str] = None
 ) -> Path:
     """Assemble the MLLM from stage 0/I outputs into `<run>/stage2/base` (once; atomic).
-    `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes)."""
+    `visual_input`: "aggregate" (the paper's compressed image input) or "flatten" (all ĥŵD codes); default: the
+    model preset's (`presets.preset_visual_input`)."""
     run = Path(run_dir)
     out = stage_paths(run, "decompress")["assembled"]
     if is_complete(out):
@@ -274,7 +275,7 @@ def assemble_base(
     vision = UniCodeVisualTokenizer.from_pretrained(run / VISION_TOKENIZER_DIR).eval()
     model_llm, tokenizer = load_text_lm(_llm_source(run, preset, llm))
     model = UniCodeForConditionalGeneration.from_pretrained_parts(
-        model_llm, tokenizer, vision, visual_input=visual_input
+        model_llm, tokenizer, vision, visual_input=visual_input or preset_visual_input(preset)
     )
     processor = UniCodeProcessor.from_model_config(
         model.config, tokenizer, UniCodeImageProcessor(size=vision.config.image_size)
