@@ -603,7 +603,7 @@ def test_swapped_image_vqa_asks_each_question_about_the_next_scene(monkeypatch):
         )
 
 
-def test_a_model_preset_says_how_the_llm_reads_an_image(tmp_path):
+def test_a_model_preset_says_how_the_llm_reads_an_image():
     from training.presets import load_preset, preset_visual_input
 
     assert preset_visual_input("tiny") == load_preset("tiny")["visual_input"]
