@@ -886,19 +886,18 @@ def merge_adapter(
     adapter: str | os.PathLike,
     output: str | os.PathLike,
     base: Optional[str | os.PathLike] = None,
-    processor_from=None,
     processor=None,
 ) -> Path:
     """Fold a LoRA adapter into its base model and save an HF folder (model + processor) atomically.
 
-    `base` defaults to the adapter's `base_model_name_or_path`; the processor saved is `processor`, else the one
-    of `processor_from` (default: the base folder)."""
+    `base` defaults to the adapter's `base_model_name_or_path`; the processor saved is `processor` (stage II's,
+    which records how the model was trained to be asked), else the base folder's."""
     adapter = require_adapter_folder(adapter)
     base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     if not base:
         raise ValueError("the adapter records no base model; pass base= the model folder it was trained on")
     model = load_adapter_model(base, adapter).merge_and_unload()
-    processor = processor or AutoProcessor.from_pretrained(str(processor_from or base))
+    processor = processor or AutoProcessor.from_pretrained(str(base))
     return save_mllm(model, processor, output)
 
 

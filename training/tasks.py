@@ -46,21 +46,23 @@ def _turn(role: str, *items: dict) -> dict:
     return {"role": role, "content": list(items)}
 
 
+def _row_turn(message: dict) -> dict:
+    """A chat message of the processor's (`question_messages`, `image_then_text`) in the rows' schema."""
+    return _turn(message["role"], *({**_item(part["type"]), **part} for part in message["content"]))
+
+
 def image_then(text: str) -> dict:
     """The user turn that shows the image and asks about it, in the processor's layout (`image_then_text`, shipped
     with every exported model), its items in the rows' schema. Every task that reads an image opens this way, and so
     do the evaluation's prompts."""
-    return _turn("user", *({**_item(part["type"]), **part} for part in image_then_text(text)))
+    return _row_turn({"role": "user", "content": image_then_text(text)})
 
 
 def vqa_opening(question_prompt: str, vqa_layout: str = "image_first", description: Optional[str] = None):
     """The messages of a VQA conversation up to its first answer in `vqa_layout`, in the rows' schema: the
     processor's layouts (`question_messages`, the one definition, which evaluation's prompts use too).
     `description` (the caption turn's text) is needed by, and only by, "describe_first"."""
-    return [
-        _turn(message["role"], *({**_item(part["type"]), **part} for part in message["content"]))
-        for message in question_messages(question_prompt, vqa_layout, description)
-    ]
+    return [_row_turn(message) for message in question_messages(question_prompt, vqa_layout, description)]
 
 
 def segment_bounds(num_codes: int, depth: int, segments: int) -> list[int]:
