@@ -398,6 +398,28 @@ def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm)
         vqa_prompt(processor, questions[0], "describe_first")
 
 
+def test_each_image_is_encoded_once_however_many_questions_ask_about_it(mllm):
+    from training.evaluation import answer_questions, vqa_prompt
+
+    model, processor = mllm
+    model.eval()
+    scenes = [row["image"] for row in shapes_at(16, 3)]
+    images = [scenes[0], scenes[1], scenes[0], scenes[2], scenes[1]]
+    questions = ["How many shapes are there?", "What shape is in the center?", "Is there a red circle?", "Where?", "?"]
+    encoded = []
+    encode = model.model.encode_images
+    model.model.encode_images = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    try:
+        answers = answer_questions(model, processor, images, questions, batch_size=2, vqa_layout="image_first")
+    finally:
+        del model.model.encode_images
+    assert sum(encoded) == 3  # three distinct images, across batches too
+    for image, question, answer in zip(images, questions, answers):  # as if each pair were asked alone
+        inputs = processor(text=vqa_prompt(processor, question, "image_first"), images=image, return_tensors="pt")
+        alone = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        assert answer == processor.tokenizer.decode(alone, skip_special_tokens=True).strip()
+
+
 def test_several_captions_per_image_are_different_captions_of_that_scene(codes):
     train, _ = codes
     scenes = train.select(range(3))
