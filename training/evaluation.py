@@ -63,8 +63,8 @@ def _generate_text(model, processor, prompts: list[str], images, batch_size: int
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts: list[str] = []
-    # VQA asks each image several questions; encoding it again for every one was about 40 % of answering them
-    # (docs/results.md, "A leaner tokenizer and a faster evaluation"). Each image object is encoded once.
+    # VQA asks each image several questions, and encoding it again for every one was a large share of answering
+    # them (docs/results.md, "A leaner tokenizer and a faster evaluation"): each image object is encoded once.
     codes_of: dict[int, torch.Tensor] = {}
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
