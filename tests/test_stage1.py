@@ -165,6 +165,24 @@ def test_partial_checkpoint_is_never_resumed_from(tmp_path, llm_dir):
     assert latest_checkpoint(tmp_path / "stage1" / "checkpoints").name == "step-0000001"
 
 
+def test_stage_one_is_the_same_draw_whatever_an_earlier_trainer_left_in_the_process(tmp_path, llm_dir):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    weights = []
+    for earlier in ("no", "bf16"):  # nothing ran before, or stage 0's bf16 Trainer did (the demo)
+        AcceleratorState._reset_state()
+        Accelerator(cpu=True, mixed_precision=earlier)
+        trainer = make_trainer(tmp_path / earlier, llm_dir)
+        assert trainer.accelerator.mixed_precision == "bf16"  # its own (`bf16: true`), not the earlier one's
+        trainer.train()
+        weights.append({k: v.clone() for k, v in trainer.unwrapped.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="bf16")
+    assert make_trainer(tmp_path / "fp32", llm_dir, bf16=False).accelerator.mixed_precision == "no"
+
+
 def test_bad_inputs_are_named(tmp_path, llm_dir):
     args = dict(output_dir=str(tmp_path), llm_path=str(llm_dir), max_steps=2, batch_size=4)
     images = tiny_images()

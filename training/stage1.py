@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -262,7 +263,13 @@ class CorruptCheckpointError(ValueError):
 class StageITrainer:
     def __init__(self, args: StageIArguments, train_images, eval_images, text_blocks: Optional[torch.Tensor] = None):
         self.args = args
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # accelerate keeps one process-wide state, and an Accelerator built without a precision takes whatever an
+        # earlier one set: after stage 0's Trainer (bf16) in the same process, stage I ran under that precision, and
+        # the same seed gave another tokenizer than stage I alone (docs/results.md, "A leaner tokenizer and a faster
+        # evaluation"). Stage I states its own, as transformers' TrainingArguments does (the process group stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
+        precision = "bf16" if args.bf16 else "no"
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
         self.device = self.accelerator.device
         self.out = Path(args.output_dir)
         self.work = self.out / STAGE1_DIR
