@@ -293,6 +293,14 @@ def check_adapter_size(size) -> None:
         )
 
 
+def check_visual_input(visual_input, argument: str = "visual_input") -> str:
+    """`visual_input` if it is one of `VISUAL_INPUTS` (how an input image enters the LLM), else an error naming
+    `argument`: the one check for the config, the presets and the demo."""
+    if visual_input not in VISUAL_INPUTS:
+        raise ValueError(f"{argument}={visual_input!r} is not one of {list(VISUAL_INPUTS)}")
+    return visual_input
+
+
 def image_placeholder_count(vq_config: UniCodeVisualTokenizerConfig, visual_input: str = "aggregate") -> int:
     """How many placeholder tokens one input image occupies in the LLM sequence.
 
@@ -301,9 +309,7 @@ def image_placeholder_count(vq_config: UniCodeVisualTokenizerConfig, visual_inpu
     its four bottom codes would lose which bottom code sits where. The processor and the model both
     ask this function, so they cannot disagree.
     """
-    if visual_input not in VISUAL_INPUTS:
-        raise ValueError(f"visual_input={visual_input!r} is not supported; use one of {list(VISUAL_INPUTS)}")
-    if visual_input == "flatten":
+    if check_visual_input(visual_input) == "flatten":
         return vq_config.tokens_per_image
     positions = vq_config.code_grid_size**2
     return 4 * positions if vq_config.quantizer == "hq" else positions
@@ -427,8 +433,7 @@ class UniCodeConfig(PreTrainedConfig):
             )
 
     def validate_fields(self) -> None:
-        if self.visual_input not in VISUAL_INPUTS:
-            raise ValueError(f"visual_input={self.visual_input!r} is not supported; use one of {list(VISUAL_INPUTS)}")
+        check_visual_input(self.visual_input)
         if self.position_embedding_layout not in POSITION_EMBEDDING_LAYOUTS:
             raise ValueError(
                 f"position_embedding_layout={self.position_embedding_layout!r} is not supported; use one of "
@@ -478,6 +483,7 @@ __all__ = [
     "UniCodeVisualTokenizerConfig",
     "UniCodeConfig",
     "image_placeholder_count",
+    "check_visual_input",
     "VISUAL_INPUTS",
     "IMAGE_TOKEN",
     "BOI_TOKEN",

@@ -53,7 +53,7 @@ from hub_upload.run_folder import (
     VISION_TOKENIZER_DIR,
 )
 from modeling_unicode import UniCodeVisualTokenizerConfig
-from modeling_unicode.configuration_unicode import VISUAL_INPUTS
+from modeling_unicode.configuration_unicode import check_visual_input
 from modeling_unicode.modeling_unicode import check_guidance_scale
 
 from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
@@ -667,8 +667,11 @@ def _check_demo_process(args: DemoArguments) -> None:
             check_llm_path(args.llm, "--llm")
         except ValueError as error:
             raise DemoSettingsError(str(error)) from None
-    if args.visual_input is not None and args.visual_input not in VISUAL_INPUTS:
-        raise DemoSettingsError(f"visual_input={args.visual_input!r} must be one of {list(VISUAL_INPUTS)}")
+    if args.visual_input is not None:
+        try:
+            check_visual_input(args.visual_input)
+        except ValueError as error:
+            raise DemoSettingsError(str(error)) from None
 
 
 def _evaluate_run(run: Path, budget: dict, args: DemoArguments, llm: Path, from_scratch: bool) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from modeling_unicode import UniCodeVisualTokenizerConfig
-from modeling_unicode.configuration_unicode import VISUAL_INPUTS
+from modeling_unicode.configuration_unicode import check_visual_input
 
 
 def configuration_dir() -> Path:
@@ -69,10 +69,7 @@ def preset_visual_input(preset: str | dict) -> str:
     """How an input image enters the LLM in a model preset (its `visual_input`; without one the paper's
     "aggregate"): `UniCodeConfig.visual_input` of the MLLM assembled from it."""
     data = load_preset(preset) if isinstance(preset, str) else preset
-    value = data.get("visual_input", "aggregate")
-    if value not in VISUAL_INPUTS:
-        raise ValueError(f"the model preset's visual_input={value!r} is not one of {list(VISUAL_INPUTS)}")
-    return value
+    return check_visual_input(data.get("visual_input", "aggregate"), "the model preset's visual_input")
 
 
 def vision_tokenizer_config(preset: str | dict, **overrides):
