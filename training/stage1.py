@@ -267,6 +267,8 @@ class StageITrainer:
         # earlier one set: after stage 0's Trainer (bf16) in the same process, stage I ran under that precision, and
         # the same seed gave another tokenizer than stage I alone (docs/results.md, "A leaner tokenizer and a faster
         # evaluation"). Stage I states its own, as transformers' TrainingArguments does (the process group stays).
+        # With bf16, accelerate also wraps the prepared modules in its autocast (fp32 outputs) around `_autocast`:
+        # the setting every demo tokenizer so far was trained in, so `make demo` keeps its draw.
         AcceleratorState._reset_state(reset_partial_state=False)
         precision = "bf16" if args.bf16 else "no"
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
