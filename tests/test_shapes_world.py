@@ -175,6 +175,29 @@ def test_existence_questions_take_the_article_their_colour_needs():
     assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
 
 
+def test_a_relation_answer_with_its_reasoning_names_both_columns_and_ends_with_the_answer():
+    for index in range(60):
+        example = shapes.make_example(0, "train", index, image_size=48)
+        scene = shapes.scene_from_json(example["scene"])
+        for qa in shapes.questions_for_scene(scene, np.random.default_rng(index)):
+            reasoned = shapes.reasoned_answer(scene, qa)
+            if qa["type"] != "relation":
+                assert reasoned == qa["answer"]  # only relation answers carry their reasoning
+                continue
+            first, second = reasoned.split(": ")[0].split(" and ")
+            named = [o for o in scene["objects"] if f"the {o['color']} {o['shape']}" in qa["question"]]
+            order = sorted(named, key=lambda o: qa["question"].index(f"the {o['color']} {o['shape']}"))
+            assert [first, second] == [shapes.COLS[o["col"]] for o in order]
+            left_of = " to the left of " in qa["question"]
+            assert qa["answer"] == ("yes" if (order[0]["col"] < order[1]["col"]) == left_of else "no")
+            assert shapes.final_answer(reasoned) == qa["answer"]
+    assert shapes.final_answer("top left") == "top left" and shapes.final_answer(" 2 ") == "2"
+    with pytest.raises(ValueError, match="is not a relation question"):
+        shapes.relation_columns(TWO_SHAPES, "Is there a red circle?")
+    with pytest.raises(ValueError, match="which the scene does not hold"):
+        shapes.relation_columns(TWO_SHAPES, "Is the green circle to the left of the blue square?")
+
+
 def test_yes_no_questions_are_answered_as_the_scene_says_with_even_odds():
     scene = TWO_SHAPES
     rng = np.random.default_rng(0)

@@ -375,6 +375,45 @@ def test_caption_closes_vqa_appends_a_caption_turn_and_keeps_the_questions(codes
         assert caption["content"][0]["text"] in row["captions"]
 
 
+def test_relation_answers_can_carry_the_columns_they_compare_and_nothing_else_changes(codes):
+    from training.data.shapes import final_answer, reasoned_answer
+
+    train, _ = codes
+    scenes = train.select(range(8))
+    asked = {"questions_per_image": 8, "questions_per_conversation": 8}
+    plain = [r for r in understanding_tasks(scenes, **asked) if r["task"] == "vqa"]
+    reasoned = [r for r in understanding_tasks(scenes, relation_answer="columns", **asked) if r["task"] == "vqa"]
+    relations = 0
+    for row, before, after in zip(scenes, plain, reasoned):
+        asked_questions = [m["content"][-1]["text"] for m in before["messages"] if m["role"] == "user"]
+        pairs = zip(before["messages"], after["messages"])
+        for question, (old, new) in zip(asked_questions, [p for p in pairs if p[0]["role"] == "assistant"]):
+            qa = next(q for q in row["questions"] if q["question"] in question)
+            if qa["type"] == "relation":
+                relations += 1
+                assert new["content"][0]["text"] == reasoned_answer(row["scene"], qa) != old["content"][0]["text"]
+                assert final_answer(new["content"][0]["text"]) == old["content"][0]["text"] == qa["answer"]
+            else:
+                assert new == old
+    assert relations > 0
+    with pytest.raises(ValueError, match="relation_answer='reasons' is not one of"):
+        understanding_tasks(scenes, relation_answer="reasons")
+
+
+def test_a_reply_with_its_reasoning_is_scored_by_its_answer(monkeypatch):
+    from training import evaluation
+    from training.data.shapes import build_split
+
+    test = build_split("test", 3, image_size=32, seed=0)
+    truth = [qa["answer"] for row in test for qa in row["questions"]]
+    # Every reply reasons first; the one right answer per scene is the one scored.
+    replies = [f"left and right: {answer}" for answer in truth]
+    monkeypatch.setattr(evaluation, "answer_questions", lambda *args, **kwargs: replies)
+    result = evaluation.evaluate_vqa(None, None, test, prior={})
+    assert result["model"]["accuracy"] == 1.0
+    assert [example[3] for example in result["examples"]] == replies  # the examples keep the whole reply
+
+
 def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm):
     from training.evaluation import _generate_text, answer_questions, describe_images, vqa_prompt
 

@@ -57,7 +57,7 @@ from modeling_unicode.configuration_unicode import check_visual_input
 from modeling_unicode.modeling_unicode import check_guidance_scale
 
 from .checkpointing import atomic_save_image, atomic_write_json, atomic_write_text, is_complete
-from .data.shapes import build_split, shapes_world_fingerprint, text_corpus
+from .data.shapes import build_split, final_answer, shapes_world_fingerprint, text_corpus
 from .evaluation import (
     LEAST_GENERATION_PROMPTS,
     above_chance,
@@ -532,7 +532,7 @@ def _wrapped(text: str, width: int, max_lines: int) -> str:
 
 
 def _vqa_label(question: str, prediction: str, answer: str) -> str:
-    verdict = "ok" if prediction.strip().lower() == answer.lower() else "truth: " + answer
+    verdict = "ok" if final_answer(prediction).lower() == answer.lower() else "truth: " + answer
     return f"Q: {question}\nA: {prediction} ({verdict})"
 
 

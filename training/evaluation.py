@@ -34,6 +34,7 @@ from .data.shapes import (
     build_split,
     caption_for_scene,
     example_rng,
+    final_answer,
     questions_for_scene,
     render_scene,
     sample_scene,
@@ -163,8 +164,10 @@ def evaluate_vqa(
             scene_of.append(index)
     ask = {"batch_size": batch_size, "vqa_layout": vqa_layout}
     predictions = answer_questions(model, processor, images, questions, desc=desc, **ask)
+    # A reply may carry its reasoning before the answer ("left and right: yes"); the answer is what is scored.
+    scored = [final_answer(p) for p in predictions]
     metric = load_metric("vqa_accuracy")
-    model_scores = metric.compute(predictions=predictions, references=answers, question_types=kinds)
+    model_scores = metric.compute(predictions=scored, references=answers, question_types=kinds)
     prior_predictions = [prior.get(k, "") for k in kinds]
     chance = metric.compute(predictions=prior_predictions, references=answers, question_types=kinds)
     examples = list(zip(images, questions, answers, predictions))
@@ -177,7 +180,7 @@ def evaluate_vqa(
             if picked:
                 take = lambda values: [values[i] for i in picked]  # noqa: E731
                 out[f"model_{name}"] = metric.compute(
-                    predictions=take(predictions), references=take(answers), question_types=take(kinds)
+                    predictions=take(scored), references=take(answers), question_types=take(kinds)
                 )
                 out[f"chance_{name}"] = metric.compute(
                     predictions=take(prior_predictions), references=take(answers), question_types=take(kinds)
@@ -189,6 +192,7 @@ def evaluate_vqa(
             )
         others = [rows[(i + 1) % len(rows)]["image"] for i in scene_of]
         swapped = answer_questions(model, processor, others, questions, desc=desc + ", swapped images", **ask)
+        swapped = [final_answer(p) for p in swapped]
         out["swapped"] = metric.compute(predictions=swapped, references=answers, question_types=kinds)
     return out
 

@@ -453,6 +453,55 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
     return _yes_no("relation", which, truth, color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
 
 
+# A relation question's answer can be written with its reasoning: the columns of the two shapes it names, then the
+# word ("left and right: yes"). Each column is what a position answer already reads, and the comparison is then a
+# table of column words, so the supervision is dense where the bare "yes" / "no" gives no signal until the whole
+# comparison is learnt (docs/results.md, "Relation through columns").
+RELATION_ANSWERS: tuple[str, ...] = ("word", "columns")
+ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and the answer itself
+
+_RELATION_QUESTION_RES = tuple(
+    re.compile(
+        "^"
+        + re.escape(template)
+        .replace(re.escape("{color}"), "(?P<color>\\w+)")
+        .replace(re.escape("{shape}"), "(?P<shape>\\w+)")
+        .replace(re.escape("{color2}"), "(?P<color2>\\w+)")
+        .replace(re.escape("{shape2}"), "(?P<shape2>\\w+)")
+        + "$"
+    )
+    for template in QUESTION_TEMPLATES["relation"]
+)
+
+
+def relation_columns(scene: dict | str, question: str) -> tuple[str, str]:
+    """The columns ("left", "center", "right") of the two shapes a relation question names, in the question's order.
+    A scene's (colour, shape) pairs are distinct, so the two words find them."""
+    scene = scene_from_json(scene) if isinstance(scene, str) else scene
+    match = next((m for m in (r.match(question) for r in _RELATION_QUESTION_RES) if m), None)
+    if match is None:
+        raise ValueError(f"question={question!r} is not a relation question of QUESTION_TEMPLATES['relation']")
+    by_pair = {(o["color"], o["shape"]): o for o in scene["objects"]}
+    named = [(match["color"], match["shape"]), (match["color2"], match["shape2"])]
+    missing = [pair for pair in named if pair not in by_pair]
+    if missing:
+        raise ValueError(f"question={question!r} names {missing}, which the scene does not hold")
+    return tuple(COLS[by_pair[pair]["col"]] for pair in named)
+
+
+def reasoned_answer(scene: dict | str, qa: dict) -> str:
+    """A relation question's answer with its reasoning, "<column> and <column>: <yes/no>"; other types unchanged."""
+    if qa["type"] != "relation":
+        return qa["answer"]
+    first, second = relation_columns(scene, qa["question"])
+    return f"{first} and {second}{ANSWER_AFTER}{qa['answer']}"
+
+
+def final_answer(text: str) -> str:
+    """The answer of a reply that may carry its reasoning first ("left and right: yes" -> "yes")."""
+    return text.rsplit(ANSWER_AFTER.strip(), 1)[-1].strip()
+
+
 def check_yes_no_counts(counts: dict) -> None:
     """Refuse anything but {yes/no question type: whole number >= 0}."""
     for kind, count in counts.items():
