@@ -175,27 +175,37 @@ def test_existence_questions_take_the_article_their_colour_needs():
     assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
 
 
-def test_a_relation_answer_with_its_reasoning_names_both_columns_and_ends_with_the_answer():
+def test_yes_no_answers_with_their_reasoning_name_what_the_image_shows_and_end_with_the_answer():
+    seen = set()
     for index in range(60):
         example = shapes.make_example(0, "train", index, image_size=48)
         scene = shapes.scene_from_json(example["scene"])
         for qa in shapes.questions_for_scene(scene, np.random.default_rng(index)):
             reasoned = shapes.reasoned_answer(scene, qa)
-            if qa["type"] != "relation":
-                assert reasoned == qa["answer"]  # only relation answers carry their reasoning
+            if qa["type"] not in shapes.REASONED_TYPES:
+                assert reasoned == qa["answer"]  # only yes/no answers carry their reasoning
                 continue
-            first, second = reasoned.split(": ")[0].split(" and ")
-            named = [o for o in scene["objects"] if f"the {o['color']} {o['shape']}" in qa["question"]]
-            order = sorted(named, key=lambda o: qa["question"].index(f"the {o['color']} {o['shape']}"))
-            assert [first, second] == [shapes.COLS[o["col"]] for o in order]
-            left_of = " to the left of " in qa["question"]
-            assert qa["answer"] == ("yes" if (order[0]["col"] < order[1]["col"]) == left_of else "no")
+            seen.add(qa["type"])
+            steps = reasoned.split(": ")[0].split(" and ")
             assert shapes.final_answer(reasoned) == qa["answer"]
+            if qa["type"] == "relation":
+                named = [o for o in scene["objects"] if f"the {o['color']} {o['shape']}" in qa["question"]]
+                order = sorted(named, key=lambda o: qa["question"].index(f"the {o['color']} {o['shape']}"))
+                assert steps == [shapes.COLS[o["col"]] for o in order]
+                left_of = " to the left of " in qa["question"]
+                assert qa["answer"] == ("yes" if (order[0]["col"] < order[1]["col"]) == left_of else "no")
+            else:
+                colour, shape = qa["question"][len("Is there ") : -1].split(" ", 1)[1].split(" ")
+                coloured = [o["shape"] for o in scene["objects"] if o["color"] == colour]
+                assert steps == (coloured or ["none"]) and qa["answer"] == ("yes" if shape in coloured else "no")
+    assert seen == set(shapes.REASONED_TYPES)
     assert shapes.final_answer("top left") == "top left" and shapes.final_answer(" 2 ") == "2"
     with pytest.raises(ValueError, match="is not a relation question"):
         shapes.relation_columns(TWO_SHAPES, "Is there a red circle?")
     with pytest.raises(ValueError, match="which the scene does not hold"):
         shapes.relation_columns(TWO_SHAPES, "Is the green circle to the left of the blue square?")
+    with pytest.raises(ValueError, match=r"\['count'\] cannot be answered with reasoning"):
+        shapes.check_reasoned_types(["relation", "count"])
 
 
 def test_yes_no_questions_are_answered_as_the_scene_says_with_even_odds():

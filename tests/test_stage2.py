@@ -375,14 +375,14 @@ def test_caption_closes_vqa_appends_a_caption_turn_and_keeps_the_questions(codes
         assert caption["content"][0]["text"] in row["captions"]
 
 
-def test_relation_answers_can_carry_the_columns_they_compare_and_nothing_else_changes(codes):
+def test_yes_no_answers_can_carry_their_reasoning_and_nothing_else_changes(codes):
     from training.data.shapes import final_answer, reasoned_answer
 
     train, _ = codes
     scenes = train.select(range(8))
     asked = {"questions_per_image": 8, "questions_per_conversation": 8}
     plain = [r for r in understanding_tasks(scenes, **asked) if r["task"] == "vqa"]
-    reasoned = [r for r in understanding_tasks(scenes, relation_answer="columns", **asked) if r["task"] == "vqa"]
+    reasoned = [r for r in understanding_tasks(scenes, reasoned_answers=["relation"], **asked) if r["task"] == "vqa"]
     relations = 0
     for row, before, after in zip(scenes, plain, reasoned):
         asked_questions = [m["content"][-1]["text"] for m in before["messages"] if m["role"] == "user"]
@@ -396,8 +396,8 @@ def test_relation_answers_can_carry_the_columns_they_compare_and_nothing_else_ch
             else:
                 assert new == old
     assert relations > 0
-    with pytest.raises(ValueError, match="relation_answer='reasons' is not one of"):
-        understanding_tasks(scenes, relation_answer="reasons")
+    with pytest.raises(ValueError, match=r"\['size'\] cannot be answered with reasoning"):
+        understanding_tasks(scenes, reasoned_answers=["size"])
 
 
 def test_a_reply_with_its_reasoning_is_scored_by_its_answer(monkeypatch):

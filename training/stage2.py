@@ -146,9 +146,9 @@ class StageIIArguments:
     vqa_layout: str = "image_first"
     # Each VQA conversation ends with a caption turn (training.tasks.understanding_tasks).
     caption_closes_vqa: bool = False
-    # "columns": each relation answer is written with the two named shapes' columns first ("left and right: yes"),
-    # Shapes world rows (training.tasks.understanding_tasks, shapes.RELATION_ANSWERS).
-    relation_answer: str = "word"
+    # Question types whose answers are written with their reasoning first ("left and right: yes"), Shapes world rows
+    # (training.tasks.understanding_tasks, shapes.REASONED_TYPES): None, none.
+    reasoned_answers: Optional[list[str]] = None
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
     # "yes_no", VQA conversations of yes/no questions only.
@@ -328,7 +328,7 @@ def stage_tasks(
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
     vqa_layout: str = "image_first",
     caption_closes_vqa: bool = False,
-    relation_answer: str = "word",
+    reasoned_answers: Optional[list[str]] = None,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -354,7 +354,7 @@ def stage_tasks(
                 yes_no_questions_per_image=yes_no_questions_per_image,
                 vqa_layout=vqa_layout,
                 caption_closes_vqa=caption_closes_vqa,
-                relation_answer=relation_answer,
+                reasoned_answers=reasoned_answers,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -680,7 +680,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "yes_no_questions_per_image": args.yes_no_questions_per_image,
         "vqa_layout": args.vqa_layout,
         "caption_closes_vqa": args.caption_closes_vqa,
-        "relation_answer": args.relation_answer,
+        "reasoned_answers": args.reasoned_answers,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

@@ -29,8 +29,8 @@ from . import templates
 from .codes import CODES_COLUMN
 from .data.shapes import (
     QUESTION_TYPES,
-    RELATION_ANSWERS,
     build_split,
+    check_reasoned_types,
     check_yes_no_counts,
     reasoned_answer,
     yes_no_questions,
@@ -174,7 +174,7 @@ def understanding_tasks(
     yes_no_questions_per_image: Optional[dict[str, int]] = None,
     vqa_layout: str = "image_first",
     caption_closes_vqa: bool = False,
-    relation_answer: str = "word",
+    reasoned_answers: Optional[Sequence[str]] = None,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -197,12 +197,11 @@ def understanding_tasks(
     asked with `templates.CAPTION[0]`): more caption supervision in rows the step reads anyway, so the other tasks
     keep their share of the rows, and the questions are asked as before.
 
-    `relation_answer` (`shapes.RELATION_ANSWERS`, Shapes world rows): "columns" writes each relation answer with its
-    reasoning, the two named shapes' columns first (`shapes.reasoned_answer`: "left and right: yes"); the evaluation
-    scores the words after the last ": " (`shapes.final_answer`)."""
+    `reasoned_answers` (types of `shapes.REASONED_TYPES`, Shapes world rows): the answers of these types are written
+    with their reasoning first (`shapes.reasoned_answer`: "left and right: yes", "square and circle: no"); the
+    evaluation scores the words after the last ": " (`shapes.final_answer`)."""
     check_vqa_layout(vqa_layout)
-    if relation_answer not in RELATION_ANSWERS:
-        raise ValueError(f"relation_answer={relation_answer!r} is not one of {list(RELATION_ANSWERS)}")
+    reasoned = set(check_reasoned_types(reasoned_answers))
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
         raise ValueError(
             f"questions_per_image={questions_per_image} and captions_per_image={captions_per_image} must be >= 0, "
@@ -261,7 +260,7 @@ def understanding_tasks(
                     messages += vqa_opening(prompt, vqa_layout, description)
                 else:
                     messages += vqa_opening(prompt, vqa_layout)
-                answer = reasoned_answer(row["scene"], qa) if relation_answer == "columns" else qa["answer"]
+                answer = reasoned_answer(row["scene"], qa) if qa["type"] in reasoned else qa["answer"]
                 messages.append(_turn("assistant", _text(answer)))
             if caption_closes_vqa:  # a generator of its own, so the questions are drawn as without it
                 if not captions:
@@ -270,7 +269,7 @@ def understanding_tasks(
                 messages += [_turn("user", _text(templates.CAPTION[0])), _turn("assistant", _text(caption))]
             yield "vqa", messages
 
-    needs_scene = extra or relation_answer != "word"
+    needs_scene = extra or reasoned
     columns = [CODES_COLUMN, "captions", "questions"] + (["scene"] if needs_scene else [])
     return _build(dataset, rows_of, columns, "understanding", seed)
 

@@ -453,48 +453,74 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
     return _yes_no("relation", which, truth, color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"])
 
 
-# A relation question's answer can be written with its reasoning: the columns of the two shapes it names, then the
-# word ("left and right: yes"). Each column is what a position answer already reads, and the comparison is then a
-# table of column words, so the supervision is dense where the bare "yes" / "no" gives no signal until the whole
-# comparison is learnt (docs/results.md, "Relation through columns").
-RELATION_ANSWERS: tuple[str, ...] = ("word", "columns")
+# A yes/no answer can be written with its reasoning first, each step something the other question types already
+# read from the image, and the comparison then made between words: a relation answer names the two shapes' columns
+# ("left and right: yes"), an existence answer the shapes of the named colour ("square and circle: no", "none: no").
+# The bare "yes" / "no" gives no gradient until the whole comparison is learnt; the steps give it from the first
+# (docs/results.md, "Yes/no answers with their reasoning").
+REASONED_TYPES: tuple[str, ...] = ("existence", "relation")
 ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and the answer itself
 
-_RELATION_QUESTION_RES = tuple(
-    re.compile(
-        "^"
-        + re.escape(template)
-        .replace(re.escape("{color}"), "(?P<color>\\w+)")
-        .replace(re.escape("{shape}"), "(?P<shape>\\w+)")
-        .replace(re.escape("{color2}"), "(?P<color2>\\w+)")
-        .replace(re.escape("{shape2}"), "(?P<shape2>\\w+)")
-        + "$"
-    )
-    for template in QUESTION_TEMPLATES["relation"]
-)
+
+def _slot_pattern(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for slot in ("article", "color2", "shape2", "color", "shape"):
+        pattern = pattern.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>\\w+)")
+    return re.compile("^" + pattern + "$")
+
+
+_QUESTION_PATTERNS = {kind: tuple(_slot_pattern(t) for t in QUESTION_TEMPLATES[kind]) for kind in REASONED_TYPES}
+
+
+def _question_slots(kind: str, question: str) -> dict:
+    match = next((m for m in (p.match(question) for p in _QUESTION_PATTERNS[kind]) if m), None)
+    if match is None:
+        raise ValueError(f"question={question!r} is not a {kind} question of QUESTION_TEMPLATES[{kind!r}]")
+    return match.groupdict()
 
 
 def relation_columns(scene: dict | str, question: str) -> tuple[str, str]:
     """The columns ("left", "center", "right") of the two shapes a relation question names, in the question's order.
     A scene's (colour, shape) pairs are distinct, so the two words find them."""
     scene = scene_from_json(scene) if isinstance(scene, str) else scene
-    match = next((m for m in (r.match(question) for r in _RELATION_QUESTION_RES) if m), None)
-    if match is None:
-        raise ValueError(f"question={question!r} is not a relation question of QUESTION_TEMPLATES['relation']")
+    slots = _question_slots("relation", question)
     by_pair = {(o["color"], o["shape"]): o for o in scene["objects"]}
-    named = [(match["color"], match["shape"]), (match["color2"], match["shape2"])]
+    named = [(slots["color"], slots["shape"]), (slots["color2"], slots["shape2"])]
     missing = [pair for pair in named if pair not in by_pair]
     if missing:
         raise ValueError(f"question={question!r} names {missing}, which the scene does not hold")
     return tuple(COLS[by_pair[pair]["col"]] for pair in named)
 
 
+def shapes_of_colour(scene: dict | str, question: str) -> list[str]:
+    """The shapes (in the scene's cell order) that have the colour an existence question names."""
+    scene = scene_from_json(scene) if isinstance(scene, str) else scene
+    colour = _question_slots("existence", question)["color"]
+    return [o["shape"] for o in scene["objects"] if o["color"] == colour]
+
+
 def reasoned_answer(scene: dict | str, qa: dict) -> str:
-    """A relation question's answer with its reasoning, "<column> and <column>: <yes/no>"; other types unchanged."""
-    if qa["type"] != "relation":
+    """A yes/no answer with its reasoning first: "<column> and <column>: <answer>" for a relation question,
+    "<the shapes of the named colour, or none>: <answer>" for an existence question; other types unchanged."""
+    if qa["type"] == "relation":
+        steps = " and ".join(relation_columns(scene, qa["question"]))
+    elif qa["type"] == "existence":
+        steps = " and ".join(shapes_of_colour(scene, qa["question"])) or "none"
+    else:
         return qa["answer"]
-    first, second = relation_columns(scene, qa["question"])
-    return f"{first} and {second}{ANSWER_AFTER}{qa['answer']}"
+    return f"{steps}{ANSWER_AFTER}{qa['answer']}"
+
+
+def check_reasoned_types(kinds) -> list[str]:
+    """Refuse anything but a list of question types from REASONED_TYPES; returns it as a list."""
+    kinds = list(kinds or [])
+    unknown = [kind for kind in kinds if kind not in REASONED_TYPES]
+    if unknown:
+        raise ValueError(
+            f"reasoned_answers={kinds}: {unknown} cannot be answered with reasoning (types that can: "
+            f"{list(REASONED_TYPES)})"
+        )
+    return kinds
 
 
 def final_answer(text: str) -> str:
