@@ -146,8 +146,8 @@ class StageIIArguments:
     vqa_layout: str = "image_first"
     # Each VQA conversation ends with a caption turn (training.tasks.understanding_tasks).
     caption_closes_vqa: bool = False
-    # Question types whose answers are written with their reasoning first ("left and right: yes"), Shapes world rows
-    # (training.tasks.understanding_tasks, shapes.REASONED_TYPES): None, none.
+    # Question types whose answers are written with their reasoning first ("square and triangle: no"), Shapes world
+    # rows (training.tasks.understanding_tasks, shapes.REASONED_TYPES); None: every answer is the bare word.
     reasoned_answers: Optional[list[str]] = None
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
