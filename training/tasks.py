@@ -33,6 +33,7 @@ from .data.shapes import (
     check_reasoned_types,
     check_yes_no_counts,
     reasoned_answer,
+    scene_from_json,
     yes_no_questions,
 )
 
@@ -221,6 +222,7 @@ def understanding_tasks(
     except ValueError as error:
         raise ValueError(f"yes_no_questions_per_image={extra}: {error}") from None
     extra = {kind: int(n) for kind, n in extra.items() if n}
+    needs_scene = bool(extra or reasoned)
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -244,8 +246,9 @@ def understanding_tasks(
         else:  # the unweighted draw keeps the rows (and task_rows_sha256) of the recipes before the weights
             picked = rng.permutation(len(questions))[:questions_per_image]
         chosen = [questions[int(q)] for q in picked]
+        scene = scene_from_json(row["scene"]) if needs_scene else None  # parsed once for every question of the row
         for kind, count in extra.items():  # a generator of their own, so the rows without them do not change
-            chosen += yes_no_questions(row["scene"], kind, count, _rng(seed, index, 4))
+            chosen += yes_no_questions(scene, kind, count, _rng(seed, index, 4))
         closing_rng = _rng(seed, index, 5)
         for start in range(0, len(chosen), questions_per_conversation):
             messages = []
@@ -260,7 +263,7 @@ def understanding_tasks(
                     messages += vqa_opening(prompt, vqa_layout, description)
                 else:
                     messages += vqa_opening(prompt, vqa_layout)
-                answer = reasoned_answer(row["scene"], qa) if qa["type"] in reasoned else qa["answer"]
+                answer = reasoned_answer(scene, qa) if qa["type"] in reasoned else qa["answer"]
                 messages.append(_turn("assistant", _text(answer)))
             if caption_closes_vqa:  # a generator of its own, so the questions are drawn as without it
                 if not captions:
@@ -269,7 +272,6 @@ def understanding_tasks(
                 messages += [_turn("user", _text(templates.CAPTION[0])), _turn("assistant", _text(caption))]
             yield "vqa", messages
 
-    needs_scene = extra or reasoned
     columns = [CODES_COLUMN, "captions", "questions"] + (["scene"] if needs_scene else [])
     return _build(dataset, rows_of, columns, "understanding", seed)
 

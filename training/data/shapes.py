@@ -463,10 +463,8 @@ ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and t
 
 
 def _slot_pattern(template: str) -> re.Pattern:
-    pattern = re.escape(template)
-    for slot in ("article", "color2", "shape2", "color", "shape"):
-        pattern = pattern.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>\\w+)")
-    return re.compile("^" + pattern + "$")
+    """A template's question back into its slots: each "{name}" becomes a named group of one word."""
+    return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\w+)", re.escape(template)) + "$")
 
 
 _QUESTION_PATTERNS = {kind: tuple(_slot_pattern(t) for t in QUESTION_TEMPLATES[kind]) for kind in REASONED_TYPES}
