@@ -459,6 +459,34 @@ def test_each_image_is_encoded_once_however_many_questions_ask_about_it(mllm):
         assert answer == processor.tokenizer.decode(alone, skip_special_tokens=True).strip()
 
 
+def test_questions_grouped_by_type_are_batched_together_and_answered_in_their_order(mllm):
+    from training.evaluation import answer_questions
+
+    model, processor = mllm
+    model.eval()
+    scenes = [row["image"] for row in shapes_at(16, 2)]
+    images = [scenes[0], scenes[0], scenes[1], scenes[1]]
+    questions = [
+        "How many shapes are there?",
+        "Is there a red circle?",
+        "How many shapes are there?",
+        "Is there a blue square?",
+    ]
+    kinds = ["count", "existence", "count", "existence"]
+    batches = []
+    generate = model.generate
+    existence = lambda ids: ["is there" in text for text in processor.tokenizer.batch_decode(ids)]  # noqa: E731
+    model.generate = lambda **inputs: batches.append(existence(inputs["input_ids"])) or generate(**inputs)
+    try:
+        grouped = answer_questions(model, processor, images, questions, batch_size=2, groups=kinds)
+    finally:
+        del model.generate
+    assert batches == [[False, False], [True, True]]  # one batch per type, not two mixed ones
+    assert grouped == answer_questions(model, processor, images, questions, batch_size=1)
+    with pytest.raises(ValueError, match="groups"):
+        answer_questions(model, processor, images, questions, groups=kinds[:3])
+
+
 def test_several_captions_per_image_are_different_captions_of_that_scene(codes):
     train, _ = codes
     scenes = train.select(range(3))

@@ -18,7 +18,7 @@ examples (images, prompts, answers) for `samples.png`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,10 +107,15 @@ def answer_questions(
     max_new_tokens: int = 8,
     desc: str = "VQA",
     vqa_layout: Optional[str] = None,
+    groups: Optional[Sequence] = None,
 ) -> list[str]:
     """Greedy answers, one per (image, question) pair, asked in `vqa_layout` (default: the processor's, the layout
     the model was trained in). With "describe_first" the model first captions each distinct image (by identity)
-    and answers after its own caption."""
+    and answers after its own caption.
+
+    `groups` (one key per question, e.g. its type): questions of one key are batched together, answers still come
+    back in the questions' order. A batch generates until its longest reply ends, so one-word answers batched with
+    replies that carry their reasoning would wait for them (docs/results.md, "Answers asked type by type")."""
     vqa_layout = vqa_layout or processor.vqa_layout
     check_vqa_layout(vqa_layout)
     if len(images) != len(questions):
@@ -121,7 +126,18 @@ def answer_questions(
         written = dict(zip(map(id, distinct), describe_images(model, processor, distinct, batch_size)))
         descriptions = [written[id(image)] for image in images]
     prompts = [vqa_prompt(processor, q, vqa_layout, d) for q, d in zip(questions, descriptions)]
-    return _generate_text(model, processor, prompts, images, batch_size, max_new_tokens, desc)
+    if groups is None:
+        return _generate_text(model, processor, prompts, images, batch_size, max_new_tokens, desc)
+    if len(groups) != len(questions):
+        raise ValueError(f"groups ({len(groups)}) must give one key per question ({len(questions)})")
+    order = sorted(range(len(prompts)), key=lambda i: str(groups[i]))  # stable: a group keeps its questions' order
+    replies = _generate_text(
+        model, processor, [prompts[i] for i in order], [images[i] for i in order], batch_size, max_new_tokens, desc
+    )
+    answers = [""] * len(prompts)
+    for place, reply in zip(order, replies):
+        answers[place] = reply
+    return answers
 
 
 def majority_answers(rows) -> dict[str, str]:
@@ -162,7 +178,7 @@ def evaluate_vqa(
             answers.append(qa["answer"])
             kinds.append(qa["type"])
             scene_of.append(index)
-    ask = {"batch_size": batch_size, "vqa_layout": vqa_layout}
+    ask = {"batch_size": batch_size, "vqa_layout": vqa_layout, "groups": kinds}
     predictions = answer_questions(model, processor, images, questions, desc=desc, **ask)
     # A reply may carry its reasoning before the answer ("left and right: yes"); the answer is what is scored.
     scored = [final_answer(p) for p in predictions]
