@@ -176,7 +176,7 @@ def test_existence_questions_take_the_article_their_colour_needs():
 
 
 def test_yes_no_answers_with_their_reasoning_name_what_the_image_shows_and_end_with_the_answer():
-    seen = set()
+    seen, asked_ways = set(), set()
     for index in range(60):
         example = shapes.make_example(0, "train", index, image_size=48)
         scene = shapes.scene_from_json(example["scene"])
@@ -191,17 +191,22 @@ def test_yes_no_answers_with_their_reasoning_name_what_the_image_shows_and_end_w
             if qa["type"] == "relation":
                 named = [o for o in scene["objects"] if f"the {o['color']} {o['shape']}" in qa["question"]]
                 order = sorted(named, key=lambda o: qa["question"].index(f"the {o['color']} {o['shape']}"))
+                if " to the right of " in qa["question"]:  # written as "is the second left of the first?"
+                    order = order[::-1]
                 assert steps == [shapes.COLS[o["col"]] for o in order]
-                left_of = " to the left of " in qa["question"]
-                assert qa["answer"] == ("yes" if (order[0]["col"] < order[1]["col"]) == left_of else "no")
+                # "yes" whenever the first column written is left of the second, whichever way the question asked
+                assert qa["answer"] == ("yes" if order[0]["col"] < order[1]["col"] else "no")
+                asked_ways.add(shapes.asks_left_of(qa["question"]))
             else:
                 colour, shape = qa["question"][len("Is there ") : -1].split(" ", 1)[1].split(" ")
                 coloured = [o["shape"] for o in scene["objects"] if o["color"] == colour]
                 assert steps == (coloured or ["none"]) and qa["answer"] == ("yes" if shape in coloured else "no")
-    assert seen == set(shapes.REASONED_TYPES)
+    assert seen == set(shapes.REASONED_TYPES) and asked_ways == {True, False}
     assert shapes.final_answer("top left") == "top left" and shapes.final_answer(" 2 ") == "2"
     with pytest.raises(ValueError, match="is not a relation question"):
         shapes.relation_columns(TWO_SHAPES, "Is there a red circle?")
+    with pytest.raises(ValueError, match="is not a relation question"):
+        shapes.asks_left_of("Is the red circle above the blue square?")
     with pytest.raises(ValueError, match="which the scene does not hold"):
         shapes.relation_columns(TWO_SHAPES, "Is the green circle to the left of the blue square?")
     with pytest.raises(ValueError, match=r"\['count'\] cannot be answered with reasoning"):

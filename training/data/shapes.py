@@ -454,10 +454,14 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
 
 
 # A yes/no answer can be written with its reasoning first, each step something the other question types already
-# read from the image, and the comparison then made between words: a relation answer names the two shapes' columns
-# ("left and right: yes"), an existence answer the shapes of the named colour ("square and circle: no", "none: no").
+# read from the image, and the comparison then made between words: an existence answer names the shapes of the named
+# colour ("square and circle: no", "none: no"), a relation answer the two shapes' columns ("left and right: yes").
 # The bare "yes" / "no" gives no gradient until the whole comparison is learnt; the steps give it from the first
-# (docs/results.md, "Yes/no answers with their reasoning").
+# (docs/results.md, "Yes/no answers with their reasoning"). A relation answer is the XOR of the image (which shape is
+# further left) and the question ("left of" or "right of"), and an XOR of words was not learnt in the steps the
+# recipe has; so the columns are written in the order that makes the question a "left of" one, and "yes" means the
+# first column written is left of the second, whichever way the question asked (docs/results.md, "Relation's two
+# steps, one at a time").
 REASONED_TYPES: tuple[str, ...] = ("existence", "relation")
 ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and the answer itself
 
@@ -497,11 +501,19 @@ def shapes_of_colour(scene: dict | str, question: str) -> list[str]:
     return [o["shape"] for o in scene["objects"] if o["color"] == colour]
 
 
+def asks_left_of(question: str) -> bool:
+    """Whether a relation question asks "to the left of" (QUESTION_TEMPLATES["relation"][0]) or "to the right of"."""
+    _question_slots("relation", question)  # refuses a question that is neither
+    return _QUESTION_PATTERNS["relation"][0].match(question) is not None
+
+
 def reasoned_answer(scene: dict | str, qa: dict) -> str:
-    """A yes/no answer with its reasoning first: "<column> and <column>: <answer>" for a relation question,
-    "<the shapes of the named colour, or none>: <answer>" for an existence question; other types unchanged."""
+    """A yes/no answer with its reasoning first. Relation: "<column> and <column>: <answer>", the named shapes'
+    columns ordered as the question read as "is the first left of the second?" (for "Is A to the right of B?", B's
+    column first). Existence: "<the shapes of the named colour, or none>: <answer>". Other types unchanged."""
     if qa["type"] == "relation":
-        steps = " and ".join(relation_columns(scene, qa["question"]))
+        columns = relation_columns(scene, qa["question"])
+        steps = " and ".join(columns if asks_left_of(qa["question"]) else columns[::-1])
     elif qa["type"] == "existence":
         steps = " and ".join(shapes_of_colour(scene, qa["question"])) or "none"
     else:
