@@ -120,6 +120,8 @@ def answer_questions(
     check_vqa_layout(vqa_layout)
     if len(images) != len(questions):
         raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must pair up one to one")
+    if groups is not None and len(groups) != len(questions):
+        raise ValueError(f"groups ({len(groups)}) must give one key per question ({len(questions)})")
     descriptions = [None] * len(images)
     if vqa_layout == "describe_first":
         distinct = list({id(image): image for image in images}.values())
@@ -128,8 +130,6 @@ def answer_questions(
     prompts = [vqa_prompt(processor, q, vqa_layout, d) for q, d in zip(questions, descriptions)]
     if groups is None:
         return _generate_text(model, processor, prompts, images, batch_size, max_new_tokens, desc)
-    if len(groups) != len(questions):
-        raise ValueError(f"groups ({len(groups)}) must give one key per question ({len(questions)})")
     order = sorted(range(len(prompts)), key=lambda i: str(groups[i]))  # stable: a group keeps its questions' order
     replies = _generate_text(
         model, processor, [prompts[i] for i in order], [images[i] for i in order], batch_size, max_new_tokens, desc
