@@ -474,11 +474,16 @@ def _slot_pattern(template: str) -> re.Pattern:
 _QUESTION_PATTERNS = {kind: tuple(_slot_pattern(t) for t in QUESTION_TEMPLATES[kind]) for kind in REASONED_TYPES}
 
 
-def _question_slots(kind: str, question: str) -> dict:
+def _question_match(kind: str, question: str) -> re.Match:
+    """The match of `question` against the template of `kind` it was written from (`match.re` says which)."""
     match = next((m for m in (p.match(question) for p in _QUESTION_PATTERNS[kind]) if m), None)
     if match is None:
         raise ValueError(f"question={question!r} is not a {kind} question of QUESTION_TEMPLATES[{kind!r}]")
-    return match.groupdict()
+    return match
+
+
+def _question_slots(kind: str, question: str) -> dict:
+    return _question_match(kind, question).groupdict()
 
 
 def relation_columns(scene: dict | str, question: str) -> tuple[str, str]:
@@ -503,8 +508,7 @@ def shapes_of_colour(scene: dict | str, question: str) -> list[str]:
 
 def asks_left_of(question: str) -> bool:
     """Whether a relation question asks "to the left of" (QUESTION_TEMPLATES["relation"][0]) or "to the right of"."""
-    _question_slots("relation", question)  # refuses a question that is neither
-    return _QUESTION_PATTERNS["relation"][0].match(question) is not None
+    return _question_match("relation", question).re is _QUESTION_PATTERNS["relation"][0]
 
 
 def reasoned_answer(scene: dict | str, qa: dict) -> str:
