@@ -560,6 +560,37 @@ def test_yes_no_questions_per_image_extend_each_conversation_with_true_answers(c
         understanding_tasks(train.remove_columns("scene"), yes_no_questions_per_image={"existence": 1})
 
 
+def test_position_questions_per_image_ask_where_distinct_named_shapes_stand(codes):
+    """`position_questions_per_image`: the positions of n distinct shapes of the image (all of them when it holds
+    fewer), asked after the drawn questions in the same conversation, each answered with the named shape's cell;
+    without it the rows are those it always had."""
+    from training.data.shapes import scene_from_json
+
+    train, _ = codes
+
+    def vqa(**kwargs):
+        rows = understanding_tasks(
+            train, questions_per_image=2, questions_per_conversation=8, captions_per_image=0, **kwargs
+        )
+        return [r["messages"] for r in rows if r["task"] == "vqa"]
+
+    plain, extended = vqa(), vqa(position_questions_per_image=2)
+    assert vqa(position_questions_per_image=0) == plain
+    for scene, before, after in zip(train, plain, extended):
+        objects = scene_from_json(scene["scene"])["objects"]
+        added = len(after) - len(before)
+        assert after[: len(before)] == before and added == 2 * min(2, len(objects))
+        cells = {f"Where is the {o['color']} {o['shape']}?": o["position"] for o in objects}
+        asked = [[q for q in cells if q in user["content"][-1]["text"]] for user in after[len(before) :: 2]]
+        assert all(len(named) == 1 for named in asked) and len({named[0] for named in asked}) == len(asked)
+        answers = [assistant["content"][0]["text"] for assistant in after[len(before) + 1 :: 2]]
+        assert answers == [cells[named[0]] for named in asked]
+    with pytest.raises(ValueError, match=r"position_questions_per_image: .*whole number >= 0"):
+        understanding_tasks(train, position_questions_per_image=-1)
+    with pytest.raises(ValueError, match=r"needs columns .*'scene'"):
+        understanding_tasks(train.remove_columns("scene"), position_questions_per_image=1)
+
+
 def test_several_drawings_per_image_draw_that_scene_from_its_other_captions(codes):
     """`drawings_per_image`: more text-to-image rows per scene, each prompted with another of its captions; one
     drawing per scene keeps the rows it always had."""

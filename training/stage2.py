@@ -141,6 +141,9 @@ class StageIIArguments:
     # More yes/no questions per VQA image ({"existence": n, "relation": m}; Shapes world rows): they answer only by
     # comparing the question with the image (training.tasks.understanding_tasks).
     yes_no_questions_per_image: Optional[dict[str, int]] = None
+    # The positions of this many distinct shapes per VQA image, asked after the yes/no ones (Shapes world rows): the
+    # lookup of a named shape that relation and the other questions by name build on (training.tasks).
+    position_questions_per_image: int = 0
     # Where each VQA conversation's first question stands: "image_first", "question_first" or "describe_first"
     # (processing_unicode.VQA_LAYOUTS); recorded in the saved processor, which evaluation asks in.
     vqa_layout: str = "image_first"
@@ -329,6 +332,7 @@ def stage_tasks(
     vqa_layout: str = "image_first",
     caption_closes_vqa: bool = False,
     reasoned_answers: Optional[list[str]] = None,
+    position_questions_per_image: int = 0,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -355,6 +359,7 @@ def stage_tasks(
                 vqa_layout=vqa_layout,
                 caption_closes_vqa=caption_closes_vqa,
                 reasoned_answers=reasoned_answers,
+                position_questions_per_image=position_questions_per_image,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -681,6 +686,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "vqa_layout": args.vqa_layout,
         "caption_closes_vqa": args.caption_closes_vqa,
         "reasoned_answers": args.reasoned_answers,
+        "position_questions_per_image": args.position_questions_per_image,
         "tasks": args.tasks,
     }
     train_rows = tokenize_tasks(

@@ -30,8 +30,10 @@ from .codes import CODES_COLUMN
 from .data.shapes import (
     QUESTION_TYPES,
     build_split,
+    check_question_count,
     check_reasoned_types,
     check_yes_no_counts,
+    position_questions,
     reasoned_answer,
     scene_from_json,
     yes_no_questions,
@@ -176,6 +178,7 @@ def understanding_tasks(
     vqa_layout: str = "image_first",
     caption_closes_vqa: bool = False,
     reasoned_answers: Optional[Sequence[str]] = None,
+    position_questions_per_image: int = 0,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -189,6 +192,9 @@ def understanding_tasks(
     `yes_no_questions_per_image` ({type: n}, Shapes world rows, which carry a `scene`): n more questions of that
     yes/no type per image, drawn from the scene (`shapes.yes_no_questions`), asked after the drawn ones in the same
     conversations.
+
+    `position_questions_per_image` (Shapes world rows): the positions of that many distinct shapes of each image
+    (`shapes.position_questions`), asked after the yes/no ones in the same conversations.
 
     `vqa_layout` (`VQA_LAYOUTS`): where each conversation's first question stands (`vqa_opening`). With
     "describe_first" the opening caption is one of the scene's captions, at random, and is supervised like any
@@ -222,7 +228,11 @@ def understanding_tasks(
     except ValueError as error:
         raise ValueError(f"yes_no_questions_per_image={extra}: {error}") from None
     extra = {kind: int(n) for kind, n in extra.items() if n}
-    needs_scene = bool(extra or reasoned)
+    try:
+        check_question_count(position_questions_per_image, "position questions per image")
+    except ValueError as error:
+        raise ValueError(f"position_questions_per_image: {error}") from None
+    needs_scene = bool(extra or reasoned or position_questions_per_image)
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -249,6 +259,8 @@ def understanding_tasks(
         scene = scene_from_json(row["scene"]) if needs_scene else None  # parsed once for every question of the row
         for kind, count in extra.items():  # a generator of their own, so the rows without them do not change
             chosen += yes_no_questions(scene, kind, count, _rng(seed, index, 4))
+        if position_questions_per_image:  # a generator of its own, so the rows without them do not change
+            chosen += position_questions(scene, position_questions_per_image, _rng(seed, index, 6))
         closing_rng = _rng(seed, index, 5)
         for start in range(0, len(chosen), questions_per_conversation):
             messages = []

@@ -542,6 +542,12 @@ def final_answer(text: str) -> str:
     return text.rsplit(ANSWER_AFTER.strip(), 1)[-1].strip()
 
 
+def check_question_count(count, what: str) -> None:
+    """Refuse anything but a whole number >= 0 of questions to ask (`what` says which, in the error)."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count={count!r} must be a whole number >= 0 ({what})")
+
+
 def check_yes_no_counts(counts: dict) -> None:
     """Refuse anything but {yes/no question type: whole number >= 0}."""
     for kind, count in counts.items():
@@ -549,8 +555,7 @@ def check_yes_no_counts(counts: dict) -> None:
             raise ValueError(
                 f"kind={kind!r} is not a yes/no question type (yes/no question types: {list(YES_NO_TYPES)})"
             )
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"count={count!r} must be a whole number >= 0 (questions of type {kind!r} to add)")
+        check_question_count(count, f"questions of type {kind!r} to add")
 
 
 def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Generator) -> list[dict]:
@@ -565,6 +570,24 @@ def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Ge
     draw = _existence_question if kind == "existence" else _relation_question
     drawn = [draw(objs, rng) for _ in range(int(count))]
     return [qa for qa in drawn if qa is not None]
+
+
+def position_questions(scene: dict | str, count: int, rng: np.random.Generator) -> list[dict]:
+    """ "Where is the <colour> <shape>?" about `count` distinct shapes of a scene (every shape when it holds fewer),
+    in random order.
+
+    Why more of them: in a scene of two or three shapes the position answer must find the shape the question names,
+    and at the recipe's one position question in two scenes it answers the cell of a shape picked at random; the
+    named shape's cell is what relation and the other lookups by name build on (docs/results.md, "Relation's
+    reading: which named shape stands where")."""
+    check_question_count(count, "position questions to ask")
+    objs = (scene_from_json(scene) if isinstance(scene, str) else scene)["objects"]
+    asked = [objs[int(i)] for i in rng.permutation(len(objs))[: int(count)]]
+    template = QUESTION_TEMPLATES["position"][0]
+    return [
+        {"question": template.format(color=o["color"], shape=o["shape"]), "answer": o["position"], "type": "position"}
+        for o in asked
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
