@@ -573,8 +573,8 @@ def yes_no_questions(scene: dict | str, kind: str, count: int, rng: np.random.Ge
 
 
 def position_questions(scene: dict | str, count: int, rng: np.random.Generator) -> list[dict]:
-    """ "Where is the <colour> <shape>?" about `count` distinct shapes of a scene (every shape when it holds fewer),
-    in random order.
+    """Position questions ("Where is the <colour> <shape>?") about `count` distinct shapes of a scene (every shape
+    when it holds fewer), in random order.
 
     Why more of them: in a scene of two or three shapes the position answer must find the shape the question names,
     and at the recipe's one position question in two scenes it answers the cell of a shape picked at random; the
