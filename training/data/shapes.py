@@ -408,9 +408,7 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
     qa: list[dict] = []
 
     def add(kind: str, template_index: int, answer: str, **slots):
-        qa.append(
-            {"question": QUESTION_TEMPLATES[kind][template_index].format(**slots), "answer": answer, "type": kind}
-        )
+        qa.append(_question(kind, template_index, answer, **slots))
 
     target = objs[int(rng.integers(len(objs)))]
     add("color", 0, target["color"], shape=target["shape"], position_phrase=position_phrase(target["position"]))
@@ -428,9 +426,13 @@ def questions_for_scene(scene: dict | str, rng: np.random.Generator | None = Non
     return qa
 
 
+def _question(kind: str, template_index: int, answer: str, **slots) -> dict:
+    """One question/answer pair: a template of `kind` filled with its slots, and its answer."""
+    return {"question": QUESTION_TEMPLATES[kind][template_index].format(**slots), "answer": answer, "type": kind}
+
+
 def _yes_no(kind: str, template_index: int, truth: bool, **slots) -> dict:
-    question = QUESTION_TEMPLATES[kind][template_index].format(**slots)
-    return {"question": question, "answer": "yes" if truth else "no", "type": kind}
+    return _question(kind, template_index, "yes" if truth else "no", **slots)
 
 
 def _existence_question(objs: list[dict], rng: np.random.Generator) -> dict:
@@ -583,11 +585,7 @@ def position_questions(scene: dict | str, count: int, rng: np.random.Generator) 
     check_question_count(count, "position questions to ask")
     objs = (scene_from_json(scene) if isinstance(scene, str) else scene)["objects"]
     asked = [objs[int(i)] for i in rng.permutation(len(objs))[: int(count)]]
-    template = QUESTION_TEMPLATES["position"][0]
-    return [
-        {"question": template.format(color=o["color"], shape=o["shape"]), "answer": o["position"], "type": "position"}
-        for o in asked
-    ]
+    return [_question("position", 0, o["position"], color=o["color"], shape=o["shape"]) for o in asked]
 
 
 # ---------------------------------------------------------------------------------------------
