@@ -176,7 +176,7 @@ def run_one(args, name: str, settings: dict, seed: int) -> dict:
     started = time.perf_counter()
     trainer = {
         "save_strategy": "no",
-        "bf16": True,
+        "bf16": "auto",  # as the recipes: bf16 autocast only where the CPU multiplies bf16 (training/precision.py)
         "logging_steps": 50,
         **stage.get("extra", {}),
     }  # extra: SFTConfig fields

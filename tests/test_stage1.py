@@ -173,14 +173,24 @@ def test_stage_one_is_the_same_draw_whatever_an_earlier_trainer_left_in_the_proc
     for earlier in ("no", "bf16"):  # nothing ran before, or stage 0's bf16 Trainer did (the demo)
         AcceleratorState._reset_state()
         Accelerator(cpu=True, mixed_precision=earlier)
-        trainer = make_trainer(tmp_path / earlier, llm_dir)
-        assert trainer.accelerator.mixed_precision == "bf16"  # its own (`bf16: true`), not the earlier one's
+        trainer = make_trainer(tmp_path / earlier, llm_dir, bf16=True)
+        assert trainer.accelerator.mixed_precision == "bf16"  # its own (`bf16=True`), not the earlier one's
         trainer.train()
         weights.append({k: v.clone() for k, v in trainer.unwrapped.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     AcceleratorState._reset_state()
     Accelerator(cpu=True, mixed_precision="bf16")
     assert make_trainer(tmp_path / "fp32", llm_dir, bf16=False).accelerator.mixed_precision == "no"
+
+
+def test_stage_one_trains_in_the_precision_bf16_auto_resolves_to(tmp_path, llm_dir, monkeypatch):
+    """The recipes' `bf16: auto`: bf16 autocast on a CPU with bf16 instructions, float32 on one without."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, expected in (({"amx_bf16": True}, "bf16"), ({}, "no")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flags=flags: dict(flags))
+        trainer = make_trainer(tmp_path / expected, llm_dir, bf16="auto", steps=1)
+        assert trainer.accelerator.mixed_precision == expected
+        assert trainer.bf16 is (expected == "bf16")
 
 
 def test_bad_inputs_are_named(tmp_path, llm_dir):

@@ -28,6 +28,7 @@ import torch
 from hub_upload.run_folder import CODES_DIR
 
 from .checkpointing import atomic_write_json
+from .precision import AUTO, use_bf16
 from .sft import image_special_token_ids
 from .tasks import IGNORE_INDEX
 
@@ -78,6 +79,7 @@ def sample_rehearsal_text(
             "the tokenizer has no BOS token to start rehearsal text from; set rehearsal_fraction=0 for this LLM"
         )
     eos = tokenizer.eos_token_id
+    bf16 = use_bf16(AUTO, model.device)
     suppressed = image_special_token_ids(model) if hasattr(getattr(model, "config", None), "vq_config") else []
     was_training = model.training
     model.eval()
@@ -90,8 +92,9 @@ def sample_rehearsal_text(
             cache, drawn, top = None, [], []
             finished = torch.zeros(count, dtype=torch.bool, device=model.device)
             for _ in range(tokens):
-                # Under the autocast SFT trains with (bf16), so the rows are the distribution its forward computes.
-                with torch.autocast(model.device.type, dtype=torch.bfloat16):
+                # Under the autocast SFT trains with (a recipe's `bf16: auto`), so the rows are the distribution its
+                # forward computes.
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(input_ids=step_ids, cache=cache, use_cache=True)
                 cache = out.cache
                 logits = out.logits[:, -1].float()

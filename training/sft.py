@@ -10,7 +10,7 @@
 - `add_labelled_positions_lm_head`: on CPU, replaces TRL's fused LM head (which there scores every
   position through the vocabulary) by one that projects only the labelled positions.
 - `unicode_sft_config`: `SFTConfig` that keeps our columns and runs on CPU (`use_cpu`; bf16 autocast
-  when the recipe's `trainer: {bf16: true}` asks for it).
+  when the recipe's `trainer: {bf16: auto}` finds bf16 instructions, or `true` forces it).
 - Atomic checkpoints: `CompleteCheckpointCallback` marks a Trainer checkpoint `COMPLETE` only after
   every file is written; `last_complete_checkpoint` ignores unmarked (partial) folders.
 - `task_losses`: held-out answer-token loss per task.
@@ -50,6 +50,7 @@ from .checkpointing import (
     naming_corrupt_files,
     verify_weights,
 )
+from .precision import use_bf16
 from .tasks import IGNORE_INDEX
 
 
@@ -686,7 +687,7 @@ def _sft_trainer_class():
 
 def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     """`SFTConfig` for code-column datasets. On CPU: `use_cpu=True`, fp32 unless `bf16=True` is passed
-    (autocast: faster steps on CPUs with bf16 instructions), no gradient
+    (autocast: faster steps on CPUs with bf16 instructions; `bf16="auto"` turns it on only there), no gradient
     checkpointing (slower there, and memory is not the limit); with CUDA: bf16 where supported,
     checkpointing on."""
     cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
@@ -731,6 +732,7 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "ddp_find_unused_parameters": False,
     }
     defaults.update(overrides)
+    defaults["bf16"] = use_bf16(defaults["bf16"], "cuda" if cuda else "cpu")
     if defaults["use_cpu"] and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # accelerate builds a CPU run's Accelerator as plain multi-CPU DDP and ignores the launch config's FSDP.
         warnings.warn(

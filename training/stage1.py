@@ -53,6 +53,7 @@ from .checkpointing import (
     verify_weights,
 )
 from .metrics import load_metric
+from .precision import use_bf16
 from .presets import load_preset, load_recipe, recipe_settings, vision_tokenizer_config
 from .run_guard import check_resume_settings, read_settings
 from .text_lm import load_text_lm
@@ -96,7 +97,9 @@ class StageIArguments:
     warmup_steps: int = 50
     adam_betas: tuple = (0.9, 0.99)  # VQGAN's GAN setting (0.5, 0.9) learns the tiny AE slower (docs/results.md)
     max_grad_norm: float = 1.0
-    bf16: bool = True  # bf16 autocast for the convolutions; the quantizer stays in float32
+    # bf16 autocast for the convolutions (the quantizer stays in float32): True, False, or "auto", where the hardware
+    # multiplies bf16 natively (training/precision.py).
+    bf16: bool | str = "auto"
     seed: int = 0
     log_every: int = 25
     sample_every: int = 250
@@ -270,7 +273,8 @@ class StageITrainer:
         # With bf16, accelerate also wraps the prepared modules in its autocast (fp32 outputs) around `_autocast`:
         # the setting every demo tokenizer so far was trained in, so `make demo` keeps its draw.
         AcceleratorState._reset_state(reset_partial_state=False)
-        precision = "bf16" if args.bf16 else "no"
+        self.bf16 = use_bf16(args.bf16)
+        precision = "bf16" if self.bf16 else "no"
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
         self.device = self.accelerator.device
         self.out = Path(args.output_dir)
@@ -460,8 +464,7 @@ class StageITrainer:
             )
 
     def _autocast(self):
-        enabled = self.args.bf16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict:

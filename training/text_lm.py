@@ -33,6 +33,7 @@ from transformers import (
 from modeling_unicode import IMAGE_SPECIAL_TOKENS
 
 from .checkpointing import atomic_directory, is_complete, naming_corrupt_files, verify_weights
+from .precision import use_bf16
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 
@@ -145,7 +146,7 @@ def train_text_lm(
     learning_rate: float = 3e-3,
     domain_repeats: Optional[int] = None,
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | str = False,
 ) -> Path:
     """Train the tokenizer and the LM; write an HF folder `AutoModelForCausalLM`/`AutoTokenizer` load.
 
@@ -182,8 +183,8 @@ def train_text_lm(
             use_cpu=not torch.cuda.is_available(),
             seed=seed,
             dataloader_num_workers=0,
-            # bf16 autocast with float32 master weights: this CPU's bf16 GEMM is ~3x its float32.
-            bf16=bf16,
+            # bf16 autocast with float32 master weights where the hardware multiplies bf16 (training/precision.py).
+            bf16=use_bf16(bf16),
             ddp_find_unused_parameters=False,  # every parameter of the LM is used in every step
         )
         trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks))

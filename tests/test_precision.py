@@ -1,0 +1,66 @@
+"""`bf16: auto`: bf16 autocast only where the hardware multiplies bf16, float32 elsewhere."""
+
+import pytest
+import torch
+
+from training import precision
+from training.precision import use_bf16
+from training.presets import load_recipe
+from training.sft import unicode_sft_config
+
+
+@pytest.fixture
+def cpu_capabilities(monkeypatch):
+    """Stand in for this CPU's capability report, with CUDA hidden, so both kinds of CPU can be tested anywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def set_capabilities(**flags):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(flags))
+
+    return set_capabilities
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"avx512_bf16": False, "amx_bf16": True}, True),
+        ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, False),
+        ({}, False),
+    ],
+)
+def test_auto_turns_bf16_on_only_on_cpus_with_bf16_instructions(cpu_capabilities, flags, expected):
+    cpu_capabilities(**flags)
+    assert use_bf16("auto") is expected
+    assert use_bf16("auto", "cpu") is expected
+    assert unicode_sft_config("unused", bf16="auto").bf16 is expected
+
+
+def test_true_and_false_are_kept_whatever_the_cpu(cpu_capabilities):
+    cpu_capabilities()
+    assert use_bf16(True) is True
+    assert use_bf16(False) is False
+    assert unicode_sft_config("unused", bf16=True).bf16 is True
+    cpu_capabilities(avx512_bf16=True)
+    assert use_bf16(False) is False
+
+
+def test_a_torch_that_cannot_report_its_cpu_trains_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert precision.cpu_multiplies_bf16() is False
+    assert use_bf16("auto") is False
+
+
+@pytest.mark.parametrize("setting", ["yes", "bf16", 1, None])
+def test_a_setting_other_than_true_false_or_auto_is_refused_naming_the_three(setting):
+    with pytest.raises(ValueError, match="bf16 must be true, false or 'auto'"):
+        use_bf16(setting)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "gemma-270m"])
+def test_every_recipe_leaves_the_precision_to_the_hardware(preset):
+    recipe = load_recipe(preset)
+    sections = [recipe.get("stage0") or {}, recipe["stage1"], (recipe.get("stage2") or {}).get("trainer") or {}]
+    settings = [section["bf16"] for section in sections if "bf16" in section]
+    assert "bf16" in recipe["stage1"] and all(setting == "auto" for setting in settings), settings
