@@ -29,18 +29,18 @@ def cpu_capabilities(monkeypatch):
         ({}, False),
     ],
 )
-def test_auto_turns_bf16_on_only_on_cpus_with_bf16_instructions(cpu_capabilities, flags, expected):
+def test_auto_turns_bf16_on_only_on_cpus_with_bf16_instructions(cpu_capabilities, flags, expected, tmp_path):
     cpu_capabilities(**flags)
     assert use_bf16("auto") is expected
     assert use_bf16("auto", "cpu") is expected
-    assert unicode_sft_config("unused", bf16="auto").bf16 is expected
+    assert unicode_sft_config(tmp_path, bf16="auto").bf16 is expected
 
 
-def test_true_and_false_are_kept_whatever_the_cpu(cpu_capabilities):
+def test_true_and_false_are_kept_whatever_the_cpu(cpu_capabilities, tmp_path):
     cpu_capabilities()
     assert use_bf16(True) is True
     assert use_bf16(False) is False
-    assert unicode_sft_config("unused", bf16=True).bf16 is True
+    assert unicode_sft_config(tmp_path, bf16=True).bf16 is True
     cpu_capabilities(avx512_bf16=True)
     assert use_bf16(False) is False
 
