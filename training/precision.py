@@ -2,9 +2,9 @@
 
 bf16 autocast (float32 master weights) pays only where the hardware multiplies bf16 natively: CUDA GPUs that support
 it, and CPUs with AVX512-BF16 or AMX-BF16 (Sapphire Rapids and later, Zen 4 and later). Elsewhere PyTorch emulates
-every bf16 product in float32 arithmetic plus conversions, and a step is slower than plain float32: on a 2-core
-AVX512 CPU without bf16 instructions, stage I ran 2.8 times slower under bf16 than in float32 (docs/results.md,
-"Precision by what the CPU multiplies"). So the recipes ask for `auto`, and `true` / `false` still force either way.
+every bf16 product in float32 arithmetic plus conversions, and every stage's step is several times slower than in
+plain float32 (docs/results.md, "Precision by what the CPU multiplies"). So the recipes ask for `auto`, and `true` /
+`false` still force either way.
 """
 
 from __future__ import annotations
