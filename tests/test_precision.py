@@ -6,7 +6,7 @@ import torch
 from training import precision
 from training.precision import use_bf16
 from training.presets import load_recipe
-from training.sft import unicode_sft_config
+from training.sft import sft_uses_bf16, unicode_sft_config
 
 
 @pytest.fixture
@@ -64,3 +64,11 @@ def test_every_recipe_leaves_the_precision_to_the_hardware(preset):
     sections = [recipe.get("stage0") or {}, recipe["stage1"], (recipe.get("stage2") or {}).get("trainer") or {}]
     settings = [section["bf16"] for section in sections if "bf16" in section]
     assert "bf16" in recipe["stage1"] and all(setting == "auto" for setting in settings), settings
+
+
+@pytest.mark.parametrize("flags", [{"avx512_bf16": True}, {}])
+@pytest.mark.parametrize("overrides", [{}, {"bf16": "auto"}, {"bf16": True}, {"bf16": False}, {"use_cpu": True}])
+def test_rehearsal_is_told_the_precision_the_sft_trainer_trains_in(cpu_capabilities, tmp_path, flags, overrides):
+    """Self-rehearsal samples in `sft_uses_bf16`'s precision: it must be the SFTConfig's own."""
+    cpu_capabilities(**flags)
+    assert sft_uses_bf16(overrides) is unicode_sft_config(tmp_path, **overrides).bf16

@@ -28,7 +28,6 @@ import torch
 from hub_upload.run_folder import CODES_DIR
 
 from .checkpointing import atomic_write_json
-from .precision import AUTO, use_bf16
 from .sft import image_special_token_ids
 from .tasks import IGNORE_INDEX
 
@@ -63,12 +62,13 @@ def _sample_next(probs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 @torch.no_grad()
 def sample_rehearsal_text(
-    model, tokenizer, rows: int, tokens: int, seed: int = 0, batch_size: int = 32, top_k: int = 0
+    model, tokenizer, rows: int, tokens: int, seed: int = 0, batch_size: int = 32, top_k: int = 0, bf16: bool = False
 ) -> dict[str, list]:
     """{"rows": `rows` token-id sequences of at most `tokens` new tokens each, sampled by `model` (a UniCode MLLM or
     any causal LM) from its BOS alone; "reference_ids" / "reference_probs": for each sampled token, the `top_k` most
     likely ids there and their probabilities (each row a (tokens, top_k) nested list; empty rows when `top_k` is
-    0)}. The image tokens are never sampled: they are not the LLM's language."""
+    0)}. The image tokens are never sampled: they are not the LLM's language. `bf16`: sample under bf16 autocast,
+    as SFT trains when it does (`sft.sft_uses_bf16`), so the rows are the distribution its forward computes."""
     if rows < 1 or tokens < 2:
         raise ValueError(f"rehearsal needs rows >= 1 and tokens >= 2, got rows={rows}, tokens={tokens}")
     if top_k < 0:
@@ -79,7 +79,6 @@ def sample_rehearsal_text(
             "the tokenizer has no BOS token to start rehearsal text from; set rehearsal_fraction=0 for this LLM"
         )
     eos = tokenizer.eos_token_id
-    bf16 = use_bf16(AUTO, model.device)
     suppressed = image_special_token_ids(model) if hasattr(getattr(model, "config", None), "vq_config") else []
     was_training = model.training
     model.eval()
@@ -92,8 +91,6 @@ def sample_rehearsal_text(
             cache, drawn, top = None, [], []
             finished = torch.zeros(count, dtype=torch.bool, device=model.device)
             for _ in range(tokens):
-                # Under the autocast SFT trains with (a recipe's `bf16: auto`), so the rows are the distribution its
-                # forward computes.
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(input_ids=step_ids, cache=cache, use_cache=True)
                 cache = out.cache
@@ -150,19 +147,27 @@ def with_reference_columns(rows: datasets.Dataset) -> datasets.Dataset:
 
 
 def rehearsal_dataset(
-    run_dir, model, tokenizer, share: tuple[int, int], tokens: int, seed: int, features, top_k: int = 0
+    run_dir,
+    model,
+    tokenizer,
+    share: tuple[int, int],
+    tokens: int,
+    seed: int,
+    features,
+    top_k: int = 0,
+    bf16: bool = False,
 ) -> datasets.Dataset:
     """Tokenized rehearsal rows (`input_ids` = BOS + sampled text, every sampled token labelled; no image) with
     the SFT rows' `features`: `share` = (distinct samples, rows), from `rehearsal_share`. With `top_k` > 0 the rows
     also carry the reference columns (`reference_features`; give the SFT rows them with `with_reference_columns`).
     Sampled on first use and read from the run's cache after that while `model` is the one they were sampled from
-    (`model=None`: the cache, whichever model wrote it)."""
+    (`model=None`: the cache, whichever model wrote it). `bf16`: as `sample_rehearsal_text`."""
     distinct, mixed = share
     cache = rehearsal_cache(run_dir, distinct, tokens, seed, top_k)
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     source = None if model is None else _model_source(model)
     if cached is None or source not in (None, cached.get("model")):
-        cached = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed, top_k=top_k)
+        cached = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed, top_k=top_k, bf16=bf16)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, {**cached, "tokens": tokens, "seed": seed, "top_k": top_k, "model": source})
     order = [i % len(cached["rows"]) for i in range(mixed)]

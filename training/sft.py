@@ -50,7 +50,7 @@ from .checkpointing import (
     naming_corrupt_files,
     verify_weights,
 )
-from .precision import use_bf16
+from .precision import AUTO, use_bf16
 from .tasks import IGNORE_INDEX
 
 
@@ -685,6 +685,14 @@ def _sft_trainer_class():
 # -- SFTConfig ------------------------------------------------------------------------------------
 
 
+def sft_uses_bf16(overrides: dict) -> bool:
+    """Whether `unicode_sft_config(output_dir, **overrides)` trains under bf16 autocast: its `bf16` (default: bf16 on a
+    CUDA GPU that supports it, float32 on CPU) resolved for the device it trains on. What runs beside the trainer in
+    the trainer's precision (self-rehearsal sampling) asks here."""
+    cuda = torch.cuda.is_available() and not overrides.get("use_cpu", False)
+    return use_bf16(overrides.get("bf16", AUTO if cuda else False), "cuda" if cuda else "cpu")
+
+
 def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     """`SFTConfig` for code-column datasets. On CPU: `use_cpu=True`, fp32 unless `bf16=True` is passed
     (autocast: faster steps on CPUs with bf16 instructions; `bf16="auto"` turns it on only there), no gradient
@@ -705,7 +713,7 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "use_cpu": not cuda,
-        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "bf16": AUTO if cuda else False,
         "fp16": False,
         checkpointing: cuda,
         # Our collator needs `image_codes`/`task`; TRL would prune them and re-tokenize `messages`.
@@ -732,7 +740,7 @@ def unicode_sft_config(output_dir: str | os.PathLike, **overrides):
         "ddp_find_unused_parameters": False,
     }
     defaults.update(overrides)
-    defaults["bf16"] = use_bf16(defaults["bf16"], "cuda" if cuda else "cpu")
+    defaults["bf16"] = sft_uses_bf16(overrides)
     if defaults["use_cpu"] and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # accelerate builds a CPU run's Accelerator as plain multi-CPU DDP and ignores the launch config's FSDP.
         warnings.warn(

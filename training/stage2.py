@@ -66,6 +66,7 @@ from .sft import (
     reinitialize_decoder_layers,
     remove_partial_checkpoints,
     save_mllm,
+    sft_uses_bf16,
     task_losses,
     unicode_lora_config,
     unicode_sft_config,
@@ -708,6 +709,17 @@ def train_stage2(args: StageIIArguments) -> dict:
         )
         first_rows = range(len(train_rows), len(train_rows) + len(first))
         train_rows = datasets.concatenate_datasets([train_rows, first.cast(train_rows.features)])
+    overrides = {
+        "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "save_steps": args.save_steps,
+        "logging_steps": args.logging_steps,
+        "warmup_steps": int(args.warmup_ratio * args.max_steps),
+        "seed": args.seed,
+        **({"use_cpu": args.use_cpu} if args.use_cpu is not None else {}),
+        **args.extra,
+    }
     if args.rehearsal_fraction and args.stage == "sft":
         # Sampled from the model SFT starts from, before any adapter: its own language is what is kept. One
         # process samples and caches; the others read the cache after the barrier.
@@ -725,6 +737,7 @@ def train_stage2(args: StageIIArguments) -> dict:
                 args.seed,
                 train_rows.features,
                 top_k=args.rehearsal_top_k,
+                bf16=sft_uses_bf16(overrides),
             )
 
         if _main_process():
@@ -732,17 +745,6 @@ def train_stage2(args: StageIIArguments) -> dict:
         _barrier()
         task_rows = with_reference_columns(train_rows) if args.rehearsal_top_k else train_rows
         train_rows = datasets.concatenate_datasets([task_rows, rehearsal()])
-    overrides = {
-        "max_steps": args.max_steps,
-        "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "save_steps": args.save_steps,
-        "logging_steps": args.logging_steps,
-        "warmup_steps": int(args.warmup_ratio * args.max_steps),
-        "seed": args.seed,
-        **({"use_cpu": args.use_cpu} if args.use_cpu is not None else {}),
-        **args.extra,
-    }
     lora = args.lora and {
         "r": args.lora_r,
         "alpha": args.lora_alpha,
