@@ -175,7 +175,7 @@ def test_existence_questions_take_the_article_their_colour_needs():
     assert any(q.startswith("Is there a ") for q in asked)  # consonant colours keep "a"
 
 
-def test_yes_no_answers_with_their_reasoning_name_what_the_image_shows_and_end_with_the_answer():
+def test_answers_with_their_reasoning_name_what_the_image_shows_and_end_with_the_answer():
     seen, asked_ways = set(), set()
     for index in range(60):
         example = shapes.make_example(0, "train", index, image_size=48)
@@ -197,6 +197,12 @@ def test_yes_no_answers_with_their_reasoning_name_what_the_image_shows_and_end_w
                 # "yes" whenever the first column written is left of the second, whichever way the question asked
                 assert qa["answer"] == ("yes" if order[0]["col"] < order[1]["col"] else "no")
                 asked_ways.add(shapes.asks_left_of(qa["question"]))
+            elif qa["type"] == "position":
+                colour, shape = qa["question"][len("Where is the ") : -1].split(" ")
+                coloured = [o for o in scene["objects"] if o["color"] == colour]
+                # every shape of the named colour with its cell, in the scene's cell order; the named one among them
+                assert steps == [f"{o['shape']} {o['position']}" for o in coloured]
+                assert f"{shape} {qa['answer']}" in steps
             else:
                 colour, shape = qa["question"][len("Is there ") : -1].split(" ", 1)[1].split(" ")
                 coloured = [o["shape"] for o in scene["objects"] if o["color"] == colour]

@@ -415,7 +415,7 @@ def test_a_reply_with_its_reasoning_is_scored_by_its_answer(monkeypatch):
 
 
 def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm):
-    from training.evaluation import _generate_text, answer_questions, describe_images, vqa_prompt
+    from training.evaluation import ANSWER_TOKENS, _generate_text, answer_questions, describe_images, vqa_prompt
 
     model, processor = mllm
     model.eval()
@@ -432,13 +432,13 @@ def test_describe_first_answers_after_the_models_own_caption_of_each_image(mllm)
     assert batches == [3, 4]  # each distinct image captioned once, then every question answered
     own = dict(zip(map(id, scenes), describe_images(model, processor, scenes)))
     prompts = [vqa_prompt(processor, q, "describe_first", own[id(i)]) for q, i in zip(questions, images)]
-    assert answers == _generate_text(model, processor, prompts, images, 16, 8, "expected")
+    assert answers == _generate_text(model, processor, prompts, images, 16, ANSWER_TOKENS, "expected")
     with pytest.raises(ValueError, match="describe_first layout needs the image's caption"):
         vqa_prompt(processor, questions[0], "describe_first")
 
 
 def test_each_image_is_encoded_once_however_many_questions_ask_about_it(mllm):
-    from training.evaluation import answer_questions, vqa_prompt
+    from training.evaluation import ANSWER_TOKENS, answer_questions, vqa_prompt
 
     model, processor = mllm
     model.eval()
@@ -455,7 +455,8 @@ def test_each_image_is_encoded_once_however_many_questions_ask_about_it(mllm):
     assert sum(encoded) == 3  # three distinct images, across batches too
     for image, question, answer in zip(images, questions, answers):  # as if each pair were asked alone
         inputs = processor(text=vqa_prompt(processor, question, "image_first"), images=image, return_tensors="pt")
-        alone = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        alone = model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+        alone = alone[0, inputs["input_ids"].shape[1] :]
         assert answer == processor.tokenizer.decode(alone, skip_special_tokens=True).strip()
 
 
@@ -777,6 +778,39 @@ def test_redraw_text_rows_redraws_every_row_but_the_codes_and_the_padding(mllm, 
     assert torch.equal(after, second.get_input_embeddings().weight)
     with pytest.raises(ValueError, match="redraw_text_rows=True needs reinit_decoder=True"):
         train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), redraw_text_rows=True, lora=False))
+
+
+def test_draw_position_tables_draws_both_tables_at_the_llm_init_and_nothing_else(mllm, tmp_path):
+    """`position_init: normal`: the image and code position tables drawn at the LLM's init scale (seeded) instead of
+    zero, every other weight bit-identical; a model without tables, an unknown init and an LLM's own layers refused."""
+    from training.sft import draw_position_tables
+    from training.stage2 import StageIIArguments, train_stage2
+
+    model, processor = mllm
+    path = _save(model, processor, tmp_path / "base")
+    first, second, bare = (type(model).from_pretrained(path) for _ in range(3))
+    for loaded in (first, second):
+        loaded.model.add_image_position_embedding()
+        loaded.model.add_code_position_embedding()
+    before = {name: p.detach().clone() for name, p in first.named_parameters()}
+    drawn = draw_position_tables(first, seed=7)
+    draw_position_tables(second, seed=7)
+    assert drawn == ["image_position_embedding.weight", "code_position_embedding.weight"]
+    std = first.config.get_text_config().initializer_range
+    for table in (first.model.image_position_embedding, first.model.code_position_embedding):
+        assert abs(table.weight.std().item() - std) < 0.2 * std
+        # every cell its own vector: no two rows alike
+        unit = torch.nn.functional.normalize(table.weight, dim=1)
+        assert (unit @ unit.T - torch.eye(len(unit))).abs().max() < 0.9
+    changed = {name for name, p in first.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"model.image_position_embedding.weight", "model.code_position_embedding.weight"}
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    with pytest.raises(ValueError, match="no position table"):
+        draw_position_tables(bare)
+    with pytest.raises(ValueError, match="position_init='uniform' is not one of"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), position_init="uniform", lora=False))
+    with pytest.raises(ValueError, match="position_init='normal' needs reinit_decoder=True"):
+        train_stage2(StageIIArguments(run_dir=str(tmp_path / "run"), position_init="normal", lora=False))
 
 
 def test_reinit_decoder_can_draw_another_number_of_layers_that_saves_and_reloads(mllm, tmp_path):

@@ -97,6 +97,11 @@ def describe_images(model, processor, images, batch_size: int = 16, max_new_toke
     return _generate_text(model, processor, [prompt] * len(images), images, batch_size, max_new_tokens, "captions")
 
 
+# New tokens an answer may take: a one-word answer ends long before, and an answer written with its reasoning (a
+# position's: every shape of the named colour with its cell, then the cell) fits (shapes.reasoned_answer).
+ANSWER_TOKENS = 16
+
+
 @torch.no_grad()
 def answer_questions(
     model,
@@ -104,7 +109,7 @@ def answer_questions(
     images,
     questions,
     batch_size: int = 16,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = ANSWER_TOKENS,
     desc: str = "VQA",
     vqa_layout: Optional[str] = None,
     groups: Optional[Sequence] = None,

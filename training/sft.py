@@ -368,12 +368,51 @@ def redraw_text_rows(model, seed: int = 0) -> list[int]:
     if getattr(table, "padding_idx", None) is not None:
         keep[table.padding_idx] = True
     redrawn = (~keep).nonzero().flatten()
-    std = model.config.get_text_config().initializer_range
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        fresh = torch.randn(len(redrawn), weight.shape[1]) * std
+    (fresh,) = draw_at_llm_init(model, [(len(redrawn), weight.shape[1])], seed)
+    with torch.no_grad():
         weight[redrawn.to(weight.device)] = fresh.to(weight.device, weight.dtype)
     return redrawn.tolist()
+
+
+def draw_at_llm_init(model, shapes, seed: int) -> list[torch.Tensor]:
+    """Tensors of `shapes` drawn as the LLM initialises a new row (normal, std `initializer_range`), one seeded stream
+    that leaves the global RNG where it was."""
+    std = model.config.get_text_config().initializer_range
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [torch.randn(shape) * std for shape in shapes]
+
+
+POSITION_INITS = ("zero", "normal")
+
+
+def draw_position_tables(model, seed: int = 0) -> list[str]:
+    """Draw the position tables stage II added (the input image's and the written codes') with the LLM's own
+    initialisation, seeded, in place of the zeros they are created with. Returns the tables' parameter names.
+
+    Why: RoPE puts where a token is into the attention scores, never into the values, so a head that finds a cell by
+    what it holds ("the red circle") reads back where that cell is only through these tables. At zero they carry no
+    position until the lookups that key on position have grown them; drawn like any new embedding row, every cell's
+    values say where it is from the first step. Zero stays the start for an LLM's own layers, where a table at zero
+    leaves the model computing what it did before."""
+    tables = [
+        (name, table)
+        for name, table in (
+            ("image_position_embedding", model.model.image_position_embedding),
+            ("code_position_embedding", model.model.code_position_embedding),
+        )
+        if table is not None
+    ]
+    if not tables:
+        raise ValueError(
+            "draw_position_tables: the model has no position table; add them first (image_positions / code_positions)"
+        )
+    parameters = [(f"{name}.{key}", weight) for name, table in tables for key, weight in table.named_parameters()]
+    fresh = draw_at_llm_init(model, [parameter.shape for _, parameter in parameters], seed)
+    with torch.no_grad():
+        for (_, parameter), values in zip(parameters, fresh):
+            parameter.copy_(values)
+    return [name for name, _ in parameters]
 
 
 # -- the LM head on CPU ---------------------------------------------------------------------------
@@ -935,6 +974,8 @@ __all__ = [
     "untie_output_head",
     "reinitialize_decoder_layers",
     "redraw_text_rows",
+    "POSITION_INITS",
+    "draw_position_tables",
     "LOSS_NORMALIZATIONS",
     "WallClockBudget",
     "CODE_LOGITS",

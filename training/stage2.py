@@ -53,11 +53,13 @@ from .run_guard import RUN_SETTINGS_FILE, check_resume_settings, read_settings
 from .sft import (
     CODE_LOGITS,
     OUTPUT_HEADS,
+    POSITION_INITS,
     CodesCollator,
     CompleteCheckpointCallback,
     WallClockBudget,
     _sft_trainer_class,
     add_labelled_positions_lm_head,
+    draw_position_tables,
     last_complete_checkpoint,
     load_unicode_model,
     merge_adapter,
@@ -111,6 +113,9 @@ class StageIIArguments:
         False  # a learned embedding per index of a written image's codes (config.code_position_embeddings)
     )
     axial_positions: bool = False  # both tables as grid row + column + level (config.position_embedding_layout)
+    # With reinit_decoder: the position tables stage II adds drawn at the LLM's initialisation ("normal") instead of at
+    # zero ("zero"), so that where a cell is rides in its values from the first step (sft.draw_position_tables).
+    position_init: str = "zero"
     image_input_adapter_size: int = 0  # > 0: a residual MLP of that width over the input image's features
     # With reinit_decoder: every embedding row that is not a visual code re-drawn too (sft.redraw_text_rows); the fresh
     # layers learn the question-to-context comparison from such rows, not from stage 0's.
@@ -192,6 +197,7 @@ class StageIIArguments:
         "decoder_heads",
         "train_text_embeddings",
         "redraw_text_rows",
+        "position_init",
     )
 
     @classmethod
@@ -615,6 +621,13 @@ def train_stage2(args: StageIIArguments) -> dict:
     for name in ("decoder_layers", "decoder_intermediate_size", "decoder_heads"):
         if getattr(args, name) is not None and not args.reinit_decoder:
             raise ValueError(f"{name} needs reinit_decoder=True: only freshly drawn layers can change their shape")
+    if args.position_init not in POSITION_INITS:
+        raise ValueError(f"position_init={args.position_init!r} is not one of {list(POSITION_INITS)}")
+    if args.position_init != "zero" and not args.reinit_decoder:
+        raise ValueError(
+            f"position_init={args.position_init!r} needs reinit_decoder=True: an LLM's own layers expect the tables "
+            "stage II adds to start at zero, where the model computes what it did before"
+        )
     if args.redraw_text_rows and not args.reinit_decoder:
         raise ValueError(
             "redraw_text_rows=True needs reinit_decoder=True: an LLM's own layers read the text rows they were "
@@ -656,6 +669,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         model.model.add_image_position_embedding()
     if args.code_positions and model.model.code_position_embedding is None:
         model.model.add_code_position_embedding()
+    if args.position_init == "normal" and base == start["assembled"]:
+        draw_position_tables(model, seed=args.seed)
     if args.image_input_adapter_size and model.model.image_input_adapter is None:
         model.model.add_image_input_adapter(args.image_input_adapter_size)
     vq = model.config.vq_config

@@ -464,7 +464,11 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
 # recipe has; so the columns are written in the order that makes the question a "left of" one, and "yes" means the
 # first column written is left of the second, whichever way the question asked (docs/results.md, "Relation's two
 # steps, one at a time").
-REASONED_TYPES: tuple[str, ...] = ("existence", "relation")
+#
+# A position answer is reasoned the way existence is: the shapes of the named colour, each with its cell, so that its
+# first step is the lookup by colour that existence answers learn, and the named shape's cell is then read off words
+# the model has just written (docs/results.md, "Position answers reasoned by colour").
+REASONED_TYPES: tuple[str, ...] = ("existence", "relation", "position")
 ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and the answer itself
 
 
@@ -503,9 +507,14 @@ def relation_columns(scene: dict | str, question: str) -> tuple[str, str]:
 
 def shapes_of_colour(scene: dict | str, question: str) -> list[str]:
     """The shapes (in the scene's cell order) that have the colour an existence question names."""
+    return [o["shape"] for o in objects_of_colour(scene, question)]
+
+
+def objects_of_colour(scene: dict | str, question: str, kind: str = "existence") -> list[dict]:
+    """The objects (in the scene's cell order) that have the colour a question of `kind` names."""
     scene = scene_from_json(scene) if isinstance(scene, str) else scene
-    colour = _question_slots("existence", question)["color"]
-    return [o["shape"] for o in scene["objects"] if o["color"] == colour]
+    colour = _question_slots(kind, question)["color"]
+    return [o for o in scene["objects"] if o["color"] == colour]
 
 
 def asks_left_of(question: str) -> bool:
@@ -514,14 +523,19 @@ def asks_left_of(question: str) -> bool:
 
 
 def reasoned_answer(scene: dict | str, qa: dict) -> str:
-    """A yes/no answer with its reasoning first. Relation: "<column> and <column>: <answer>", the named shapes'
+    """An answer with its reasoning first. Relation: "<column> and <column>: <answer>", the named shapes'
     columns ordered as the question read as "is the first left of the second?" (for "Is A to the right of B?", B's
-    column first). Existence: "<the shapes of the named colour, or none>: <answer>". Other types unchanged."""
+    column first). Existence: "<the shapes of the named colour, or none>: <answer>". Position: each shape of the
+    named colour with its cell, then the named one's ("circle top left and square center: top left"). Other types
+    unchanged."""
     if qa["type"] == "relation":
         columns = relation_columns(scene, qa["question"])
         steps = " and ".join(columns if asks_left_of(qa["question"]) else columns[::-1])
     elif qa["type"] == "existence":
         steps = " and ".join(shapes_of_colour(scene, qa["question"])) or "none"
+    elif qa["type"] == "position":
+        named = objects_of_colour(scene, qa["question"], "position")
+        steps = " and ".join(f"{o['shape']} {o['position']}" for o in named)
     else:
         return qa["answer"]
     return f"{steps}{ANSWER_AFTER}{qa['answer']}"
