@@ -987,6 +987,84 @@ def test_row_loss_is_the_mean_of_each_rows_own_mean(mllm, codes, tmp_path):
         )
 
 
+def test_split_by_length_cuts_the_padding_and_keeps_every_row_and_its_image(mllm, codes):
+    """`split_by_length`: two micro-batches of the rows sorted by length, each cut to its longest row, every row's
+    tokens, labels and input image where they were."""
+    from training.sft import split_by_length
+
+    model, processor = mllm
+    train, _ = codes
+    rows = sft_rows(train.select(range(4)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    config = model.config
+    parts = split_by_length(batch, config.image_token_id, config.image_seq_length)
+    assert len(parts) == 2
+    lengths = batch["attention_mask"].sum(-1)
+    assert sum(p["input_ids"].numel() for p in parts) < batch["input_ids"].numel()  # fewer padded tokens
+    assert int(parts[0]["attention_mask"].sum(-1).max()) <= int(parts[1]["attention_mask"].sum(-1).min())
+    images = iter(batch["image_codes"])
+    expected = {}  # each row's (tokens, labels) -> its image, in the collator's order
+    for i in range(len(lengths)):
+        n = int(lengths[i])
+        has_image = bool((batch["input_ids"][i] == config.image_token_id).any())
+        key = (tuple(batch["input_ids"][i, :n].tolist()), tuple(batch["labels"][i, :n].tolist()))
+        expected[key] = next(images).tolist() if has_image else None
+    seen = {}
+    for part in parts:
+        assert part["input_ids"].shape[1] == int(part["attention_mask"].sum(-1).max())
+        part_images = iter(part.get("image_codes", []))
+        for i in range(len(part["input_ids"])):
+            n = int(part["attention_mask"][i].sum())
+            has_image = bool((part["input_ids"][i] == config.image_token_id).any())
+            key = (tuple(part["input_ids"][i, :n].tolist()), tuple(part["labels"][i, :n].tolist()))
+            seen[key] = next(part_images).tolist() if has_image else None
+    assert seen == expected
+    one_row = {k: v[:1] for k, v in batch.items() if k != "image_codes"}
+    assert split_by_length(one_row, 0, 1) == [one_row]  # nothing to split
+    with pytest.raises(ValueError, match="image placeholders for"):
+        wrong = {**batch, "image_codes": batch["image_codes"][:1]}
+        split_by_length(wrong, config.image_token_id, config.image_seq_length)
+
+
+@pytest.mark.parametrize("normalization", ["token", "row"])
+def test_length_split_takes_the_same_step_as_the_whole_batch(mllm, codes, tmp_path, normalization):
+    """`length_split`: the loss and every gradient of a batch run as two micro-batches are the whole batch's, with
+    and without the Trainer's token count."""
+    from training.sft import _sft_trainer_class, add_labelled_positions_lm_head, unicode_sft_config
+
+    model, processor = mllm
+    train, _ = codes
+    model = type(model).from_pretrained(_save(model, processor, tmp_path / "base"))
+    rows = sft_rows(train.select(range(4)), model, processor)
+    batch = CodesCollator(processor.tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    counted = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    results = {}
+    for split in (False, True):
+        trainer = _sft_trainer_class()(
+            model=model,
+            args=unicode_sft_config(tmp_path / str(split), max_steps=1),
+            train_dataset=rows,
+            data_collator=CodesCollator(processor.tokenizer.pad_token_id),
+            processing_class=processor,
+            loss_normalization=normalization,
+            length_split=split,
+        )
+        add_labelled_positions_lm_head(trainer.model)
+        trainer.model.train()
+        for items in (None, counted):
+            trainer.model.zero_grad()
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=items)
+            loss.backward()
+            grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+            results[split, items] = (float(loss.detach()), grads)
+    for items in (None, counted):
+        (whole, whole_grads), (split_loss, split_grads) = results[False, items], results[True, items]
+        assert split_loss == pytest.approx(whole, rel=1e-5)
+        assert len(whole_grads) == len(split_grads) > 0
+        for a, b in zip(whole_grads, split_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_wall_clock_budget_ends_training_and_anneals_the_rate_over_its_seconds(mllm, codes, tmp_path, monkeypatch):
     """`max_seconds`: the schedule follows the elapsed fraction of the budget and the run stops when it is spent."""
     from training import sft

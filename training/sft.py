@@ -634,6 +634,48 @@ class FirstRowsSampler(torch.utils.data.Sampler):
         return iter(stream[start:end])
 
 
+def split_by_length(batch: dict, image_token_id: int, image_seq_length: int) -> list[dict]:
+    """A right-padded batch (`CodesCollator`'s) as two micro-batches of its rows sorted by length, each cut to its own
+    longest row, split where the two together hold the fewest padded tokens. A batch of one row comes back whole.
+
+    Why: a step's rows differ in length (a VQA conversation is about twice a drawing row and three times a caption
+    row), so padding every row to the longest leaves a large share of a CPU step computing on padding. Right padding
+    and the causal mask keep each row's outputs what they were, so the two halves' losses add up to the batch's
+    (`UniCodeSFTTrainer`'s `length_split`); the rows of a step stay mixed across tasks, which a length-grouped sampler
+    loses (docs/results.md, "Batches of one length")."""
+    lengths = batch["attention_mask"].sum(-1)
+    rows = len(lengths)
+    if rows < 2:
+        return [batch]
+    order = torch.argsort(lengths, stable=True)
+    ordered = lengths[order].tolist()
+    cut = min(range(1, rows), key=lambda k: k * ordered[k - 1] + (rows - k) * ordered[-1])
+    placeholders = (batch["input_ids"] == image_token_id).sum(-1)
+    images_per_row = torch.div(placeholders, image_seq_length, rounding_mode="floor")
+    if "image_codes" in batch and int(images_per_row.sum()) != len(batch["image_codes"]):
+        raise ValueError(
+            f"the batch holds {int(placeholders.sum())} image placeholders for {len(batch['image_codes'])} images of "
+            f"{image_seq_length}; build it with CodesCollator from tokenize_tasks rows"
+        )
+    first_image = torch.cumsum(images_per_row, 0) - images_per_row
+    parts = []
+    for chosen in (order[:cut], order[cut:]):
+        width = int(lengths[chosen].max())
+        part = {}
+        for key, value in batch.items():
+            if key == "image_codes":
+                start, count = first_image[chosen].tolist(), images_per_row[chosen].tolist()
+                picked = [i for first, n in zip(start, count) for i in range(first, first + n)]
+                if picked:
+                    part[key] = value[picked]
+            elif isinstance(value, torch.Tensor) and value.shape[:2] == batch["attention_mask"].shape:
+                part[key] = value[chosen, :width]
+            else:
+                raise ValueError(f"split_by_length does not know how to split the batch's {key!r}")
+        parts.append(part)
+    return parts
+
+
 def _sft_trainer_class():
     """`SFTTrainer` with the stage-II loss options."""
 
@@ -646,7 +688,10 @@ def _sft_trainer_class():
           shared layers learn to draw long before they learn to look;
         - `wall_clock`: a `WallClockBudget`, whose schedule replaces the step-based one;
         - `first_rows` / `first_steps`: the first steps train on those rows only, the rest on the others
-          (`FirstRowsSampler`).
+          (`FirstRowsSampler`);
+        - `length_split`: each training batch runs as two length-sorted micro-batches (`split_by_length`), whose
+          losses add up to the batch's: the same step in fewer padded tokens (single-process runs; a DDP rank runs
+          its batch whole).
         """
 
         def __init__(
@@ -656,6 +701,7 @@ def _sft_trainer_class():
             wall_clock: Optional[WallClockBudget] = None,
             first_rows=None,
             first_steps: int = 0,
+            length_split: bool = False,
             **kwargs,
         ):
             if loss_normalization not in LOSS_NORMALIZATIONS:
@@ -665,6 +711,7 @@ def _sft_trainer_class():
             self.loss_normalization = loss_normalization
             self.wall_clock = wall_clock
             self.first_rows, self.first_steps = first_rows, int(first_steps)
+            self.length_split = bool(length_split)
             self._parameter_count: Optional[int] = None  # floating_point_ops counts them once
             callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
             super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -701,6 +748,32 @@ def _sft_trainer_class():
             return 6 * inputs[main_input].numel() * self._parameter_count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # One process only: under DDP two forwards before one backward would mark each gradient ready twice.
+            if self.length_split and self.model.training and not return_outputs and self.accelerator.num_processes == 1:
+                config = getattr(self.model, "get_base_model", lambda: self.model)().config
+                parts = split_by_length(inputs, config.image_token_id, config.image_seq_length)
+                if len(parts) > 1:
+                    return self._loss_of_parts(model, parts, num_items_in_batch)
+            return self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss_of_parts(self, model, parts, num_items_in_batch):
+            # Each part's loss weighted so that the sum is the whole batch's: its share of the labelled tokens (or of
+            # the labelled rows, for "row"), unless num_items_in_batch already divides every part by the batch's count.
+            labelled = [part["labels"][:, 1:] != IGNORE_INDEX for part in parts]
+            if self.loss_normalization == "row":
+                counts = [int(mask.any(-1).sum()) for mask in labelled]
+            else:
+                counts = [int(mask.sum()) for mask in labelled]
+            total = max(sum(counts), 1)
+            loss = 0.0
+            for part, count in zip(parts, counts):
+                if self.loss_normalization == "token" and num_items_in_batch is not None:
+                    loss = loss + self._batch_loss(model, part, False, num_items_in_batch)
+                else:
+                    loss = loss + self._batch_loss(model, part, False, None) * (count / total)
+            return loss
+
+        def _batch_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_normalization == "token" or return_outputs:
                 return super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -974,6 +1047,7 @@ __all__ = [
     "untie_output_head",
     "reinitialize_decoder_layers",
     "redraw_text_rows",
+    "split_by_length",
     "POSITION_INITS",
     "draw_position_tables",
     "LOSS_NORMALIZATIONS",

@@ -124,6 +124,9 @@ class StageIIArguments:
     decoder_intermediate_size: Optional[int] = None  # with reinit_decoder: the fresh layers' MLP width
     decoder_heads: Optional[int] = None  # with reinit_decoder: the fresh layers' attention heads (divide the width)
     loss_normalization: str = "token"  # "row": each row's loss is its own mean (sft.LOSS_NORMALIZATIONS)
+    # Each training batch as two length-sorted micro-batches, each padded to its own longest row (sft.split_by_length):
+    # the same step, computed on fewer padded tokens.
+    length_split: bool = False
     code_logits: str = "vocabulary"  # "code_rows": a written image's codes scored over the code rows (sft.CODE_LOGITS)
     max_seconds: Optional[float] = (
         None  # a wall-clock budget instead of max_steps (sft.WallClockBudget); for benchmarks
@@ -439,13 +442,15 @@ def run_sft(
     code_logits: str = "vocabulary",
     first_rows=None,
     first_steps: int = 0,
+    length_split: bool = False,
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
     with `lora=False`, full fine-tuning of the LLM decoder (`sft.prepare_full_finetune`). Returns
     (trainer, {"before", "after", ...}). `output_head="trained"` unties the LM head and trains it (full fine-tuning);
     `loss_normalization` and `max_seconds` are `UniCodeSFTTrainer`'s options; `code_logits` is
-    `sft.add_labelled_positions_lm_head`'s; `first_rows` (indices of `train_dataset`) and `first_steps` a curriculum:
+    `sft.add_labelled_positions_lm_head`'s; `length_split` runs each training batch as two length-sorted micro-batches
+    (`sft.split_by_length`); `first_rows` (indices of `train_dataset`) and `first_steps` a curriculum:
     the first steps train on those rows only, the later ones on the others (`sft.FirstRowsSampler`). `settings` (the
     caller's arguments) are recorded in `output_dir`, and a resume with other ones, `may_differ` aside, is refused.
 
@@ -522,6 +527,7 @@ def run_sft(
         wall_clock=wall_clock,
         first_rows=first_rows,
         first_steps=first_steps,
+        length_split=length_split,
     )
     _expose_lm_head_bias(trainer.model)
     if code_logits != "vocabulary" or not _trl_compact_lm_head(trainer.args.device):
@@ -582,6 +588,7 @@ def save_adapter(trainer, folder: str | os.PathLike) -> Path:
 # What a resumed stage-II run may change: how long it trains, how often it logs and saves, and what it evaluates.
 RESUMABLE_CHANGES = (
     "max_steps",
+    "length_split",
     "max_seconds",
     "save_steps",
     "logging_steps",
@@ -785,6 +792,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         code_logits=args.code_logits,
         first_rows=first_rows,
         first_steps=args.curriculum_steps if first_rows is not None else 0,
+        length_split=args.length_split,
         **overrides,
     )
     if args.lora:
