@@ -749,7 +749,8 @@ def _sft_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # One process only: under DDP two forwards before one backward would mark each gradient ready twice.
-            if self.length_split and self.model.training and not return_outputs and self.accelerator.num_processes == 1:
+            alone = self.accelerator.num_processes == 1
+            if self.length_split and alone and self.model.training and not return_outputs:
                 config = getattr(self.model, "get_base_model", lambda: self.model)().config
                 parts = split_by_length(inputs, config.image_token_id, config.image_seq_length)
                 if len(parts) > 1:
