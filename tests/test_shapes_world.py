@@ -207,6 +207,10 @@ def test_answers_with_their_reasoning_name_what_the_image_shows_and_end_with_the
                 colour, shape = qa["question"][len("Is there ") : -1].split(" ", 1)[1].split(" ")
                 coloured = [o["shape"] for o in scene["objects"] if o["color"] == colour]
                 assert steps == (coloured or ["none"]) and qa["answer"] == ("yes" if shape in coloured else "no")
+                # with cells, each shape of the colour with its cell, as a position answer's steps are written
+                cells = [f"{o['shape']} {o['position']}" for o in scene["objects"] if o["color"] == colour]
+                with_cells = shapes.reasoned_answer(scene, qa, cells=True)
+                assert with_cells == " and ".join(cells or ["none"]) + ": " + qa["answer"]
     assert seen == set(shapes.REASONED_TYPES) and asked_ways == {True, False}
     assert shapes.final_answer("top left") == "top left" and shapes.final_answer(" 2 ") == "2"
     with pytest.raises(ValueError, match="is not a relation question"):

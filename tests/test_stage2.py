@@ -396,6 +396,24 @@ def test_yes_no_answers_can_carry_their_reasoning_and_nothing_else_changes(codes
             else:
                 assert new == old
     assert relations > 0
+    # reasoned_cells: the existence answers name each shape's cell, the rows otherwise as with bare reasoning
+    bare = [r for r in understanding_tasks(scenes, reasoned_answers=["existence"], **asked) if r["task"] == "vqa"]
+    celled = [
+        r
+        for r in understanding_tasks(scenes, reasoned_answers=["existence"], reasoned_cells=True, **asked)
+        if r["task"] == "vqa"
+    ]
+    existences = 0
+    for row, before, after in zip(scenes, bare, celled):
+        for old, new in zip(before["messages"], after["messages"]):
+            qa = next((q for q in row["questions"] if q["question"] in old["content"][-1]["text"]), None)
+            if old["role"] == "assistant" and old != new:
+                existences += 1
+                text = new["content"][0]["text"]
+                assert final_answer(text) == final_answer(old["content"][0]["text"])
+            elif old["role"] == "user":
+                assert new == old and (qa is None or qa["question"] in new["content"][-1]["text"])
+    assert existences > 0
     with pytest.raises(ValueError, match=r"\['size'\] cannot be answered with reasoning"):
         understanding_tasks(scenes, reasoned_answers=["size"])
 

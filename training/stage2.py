@@ -161,6 +161,9 @@ class StageIIArguments:
     # Question types whose answers are written with their reasoning first ("square and triangle: no"), Shapes world
     # rows (training.tasks.understanding_tasks, shapes.REASONED_TYPES); None: every answer is the bare word.
     reasoned_answers: Optional[list[str]] = None
+    # A reasoned existence answer names each shape of the named colour with its cell ("square top left: no"): the
+    # step a position answer needs, trained by every existence question (shapes.reasoned_answer).
+    reasoned_cells: bool = False
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
     # "yes_no", VQA conversations of yes/no questions only.
@@ -343,6 +346,7 @@ def stage_tasks(
     caption_closes_vqa: bool = False,
     reasoned_answers: Optional[list[str]] = None,
     position_questions_per_image: int = 0,
+    reasoned_cells: bool = False,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -370,6 +374,7 @@ def stage_tasks(
                 caption_closes_vqa=caption_closes_vqa,
                 reasoned_answers=reasoned_answers,
                 position_questions_per_image=position_questions_per_image,
+                reasoned_cells=reasoned_cells,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -709,6 +714,7 @@ def train_stage2(args: StageIIArguments) -> dict:
         "vqa_layout": args.vqa_layout,
         "caption_closes_vqa": args.caption_closes_vqa,
         "reasoned_answers": args.reasoned_answers,
+        "reasoned_cells": args.reasoned_cells,
         "position_questions_per_image": args.position_questions_per_image,
         "tasks": args.tasks,
     }

@@ -179,6 +179,7 @@ def understanding_tasks(
     caption_closes_vqa: bool = False,
     reasoned_answers: Optional[Sequence[str]] = None,
     position_questions_per_image: int = 0,
+    reasoned_cells: bool = False,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -206,7 +207,8 @@ def understanding_tasks(
 
     `reasoned_answers` (types of `shapes.REASONED_TYPES`, Shapes world rows): the answers of these types are written
     with their reasoning first (`shapes.reasoned_answer`: "left and right: yes", "square and circle: no"); the
-    evaluation scores the words after the last ": " (`shapes.final_answer`)."""
+    evaluation scores the words after the last ": " (`shapes.final_answer`). `reasoned_cells`: a reasoned existence
+    answer names each shape's cell too ("square top left and triangle center: no")."""
     check_vqa_layout(vqa_layout)
     reasoned = set(check_reasoned_types(reasoned_answers))
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
@@ -275,7 +277,7 @@ def understanding_tasks(
                     messages += vqa_opening(prompt, vqa_layout, description)
                 else:
                     messages += vqa_opening(prompt, vqa_layout)
-                answer = reasoned_answer(scene, qa) if qa["type"] in reasoned else qa["answer"]
+                answer = reasoned_answer(scene, qa, reasoned_cells) if qa["type"] in reasoned else qa["answer"]
                 messages.append(_turn("assistant", _text(answer)))
             if caption_closes_vqa:  # a generator of its own, so the questions are drawn as without it
                 if not captions:

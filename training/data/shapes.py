@@ -522,17 +522,19 @@ def asks_left_of(question: str) -> bool:
     return _question_match("relation", question).re is _QUESTION_PATTERNS["relation"][0]
 
 
-def reasoned_answer(scene: dict | str, qa: dict) -> str:
+def reasoned_answer(scene: dict | str, qa: dict, cells: bool = False) -> str:
     """An answer with its reasoning first. Relation: "<column> and <column>: <answer>", the named shapes'
     columns ordered as the question read as "is the first left of the second?" (for "Is A to the right of B?", B's
     column first). Existence: "<the shapes of the named colour, or none>: <answer>". Position: each shape of the
-    named colour with its cell, then the named one's ("circle top left and square center: top left"). Other types
-    unchanged."""
+    named colour with its cell, then the named one's ("circle top left and square center: top left"). With `cells`,
+    existence names each shape's cell too ("square top left and triangle center: no"), the step a position answer
+    takes. Other types unchanged."""
     if qa["type"] == "relation":
         columns = relation_columns(scene, qa["question"])
         steps = " and ".join(columns if asks_left_of(qa["question"]) else columns[::-1])
     elif qa["type"] == "existence":
-        steps = " and ".join(shapes_of_colour(scene, qa["question"])) or "none"
+        named = objects_of_colour(scene, qa["question"])
+        steps = " and ".join(f"{o['shape']} {o['position']}" if cells else o["shape"] for o in named) or "none"
     elif qa["type"] == "position":
         named = objects_of_colour(scene, qa["question"], "position")
         steps = " and ".join(f"{o['shape']} {o['position']}" for o in named)
