@@ -467,7 +467,8 @@ def _relation_question(objs: list[dict], rng: np.random.Generator) -> dict | Non
 #
 # A position answer is reasoned the way existence is: the shapes of the named colour, each with its cell, so that its
 # first step is the lookup by colour that existence answers learn, and the named shape's cell is then read off words
-# the model has just written (docs/results.md, "Position answers reasoned by colour").
+# the model has just written (docs/results.md, "Position tables drawn at the LLM's init, and position answers reasoned
+# by colour": the colour's shapes come out right, the named one's cell does not, so the recipe does not use it).
 REASONED_TYPES: tuple[str, ...] = ("existence", "relation", "position")
 ANSWER_AFTER = ": "  # an answer written with its reasoning ends with ": " and the answer itself
 
