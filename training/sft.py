@@ -639,10 +639,10 @@ def split_by_length(batch: dict, image_token_id: int, image_seq_length: int) -> 
     longest row, split where the two together hold the fewest padded tokens. A batch of one row comes back whole.
 
     Why: a step's rows differ in length (a VQA conversation with its image and several turns is several times a
-    caption row), so padding every row to the longest leaves a large share of a CPU step computing on padding. Right padding
-    and the causal mask keep each row's outputs what they were, so the two halves' losses add up to the batch's
-    (`UniCodeSFTTrainer`'s `length_split`); the rows of a step stay mixed across tasks, which a length-grouped sampler
-    loses (docs/results.md, "Batches of one length")."""
+    caption row), so padding every row to the longest leaves a large share of a CPU step computing on padding. Right
+    padding and the causal mask keep each row's outputs what they were, so the two halves' losses add up to the
+    batch's (`UniCodeSFTTrainer`'s `length_split`); the rows of a step stay mixed across tasks, which a length-grouped
+    sampler loses (docs/results.md, "Batches of one length")."""
     lengths = batch["attention_mask"].sum(-1)
     rows = len(lengths)
     if rows < 2:
