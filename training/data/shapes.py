@@ -506,15 +506,11 @@ def relation_columns(scene: dict | str, question: str) -> tuple[str, str]:
     return tuple(COLS[by_pair[pair]["col"]] for pair in named)
 
 
-def shapes_of_colour(scene: dict | str, question: str) -> list[str]:
-    """The shapes (in the scene's cell order) that have the colour an existence question names."""
-    return [o["shape"] for o in objects_of_colour(scene, question)]
-
-
-def objects_of_colour(scene: dict | str, question: str, kind: str = "existence") -> list[dict]:
-    """The objects (in the scene's cell order) that have the colour a question of `kind` names."""
+def objects_of_colour(scene: dict | str, qa: dict) -> list[dict]:
+    """The objects (in the scene's cell order) that have the colour a question (an existence or position `qa`)
+    names."""
     scene = scene_from_json(scene) if isinstance(scene, str) else scene
-    colour = _question_slots(kind, question)["color"]
+    colour = _question_slots(qa["type"], qa["question"])["color"]
     return [o for o in scene["objects"] if o["color"] == colour]
 
 
@@ -534,11 +530,10 @@ def reasoned_answer(scene: dict | str, qa: dict, cells: bool = False) -> str:
         columns = relation_columns(scene, qa["question"])
         steps = " and ".join(columns if asks_left_of(qa["question"]) else columns[::-1])
     elif qa["type"] == "existence":
-        named = objects_of_colour(scene, qa["question"])
+        named = objects_of_colour(scene, qa)
         steps = " and ".join(f"{o['shape']} {o['position']}" if cells else o["shape"] for o in named) or "none"
     elif qa["type"] == "position":
-        named = objects_of_colour(scene, qa["question"], "position")
-        steps = " and ".join(f"{o['shape']} {o['position']}" for o in named)
+        steps = " and ".join(f"{o['shape']} {o['position']}" for o in objects_of_colour(scene, qa))
     else:
         return qa["answer"]
     return f"{steps}{ANSWER_AFTER}{qa['answer']}"
