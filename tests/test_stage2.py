@@ -1067,6 +1067,7 @@ def test_length_split_takes_the_same_step_as_the_whole_batch(mllm, codes, tmp_pa
             loss_normalization=normalization,
             length_split=split,
         )
+        assert (trainer.split_image_layout is not None) == split  # the split batch really runs in two parts
         add_labelled_positions_lm_head(trainer.model)
         trainer.model.train()
         for items in (None, counted):

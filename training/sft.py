@@ -711,12 +711,18 @@ def _sft_trainer_class():
             self.loss_normalization = loss_normalization
             self.wall_clock = wall_clock
             self.first_rows, self.first_steps = first_rows, int(first_steps)
-            self.length_split = bool(length_split)
             self._parameter_count: Optional[int] = None  # floating_point_ops counts them once
             callbacks = list(kwargs.pop("callbacks", None) or []) + ([wall_clock] if wall_clock is not None else [])
             super().__init__(*args, callbacks=callbacks, **kwargs)
             if loss_normalization == "row":
                 self.loss_is_scaled_for_ga = False  # a mean per micro-batch: Trainer averages over accumulation steps
+            # length_split, resolved once: where a row's image placeholders are (split_by_length hands each part the
+            # images of its rows), or None when batches run whole. One process only: under DDP two forwards before one
+            # backward would mark each gradient ready twice.
+            self.split_image_layout = None
+            if length_split and self.accelerator.num_processes == 1:
+                config = getattr(self.model, "get_base_model", lambda: self.model)().config
+                self.split_image_layout = (config.image_token_id, config.image_seq_length)
 
         def _get_train_sampler(self, train_dataset=None):
             if self.first_rows is None:
@@ -748,11 +754,8 @@ def _sft_trainer_class():
             return 6 * inputs[main_input].numel() * self._parameter_count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # One process only: under DDP two forwards before one backward would mark each gradient ready twice.
-            alone = self.accelerator.num_processes == 1
-            if self.length_split and alone and self.model.training and not return_outputs:
-                config = getattr(self.model, "get_base_model", lambda: self.model)().config
-                parts = split_by_length(inputs, config.image_token_id, config.image_seq_length)
+            if self.split_image_layout is not None and self.model.training and not return_outputs:
+                parts = split_by_length(inputs, *self.split_image_layout)
                 if len(parts) > 1:
                     return self._loss_of_parts(model, parts, num_items_in_batch)
             return self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
