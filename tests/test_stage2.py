@@ -1289,6 +1289,13 @@ def test_rehearsal_rows_are_the_llms_own_text_cached_and_mixed_at_their_share(ml
         == texts["input_ids"]
     )
     assert json.loads(cache.read_text())["model"] != "/another/base"
+    # samples of this model in another precision than SFT trains in: sampled again, in the asked one
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "bf16": True, "rows": [[5]] * distinct}))
+    assert (
+        rehearsal_dataset(tmp_path, model, tokenizer, (distinct, mixed), 8, 0, rows.features, bf16=False)["input_ids"]
+        == texts["input_ids"]
+    )
+    assert json.loads(cache.read_text())["bf16"] is False
     mixed_rows = datasets.concatenate_datasets([rows, texts])
     batch = CodesCollator(tokenizer.pad_token_id)([mixed_rows[0], mixed_rows[len(rows)]])
     assert batch["input_ids"].shape[0] == 2

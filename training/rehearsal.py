@@ -160,16 +160,19 @@ def rehearsal_dataset(
     """Tokenized rehearsal rows (`input_ids` = BOS + sampled text, every sampled token labelled; no image) with
     the SFT rows' `features`: `share` = (distinct samples, rows), from `rehearsal_share`. With `top_k` > 0 the rows
     also carry the reference columns (`reference_features`; give the SFT rows them with `with_reference_columns`).
-    Sampled on first use and read from the run's cache after that while `model` is the one they were sampled from
-    (`model=None`: the cache, whichever model wrote it). `bf16`: as `sample_rehearsal_text`."""
+    Sampled on first use and read from the run's cache after that while `model` is the one they were sampled from,
+    in the same precision (`model=None`: the cache, whichever model wrote it). `bf16`: as `sample_rehearsal_text`."""
     distinct, mixed = share
     cache = rehearsal_cache(run_dir, distinct, tokens, seed, top_k)
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     source = None if model is None else _model_source(model)
-    if cached is None or source not in (None, cached.get("model")):
+    # A cache written before the precision was recorded holds no "bf16": it stands, as it did.
+    stale = cached is not None and model is not None and cached.get("bf16", bf16) != bf16
+    if cached is None or source not in (None, cached.get("model")) or stale:
         cached = sample_rehearsal_text(model, tokenizer, distinct, tokens, seed, top_k=top_k, bf16=bf16)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, {**cached, "tokens": tokens, "seed": seed, "top_k": top_k, "model": source})
+        record = {"tokens": tokens, "seed": seed, "top_k": top_k, "model": source, "bf16": bf16}
+        atomic_write_json(cache, {**cached, **record})
     order = [i % len(cached["rows"]) for i in range(mixed)]
     texts = [cached["rows"][i] for i in order]
     bos = tokenizer.bos_token_id
