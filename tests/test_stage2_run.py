@@ -80,6 +80,38 @@ def test_cli_decompress_then_sft_gives_a_loadable_mllm(stage1_run, tmp_path):
     assert (out / "COMPLETE").is_file()
 
 
+def test_sft_with_grounded_attention_trains_its_head_and_saves_a_plain_model(stage1_run, tmp_path):
+    """`grounded_attention` on a Shapes run: the term is logged at every step and the saved model is the usual one
+    (nothing of the grounding stays in it); with LoRA it is refused before training, naming the fix."""
+    from transformers import AutoModelForImageTextToText
+
+    from training.stage2 import StageIIArguments, stage_paths, train_stage2
+
+    run = fresh_run(stage1_run, tmp_path / "run")
+    common = dict(
+        run_dir=str(run),
+        stage="sft",
+        max_steps=3,
+        batch_size=4,
+        train_images=16,
+        eval_images=4,
+        use_cpu=True,
+        save_steps=3,
+        logging_steps=1,
+        questions_per_image=4,
+        questions_per_conversation=4,
+        grounded_attention=0.05,
+    )
+    with pytest.raises(ValueError, match="use lora: false"):
+        train_stage2(StageIIArguments(**common, lora=True))
+    train_stage2(StageIIArguments(**common, lora=False, grounding_heads="any"))
+    state = json.loads((stage_paths(run, "sft")["trainer"] / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = [entry["grounding_loss"] for entry in state["log_history"] if "grounding_loss" in entry]
+    assert len(logged) == 3 and all(value > 0 for value in logged)
+    model = AutoModelForImageTextToText.from_pretrained(run / "mllm")
+    assert not any("grounding" in name for name, _ in model.named_parameters())
+
+
 def _last_step(trainer_dir: Path) -> int:
     from training.sft import last_complete_checkpoint
 

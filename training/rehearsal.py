@@ -28,6 +28,7 @@ import torch
 from hub_upload.run_folder import CODES_DIR
 
 from .checkpointing import atomic_write_json
+from .grounding import GROUNDING_KEYS
 from .sft import image_special_token_ids
 from .tasks import IGNORE_INDEX
 
@@ -183,6 +184,9 @@ def rehearsal_dataset(
     }
     if "task" in features:
         columns["task"] = [REHEARSAL_TASK] * len(texts)
+    for name in GROUNDING_KEYS:  # SFT rows with grounded answers (training.grounding): none here
+        if name in features:
+            columns[name] = [[] for _ in texts]
     if top_k:
         features = reference_features(features)
         columns["reference_ids"] = [cached["reference_ids"][i] for i in order]

@@ -50,6 +50,16 @@ from .checkpointing import (
     naming_corrupt_files,
     verify_weights,
 )
+from .data.shapes import GRID as SHAPES_GRID
+from .grounding import (
+    GROUNDING_HEADS,
+    GROUNDING_KEYS,
+    attention_layer,
+    captured_attention_input,
+    grounding_batch,
+    grounding_loss,
+    placeholder_cells,
+)
 from .precision import AUTO, use_bf16
 from .tasks import IGNORE_INDEX
 
@@ -88,6 +98,8 @@ class CodesCollator:
             if row.get("image_codes"):
                 images.append(torch.as_tensor(row["image_codes"], dtype=torch.long))
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "grounding_positions" in rows[0]:
+            batch.update(grounding_batch(rows))
         if images:
             batch["image_codes"] = torch.stack(images)
         references = [row.get("reference_ids") or [] for row in rows]
@@ -670,6 +682,8 @@ def split_by_length(batch: dict, image_token_id: int, image_seq_length: int) -> 
                     part[key] = value[picked]
             elif isinstance(value, torch.Tensor) and value.shape[:2] == batch["attention_mask"].shape:
                 part[key] = value[chosen, :width]
+            elif key in GROUNDING_KEYS:  # (rows, answers): positions stay inside the row's first `width` tokens
+                part[key] = value[chosen]
             else:
                 raise ValueError(f"split_by_length does not know how to split the batch's {key!r}")
         parts.append(part)
@@ -702,6 +716,8 @@ def _sft_trainer_class():
             first_rows=None,
             first_steps: int = 0,
             length_split: bool = False,
+            grounded_attention: float = 0.0,
+            grounding_heads: str = "assigned",
             **kwargs,
         ):
             if loss_normalization not in LOSS_NORMALIZATIONS:
@@ -723,6 +739,17 @@ def _sft_trainer_class():
             if length_split and self.accelerator.num_processes == 1:
                 config = getattr(self.model, "get_base_model", lambda: self.model)().config
                 self.split_image_layout = (config.image_token_id, config.image_seq_length)
+            # grounded_attention (training.grounding): the weight of the term that teaches one head of the last layer
+            # to look at the shapes a question names, and what it needs, resolved once.
+            self.grounded_attention = float(grounded_attention)
+            if grounding_heads not in GROUNDING_HEADS:
+                raise ValueError(f"grounding_heads={grounding_heads!r} is not one of {list(GROUNDING_HEADS)}")
+            if self.grounded_attention:
+                config = getattr(self.model, "get_base_model", lambda: self.model)().config
+                self.grounding_layer = attention_layer(self.model)
+                self.grounding_cells = placeholder_cells(config, SHAPES_GRID)
+                self.grounding_image_token = config.image_token_id
+                self.grounding_heads = grounding_heads
 
         def _get_train_sampler(self, train_dataset=None):
             if self.first_rows is None:
@@ -754,13 +781,53 @@ def _sft_trainer_class():
             return 6 * inputs[main_input].numel() * self._parameter_count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            grounded = 0
+            if self.grounded_attention and "grounding_positions" in inputs:
+                grounded = int((inputs["grounding_positions"] >= 0).sum())
+            self._grounding_of_step = 0.0
             if self.split_image_layout is not None and self.model.training and not return_outputs:
                 parts = split_by_length(inputs, *self.split_image_layout)
                 if len(parts) > 1:
-                    return self._loss_of_parts(model, parts, num_items_in_batch)
-            return self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
+                    loss = self._loss_of_parts(model, parts, num_items_in_batch, grounded)
+                    self._log_grounding(grounded)
+                    return loss
+            result = self._batch_loss(model, inputs, return_outputs, num_items_in_batch, grounded)
+            self._log_grounding(grounded)
+            return result
 
-        def _loss_of_parts(self, model, parts, num_items_in_batch):
+        def _log_grounding(self, grounded: int) -> None:
+            if grounded and self.model.training:  # the step's mean -log(mass on the named cells), logged as a loss
+                self._metrics["train"].setdefault("grounding_loss", []).append(self._grounding_of_step)
+
+        def _batch_loss(
+            self, model, inputs, return_outputs=False, num_items_in_batch=None, grounded: int = 0, share: float = 1.0
+        ):
+            # `share`: the part's weight in its batch's answer loss (`_loss_of_parts`). The grounding term is the mean
+            # over the whole batch's grounded answers (`grounded`, counted before any split), so a split batch's parts
+            # add up to it as their answer losses do.
+            grounding = {key: inputs.pop(key) for key in GROUNDING_KEYS if key in inputs}
+            if not (grounded and self.model.training and grounding):
+                result = self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
+                return result if share == 1.0 else result * share
+            with captured_attention_input(self.grounding_layer) as seen:
+                result = self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
+                if share != 1.0:
+                    result = result * share
+            total, _ = grounding_loss(
+                self.grounding_layer,
+                seen,
+                {**inputs, **grounding},
+                self.grounding_cells,
+                self.grounding_image_token,
+                self.grounding_heads,
+            )
+            term = self.grounded_attention * total / grounded
+            self._grounding_of_step += float(total.detach()) / grounded
+            if return_outputs:
+                return result[0] + term, result[1]
+            return result + term
+
+        def _loss_of_parts(self, model, parts, num_items_in_batch, grounded: int = 0):
             # Each part's loss weighted so that the sum is the whole batch's: its share of the labelled tokens (or of
             # the labelled rows, for "row"), unless num_items_in_batch already divides every part by the batch's count.
             labelled = [part["labels"][:, 1:] != IGNORE_INDEX for part in parts]
@@ -772,12 +839,12 @@ def _sft_trainer_class():
             loss = 0.0
             for part, count in zip(parts, counts):
                 if self.loss_normalization == "token" and num_items_in_batch is not None:
-                    loss = loss + self._batch_loss(model, part, False, num_items_in_batch)
+                    loss = loss + self._batch_loss(model, part, False, num_items_in_batch, grounded)
                 else:
-                    loss = loss + self._batch_loss(model, part, False, None) * (count / total)
+                    loss = loss + self._batch_loss(model, part, False, None, grounded, share=count / total)
             return loss
 
-        def _batch_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def _answer_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_normalization == "token" or return_outputs:
                 return super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

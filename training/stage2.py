@@ -164,6 +164,12 @@ class StageIIArguments:
     # A reasoned existence answer names each shape of the named colour with its cell ("square top left: no"): the
     # step a position answer needs, trained by every existence question (shapes.reasoned_answer).
     reasoned_cells: bool = False
+    # The weight of a loss term that teaches one head of the last layer to look at the shapes a question names (Shapes
+    # world rows; training.grounding): 0 trains from the answers alone.
+    grounded_attention: float = 0.0
+    # Which head each named shape's grounding trains (training.grounding.GROUNDING_HEADS): "assigned", head 0 (and
+    # head 1 for a relation's second shape); "any", whichever of the layer's heads looks at it most.
+    grounding_heads: str = "assigned"
     # A curriculum (Shapes world rows): the first `curriculum_steps` SFT steps train on rows of their own, the rest on
     # the usual rows. `curriculum_rows` (stage2.CURRICULA) says which: "one_shape", every task of the one-shape scenes;
     # "yes_no", VQA conversations of yes/no questions only.
@@ -204,6 +210,8 @@ class StageIIArguments:
         "train_text_embeddings",
         "redraw_text_rows",
         "position_init",
+        "grounded_attention",
+        "grounding_heads",
     )
 
     @classmethod
@@ -347,6 +355,7 @@ def stage_tasks(
     reasoned_answers: Optional[list[str]] = None,
     position_questions_per_image: int = 0,
     reasoned_cells: bool = False,
+    grounded_answers: bool = False,
 ):
     """Task rows of a stage: `decompress` only decompression; `sft` understanding + generation
     (`tasks`: a subset of `TASKS_SFT`, default all). `drawing_codes`: the scenes the generation rows
@@ -375,6 +384,7 @@ def stage_tasks(
                 reasoned_answers=reasoned_answers,
                 position_questions_per_image=position_questions_per_image,
                 reasoned_cells=reasoned_cells,
+                grounded_answers=grounded_answers,
             )
         )
     if tasks & {"text_to_image", "continue_image"}:
@@ -448,6 +458,8 @@ def run_sft(
     first_rows=None,
     first_steps: int = 0,
     length_split: bool = False,
+    grounded_attention: float = 0.0,
+    grounding_heads: str = "assigned",
     **sft_overrides,
 ):
     """SFTTrainer on tokenized task rows: LoRA (`lora` = its keyword arguments, None = defaults) or,
@@ -533,6 +545,8 @@ def run_sft(
         first_rows=first_rows,
         first_steps=first_steps,
         length_split=length_split,
+        grounded_attention=grounded_attention,
+        grounding_heads=grounding_heads,
     )
     _expose_lm_head_bias(trainer.model)
     if code_logits != "vocabulary" or not _trl_compact_lm_head(trainer.args.device):
@@ -718,10 +732,14 @@ def train_stage2(args: StageIIArguments) -> dict:
         "position_questions_per_image": args.position_questions_per_image,
         "tasks": args.tasks,
     }
+    # Grounded answers carry their cells (training.grounding); only the training rows keep them as columns.
+    grounded = bool(args.grounded_attention) and args.stage == "sft"
+    common["grounded_answers"] = grounded
     train_rows = tokenize_tasks(
         stage_tasks(train_codes, args.stage, seed=args.seed, drawing_codes=train_drawn, **common),
         processor,
         max_length,
+        grounding=grounded,
     )
     eval_rows = tokenize_tasks(
         stage_tasks(eval_codes, args.stage, seed=args.seed + 1, drawing_codes=eval_drawn, **common),
@@ -734,6 +752,7 @@ def train_stage2(args: StageIIArguments) -> dict:
             curriculum_tasks(args.curriculum_rows, train_codes, train_drawn, args.seed + 2, common),
             processor,
             max_length,
+            grounding=grounded,
         )
         first_rows = range(len(train_rows), len(train_rows) + len(first))
         train_rows = datasets.concatenate_datasets([train_rows, first.cast(train_rows.features)])
@@ -799,6 +818,8 @@ def train_stage2(args: StageIIArguments) -> dict:
         first_rows=first_rows,
         first_steps=args.curriculum_steps if first_rows is not None else 0,
         length_split=args.length_split,
+        grounded_attention=args.grounded_attention,
+        grounding_heads=args.grounding_heads,
         **overrides,
     )
     if args.lora:

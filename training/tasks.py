@@ -28,6 +28,7 @@ from modeling_unicode.processing_unicode import VQA_LAYOUTS, check_vqa_layout, i
 from . import templates
 from .codes import CODES_COLUMN
 from .data.shapes import (
+    GRID,
     QUESTION_TYPES,
     build_split,
     check_question_count,
@@ -35,6 +36,7 @@ from .data.shapes import (
     check_yes_no_counts,
     position_questions,
     reasoned_answer,
+    referred_objects,
     scene_from_json,
     yes_no_questions,
 )
@@ -50,6 +52,14 @@ def _text(text: str) -> dict:
 
 def _item(kind: str, start: Optional[int] = None, end: Optional[int] = None) -> dict:
     return {"type": kind, "text": None, "start": start, "end": end}
+
+
+def grounding_item(groups: Sequence[Sequence[int]]) -> dict:
+    """An assistant turn's annotation (it renders no tokens): the cells (row * GRID + column of the Shapes world's
+    grid) its answer is read from, one group per attention head that `grounded_attention` trains to look at them
+    ("2|4": head 0 at cell 2, head 1 at cell 4)."""
+    text = "|".join(" ".join(str(int(c)) for c in cells) for cells in groups)
+    return {"type": "grounding", "text": text, "start": None, "end": None}
 
 
 def _turn(role: str, *items: dict) -> dict:
@@ -180,6 +190,7 @@ def understanding_tasks(
     reasoned_answers: Optional[Sequence[str]] = None,
     position_questions_per_image: int = 0,
     reasoned_cells: bool = False,
+    grounded_answers: bool = False,
 ):
     """Captioning (`captions_per_image` rows per image, each a different caption while they last) and VQA
     (`questions_per_image` random questions; with `question_type_weights` a question of type t is drawn, without
@@ -208,7 +219,10 @@ def understanding_tasks(
     `reasoned_answers` (types of `shapes.REASONED_TYPES`, Shapes world rows): the answers of these types are written
     with their reasoning first (`shapes.reasoned_answer`: "left and right: yes", "square and circle: no"); the
     evaluation scores the words after the last ": " (`shapes.final_answer`). `reasoned_cells`: a reasoned existence
-    answer names each shape's cell too ("square top left and triangle center: no")."""
+    answer names each shape's cell too ("square top left and triangle center: no").
+
+    `grounded_answers` (Shapes world rows): each answer to a question that names shapes (`shapes.referred_objects`)
+    carries their cells (`grounding_item`), for `grounded_attention`."""
     check_vqa_layout(vqa_layout)
     reasoned = set(check_reasoned_types(reasoned_answers))
     if questions_per_image < 0 or questions_per_conversation < 1 or captions_per_image < 0:
@@ -234,7 +248,7 @@ def understanding_tasks(
         check_question_count(position_questions_per_image, "position questions per image")
     except ValueError as error:
         raise ValueError(f"position_questions_per_image: {error}") from None
-    needs_scene = bool(extra or reasoned or position_questions_per_image)
+    needs_scene = bool(extra or reasoned or position_questions_per_image or grounded_answers)
 
     def rows_of(row, index):
         rng = _rng(seed, index, 2)
@@ -278,7 +292,13 @@ def understanding_tasks(
                 else:
                     messages += vqa_opening(prompt, vqa_layout)
                 answer = reasoned_answer(scene, qa, reasoned_cells) if qa["type"] in reasoned else qa["answer"]
-                messages.append(_turn("assistant", _text(answer)))
+                referred = referred_objects(scene, qa) if grounded_answers else []
+                # A relation answer compares two shapes, so each gets a head of its own: one head's average over
+                # both would carry their two positions without saying which is whose.
+                groups = [[o] for o in referred] if qa["type"] == "relation" else [referred]
+                cells = [[o["row"] * GRID + o["col"] for o in group] for group in groups]
+                grounding = [grounding_item(cells)] if referred else []
+                messages.append(_turn("assistant", *grounding, _text(answer)))
             if caption_closes_vqa:  # a generator of its own, so the questions are drawn as without it
                 if not captions:
                     raise ValueError(f"row {index} has no captions; caption_closes_vqa=True ends with one")
@@ -382,7 +402,8 @@ class ConversationTokenizer:
     """Turns task rows into `input_ids`, `labels` (-100 outside assistant turns) and `image_codes`
     (the row's codes when it has an `{"type": "image"}` input, else [])."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, grounding: bool = False):
+        self.grounding = grounding
         if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "num_image_tokens"):
             raise TypeError(f"processor must be a UniCodeProcessor, got {type(processor).__name__}")
         self.processor = processor
@@ -434,7 +455,11 @@ class ConversationTokenizer:
     def __call__(self, messages: list[dict], codes: Sequence[int]) -> dict[str, list[int]]:
         input_ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
         has_image = False
+        grounded_positions, grounded_heads, grounded_cells = [], [], []
         for message in messages:
+            cells = [item["text"] for item in message["content"] if item["type"] == "grounding"]
+            if cells:
+                message = {**message, "content": [item for item in message["content"] if item["type"] != "grounding"]}
             role = message["role"]
             if role not in ("system", "user", "assistant"):
                 raise ValueError(f"message role {role!r} is not one of system, user, assistant")
@@ -454,18 +479,34 @@ class ConversationTokenizer:
                 answer = answer[1:]
             prompt_ids = self._encode_text(self.generation_prompt)
             answer_ids = self._pieces(answer, spliced)
+            for text in cells:  # each head's cells, at the position whose output predicts the answer's first token
+                for head, group in enumerate(text.split("|")):
+                    grounded_positions.append(len(input_ids) + len(prompt_ids) - 1)
+                    grounded_heads.append(head)
+                    grounded_cells.append(sum(1 << int(c) for c in group.split()))
             input_ids += prompt_ids + answer_ids
             labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         if has_image and sum(1 for i in input_ids if i == self.image_id) != self.num_image_tokens:
             raise ValueError("a conversation may hold one input image (one {'type': 'image'} item)")
-        return {"input_ids": input_ids, "labels": labels, "image_codes": list(codes) if has_image else []}
+        out = {"input_ids": input_ids, "labels": labels, "image_codes": list(codes) if has_image else []}
+        if self.grounding:  # the answers' query positions, heads and cells as bit masks (`grounding_item`)
+            out.update(
+                grounding_positions=grounded_positions, grounding_heads=grounded_heads, grounding_cells=grounded_cells
+            )
+        return out
 
 
-def tokenize_tasks(dataset, processor, max_length: Optional[int] = None, desc: str = "tokenizing conversations"):
+def tokenize_tasks(
+    dataset,
+    processor,
+    max_length: Optional[int] = None,
+    desc: str = "tokenizing conversations",
+    grounding: bool = False,
+):
     """Task rows -> `input_ids`, `labels`, `image_codes` (plus `task`). Rows longer than `max_length`
     are an error, not silently cut: a cut image span could not be decoded."""
     _require(dataset, ["messages", CODES_COLUMN], "tokenization")
-    tokenizer = ConversationTokenizer(processor)
+    tokenizer = ConversationTokenizer(processor, grounding)
 
     def encode(row):
         out = tokenizer(row["messages"], row[CODES_COLUMN])

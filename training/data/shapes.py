@@ -478,7 +478,10 @@ def _slot_pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\w+)", re.escape(template)) + "$")
 
 
-_QUESTION_PATTERNS = {kind: tuple(_slot_pattern(t) for t in QUESTION_TEMPLATES[kind]) for kind in REASONED_TYPES}
+# The types whose questions name shapes by colour (and shape): their slots are read back for reasoned answers and for
+# the shapes a question refers to (`referred_objects`).
+NAMING_TYPES: tuple[str, ...] = ("existence", "relation", "position", "size")
+_QUESTION_PATTERNS = {kind: tuple(_slot_pattern(t) for t in QUESTION_TEMPLATES[kind]) for kind in NAMING_TYPES}
 
 
 def _question_match(kind: str, question: str) -> re.Match:
@@ -512,6 +515,22 @@ def objects_of_colour(scene: dict | str, qa: dict) -> list[dict]:
     scene = scene_from_json(scene) if isinstance(scene, str) else scene
     colour = _question_slots(qa["type"], qa["question"])["color"]
     return [o for o in scene["objects"] if o["color"] == colour]
+
+
+def referred_objects(scene: dict | str, qa: dict) -> list[dict]:
+    """The objects a question is about, which its answer must be read from: the shape in the named cell (colour and
+    shape questions), the named shape (position, size), the two named shapes (relation), the shapes of the named
+    colour (existence: those its reasoned answer lists; none when the colour is absent). [] for counts."""
+    scene = scene_from_json(scene) if isinstance(scene, str) else scene
+    if qa["type"] in ("color", "shape"):  # they name a cell: "... in the top left?"
+        return [o for o in scene["objects"] if qa["question"].endswith(position_phrase(o["position"]) + "?")]
+    if qa["type"] not in NAMING_TYPES:
+        return []
+    if qa["type"] == "existence":
+        return objects_of_colour(scene, qa)
+    slots = _question_slots(qa["type"], qa["question"])
+    named = [(slots["color"], slots["shape"])] + ([(slots["color2"], slots["shape2"])] if "color2" in slots else [])
+    return [o for pair in named for o in scene["objects"] if (o["color"], o["shape"]) == pair]
 
 
 def asks_left_of(question: str) -> bool:
