@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from modeling_unicode.quantization_unicode import placeholder_coordinates
 
@@ -79,11 +80,6 @@ def captured_attention_input(attention: nn.Module):
         handle.remove()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def head_attention(attention: nn.Module, seen: dict, head: int, rows, positions, attention_mask) -> torch.Tensor:
     """(N, T) the attention probabilities of `head` from query `positions` of batch `rows` over every key, recomputed
     from the captured input as the layer computes them (causal, padding masked)."""
@@ -96,9 +92,10 @@ def head_attention(attention: nn.Module, seen: dict, head: int, rows, positions,
     query_bias = None if attention.q_proj.bias is None else attention.q_proj.bias[head * dim : (head + 1) * dim]
     key_bias = None if attention.k_proj.bias is None else attention.k_proj.bias[kv_head * dim : (kv_head + 1) * dim]
     query = nn.functional.linear(hidden[rows, positions], query_weight, query_bias)
-    query = query * cos[rows, positions] + _rotate_half(query) * sin[rows, positions]
-    keys = nn.functional.linear(hidden[rows], key_weight, key_bias)
-    keys = keys * cos[rows] + _rotate_half(keys) * sin[rows]
+    query = query * cos[rows, positions] + rotate_half(query) * sin[rows, positions]
+    # Keys once per batch row, then gathered: a row holds several grounded answers, each of which reads all its keys.
+    keys = nn.functional.linear(hidden, key_weight, key_bias)
+    keys = (keys * cos + rotate_half(keys) * sin)[rows]
     scores = torch.einsum("nd,ntd->nt", query.float(), keys.float()) * attention.scaling
     steps = torch.arange(hidden.shape[1], device=hidden.device)
     allowed = (steps[None, :] <= positions[:, None]) & attention_mask[rows].bool()

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -735,9 +736,9 @@ def _sft_trainer_class():
             # length_split, resolved once: where a row's image placeholders are (split_by_length hands each part the
             # images of its rows), or None when batches run whole. One process only: under DDP two forwards before one
             # backward would mark each gradient ready twice.
+            config = getattr(self.model, "get_base_model", lambda: self.model)().config
             self.split_image_layout = None
             if length_split and self.accelerator.num_processes == 1:
-                config = getattr(self.model, "get_base_model", lambda: self.model)().config
                 self.split_image_layout = (config.image_token_id, config.image_seq_length)
             # grounded_attention (training.grounding): the weight of the term that teaches one head of the last layer
             # to look at the shapes a question names, and what it needs, resolved once.
@@ -745,7 +746,6 @@ def _sft_trainer_class():
             if grounding_heads not in GROUNDING_HEADS:
                 raise ValueError(f"grounding_heads={grounding_heads!r} is not one of {list(GROUNDING_HEADS)}")
             if self.grounded_attention:
-                config = getattr(self.model, "get_base_model", lambda: self.model)().config
                 self.grounding_layer = attention_layer(self.model)
                 self.grounding_cells = placeholder_cells(config, SHAPES_GRID)
                 self.grounding_image_token = config.image_token_id
@@ -806,13 +806,13 @@ def _sft_trainer_class():
             # over the whole batch's grounded answers (`grounded`, counted before any split), so a split batch's parts
             # add up to it as their answer losses do.
             grounding = {key: inputs.pop(key) for key in GROUNDING_KEYS if key in inputs}
-            if not (grounded and self.model.training and grounding):
+            grounds = bool(grounded and self.model.training and grounding)
+            with captured_attention_input(self.grounding_layer) if grounds else contextlib.nullcontext() as seen:
                 result = self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
-                return result if share == 1.0 else result * share
-            with captured_attention_input(self.grounding_layer) as seen:
-                result = self._answer_loss(model, inputs, return_outputs, num_items_in_batch)
-                if share != 1.0:
-                    result = result * share
+            if share != 1.0:  # only for a part of a split batch, never with return_outputs
+                result = result * share
+            if not grounds:
+                return result
             total, _ = grounding_loss(
                 self.grounding_layer,
                 seen,

@@ -58,8 +58,7 @@ def grounding_item(groups: Sequence[Sequence[int]]) -> dict:
     """An assistant turn's annotation (it renders no tokens): the cells (row * GRID + column of the Shapes world's
     grid) its answer is read from, one group per attention head that `grounded_attention` trains to look at them
     ("2|4": head 0 at cell 2, head 1 at cell 4)."""
-    text = "|".join(" ".join(str(int(c)) for c in cells) for cells in groups)
-    return {"type": "grounding", "text": text, "start": None, "end": None}
+    return {**_item("grounding"), "text": "|".join(" ".join(str(int(c)) for c in cells) for cells in groups)}
 
 
 def _turn(role: str, *items: dict) -> dict:
